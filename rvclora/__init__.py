@@ -1,0 +1,59 @@
+"""rvclora: exact, fused LoRA layers for RVC voice models (Linear, Conv1d, ConvTranspose1d).
+
+The public API of the product brief; see README.md.
+"""
+
+from .checkpoint import (
+    extract_lora_weights,
+    load_lora_checkpoint,
+    load_lora_weights,
+    read_lora_config,
+    save_lora_checkpoint,
+)
+from .config import (
+    BALANCED_CONFIG,
+    DEFAULT_CONFIG,
+    FAST_CONFIG,
+    HIGH_QUALITY_CONFIG,
+    LoRAConfig,
+)
+from .inject import (
+    count_lora_parameters,
+    get_lora_parameters,
+    inject_lora,
+    lora_modules,
+    mark_only_lora_as_trainable,
+    merge_lora_weights,
+    merged_state_dict,
+    print_lora_info,
+    unmerge_lora_weights,
+)
+from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "DEFAULT_CONFIG",
+    "HIGH_QUALITY_CONFIG",
+    "FAST_CONFIG",
+    "BALANCED_CONFIG",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAConv1d",
+    "LoRAConvTranspose1d",
+    "inject_lora",
+    "lora_modules",
+    "mark_only_lora_as_trainable",
+    "get_lora_parameters",
+    "count_lora_parameters",
+    "extract_lora_weights",
+    "load_lora_weights",
+    "merge_lora_weights",
+    "unmerge_lora_weights",
+    "merged_state_dict",
+    "print_lora_info",
+    "save_lora_checkpoint",
+    "load_lora_checkpoint",
+    "read_lora_config",
+]

@@ -1,0 +1,231 @@
+"""Model-level LoRA: injection (with weight_norm folding), trainability, merging, info."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import BIAS_MODES, LoRAConfig
+from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear
+
+__all__ = [
+    "inject_lora",
+    "lora_modules",
+    "mark_only_lora_as_trainable",
+    "get_lora_parameters",
+    "count_lora_parameters",
+    "merge_lora_weights",
+    "unmerge_lora_weights",
+    "merged_state_dict",
+    "print_lora_info",
+    "target_matches",
+]
+
+_LORA_CLASS = {nn.Linear: LoRALinear, nn.Conv1d: LoRAConv1d, nn.ConvTranspose1d: LoRAConvTranspose1d}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def target_matches(target: str, name: str) -> bool:
+    """Does ``target`` select the module with qualified name ``name``?
+
+    A plain dotted name matches when its components appear as a contiguous run of the
+    name's components (``"ups"`` matches ``dec.ups.0``; ``"convs1.0"`` matches
+    ``resblocks.2.convs1.0``). Anything else is a regular expression that must
+    ``re.fullmatch`` the qualified name.
+    """
+    if _PLAIN_NAME.fullmatch(target):
+        want = target.split(".")
+        have = name.split(".")
+        return any(have[i: i + len(want)] == want for i in range(len(have) - len(want) + 1))
+    return re.fullmatch(target, name) is not None
+
+
+def _base_kind(module: nn.Module) -> Optional[type]:
+    if isinstance(module, LoRALayer):
+        return None
+    for base in _LORA_CLASS:
+        if isinstance(module, base):
+            # A parametrized module's class is a generated subclass; any other subclass may have
+            # its own forward, which a LoRA layer would silently drop.
+            if type(module) is base or type(module).forward is base.forward:
+                return base
+            raise TypeError(
+                f"inject_lora: {type(module).__name__} subclasses {base.__name__} with its own forward; "
+                "rvclora only adapts plain nn.Linear / nn.Conv1d / nn.ConvTranspose1d"
+            )
+    return None
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) -> nn.Module:
+    """Replace every matching Linear / Conv1d / ConvTranspose1d of ``model`` in place.
+
+    weight_norm (legacy or parametrizations) on a replaced layer is folded into its weight
+    exactly, so the injected model equals the original at step 0; the layer remembers the
+    weight_norm kind and dim for :func:`merged_state_dict`. With ``freeze_base`` (the
+    default) only the LoRA factors, and the biases ``config.bias`` names, stay trainable.
+    Returns ``model``.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"inject_lora: config must be a LoRAConfig, got {type(config).__name__}")
+    config.validate()
+    chosen: List[Tuple[str, nn.Module, type]] = []
+    candidates: List[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        base = _base_kind(module)
+        if base is None:
+            continue
+        candidates.append(name)
+        if any(target_matches(t, name) for t in config.target_modules):
+            chosen.append((name, module, base))
+    if not chosen:
+        sample = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+        raise ValueError(
+            f"inject_lora: target_modules={config.target_modules} match no Linear/Conv1d/ConvTranspose1d "
+            f"module; adaptable modules are: {sample or 'none'}"
+        )
+    for name, module, base in chosen:
+        new = _LORA_CLASS[base].from_base(
+            module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            merge_weights=config.merge_weights,
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    model.rvclora_config = config
+    if freeze_base:
+        mark_only_lora_as_trainable(model, config.bias)
+    return model
+
+
+def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
+    """``(qualified name, layer)`` for every LoRA layer of ``model`` (``r > 0`` or not)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze everything but ``lora_A``/``lora_B``; ``bias`` ∈ ``none|all|lora_only`` keeps those biases trainable."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"mark_only_lora_as_trainable: bias must be one of {BIAS_MODES}, got {bias!r}")
+    for name, p in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
+    if bias == "lora_only":
+        for _, m in lora_modules(model):
+            if m.r > 0 and getattr(m, "bias", None) is not None:
+                m.bias.requires_grad_(True)
+    return model
+
+
+def get_lora_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every ``lora_A`` and ``lora_B`` parameter of ``model``."""
+    return [p for n, p in model.named_parameters() if n.rpartition(".")[2] in ("lora_A", "lora_B")]
+
+
+def count_lora_parameters(model: nn.Module) -> int:
+    """Number of elements in the LoRA factors of ``model``."""
+    return sum(p.numel() for p in get_lora_parameters(model))
+
+
+def merge_lora_weights(model: nn.Module) -> nn.Module:
+    """Fold ΔW into every LoRA layer's weight (exactly reversible with :func:`unmerge_lora_weights`)."""
+    for _, m in lora_modules(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora_weights(model: nn.Module) -> nn.Module:
+    """Restore every merged LoRA layer's original weight, bit for bit."""
+    for _, m in lora_modules(model):
+        m.unmerge()
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """``model``'s state dict with ΔW merged into each base weight and the LoRA keys removed.
+
+    Each adapted weight is re-expressed in its layer's original weight_norm form
+    (legacy: ``weight_g``/``weight_v``; parametrizations: ``parametrizations.weight.original0/1``;
+    with ``v = W_merged`` and ``g = ‖W_merged‖`` over every dim but the weight_norm dim), so the
+    result loads strictly into a fresh, un-injected model of the original class. The model is
+    not changed.
+    """
+    state = model.state_dict()
+    layers = dict(lora_modules(model))
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        layer = layers.get(owner)
+        if layer is None:
+            out[key] = value
+            continue
+        if leaf in ("lora_A", "lora_B"):
+            continue
+        if leaf != "weight":
+            out[key] = value
+            continue
+        with torch.no_grad():
+            w = value.clone()
+            if layer.r > 0:
+                w += layer.get_delta_weight().to(w.dtype)
+        prefix = owner + "." if owner else ""
+        if layer.weight_norm_kind is None:
+            out[key] = w
+        else:
+            g = torch.norm_except_dim(w, 2, layer.weight_norm_dim)
+            if layer.weight_norm_kind == "legacy":
+                out[prefix + "weight_g"], out[prefix + "weight_v"] = g, w
+            else:
+                out[prefix + "parametrizations.weight.original0"] = g
+                out[prefix + "parametrizations.weight.original1"] = w
+    return out
+
+
+def _kind(m: LoRALayer) -> str:
+    return {LoRALinear: "Linear", LoRAConv1d: "Conv1d", LoRAConvTranspose1d: "ConvTranspose1d"}.get(
+        type(m), type(m).__name__
+    )
+
+
+def lora_summary(model: nn.Module) -> List[Dict[str, object]]:
+    """One row per LoRA layer: name, kind, weight/A/B shapes, rank, LoRA params, merged, weight_norm."""
+    rows = []
+    for name, m in lora_modules(model):
+        rows.append({
+            "layer": name,
+            "kind": _kind(m),
+            "weight": tuple(m.weight.shape),
+            "lora_A": tuple(m.lora_A.shape) if m.r else None,
+            "lora_B": tuple(m.lora_B.shape) if m.r else None,
+            "r": m.r,
+            "lora_params": (m.lora_A.numel() + m.lora_B.numel()) if m.r else 0,
+            "merged": m.merged,
+            "weight_norm": m.weight_norm_kind or "-",
+        })
+    return rows
+
+
+def print_lora_info(model: nn.Module, file=None) -> str:
+    """Print (and return) a table of every LoRA layer and the parameter totals."""
+    rows = lora_summary(model)
+    header = ("layer", "kind", "weight", "lora_A", "lora_B", "r", "lora_params", "merged", "weight_norm")
+    table = [header] + [tuple("-" if r[h] is None else str(r[h]) for h in header) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total = sum(p.numel() for p in model.parameters())
+    lora = count_lora_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append("")
+    lines.append(f"LoRA layers: {len(rows)}   LoRA parameters: {lora:,}   trainable: {trainable:,}   "
+                 f"all parameters: {total:,}   LoRA share: {100.0 * lora / max(total, 1):.2f} %")
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text

@@ -1,0 +1,390 @@
+"""Drop-in LoRA layers: :class:`LoRALinear`, :class:`LoRAConv1d`, :class:`LoRAConvTranspose1d`.
+
+Each subclasses its base class, so ``isinstance`` checks, ``.weight``/``.bias`` and the
+base class's state-dict keys stay where existing code looks; the LoRA factors are added as
+``lora_A`` and ``lora_B`` (shapes in :mod:`rvclora.reference`). The forward pass calls the
+functional ops of :mod:`rvclora.ops`, which pick a backend.
+
+Merging never drifts: :meth:`LoRALayer.merge` keeps the unmerged weight aside and
+:meth:`LoRALayer.unmerge` restores it bit for bit. A layer's state dict always holds the
+*unmerged* base weight (plus the factors), whether or not it is merged at the time, so a
+saved model can never get ΔW applied twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional, Tuple, Type, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from . import reference as ref
+
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d"]
+
+T = TypeVar("T", bound="LoRALayer")
+
+
+def _check_lora_args(r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an int >= 0 (0 disables LoRA), got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not isinstance(merge_weights, bool):
+        raise ValueError(f"merge_weights must be a bool, got {merge_weights!r}")
+
+
+def _weight_norm_info(layer: nn.Module) -> Tuple[Optional[str], Optional[int], Optional[Tensor], bool]:
+    """Detect weight_norm on ``layer``: (kind, dim, folded weight, requires_grad)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            g, v = layer.weight_g, layer.weight_v
+            w = torch._weight_norm(v, g, hook.dim).detach()
+            return "legacy", hook.dim, w, g.requires_grad or v.requires_grad
+    params = getattr(layer, "parametrizations", None)
+    if params is not None and "weight" in params:
+        plist = params["weight"]
+        if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+            raise ValueError(
+                f"{type(layer).__name__}.weight has parametrizations {[type(p).__name__ for p in plist]}; "
+                "rvclora folds exactly one weight_norm parametrization and nothing else"
+            )
+        with torch.no_grad():
+            w = layer.weight.detach().clone()
+        g, v = plist.original0, plist.original1
+        return "parametrizations", plist[0].dim, w, g.requires_grad or v.requires_grad
+    return None, None, None, False
+
+
+class LoRALayer:
+    """The LoRA mixin: low-rank update ``W = W0 + s·ΔW(A, B)``, ``s = lora_alpha / r``.
+
+    Attributes:
+        r, lora_alpha, scaling, lora_dropout, merge_weights: as configured.
+        merged: whether ΔW is currently folded into ``weight``.
+        weight_norm_kind: ``"legacy"``, ``"parametrizations"`` or ``None``: the weight_norm
+            the wrapped layer had (folded into ``weight`` at wrap time, exactly).
+        weight_norm_dim: the ``dim`` of that weight_norm (``None`` without one).
+    """
+
+    base_class: Type[nn.Module]
+    r: int
+    lora_alpha: float
+    scaling: float
+    lora_dropout: float
+    merge_weights: bool
+    merged: bool
+    weight_norm_kind: Optional[str]
+    weight_norm_dim: Optional[int]
+
+    # subclass hooks ------------------------------------------------------------------
+    def _lora_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        raise NotImplementedError(f"{type(self).__name__} must define _lora_shapes")
+
+    def get_delta_weight(self) -> Tensor:
+        """``ΔW`` (scaled) in the base weight's layout, differentiable in ``lora_A``/``lora_B``."""
+        raise NotImplementedError(f"{type(self).__name__} must define get_delta_weight")
+
+    # shared machinery ----------------------------------------------------------------
+    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
+        _check_lora_args(r, lora_alpha, lora_dropout, merge_weights)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.lora_dropout = float(lora_dropout)
+        self.merge_weights = merge_weights
+        self.merged = False
+        self._unmerged_weight: Optional[Tensor] = None
+        if not hasattr(self, "weight_norm_kind"):
+            self.weight_norm_kind = None
+            self.weight_norm_dim = None
+        if r > 0:
+            shape_a, shape_b = self._lora_shapes(r)
+            w = self.weight
+            self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=w.dtype, device=w.device))
+            self.lora_B = nn.Parameter(torch.empty(shape_b, dtype=w.dtype, device=w.device))
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """``A`` Kaiming-uniform (``a = sqrt(5)``), ``B`` zeros: the layer starts equal to its base."""
+        if self.r > 0:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _lora_active(self) -> bool:
+        return self.r > 0 and not self.merged
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+    def merge(self) -> None:
+        """Fold ``ΔW`` into ``weight`` (a no-op if already merged or ``r == 0``)."""
+        if self.merged or self.r == 0:
+            return
+        with torch.no_grad():
+            self._unmerged_weight = self.weight.detach().clone()
+            self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the exact unmerged base weight (bit-identical to before :meth:`merge`)."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w = self._unmerged_weight
+            destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_merged = self.merged
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_merged:
+            self.merge()
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.r > 0:
+            s += f", r={self.r}, lora_alpha={self.lora_alpha}"
+            if self.lora_dropout:
+                s += f", lora_dropout={self.lora_dropout}"
+        if self.weight_norm_kind:
+            s += f", weight_norm={self.weight_norm_kind}(dim={self.weight_norm_dim})"
+        return s
+
+    @classmethod
+    def from_base(
+        cls: Type[T],
+        layer: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+    ) -> T:
+        """Wrap an existing base layer without copying its weight.
+
+        The new layer shares ``layer``'s parameters (a legacy or parametrizations
+        weight_norm is folded into a new plain ``weight``, exactly; ``layer`` itself is left
+        untouched). The factors get the base weight's dtype and device.
+        """
+        base_cls = cls.base_class
+        if not isinstance(layer, base_cls):
+            raise TypeError(f"{cls.__name__}.from_base expects an {base_cls.__name__}, got {type(layer).__name__}")
+        if isinstance(layer, LoRALayer):
+            raise TypeError(f"{cls.__name__}.from_base: layer is already a LoRA layer ({type(layer).__name__})")
+        kind, dim, folded, folded_grad = _weight_norm_info(layer)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in layer.__dict__.items():
+            new.__dict__[key] = OrderedDict(value) if isinstance(value, OrderedDict) else value
+        if kind is not None:
+            new._forward_pre_hooks = OrderedDict(
+                (k, h) for k, h in new._forward_pre_hooks.items() if type(h).__name__ != "WeightNorm"
+            )
+            new._parameters.pop("weight_g", None)
+            new._parameters.pop("weight_v", None)
+            new._modules.pop("parametrizations", None)
+            new.__dict__.pop("weight", None)
+            new.weight = nn.Parameter(folded, requires_grad=folded_grad)
+        new.weight_norm_kind = kind
+        new.weight_norm_dim = dim
+        new._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+        new.train(layer.training)
+        return new
+
+
+class LoRALinear(LoRALayer, nn.Linear):
+    """``nn.Linear`` + LoRA: ``y = x Wᵀ + b + s·(D(x) Aᵀ) Bᵀ``; ``lora_A: (r, in)``, ``lora_B: (out, r)``."""
+
+    base_class = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+
+    def _lora_shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
+
+    def get_delta_weight(self) -> Tensor:
+        return ref.delta_weight_linear(self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._lora_active():
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"LoRALinear: input must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+        x, w, b = _autocast(x, self.weight, self.bias)
+        _check_dtype(type(self).__name__, x, w)
+        return ops.lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, self._dropout_p())
+
+
+def _conv1d_padding(layer: nn.Conv1d) -> Tuple[int, int]:
+    k, d = layer.kernel_size[0], layer.dilation[0]
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        total = d * (k - 1)
+        return (total // 2, total - total // 2)
+    return (layer.padding[0], layer.padding[0])
+
+
+class LoRAConv1d(LoRALayer, nn.Conv1d):
+    """``nn.Conv1d`` + LoRA: ``y = conv(x, W) + b + s·conv1x1(conv(D(x), A), B)``.
+
+    ``lora_A: (r, in/g·k)`` is a thin convolution with the base's stride, padding,
+    dilation, padding_mode and groups; ``lora_B: (out, r/g)`` a grouped 1×1.
+    ``r`` must be a multiple of ``groups``.
+    """
+
+    base_class = nn.Conv1d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+
+    def _lora_shapes(self, r):
+        g = self.groups
+        if r % g:
+            raise ValueError(f"{type(self).__name__}: r={r} must be a multiple of groups={g}")
+        return (r, self.in_channels // g * self.kernel_size[0]), (self.out_channels, r // g)
+
+    def get_delta_weight(self) -> Tensor:
+        return ref.delta_weight_conv1d(self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._lora_active():
+            return nn.Conv1d.forward(self, x)
+        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+        x, w, b = _autocast(x, self.weight, self.bias)
+        _check_dtype(type(self).__name__, x, w)
+        y = ops.lora_conv1d(
+            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride[0], _conv1d_padding(self),
+            self.dilation[0], self.groups, self.padding_mode, self._dropout_p(),
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` + exact LoRA: ``y = convT(x, W) + b + s·convT(A·D(x), B)``.
+
+    ``lora_A: (r, in/g)`` projects at the input rate; ``lora_B: (r, out/g·k)`` upsamples
+    exactly like the base (same stride, padding, output_padding, dilation, groups), so
+    ``ΔW[i, o, t] = s·Σⱼ A[j, i]·B[j, o·k + t]`` per group. ``r`` must be a multiple of ``groups``.
+    """
+
+    base_class = nn.ConvTranspose1d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.ConvTranspose1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+
+    def _lora_shapes(self, r):
+        g = self.groups
+        if r % g:
+            raise ValueError(f"{type(self).__name__}: r={r} must be a multiple of groups={g}")
+        if self.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros', got {self.padding_mode!r}")
+        return (r, self.in_channels // g), (r, self.out_channels // g * self.kernel_size[0])
+
+    def get_delta_weight(self) -> Tensor:
+        return ref.delta_weight_conv_transpose1d(
+            self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0]
+        )
+
+    def forward(self, x: Tensor, output_size: Optional[list] = None) -> Tensor:
+        if not self._lora_active():
+            return nn.ConvTranspose1d.forward(self, x, output_size)
+        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
+        )
+        x, w, b = _autocast(x, self.weight, self.bias)
+        _check_dtype(type(self).__name__, x, w)
+        y = ops.lora_conv_transpose1d(
+            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride[0], self.padding[0],
+            output_padding[0], self.dilation[0], self.groups, self._dropout_p(),
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _autocast(x: Tensor, w: Tensor, b: Optional[Tensor]):
+    """Follow autocast the way ``nn.Linear``/``nn.Conv1d`` do: cast input, weight and bias.
+
+    The LoRA factors stay in their own dtype; the ops cast them per call, so the optimizer
+    keeps updating fp32 factors and ΔW is never folded into a low-precision weight.
+    """
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w = x.to(dt), w.to(dt)
+        b = b.to(dt) if b is not None else None
+    return x, w, b
+
+
+def _check_dtype(name: str, x: Tensor, w: Tensor) -> None:
+    if x.dtype != w.dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match weight dtype {w.dtype}")
+
+
+def _batch(name: str, x: Tensor, in_channels: int) -> Tuple[Tensor, bool]:
+    if x.dim() not in (2, 3) or x.shape[-2] != in_channels:
+        raise ValueError(
+            f"{name}: input must be (N, C_in={in_channels}, T) or (C_in={in_channels}, T), got {tuple(x.shape)}"
+        )
+    return (x.unsqueeze(0), True) if x.dim() == 2 else (x, False)

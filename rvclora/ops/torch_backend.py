@@ -1,0 +1,461 @@
+"""The ``torch`` backend: pure PyTorch, the CPU path and the fallback everywhere.
+
+Fast, not naive (DESIGN.md §3):
+
+* **Merged weight** when the maths is true fp32/fp64 and dropout is off: ``W_eff = W + ΔW``
+  costs ``in·out·k·r`` flops once per call, then the forward and the input gradient are one
+  base-sized op each. ``W_eff`` is recomputed in backward rather than saved.
+* **Thin projections as GEMMs**: ``u = conv(x, A)`` with ``r`` output channels runs poorly
+  through the convolution library on CPU; for stride 1 it is one ``(k·r × in) @ x`` GEMM
+  plus ``k`` shifted adds. ``ConvTranspose1d``'s ``u = A·x`` is a plain GEMM.
+* **Memory**: autograd keeps ``x`` and ``u`` (and the parameters); dropout masks are
+  regenerated from their seed in backward, never stored.
+* **Low precision** (fp16/bf16, or TF32 on CUDA): the LoRA path stays a separate term, so a
+  small ``ΔW`` is never rounded into ``W``.
+
+Each op is a ``torch.library`` custom op (``rvclora::torch_*``) with a fake implementation
+and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one node.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference as ref
+
+NAME = "torch"
+
+__all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"]
+
+
+def unavailable_reason() -> Optional[str]:
+    return None
+
+
+def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dropout_mask(seed: Tensor, shape: Sequence[int], p: float, device, dtype) -> Tensor:
+    """The scaled mask (``0`` or ``1/(1-p)``) this backend applies for ``seed``.
+
+    Drawn with a private ``torch.Generator`` seeded by ``seed``, so backward regenerates
+    exactly the mask forward used.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    keep = torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32) >= p
+    return keep.to(dtype) * (1.0 / (1.0 - p))
+
+
+def _mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
+
+
+def _merge_ok(x: Tensor, dropout_p: float, conv: bool) -> bool:
+    """May the LoRA term be folded into the weight without losing it to rounding?"""
+    if dropout_p != 0.0 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        tf32 = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+        return not tf32
+    return True
+
+
+def _grad_or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _conv_out_len(t: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
+    return (t + pad_total - dilation * (k - 1) - 1) // stride + 1
+
+
+def _convt_out_len(t: int, k: int, stride: int, padding: int, output_padding: int, dilation: int) -> int:
+    return (t - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
+
+
+# --------------------------------------------------------------------------- Linear
+
+
+@torch.library.custom_op("rvclora::torch_lora_linear_fwd", mutates_args=())
+def _linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``y: (..., out)`` and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward)."""
+    dt = x.dtype
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = _mask(x2, dropout_p, seed)
+    if _merge_ok(x, dropout_p, conv=False):
+        w_eff = torch.addmm(weight, B, A, alpha=scaling)
+        y = F.linear(x2, w_eff, bias)
+        u = x2 @ A.t()
+    else:
+        y = F.linear(x2, weight, bias)
+        u = (x2 if mask is None else x2 * mask) @ A.t()
+        y.addmm_(u, B.t(), alpha=scaling)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), u
+
+
+@_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(m, lora_A.shape[0])
+
+
+@torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())
+def _linear_bwd(
+    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; an unneeded gradient is an empty 1-D tensor."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dt = x.dtype
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    x2 = x.reshape(-1, x.shape[-1])
+    g = grad.reshape(-1, grad.shape[-1])
+    mask = _mask(x2, dropout_p, seed)
+    g_u = torch.mm(g, B) * scaling  # (M, r)
+    gx = gw = gb = ga = gbb = None
+    if need_x:
+        if _merge_ok(x, dropout_p, conv=False):
+            gx = g @ torch.addmm(weight, B, A, alpha=scaling)
+        else:
+            lx = g_u @ A
+            gx = torch.addmm(lx if mask is None else lx * mask, g, weight)
+        gx = gx.reshape(x.shape)
+    if need_w:
+        gw = g.t() @ x2
+    if need_b:
+        gb = g.sum(0)
+    if need_a:
+        ga = (g_u.t() @ (x2 if mask is None else x2 * mask)).to(lora_A.dtype)
+    if need_bb:
+        gbb = (torch.mm(g.t(), u) * scaling).to(lora_B.dtype)
+    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
+            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+
+
+@_linear_bwd.register_fake
+def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
+    shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
+    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
+    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.args = (scaling, dropout_p)
+
+
+def _linear_backward(ctx, grad_y, grad_u):
+    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    gx, gw, gb, ga, gbb = _linear_bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
+    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None,
+            ga if n[3] else None, gbb if n[4] else None, None, None, None)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+
+
+# --------------------------------------------------------------------------- Conv1d
+
+
+def _conv1d_prepare(x: Tensor, padding: Sequence[int], padding_mode: str) -> Tuple[Tensor, int]:
+    """Pad explicitly unless the convolution can do it itself; returns (input, conv padding)."""
+    left, right = padding
+    if padding_mode == "zeros" and left == right:
+        return x, left
+    return ref.pad1d(x, (left, right), padding_mode), 0
+
+
+def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode: str, conv_pad: int) -> Tensor:
+    """The adjoint of :func:`_conv1d_prepare` applied to ``grad_xp``."""
+    left, right = padding
+    if conv_pad or (left, right) == (0, 0):
+        return grad_xp
+    if padding_mode == "zeros":
+        return grad_xp[..., left: grad_xp.shape[-1] - right]
+    if padding_mode == "reflect":
+        return torch.ops.aten.reflection_pad1d_backward(grad_xp, x, [left, right])
+    if padding_mode == "replicate":
+        return torch.ops.aten.replication_pad1d_backward(grad_xp, x, [left, right])
+    # circular: the pads are copies of the other end
+    t = x.shape[-1]
+    gx = grad_xp[..., left: left + t].clone()
+    if left:
+        gx[..., t - left:] += grad_xp[..., :left]
+    if right:
+        gx[..., :right] += grad_xp[..., left + t:]
+    return gx
+
+
+def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: int, groups: int, t_out: int) -> Tensor:
+    """``conv1d(xp, a3)`` for a thin ``a3: (r, in/g, k)``.
+
+    For stride 1 it is one GEMM ``(g, k·r/g, in/g) @ xp`` and ``k`` shifted adds, which on CPU
+    beats the convolution library for a handful of output channels.
+    """
+    if stride != 1 or xp.device.type != "cpu":
+        return F.conv1d(xp, a3, None, stride, conv_pad, dilation, groups)
+    if conv_pad:
+        xp = F.pad(xp, (conv_pad, conv_pad))
+    r, cin_g, k = a3.shape
+    n, t_in = xp.shape[0], xp.shape[-1]
+    rg = r // groups
+    # (g, k, r/g, in/g) → (g, k·r/g, in/g)
+    w = a3.reshape(groups, rg, cin_g, k).permute(0, 3, 1, 2).reshape(groups, k * rg, cin_g)
+    p = torch.matmul(w, xp.reshape(n, groups, cin_g, t_in))  # (n, g, k·r/g, T_in)
+    p = p.reshape(n, groups, k, rg, t_in)
+    u = p[:, :, 0, :, 0:t_out].clone()
+    for tap in range(1, k):
+        s = tap * dilation
+        u += p[:, :, tap, :, s: s + t_out]
+    return u.reshape(n, r, t_out)
+
+
+def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:
+    """``w: (g·o, c)`` applied per group to ``x: (N, g·c, T)`` → ``(N, g·o, T)``."""
+    n, _, t = x.shape
+    wg = w.reshape(groups, -1, w.shape[1])
+    return torch.matmul(wg, x.reshape(n, groups, -1, t)).reshape(n, -1, t)
+
+
+def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """``Σ_{n,t} a[n, g·p, t] · b[n, g·q, t]`` per group → ``(g·p, q)``."""
+    n, _, t = a.shape
+    ag = a.reshape(n, groups, -1, t)
+    bg = b.reshape(n, groups, -1, t)
+    return torch.matmul(ag, bg.transpose(-1, -2)).sum(0).reshape(-1, bg.shape[2])
+
+
+@torch.library.custom_op("rvclora::torch_lora_conv1d_fwd", mutates_args=())
+def _conv1d_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
+    dropout_p: float, seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``y: (N, out, T_out)`` and ``u = conv(D(x), A): (N, r, T_out)``."""
+    dt = x.dtype
+    k = weight.shape[-1]
+    r = lora_A.shape[0]
+    a3 = lora_A.to(dt).reshape(r, -1, k)
+    B = lora_B.to(dt)
+    xp, cpad = _conv1d_prepare(x, padding, padding_mode)
+    t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
+    mask = _mask(x, dropout_p, seed)
+    if _merge_ok(x, dropout_p, conv=True):
+        w_eff = weight + ref.delta_weight_conv1d(a3.reshape(r, -1), B, scaling, groups, k)
+        y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
+        u = _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
+    else:
+        y = F.conv1d(xp, weight, bias, stride, cpad, dilation, groups)
+        xdp = xp if mask is None else _conv1d_prepare(x * mask, padding, padding_mode)[0]
+        u = _thin_conv1d(xdp, a3, stride, cpad, dilation, groups, t_out)
+        y = y + scaling * _grouped_1x1(B, u, groups)
+    return y, u
+
+
+@_conv1d_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed):
+    t_out = _conv_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
+    return x.new_empty(x.shape[0], weight.shape[0], t_out), x.new_empty(x.shape[0], lora_A.shape[0], t_out)
+
+
+@torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())
+def _conv1d_bwd(
+    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
+    dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dt = x.dtype
+    k = weight.shape[-1]
+    r = lora_A.shape[0]
+    a3 = lora_A.to(dt).reshape(r, -1, k)
+    B = lora_B.to(dt)
+    xp, cpad = _conv1d_prepare(x, padding, padding_mode)
+    mask = _mask(x, dropout_p, seed)
+    xdp = xp if mask is None else _conv1d_prepare(x * mask, padding, padding_mode)[0]
+    merged = _merge_ok(x, dropout_p, conv=True)
+    g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1), grad, groups) * scaling
+    w_base = weight + ref.delta_weight_conv1d(a3.reshape(r, -1), B, scaling, groups, k) if merged else weight
+    bias_sizes = [weight.shape[0]] if need_b else None
+    gxp, gw, gb = torch.ops.aten.convolution_backward(
+        grad, xp, w_base, bias_sizes, [stride], [cpad], [dilation], False, [0], groups, [need_x, need_w, need_b]
+    )
+    gx = ga = gbb = None
+    need_thin_x = need_x and not merged
+    if need_thin_x or need_a:
+        gxp_lora, ga3, _ = torch.ops.aten.convolution_backward(
+            g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [need_thin_x, need_a, False]
+        )
+        if need_a:
+            ga = ga3.reshape(r, -1).to(lora_A.dtype)
+        if need_thin_x:
+            if mask is None:
+                gxp = gxp + gxp_lora
+            else:
+                gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask
+    if need_x:
+        gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
+        if need_thin_x and mask is not None:
+            gx = gx + gx_lora
+    if need_bb:
+        gbb = (_grouped_outer(grad, u, groups) * scaling).to(lora_B.dtype)
+    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
+            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+
+
+@_conv1d_bwd.register_fake
+def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p,
+      seed, needs):
+    shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
+    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
+    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+
+
+def _conv1d_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.args = (scaling, stride, padding, dilation, groups, padding_mode, dropout_p)
+
+
+def _conv1d_backward(ctx, grad_y, grad_u):
+    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    gx, gw, gb, ga, gbb = _conv1d_bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
+    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None, ga if n[3] else None,
+            gbb if n[4] else None) + (None,) * 8
+
+
+_conv1d_fwd.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+
+
+def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
+                dropout_p, seed):
+    return _conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, list(padding), dilation, groups,
+                       padding_mode, dropout_p, seed)[0]
+
+
+# --------------------------------------------------------------------------- ConvTranspose1d
+
+
+@torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_fwd", mutates_args=())
+def _convt_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+    stride: int, padding: int, output_padding: int, dilation: int, groups: int,
+    dropout_p: float, seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
+    dt = x.dtype
+    k = weight.shape[-1]
+    r = lora_A.shape[0]
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    mask = _mask(x, dropout_p, seed)
+    u = _grouped_1x1(A, x if mask is None else x * mask, groups)
+    if _merge_ok(x, dropout_p, conv=True):
+        w_eff = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k)
+        y = F.conv_transpose1d(x, w_eff, bias, stride, padding, output_padding, groups, dilation)
+    else:
+        y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+        y = y + scaling * F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups,
+                                             dilation)
+    return y, u
+
+
+@_convt_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed):
+    k = weight.shape[-1]
+    t_out = _convt_out_len(x.shape[-1], k, stride, padding, output_padding, dilation)
+    out = weight.shape[1] * groups
+    return x.new_empty(x.shape[0], out, t_out), x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1])
+
+
+@torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())
+def _convt_bwd(
+    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    stride: int, padding: int, output_padding: int, dilation: int, groups: int,
+    dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dt = x.dtype
+    k = weight.shape[-1]
+    r = lora_A.shape[0]
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    b3 = B.reshape(r, -1, k)
+    mask = _mask(x, dropout_p, seed)
+    merged = _merge_ok(x, dropout_p, conv=True)
+    w_base = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k) if merged else weight
+    bias_sizes = [weight.shape[1] * groups] if need_b else None
+    conv_args = ([stride], [padding], [dilation], True, [output_padding], groups)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, w_base, bias_sizes, *conv_args, [need_x, need_w, need_b]
+    )
+    ga = gbb = None
+    if need_a or need_bb or (need_x and not merged):
+        # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
+        g_u, gb3, _ = torch.ops.aten.convolution_backward(grad, u, b3, None, *conv_args, [True, need_bb, False])
+        g_u = g_u * scaling
+        if need_bb:
+            gbb = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
+        if need_a:
+            ga = _grouped_outer(g_u, x if mask is None else x * mask, groups).to(lora_A.dtype)
+        if need_x and not merged:
+            at = A.reshape(groups, r // groups, -1).transpose(1, 2).reshape(-1, r // groups)
+            lx = _grouped_1x1(at, g_u, groups)
+            gx = gx + (lx if mask is None else lx * mask)
+    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
+            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+
+
+@_convt_bwd.register_fake
+def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p,
+      seed, needs):
+    shapes = (x.shape, weight.shape, (weight.shape[1] * groups,), lora_A.shape, lora_B.shape)
+    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
+    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+
+
+def _convt_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed = (
+        inputs
+    )
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.args = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
+
+
+def _convt_backward(ctx, grad_y, grad_u):
+    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    gx, gw, gb, ga, gbb = _convt_bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
+    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None, ga if n[3] else None,
+            gbb if n[4] else None) + (None,) * 8
+
+
+_convt_fwd.register_autograd(_convt_backward, setup_context=_convt_setup)
+
+
+def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
+                          groups, dropout_p, seed):
+    return _convt_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups,
+                      dropout_p, seed)[0]
