@@ -1,0 +1,422 @@
+"""Launchers and ``torch.library`` registration of the fused LoRA kernels.
+
+Ops (``torch.library.triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces
+into the kernels, with ``register_autograd`` for the backward)::
+
+    rvclora::triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
+    rvclora::triton_lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, u, ...) -> grads
+    rvclora::triton_lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right,
+                                    dilation, groups, padding_mode, dropout_p, seed) -> (y, u)
+    rvclora::triton_lora_conv1d_bwd(...) -> grads
+    rvclora::triton_dropout_mask(seed, numel, p, like) -> mask
+
+``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``) is the only intermediate kept for backward besides ``x``
+and the weights; the dropout mask is regenerated from ``seed`` (a 0-dim int64 tensor).
+Gradients that autograd does not ask for come back from the backward op as empty tensors and
+are not computed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .lora_kernels import (
+    INTERPRET,
+    PAD_MODES,
+    dropout_mask_kernel,
+    lora_forward_kernel,
+    lora_grad_input_kernel,
+    lora_grad_u_kernel,
+    lora_weight_grad_kernel,
+)
+
+__all__ = ["MAX_RANK_PER_GROUP", "conv1d_output_length", "lora_linear", "lora_conv1d", "dropout_mask"]
+
+#: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
+#: registers beside the base tile; 64 keeps every config spill-free (kernels/compile_check.py).
+MAX_RANK_PER_GROUP = 64
+
+
+def _block_r(r_g: int) -> int:
+    # tl.dot needs every dimension ≥ 16.
+    return max(16, triton.next_power_of_2(r_g))
+
+
+def _m_key(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_count(rows: int, out_tiles: int, device: torch.device) -> int:
+    """How many row splits the weight-gradient reduction uses (a power of two).
+
+    Enough programs to fill the GPU about twice when the gradient itself has few tiles (a
+    rank-8 ``grad_B`` has one tile column), but at least 256 rows per split. The interpreter
+    uses up to 2 splits, so the tests exercise the split-and-sum path.
+    """
+    if INTERPRET or device.type != "cuda":
+        target = 2
+    else:
+        target = triton.cdiv(2 * _sm_count(device.index or 0), max(out_tiles, 1))
+    split = min(target, 64, max(rows // 256, 1)) if not INTERPRET else min(target, max(rows // 32, 1))
+    return 1 << (max(split, 1).bit_length() - 1)
+
+
+def conv1d_output_length(T: int, pad_left: int, pad_right: int, dilation: int, kernel_size: int, stride: int) -> int:
+    return (T + pad_left + pad_right - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def _seed_on(seed: Optional[Tensor], dropout_p: float, like: Tensor) -> Tensor:
+    """The seed on the kernels' device; a dummy pointer (never read) without dropout."""
+    if dropout_p == 0.0:
+        return like
+    return seed.to(device=like.device, dtype=torch.int64).reshape(1)
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+class _Geometry:
+    """The implicit-GEMM view of a call: ``x`` as ``(N, C, T)`` with strides, and the conv options."""
+
+    def __init__(self, x: Tensor, weight: Tensor, lora_A: Tensor, is_linear: bool, stride: int = 1,
+                 pad_left: int = 0, pad_right: int = 0, dilation: int = 1, groups: int = 1,
+                 padding_mode: str = "zeros"):
+        self.is_linear = is_linear
+        if is_linear:
+            x2 = x.reshape(-1, x.shape[-1])
+            self.x = x2
+            self.N, self.C, self.T = x2.shape[0], x2.shape[1], 1
+            self.x_strides = (x2.stride(0), x2.stride(1), 0)
+            self.ks, self.T_out = 1, 1
+        else:
+            self.x = x
+            self.N, self.C, self.T = x.shape
+            self.x_strides = x.stride()
+            self.ks = weight.shape[-1]
+            self.T_out = conv1d_output_length(self.T, pad_left, pad_right, dilation, self.ks, stride)
+        self.O = weight.shape[0]
+        self.R = lora_A.shape[0]
+        self.G = groups
+        self.C_g, self.O_g, self.R_g = self.C // groups, self.O // groups, self.R // groups
+        self.K = self.C_g * self.ks
+        self.M = self.N * self.T_out
+        self.stride, self.dilation = stride, dilation
+        self.pad_left, self.pad_right = pad_left, pad_right
+        self.pad_mode = PAD_MODES[padding_mode]
+        self.w2 = weight.reshape(self.O, -1)
+
+    def out_strides(self, t: Tensor) -> Tuple[int, int, int]:
+        """``(n, channel, t)`` strides of an ``(N·T_out, ch)`` (linear) or ``(N, ch, T_out)`` tensor."""
+        if self.is_linear:
+            return t.stride(0), t.stride(1), 0
+        return t.stride()
+
+    def rows_view_strides(self, t: Tensor) -> Tuple[int, int, int]:
+        """``(n, channel, t)`` strides of a row-major ``(N·T_out, ch)`` tensor such as ``u``."""
+        return self.T_out * t.stride(0), t.stride(1), t.stride(0)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _forward(geo: _Geometry, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+             dropout_p: float, seed: Optional[Tensor], y: Tensor) -> Tensor:
+    """Fill ``y`` (``(M, O)`` or ``(N, O, T_out)``) and return ``u: (M, r)`` fp32."""
+    x = geo.x
+    u = torch.empty((geo.M, geo.R), device=x.device, dtype=torch.float32)
+    if geo.M == 0:
+        return u
+
+    def grid(meta):
+        return (triton.cdiv(geo.M, meta["BLOCK_M"]), triton.cdiv(geo.O_g, meta["BLOCK_N"]), geo.G)
+
+    wrap_triton(lora_forward_kernel)[grid](
+        x, geo.w2, bias if bias is not None else x, lora_A, lora_B, y, u, _seed_on(seed, dropout_p, x),
+        geo.M, _m_key(geo.M), geo.O_g, geo.K, geo.R_g, geo.T_out, geo.C, geo.C_g, geo.T,
+        *geo.x_strides, *geo.w2.stride(), *lora_A.stride(), *lora_B.stride(), *geo.out_strides(y), *u.stride(),
+        geo.stride, geo.dilation, geo.pad_left, scaling, dropout_p,
+        KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g),
+    )
+    return u
+
+
+def _grad_u(geo: _Geometry, g: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    gu = torch.empty((geo.M, geo.R), device=g.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(geo.M, meta["BLOCK_M"]), geo.G)
+
+    wrap_triton(lora_grad_u_kernel)[grid](
+        g, lora_B, gu, geo.M, _m_key(geo.M), geo.O_g, geo.R_g, geo.T_out,
+        *geo.out_strides(g), *lora_B.stride(), *gu.stride(), scaling,
+        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g),
+    )
+    return gu
+
+
+def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t: Tensor, dropout_p: float,
+                     tp0: int, t_rows: int, dtype: torch.dtype) -> Tensor:
+    """Gradient at the padded-input positions ``[tp0, tp0 + t_rows)``: ``(N, C, t_rows)`` (``(M, C)`` linear)."""
+    if geo.is_linear:
+        dx = torch.empty((geo.N, geo.C), device=g.device, dtype=dtype)
+        d_strides = (dx.stride(0), dx.stride(1), 0)
+    else:
+        dx = torch.empty((geo.N, geo.C, t_rows), device=g.device, dtype=dtype)
+        d_strides = dx.stride()
+    rows = geo.N * t_rows
+    if rows == 0:
+        return dx
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(geo.C_g, meta["BLOCK_N"]), geo.G)
+
+    wrap_triton(lora_grad_input_kernel)[grid](
+        g, geo.w2, gu, lora_A, dx, seed_t,
+        rows, _m_key(rows), geo.C_g, geo.O_g, geo.R_g, t_rows, tp0, geo.T_out, geo.C, geo.T,
+        *geo.out_strides(g), *geo.w2.stride(), *gu.stride(), *lora_A.stride(), *d_strides,
+        geo.stride, geo.dilation, geo.pad_left, dropout_p,
+        KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
+    )
+    return dx
+
+
+def _source_index(t: Tensor, T: int, padding_mode: str) -> Tensor:
+    """The PyTorch twin of ``_source_position`` for the (non-zeros) padded positions ``t``."""
+    if padding_mode == "reflect":
+        t = t.abs()
+        return torch.where(t >= T, 2 * T - 2 - t, t)
+    if padding_mode == "replicate":
+        return t.clamp(0, T - 1)
+    return torch.where(t < 0, t + T, torch.where(t >= T, t - T, t))
+
+
+def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t: Tensor, dropout_p: float,
+                padding_mode: str, dtype: torch.dtype) -> Tensor:
+    """``grad_x``. Non-zeros padding modes also compute the gradient at the padded positions (a strip of
+    ``pad_left + pad_right`` columns) and fold it onto the source elements."""
+    fold = not geo.is_linear and padding_mode != "zeros" and (geo.pad_left > 0 or geo.pad_right > 0)
+    t_rows = 1 if geo.is_linear else geo.T
+    dx = _grad_input_rows(geo, g, gu, lora_A, seed_t, dropout_p, geo.pad_left, t_rows,
+                          torch.float32 if fold else dtype)
+    if not fold:
+        return dx
+    for tp0, width in ((0, geo.pad_left), (geo.pad_left + geo.T, geo.pad_right)):
+        if width > 0:
+            strip = _grad_input_rows(geo, g, gu, lora_A, seed_t, dropout_p, tp0, width, torch.float32)
+            t = torch.arange(tp0, tp0 + width, device=g.device) - geo.pad_left
+            dx.index_add_(2, _source_index(t, geo.T, padding_mode), strip)
+    return dx.to(dtype)
+
+
+def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is_x: bool, alpha: float,
+                 seed_t: Tensor, dropout_p: float, dot_from_q: bool, out_rows: int, j: int) -> Tensor:
+    """``Σ_rows P[row, i]·Q[row, j]`` per group (fp32, ``(G·I_g, J)``); ``Q`` is ``x``'s patches or ``u``."""
+    split = _split_count(geo.M, triton.cdiv(i_g, 64) * triton.cdiv(j, 64) * geo.G, p.device)
+    out = torch.empty((split, out_rows, j), device=p.device, dtype=torch.float32)
+    if geo.M == 0:
+        return out.zero_().sum(0)
+    if q_is_x:
+        q_strides, C, C_g, T, ks = geo.x_strides, geo.C, geo.C_g, geo.T, geo.ks
+        stride, dilation, pad_left, pad_mode = geo.stride, geo.dilation, geo.pad_left, geo.pad_mode
+    else:
+        q_strides = (q.stride(0), q.stride(1), 0) if geo.is_linear else geo.rows_view_strides(q)
+        C, C_g, T, ks = geo.R, geo.R_g, geo.T_out, 1
+        stride, dilation, pad_left, pad_mode = 1, 1, 0, 0
+
+    def grid(meta):
+        return (triton.cdiv(i_g, meta["BLOCK_M"]), triton.cdiv(j, meta["BLOCK_N"]), geo.G * split)
+
+    wrap_triton(lora_weight_grad_kernel)[grid](
+        p, q, out, seed_t,
+        geo.M, _m_key(geo.M), i_g, j, geo.T_out, C, C_g, T,
+        *p_strides, *q_strides, *out.stride(),
+        stride, dilation, pad_left, alpha, dropout_p,
+        KS=ks, PAD_MODE=pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
+        DOT_FROM_Q=dot_from_q, SPLIT=split,
+    )
+    return out.sum(0)
+
+
+def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+              scaling: float, dropout_p: float, seed: Optional[Tensor], padding_mode: str,
+              needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_b, need_a, need_bb = needs
+    seed_t = _seed_on(seed, dropout_p, g)
+    g_strides = geo.out_strides(g)
+    grad_x = grad_w = grad_b = grad_a = grad_bb = _empty()
+    gu = _grad_u(geo, g, lora_B, scaling) if (need_x or need_a) and geo.M > 0 else None
+    if gu is None:
+        gu = torch.zeros((geo.M, geo.R), device=g.device, dtype=torch.float32)
+    if need_x:
+        grad_x = _grad_input(geo, g, gu, lora_A, seed_t, dropout_p, padding_mode, geo.x.dtype)
+    if need_w:
+        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True,
+                              geo.O, geo.K).reshape(weight.shape).to(weight.dtype)
+    if need_a:
+        gu_strides = (gu.stride(0), gu.stride(1), 0) if geo.is_linear else geo.rows_view_strides(gu)
+        grad_a = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, True, 1.0, seed_t, dropout_p, True,
+                              geo.R, geo.K).to(lora_A.dtype)
+    if need_bb:
+        grad_bb = _weight_grad(geo, g, g_strides, geo.O_g, u, False, scaling, seed_t, 0.0, False,
+                               geo.O, geo.R_g).to(lora_B.dtype)
+    if need_b:
+        grad_b = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
+    return grad_x, grad_w, grad_b, grad_a, grad_bb
+
+
+# --------------------------------------------------------------------------- Linear op
+
+
+@triton_op("rvclora::triton_lora_linear_fwd", mutates_args={})
+def triton_lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                           scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``y = x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` and ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``)."""
+    geo = _Geometry(x, weight, lora_A, True)
+    y = torch.empty((geo.M, geo.O), device=x.device, dtype=x.dtype)
+    u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
+    return y.reshape(*x.shape[:-1], geo.O), u
+
+
+@triton_op("rvclora::triton_lora_linear_bwd", mutates_args={})
+def triton_lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                           scaling: float, dropout_p: float, seed: Optional[Tensor],
+                           needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
+    geo = _Geometry(x, weight, lora_A, True)
+    g = grad_y.reshape(-1, geo.O)
+    grads = _backward(geo, g, weight, lora_A, lora_B, u, scaling, dropout_p, seed, "zeros", needs)
+    grad_x = grads[0].reshape(x.shape) if needs[0] else grads[0]
+    return (grad_x,) + tuple(grads[1:])
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _needs(ctx) -> List[bool]:
+    n = ctx.needs_input_grad
+    return [bool(n[0]), bool(n[1]), bool(n[2]), bool(n[3]), bool(n[4])]
+
+
+def _as_grads(ctx, grads) -> Tuple[Optional[Tensor], ...]:
+    needs = _needs(ctx)
+    out = [gr if need else None for gr, need in zip(grads, needs)]
+    if out[2] is not None:
+        out[2] = out[2].to(ctx.bias_dtype)
+    return tuple(out)
+
+
+def _linear_backward(ctx, grad_y, grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    grads = torch.ops.rvclora.triton_lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling,
+                                                    ctx.dropout_p, seed, _needs(ctx))
+    return _as_grads(ctx, grads) + (None, None, None)
+
+
+triton_lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# --------------------------------------------------------------------------- Conv1d op
+
+
+@triton_op("rvclora::triton_lora_conv1d_fwd", mutates_args={})
+def triton_lora_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                           scaling: float, stride: int, pad_left: int, pad_right: int, dilation: int, groups: int,
+                           padding_mode: str, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``y = conv(x, W) + b + s·conv1x1(conv(D(x), A), B)`` and ``u`` (fp32, ``(N·T_out, r)``)."""
+    geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
+    y = torch.empty((geo.N, geo.O, geo.T_out), device=x.device, dtype=x.dtype)
+    u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
+    return y, u
+
+
+@triton_op("rvclora::triton_lora_conv1d_bwd", mutates_args={})
+def triton_lora_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                           scaling: float, stride: int, pad_left: int, pad_right: int, dilation: int, groups: int,
+                           padding_mode: str, dropout_p: float, seed: Optional[Tensor],
+                           needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
+    geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
+    return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
+
+
+def _conv_setup(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right, dilation, groups, padding_mode,
+     dropout_p, seed) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.options = (scaling, stride, pad_left, pad_right, dilation, groups, padding_mode, dropout_p)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv_backward(ctx, grad_y, grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    grads = torch.ops.rvclora.triton_lora_conv1d_bwd(grad_y, x, weight, lora_A, lora_B, u, *ctx.options[:-1],
+                                                    ctx.options[-1], seed, _needs(ctx))
+    return _as_grads(ctx, grads) + (None,) * 9
+
+
+triton_lora_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# --------------------------------------------------------------------------- dropout mask
+
+
+@triton_op("rvclora::triton_dropout_mask", mutates_args={})
+def triton_dropout_mask(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
+    """The scaled mask (``0`` or ``1/(1−p)``) the kernels apply to an ``x`` shaped like ``like``."""
+    out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    numel = out.numel()
+    if numel == 0:
+        return out
+    block = 1024
+
+    def grid(meta):
+        return (triton.cdiv(numel, block),)
+
+    wrap_triton(dropout_mask_kernel)[grid](out, _seed_on(seed, dropout_p, out), numel, dropout_p, BLOCK=block)
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """Fused ``x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ``; ``x: (..., in)``."""
+    return torch.ops.rvclora.triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                   seed if dropout_p > 0.0 else None)[0]
+
+
+def lora_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                stride: int, padding: Tuple[int, int], dilation: int, groups: int, padding_mode: str,
+                dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
+    return torch.ops.rvclora.triton_lora_conv1d_fwd(
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding[0], padding[1], dilation, groups, padding_mode,
+        dropout_p, seed if dropout_p > 0.0 else None)[0]
+
+
+def dropout_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:
+    """The exact mask the kernels apply for ``seed`` to an ``x`` of ``shape`` (``0`` or ``1/(1−p)``)."""
+    like = torch.empty(shape, device=device, dtype=dtype)
+    if p == 0.0:
+        return torch.ones_like(like)
+    return torch.ops.rvclora.triton_dropout_mask(seed, like, float(p))
