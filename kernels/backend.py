@@ -17,7 +17,6 @@ from the tile shapes; it was not tuned by GPU measurement.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """``None`` when Triton kernels can run here: a CUDA device, or ``TRITON_INTERPRET=1``."""
     if _interpreting():
         return None
@@ -46,7 +45,7 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
+def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     """Why this backend cannot run ``op`` on ``x`` with ``params`` (``None`` when it can)."""
     if op == "lora_conv_transpose1d":
         return ("the triton backend has no ConvTranspose1d kernel (it covers lora_linear and lora_conv1d); "

@@ -30,13 +30,13 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "lora_forward_kernel",
-    "lora_grad_u_kernel",
-    "lora_grad_input_kernel",
-    "lora_weight_grad_kernel",
-    "dropout_mask_kernel",
-    "PAD_MODES",
     "INTERPRET",
+    "PAD_MODES",
+    "dropout_mask_kernel",
+    "lora_forward_kernel",
+    "lora_grad_input_kernel",
+    "lora_grad_u_kernel",
+    "lora_weight_grad_kernel",
 ]
 
 #: ``padding_mode`` → the ``PAD_MODE`` constexpr of the kernels.

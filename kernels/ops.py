@@ -16,6 +16,9 @@ Gradients that autograd does not ask for come back from the backward op as empty
 are not computed.
 """
 
+# torch.library evaluates the op signatures below at runtime to infer their schemas; the typing
+# forms (Optional, List, Tuple) keep that working on Python 3.9, which the package supports.
+# ruff: noqa: UP006, UP035, UP045
 from __future__ import annotations
 
 import functools
@@ -36,7 +39,7 @@ from .lora_kernels import (
     lora_weight_grad_kernel,
 )
 
-__all__ = ["MAX_RANK_PER_GROUP", "conv1d_output_length", "lora_linear", "lora_conv1d", "dropout_mask"]
+__all__ = ["MAX_RANK_PER_GROUP", "conv1d_output_length", "dropout_mask", "lora_conv1d", "lora_linear"]
 
 #: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
 #: registers beside the base tile; 64 keeps every config spill-free (kernels/compile_check.py).
@@ -52,7 +55,7 @@ def _m_key(m: int) -> int:
     return triton.next_power_of_2(max(m, 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
