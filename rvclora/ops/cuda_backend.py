@@ -1,0 +1,203 @@
+"""The ``cuda`` backend: the fused ConvTranspose1d + LoRA kernels of ``csrc/`` (``rvclora._C``).
+
+Ops (``torch.ops.rvclora``, defined in csrc/lora_convt_cpu.cpp, kernels for CPU and CUDA)::
+
+    lora_convt_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding,
+                   dilation, groups, dropout_p, seed?) -> (y, u)
+    lora_convt_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, stride, ..., seed?,
+                   need_x, need_weight, need_A, need_B) -> (grad_x, grad_weight, grad_A, grad_B)
+    lora_convt_dropout_mask(like, seed, dropout_p) -> mask
+
+``y = convT(concat[x, s·A·D(x)], concat[W, B]) + b`` in one kernel; ``u = A·D(x)``
+(``(N, r, T)``, fp32 for half inputs) is what backward needs for ``grad_B``. Entries of an
+unrequested gradient are empty ``(0,)`` tensors. The fake (meta) kernels and the autograd
+formula are registered here with ``torch.library``.
+
+On CPU tensors the same kernel bodies run through the CPU twin (float32 and float64): that is
+how the GPU kernel's indexing is tested on machines without a GPU. Shapes:
+:mod:`rvclora.reference`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+from . import cuda_ext
+
+NAME = "cuda"
+
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float32, torch.float64)
+# Per-block shared memory the launcher may use without an opt-in (lora_convt_cuda.h).
+_MAX_SMEM = 48 * 1024
+_FWD_TQ, _BWD_TT = 64, 64  # tile lengths of lora_convt_kernel.cuh
+
+_registered = threading.Event()
+_register_lock = threading.Lock()
+
+
+def _output_length(T, stride, padding, output_padding, dilation, k):
+    return (T - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
+    N, _, T = x.shape
+    L = _output_length(T, stride, padding, output_padding, dilation, weight.shape[2])
+    y = x.new_empty((N, weight.shape[1] * groups, L))
+    u = x.new_empty((N, lora_A.shape[0], T), dtype=_acc_dtype(x.dtype))
+    return y, u
+
+
+def _bwd_fake(
+    grad_y,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    u,
+    scaling,
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups,
+    dropout_p,
+    seed,
+    need_x,
+    need_weight,
+    need_A,
+    need_B,
+):
+    def out(need, like):
+        return x.new_empty(like.shape) if need else x.new_empty((0,))
+
+    return out(need_x, x), out(need_weight, weight), out(need_A, lora_A), out(need_B, lora_B)
+
+
+def _mask_fake(like, seed, dropout_p):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed = (
+        inputs
+    )
+    _, u = output
+    # x and u are the LoRA's memory cost (DESIGN.md §3); the dropout mask is regenerated from seed.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+    ctx.conv = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
+    ctx.mark_non_differentiable(u)
+
+
+def _backward(ctx, grad_y, _grad_u):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    grads = [None] * 13
+    if need_x or need_w or need_A or need_B:
+        gx, gw, ga, gb = torch.ops.rvclora.lora_convt_bwd(
+            grad_y, x, weight, lora_A, lora_B, u, *ctx.conv, seed, need_x, need_w, need_A, need_B
+        )
+        grads[0] = gx if need_x else None
+        grads[1] = gw if need_w else None
+        grads[3] = ga if need_A else None
+        grads[4] = gb if need_B else None
+    if need_b:
+        grads[2] = grad_y.sum((0, 2))
+    return tuple(grads)
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
+    if _registered.is_set():
+        return
+    with _register_lock:
+        if _registered.is_set():
+            return
+        torch.library.register_fake("rvclora::lora_convt_fwd")(_fwd_fake)
+        torch.library.register_fake("rvclora::lora_convt_bwd")(_bwd_fake)
+        torch.library.register_fake("rvclora::lora_convt_dropout_mask")(_mask_fake)
+        torch.library.register_autograd("rvclora::lora_convt_fwd", _backward, setup_context=_setup_context)
+        _registered.set()
+
+
+def unavailable_reason() -> str | None:
+    err = cuda_ext.load_error()
+    if err is None:
+        _register_python_parts()
+    return err
+
+
+def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
+    if op != "lora_conv_transpose1d":
+        return f"the cuda backend fuses lora_conv_transpose1d only; {op} runs on the torch or triton backend"
+    if x.device.type == "cpu":
+        if x.dtype not in _CPU_DTYPES:
+            return f"the CPU twin of the CUDA kernel runs float32 and float64 only, got {x.dtype}"
+    elif x.device.type == "cuda":
+        if torch.version.cuda is None:
+            return "torch was built without CUDA, so the extension has no CUDA kernels"
+        if x.dtype not in _CUDA_DTYPES:
+            return f"the CUDA kernel runs float32, float64, float16 and bfloat16, got {x.dtype}"
+    else:
+        return f"no kernel for device type {x.device.type!r} (cpu and cuda only)"
+    lora_A, weight = params.get("lora_A"), params.get("weight")
+    groups = int(params.get("groups", 1))
+    if lora_A is not None and lora_A.shape[0] % groups != 0:
+        return f"rank r={lora_A.shape[0]} must be divisible by groups={groups}"
+    if x.device.type == "cuda" and lora_A is not None and weight is not None:
+        rg = lora_A.shape[0] // groups
+        acc = 8 if x.dtype == torch.float64 else 4
+        m = (weight.shape[-1] - 1) * int(params.get("dilation", 1)) // int(params.get("stride", 1))
+        smem = max(rg * (_FWD_TQ + m), rg * _BWD_TT) * acc
+        if smem > _MAX_SMEM:
+            return f"rank per group {rg} needs {smem} B of shared memory per block, over the {_MAX_SMEM} B limit"
+    return None
+
+
+def lora_conv_transpose1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
+    """``convT(x, W) + b + s · convT(A · D(x), B)`` through the fused kernel (CPU twin on CPU tensors)."""
+    err = unavailable_reason()
+    if err is not None:
+        raise RuntimeError(err)
+    if dropout_p == 0.0:
+        seed = None
+    y, _ = torch.ops.rvclora.lora_convt_fwd(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+        int(stride),
+        int(padding),
+        int(output_padding),
+        int(dilation),
+        int(groups),
+        float(dropout_p),
+        seed,
+    )
+    return y
+
+
+def dropout_mask(seed: Tensor | None, shape, p: float, device, dtype) -> Tensor:
+    """The mask ``D`` applies to an ``x`` of ``shape``: 0 or ``1/(1-p)``, a function of (seed, element index)."""
+    err = unavailable_reason()
+    if err is not None:
+        raise RuntimeError(err)
+    if seed is None:
+        if p != 0.0:
+            raise ValueError(f"dropout_mask: p={p} > 0 needs a seed")
+        seed = torch.zeros((), dtype=torch.int64)
+    like = torch.empty(tuple(shape), device=device, dtype=dtype)
+    return torch.ops.rvclora.lora_convt_dropout_mask(like, seed, float(p))
