@@ -71,6 +71,11 @@ def _merge_ok(x: Tensor, dropout_p: float, conv: bool) -> bool:
     return True
 
 
+def _lora_dtype(x: Tensor) -> torch.dtype:
+    """The LoRA path of half/bfloat16 inputs runs in float32 (one rounding at the end)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def _grad_or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
@@ -92,8 +97,8 @@ def _linear_fwd(
     scaling: float, dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (..., out)`` and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward)."""
-    dt = x.dtype
-    A, B = lora_A.to(dt), lora_B.to(dt)
+    dt, ldt = x.dtype, _lora_dtype(x)
+    A, B = lora_A.to(ldt), lora_B.to(ldt)
     x2 = x.reshape(-1, x.shape[-1])
     mask = _mask(x2, dropout_p, seed)
     if _merge_ok(x, dropout_p, conv=False):
@@ -102,15 +107,19 @@ def _linear_fwd(
         u = x2 @ A.t()
     else:
         y = F.linear(x2, weight, bias)
-        u = (x2 if mask is None else x2 * mask) @ A.t()
-        y.addmm_(u, B.t(), alpha=scaling)
+        xl = x2.to(ldt) if mask is None else x2.to(ldt) * mask.to(ldt)
+        u = xl @ A.t()
+        if ldt == dt:
+            y.addmm_(u, B.t(), alpha=scaling)
+        else:
+            y = torch.addmm(y.to(ldt), u, B.t(), alpha=scaling).to(dt)
     return y.reshape(*x.shape[:-1], weight.shape[0]), u
 
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     m = x.numel() // x.shape[-1]
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(m, lora_A.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=_lora_dtype(x))
 
 
 @torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())
@@ -120,28 +129,31 @@ def _linear_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; an unneeded gradient is an empty 1-D tensor."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt = x.dtype
-    A, B = lora_A.to(dt), lora_B.to(dt)
+    dt, ldt = x.dtype, _lora_dtype(x)
+    A, B = lora_A.to(ldt), lora_B.to(ldt)
     x2 = x.reshape(-1, x.shape[-1])
     g = grad.reshape(-1, grad.shape[-1])
+    gl = g.to(ldt)
     mask = _mask(x2, dropout_p, seed)
-    g_u = torch.mm(g, B) * scaling  # (M, r)
+    mask = mask.to(ldt) if mask is not None else None
+    g_u = torch.mm(gl, B) * scaling  # (M, r)
     gx = gw = gb = ga = gbb = None
     if need_x:
         if _merge_ok(x, dropout_p, conv=False):
             gx = g @ torch.addmm(weight, B, A, alpha=scaling)
         else:
             lx = g_u @ A
-            gx = torch.addmm(lx if mask is None else lx * mask, g, weight)
+            gx = torch.addmm(lx if mask is None else lx * mask, gl, weight.to(ldt)).to(dt)
         gx = gx.reshape(x.shape)
     if need_w:
         gw = g.t() @ x2
     if need_b:
         gb = g.sum(0)
     if need_a:
-        ga = (g_u.t() @ (x2 if mask is None else x2 * mask)).to(lora_A.dtype)
+        xl = x2.to(ldt)
+        ga = (g_u.t() @ (xl if mask is None else xl * mask)).to(lora_A.dtype)
     if need_bb:
-        gbb = (torch.mm(g.t(), u) * scaling).to(lora_B.dtype)
+        gbb = (torch.mm(gl.t(), u) * scaling).to(lora_B.dtype)
     return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
             _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
 
@@ -193,6 +205,8 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
         return grad_xp
     if padding_mode == "zeros":
         return grad_xp[..., left: grad_xp.shape[-1] - right]
+    if x.dtype != grad_xp.dtype:
+        x = torch.empty_like(x, dtype=grad_xp.dtype)  # the pad backward ops only read its shape
     if padding_mode == "reflect":
         return torch.ops.aten.reflection_pad1d_backward(grad_xp, x, [left, right])
     if padding_mode == "replicate":
@@ -205,6 +219,13 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
     if right:
         gx[..., :right] += grad_xp[..., left + t:]
     return gx
+
+
+def _lora_input(x: Tensor, xp: Tensor, mask: Optional[Tensor], padding, padding_mode: str, ldt) -> Tensor:
+    """The (padded) input of the LoRA path, ``pad(D(x))``, in the LoRA dtype."""
+    if mask is None:
+        return xp.to(ldt)
+    return _conv1d_prepare(x.to(ldt) * mask.to(ldt), padding, padding_mode)[0]
 
 
 def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: int, groups: int, t_out: int) -> Tensor:
@@ -253,11 +274,11 @@ def _conv1d_fwd(
     dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = conv(D(x), A): (N, r, T_out)``."""
-    dt = x.dtype
+    dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    a3 = lora_A.to(dt).reshape(r, -1, k)
-    B = lora_B.to(dt)
+    a3 = lora_A.to(ldt).reshape(r, -1, k)
+    B = lora_B.to(ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
@@ -267,16 +288,17 @@ def _conv1d_fwd(
         u = _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
     else:
         y = F.conv1d(xp, weight, bias, stride, cpad, dilation, groups)
-        xdp = xp if mask is None else _conv1d_prepare(x * mask, padding, padding_mode)[0]
+        xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
         u = _thin_conv1d(xdp, a3, stride, cpad, dilation, groups, t_out)
-        y = y + scaling * _grouped_1x1(B, u, groups)
+        y = (y.to(ldt) + scaling * _grouped_1x1(B, u, groups)).to(dt)
     return y, u
 
 
 @_conv1d_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed):
     t_out = _conv_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
-    return x.new_empty(x.shape[0], weight.shape[0], t_out), x.new_empty(x.shape[0], lora_A.shape[0], t_out)
+    return (x.new_empty(x.shape[0], weight.shape[0], t_out),
+            x.new_empty(x.shape[0], lora_A.shape[0], t_out, dtype=_lora_dtype(x)))
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())
@@ -286,16 +308,17 @@ def _conv1d_bwd(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt = x.dtype
+    dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    a3 = lora_A.to(dt).reshape(r, -1, k)
-    B = lora_B.to(dt)
+    a3 = lora_A.to(ldt).reshape(r, -1, k)
+    B = lora_B.to(ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     mask = _mask(x, dropout_p, seed)
-    xdp = xp if mask is None else _conv1d_prepare(x * mask, padding, padding_mode)[0]
+    xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
     merged = _merge_ok(x, dropout_p, conv=True)
-    g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1), grad, groups) * scaling
+    gl = grad.to(ldt)
+    g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1), gl, groups) * scaling
     w_base = weight + ref.delta_weight_conv1d(a3.reshape(r, -1), B, scaling, groups, k) if merged else weight
     bias_sizes = [weight.shape[0]] if need_b else None
     gxp, gw, gb = torch.ops.aten.convolution_backward(
@@ -311,15 +334,15 @@ def _conv1d_bwd(
             ga = ga3.reshape(r, -1).to(lora_A.dtype)
         if need_thin_x:
             if mask is None:
-                gxp = gxp + gxp_lora
+                gxp = (gxp.to(ldt) + gxp_lora).to(dt)
             else:
-                gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask
+                gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask.to(ldt)
     if need_x:
         gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
         if need_thin_x and mask is not None:
-            gx = gx + gx_lora
+            gx = (gx.to(ldt) + gx_lora).to(dt)
     if need_bb:
-        gbb = (_grouped_outer(grad, u, groups) * scaling).to(lora_B.dtype)
+        gbb = (_grouped_outer(gl, u, groups) * scaling).to(lora_B.dtype)
     return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
             _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
 
@@ -366,19 +389,20 @@ def _convt_fwd(
     dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
-    dt = x.dtype
+    dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    A, B = lora_A.to(dt), lora_B.to(dt)
+    A, B = lora_A.to(ldt), lora_B.to(ldt)
     mask = _mask(x, dropout_p, seed)
-    u = _grouped_1x1(A, x if mask is None else x * mask, groups)
+    xl = x.to(ldt) if mask is None else x.to(ldt) * mask.to(ldt)
+    u = _grouped_1x1(A, xl, groups)
     if _merge_ok(x, dropout_p, conv=True):
         w_eff = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k)
         y = F.conv_transpose1d(x, w_eff, bias, stride, padding, output_padding, groups, dilation)
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
-        y = y + scaling * F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups,
-                                             dilation)
+        lora = F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups, dilation)
+        y = (y.to(ldt) + scaling * lora).to(dt)
     return y, u
 
 
@@ -387,7 +411,8 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding,
     k = weight.shape[-1]
     t_out = _convt_out_len(x.shape[-1], k, stride, padding, output_padding, dilation)
     out = weight.shape[1] * groups
-    return x.new_empty(x.shape[0], out, t_out), x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1])
+    return (x.new_empty(x.shape[0], out, t_out),
+            x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1], dtype=_lora_dtype(x)))
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())
@@ -397,12 +422,13 @@ def _convt_bwd(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt = x.dtype
+    dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    A, B = lora_A.to(dt), lora_B.to(dt)
+    A, B = lora_A.to(ldt), lora_B.to(ldt)
     b3 = B.reshape(r, -1, k)
     mask = _mask(x, dropout_p, seed)
+    mask = mask.to(ldt) if mask is not None else None
     merged = _merge_ok(x, dropout_p, conv=True)
     w_base = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k) if merged else weight
     bias_sizes = [weight.shape[1] * groups] if need_b else None
@@ -413,16 +439,19 @@ def _convt_bwd(
     ga = gbb = None
     if need_a or need_bb or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
-        g_u, gb3, _ = torch.ops.aten.convolution_backward(grad, u, b3, None, *conv_args, [True, need_bb, False])
+        g_u, gb3, _ = torch.ops.aten.convolution_backward(
+            grad.to(ldt), u, b3, None, *conv_args, [True, need_bb, False]
+        )
         g_u = g_u * scaling
         if need_bb:
             gbb = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
         if need_a:
-            ga = _grouped_outer(g_u, x if mask is None else x * mask, groups).to(lora_A.dtype)
+            xl = x.to(ldt)
+            ga = _grouped_outer(g_u, xl if mask is None else xl * mask, groups).to(lora_A.dtype)
         if need_x and not merged:
             at = A.reshape(groups, r // groups, -1).transpose(1, 2).reshape(-1, r // groups)
             lx = _grouped_1x1(at, g_u, groups)
-            gx = gx + (lx if mask is None else lx * mask)
+            gx = (gx.to(ldt) + (lx if mask is None else lx * mask)).to(dt)
     return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
             _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
 
