@@ -200,7 +200,8 @@ class LoRALayer:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for key, value in layer.__dict__.items():
-            new.__dict__[key] = OrderedDict(value) if isinstance(value, OrderedDict) else value
+            # own containers (parameters, buffers, hooks, ...): sharing them would mutate `layer`
+            new.__dict__[key] = value.copy() if isinstance(value, dict) else value
         if kind is not None:
             new._forward_pre_hooks = OrderedDict(
                 (k, h) for k, h in new._forward_pre_hooks.items() if type(h).__name__ != "WeightNorm"

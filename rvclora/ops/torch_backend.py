@@ -19,6 +19,7 @@ and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one n
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +72,18 @@ def _merge_ok(x: Tensor, dropout_p: float, conv: bool) -> bool:
     return True
 
 
+def _no_autocast(fn):
+    """Run an op body with autocast off: its dtypes are chosen explicitly (autocast would turn
+    the float32 LoRA path of half inputs back into half)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args)
+
+    return wrapper
+
+
 def _lora_dtype(x: Tensor) -> torch.dtype:
     """The LoRA path of half/bfloat16 inputs runs in float32 (one rounding at the end)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -92,6 +105,7 @@ def _convt_out_len(t: int, k: int, stride: int, padding: int, output_padding: in
 
 
 @torch.library.custom_op("rvclora::torch_lora_linear_fwd", mutates_args=())
+@_no_autocast
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor],
@@ -123,6 +137,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 @torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())
+@_no_autocast
 def _linear_bwd(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor], needs: List[bool],
@@ -268,6 +283,7 @@ def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv1d_fwd", mutates_args=())
+@_no_autocast
 def _conv1d_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
     stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
@@ -302,6 +318,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())
+@_no_autocast
 def _conv1d_bwd(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
@@ -383,6 +400,7 @@ def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilat
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_fwd", mutates_args=())
+@_no_autocast
 def _convt_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
     stride: int, padding: int, output_padding: int, dilation: int, groups: int,
@@ -416,6 +434,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding,
 
 
 @torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())
+@_no_autocast
 def _convt_bwd(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     stride: int, padding: int, output_padding: int, dilation: int, groups: int,

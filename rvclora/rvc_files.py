@@ -1,0 +1,410 @@
+"""RVC's model files: read them safely, build their decoder, merge an adapter into an export.
+
+Two kinds of file (``shared/RVC.md``):
+
+* **training checkpoints** ``G_<step>.pth``: ``{"model": state_dict, "iteration", "optimizer",
+  "learning_rate"}``;
+* **exported inference models** ``assets/weights/<name>.pth``: ``{"weight": state_dict without
+  enc_q (half), "config": [18 synthesizer arguments], "info", "sr", "f0", "version"}``.
+
+Both are read with ``torch.load(weights_only=True)``: no pickled code runs. The decoder of
+either lives under the ``dec.`` prefix of its state dict.
+
+:func:`merge_adapter` writes a new exported model whose decoder weights are
+``W + ΔW`` in RVC's own ``weight_g``/``weight_v`` form, cast back to each key's dtype, with
+every other key and field kept. RVC's inference loads exports with
+``load_state_dict(strict=False)`` and never checks the result, so a key in any other form
+would load silently wrong; here the merged key set must equal the base's key set exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .models.rvc import GENERATOR_CONFIGS, Generator, GeneratorConfig, GeneratorNSF, generator_from_config
+
+__all__ = [
+    "EXPORTED_FIELDS",
+    "MergeResult",
+    "RVCFileError",
+    "RVCModelFile",
+    "build_generator_from_rvc",
+    "generator_config_from_rvc",
+    "load_rvc_file",
+    "merge_adapter",
+    "rvc_config_list",
+    "write_exported_model",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The top-level fields of an exported RVC model.
+EXPORTED_FIELDS = ("weight", "config", "info", "sr", "f0", "version")
+_DEC = "dec."
+_SR_LABELS = {"32k": 32000, "40k": 40000, "48k": 48000}
+# spec_channels (filter_length // 2 + 1) of the shipped configs.
+_SPEC_CHANNELS = {32000: 513, 40000: 1025, 48000: 1025}
+# The synthesizer arguments around the decoder's, identical in every shipped config.
+_TEXT_ENCODER = {"hidden": 192, "filter": 768, "heads": 2, "layers": 6, "kernel": 3, "p_dropout": 0}
+_SPK_EMBED_DIM = 109
+
+
+class RVCFileError(ValueError):
+    """A file is not an RVC model file, or not one that the operation can use."""
+
+
+@dataclass
+class RVCModelFile:
+    """One RVC file as read from disk.
+
+    Attributes:
+        path: where it was read from.
+        kind: ``"exported"`` (an inference model) or ``"checkpoint"`` (a ``G_*.pth``).
+        data: the whole loaded dict (every field, untouched).
+    """
+
+    path: str
+    kind: str
+    data: dict[str, Any]
+
+    @property
+    def state_dict(self) -> dict[str, Tensor]:
+        """The model weights: ``data["weight"]`` (exported) or ``data["model"]`` (checkpoint)."""
+        return self.data["weight"] if self.kind == "exported" else self.data["model"]
+
+    def decoder_state_dict(self) -> OrderedDict[str, Tensor]:
+        """The ``dec.`` keys with the prefix stripped: a state dict of :class:`GeneratorNSF`/:class:`Generator`."""
+        return OrderedDict((k[len(_DEC):], v) for k, v in self.state_dict.items() if k.startswith(_DEC))
+
+    @property
+    def f0(self) -> bool:
+        """Whether the model is an f0 (NSF) model: the export's flag, else whether the decoder has ``m_source``."""
+        if self.kind == "exported":
+            return bool(int(self.data["f0"]))
+        return any(k.startswith(_DEC + "m_source.") for k in self.state_dict)
+
+    @property
+    def weight_norm(self) -> str:
+        """``"legacy"`` or ``"parametrizations"``: the weight_norm form of the decoder's keys."""
+        return "parametrizations" if any(".parametrizations.weight." in k for k in self.state_dict) else "legacy"
+
+
+def _fail(path: str, why: str) -> RVCFileError:
+    return RVCFileError(f"{path}: {why}")
+
+
+def load_rvc_file(path: PathLike) -> RVCModelFile:
+    """Read an RVC training checkpoint or exported model safely (``weights_only=True``).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`RVCFileError` saying what the
+    file is instead (not a torch file, an rvclora adapter, a dict without the expected keys).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"RVC model file {path!r} does not exist")
+    if path.lower().endswith(".safetensors"):
+        raise _fail(path, "a safetensors file (an rvclora adapter?), not an RVC model file (.pth)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
+        raise _fail(path, f"not readable as a torch file with weights_only=True ({_load_error(e)})") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, f"expected a dict (an RVC export or G_*.pth checkpoint), got {type(obj).__name__}")
+    if "lora_weights" in obj and "format_version" in obj:
+        raise _fail(path, "this is an rvclora adapter, not an RVC model file")
+    if "weight" in obj:
+        missing = [f for f in EXPORTED_FIELDS if f not in obj]
+        if missing:
+            raise _fail(path, f"looks like an exported RVC model but lacks the field(s) {missing}; "
+                              f"expected {list(EXPORTED_FIELDS)}")
+        kind, weights = "exported", obj["weight"]
+    elif "model" in obj:
+        kind, weights = "checkpoint", obj["model"]
+    else:
+        raise _fail(path, f"neither an exported RVC model (keys {list(EXPORTED_FIELDS)}) nor a training "
+                          f"checkpoint (key 'model'); its keys are {sorted(map(str, obj))[:10]}")
+    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
+        field = "weight" if kind == "exported" else "model"
+        raise _fail(path, f"field {field!r} must be a state dict (str -> tensor)")
+    if not any(str(k).startswith(_DEC) for k in weights):
+        raise _fail(path, "its state dict has no decoder ('dec.' keys)")
+    return RVCModelFile(path, kind, obj)
+
+
+def _load_error(e: Exception) -> str:
+    """The informative part of a ``torch.load`` error (its messages run to many lines of advice)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error:" in ln:
+            detail = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            return detail.split(". Please")[0] if detail else "not a pickle file"
+    if isinstance(e, (EOFError, KeyError)) or not lines:
+        return f"{type(e).__name__}: truncated, empty or not a torch file"
+    return f"{type(e).__name__}: {lines[0][:200]}"
+
+
+def _sr_to_int(sr: Any) -> int:
+    if isinstance(sr, str) and sr.lower() in _SR_LABELS:
+        return _SR_LABELS[sr.lower()]
+    if isinstance(sr, int) and not isinstance(sr, bool) and sr > 0:
+        return sr
+    raise RVCFileError(f"sampling rate must be an int (40000) or one of {sorted(_SR_LABELS)}, got {sr!r}")
+
+
+def generator_config_from_rvc(config: list[Any], version: str = "v1") -> GeneratorConfig:
+    """The decoder hyper-parameters in an exported model's ``config`` list (18 synthesizer arguments).
+
+    Returns the named shipped config when the hyper-parameters equal one, else a config named ``"custom"``.
+    """
+    if not isinstance(config, (list, tuple)) or len(config) != 18:
+        n = len(config) if isinstance(config, (list, tuple)) else type(config).__name__
+        raise RVCFileError(f"config must be RVC's list of 18 synthesizer arguments, got {n}")
+    try:
+        cfg = GeneratorConfig(
+            name="custom",
+            version=str(version),
+            sampling_rate=_sr_to_int(config[17]),
+            upsample_rates=tuple(int(u) for u in config[12]),
+            upsample_kernel_sizes=tuple(int(k) for k in config[14]),
+            segment_frames=int(config[1]),
+            inter_channels=int(config[2]),
+            upsample_initial_channel=int(config[13]),
+            resblock=str(config[9]),
+            resblock_kernel_sizes=tuple(int(k) for k in config[10]),
+            resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in config[11]),
+            gin_channels=int(config[16]),
+        )
+    except (TypeError, ValueError) as e:
+        raise RVCFileError(f"config {config!r} is not RVC's synthesizer argument list: {e}") from None
+    for named in GENERATOR_CONFIGS.values():
+        if _same_decoder(named, cfg):
+            return GeneratorConfig(**{**cfg.__dict__, "name": named.name, "segment_frames": named.segment_frames})
+    return cfg
+
+
+def _same_decoder(a: GeneratorConfig, b: GeneratorConfig) -> bool:
+    fields = ("sampling_rate", "upsample_rates", "upsample_kernel_sizes", "inter_channels", "upsample_initial_channel",
+              "resblock", "resblock_kernel_sizes", "resblock_dilation_sizes", "gin_channels")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+def rvc_config_list(config: GeneratorConfig, spk_embed_dim: int = _SPK_EMBED_DIM) -> list[Any]:
+    """RVC's exported ``config`` list for a decoder config (the text-encoder arguments as shipped)."""
+    return [
+        _SPEC_CHANNELS.get(config.sampling_rate, 1025),
+        config.segment_frames,
+        config.inter_channels,
+        _TEXT_ENCODER["hidden"],
+        _TEXT_ENCODER["filter"],
+        _TEXT_ENCODER["heads"],
+        _TEXT_ENCODER["layers"],
+        _TEXT_ENCODER["kernel"],
+        _TEXT_ENCODER["p_dropout"],
+        config.resblock,
+        list(config.resblock_kernel_sizes),
+        [list(d) for d in config.resblock_dilation_sizes],
+        list(config.upsample_rates),
+        config.upsample_initial_channel,
+        list(config.upsample_kernel_sizes),
+        spk_embed_dim,
+        config.gin_channels,
+        config.sampling_rate,
+    ]
+
+
+def build_generator_from_rvc(
+    model_file: RVCModelFile, dtype: torch.dtype = torch.float32, load_weights: bool = True
+) -> GeneratorNSF | Generator:
+    """The decoder of an exported model, built from its ``config`` and (by default) loaded strictly.
+
+    Weights are cast to ``dtype`` (exports store half). A decoder that does not fit its own
+    config raises :class:`RVCFileError`.
+    """
+    if model_file.kind != "exported":
+        raise RVCFileError(f"{model_file.path}: a training checkpoint has no config to build the decoder from; "
+                           "export it with RVC first (or use rvclora.models.build_generator with its config name)")
+    cfg = generator_config_from_rvc(model_file.data["config"], str(model_file.data["version"]))
+    model = generator_from_config(cfg, f0=model_file.f0, weight_norm=model_file.weight_norm).to(dtype)
+    if load_weights:
+        dec = OrderedDict((k, v.to(dtype)) for k, v in model_file.decoder_state_dict().items())
+        try:
+            model.load_state_dict(dec, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise RVCFileError(f"{model_file.path}: the decoder weights do not fit the file's own config "
+                               f"({cfg.name}, f0={model_file.f0}): {' '.join(x.strip() for x in first[:3])}") from None
+    return model
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _atomic_torch_save(obj: Any, path: str, overwrite: bool) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then move it into place.
+
+    Without ``overwrite`` the move is a hard link, which fails if ``path`` appeared meanwhile.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory {directory!r} does not exist")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"output {path!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"output {path!r} already exists; pass overwrite=True to replace it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_exported_model(
+    generator: nn.Module,
+    path: PathLike,
+    config: GeneratorConfig,
+    *,
+    version: str | None = None,
+    info: str = "0epoch",
+    extra_weights: Mapping[str, Tensor] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write ``generator`` as an RVC exported model (decoder under ``dec.``, every tensor half).
+
+    RVC's exports hold the whole synthesizer minus ``enc_q``; this holds the decoder plus
+    ``extra_weights`` (e.g. ``emb_g.weight``), so it is a complete file only for what it holds.
+    A generator with LoRA layers is written merged (:func:`rvclora.merged_state_dict`).
+    Returns the path written.
+    """
+    from .inject import lora_modules, merged_state_dict
+
+    path = os.fspath(path)
+    if not isinstance(config, GeneratorConfig):
+        raise TypeError(f"config must be a GeneratorConfig, got {type(config).__name__}")
+    is_nsf = hasattr(generator, "m_source")
+    state = merged_state_dict(generator) if any(True for _ in lora_modules(generator)) else generator.state_dict()
+    weight: OrderedDict[str, Tensor] = OrderedDict()
+    for k, v in state.items():
+        weight[_DEC + k] = v.detach().to("cpu", torch.half).clone()
+    for k, v in (extra_weights or {}).items():
+        if k.startswith(_DEC) or "enc_q" in k:
+            raise ValueError(f"extra_weights key {k!r}: decoder and enc_q keys are not extra weights")
+        weight[k] = v.detach().to("cpu", torch.half).clone()
+    spk = extra_weights["emb_g.weight"].shape[0] if extra_weights and "emb_g.weight" in extra_weights else None
+    cpt = {
+        "weight": weight,
+        "config": rvc_config_list(config, spk if spk is not None else _SPK_EMBED_DIM),
+        "info": info,
+        "sr": config.sr_label,
+        "f0": 1 if is_nsf else 0,
+        "version": version or config.version,
+    }
+    _atomic_torch_save(cpt, path, overwrite)
+    return path
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge_adapter` wrote: the output path, how many decoder keys changed, the info string."""
+
+    path: str
+    merged_layers: int
+    decoder_keys: int
+    info: str
+
+
+class _Synthesizer(nn.Module):
+    """Holds a decoder as ``dec`` so adapters trained on RVC's whole synthesizer keep their key names."""
+
+    def __init__(self, dec: nn.Module) -> None:
+        super().__init__()
+        self.dec = dec
+
+
+def merge_adapter(
+    base_path: PathLike, adapter_path: PathLike, out_path: PathLike, *, overwrite: bool = False
+) -> MergeResult:
+    """Merge the LoRA adapter at ``adapter_path`` into the exported model at ``base_path``; write ``out_path``.
+
+    The output is an RVC exported model: every field and every non-decoder key of the base
+    kept as is, the decoder weights replaced by ``W + ΔW`` in the base's own weight_norm form
+    (``weight_g``/``weight_v``) and dtype, and ``info`` noting the adapter. Adapter keys may be
+    relative to the decoder (``ups.0.lora_A``) or to RVC's synthesizer (``dec.ups.0.lora_A``).
+    ``out_path`` is never one of the inputs; an existing ``out_path`` is replaced only with
+    ``overwrite=True``. The write is atomic.
+    """
+    from .checkpoint import load_lora_weights, read_lora_file
+    from .inject import inject_lora, lora_modules, merged_state_dict
+
+    base_path, adapter_path, out_path = os.fspath(base_path), os.fspath(adapter_path), os.fspath(out_path)
+    for name, p in (("base model", base_path), ("adapter", adapter_path)):
+        if _same_file(out_path, p):
+            raise ValueError(f"output {out_path!r} is the {name} file; write the merged model to a new path")
+    if os.path.exists(out_path) and not overwrite:
+        raise FileExistsError(f"output {out_path!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    base = load_rvc_file(base_path)
+    if base.kind != "exported":
+        raise RVCFileError(f"{base_path}: is an RVC training checkpoint (G_*.pth); merge needs an exported model, "
+                           "which stores the config")
+    adapter = read_lora_file(adapter_path)
+    weights: dict[str, Tensor] = adapter["weights"]
+    lora_config = adapter["config"]
+
+    generator = build_generator_from_rvc(base, dtype=torch.float32)
+    on_synth = bool(weights) and all(k.startswith(_DEC) for k in weights)
+    outside = [k for k in weights if k.startswith(_DEC) != on_synth]
+    if outside:
+        raise RVCFileError(f"{adapter_path}: adapter keys mix decoder-relative and 'dec.'-prefixed names "
+                           f"(e.g. {outside[0]!r}); only decoder adapters can be merged")
+    model: nn.Module = _Synthesizer(generator) if on_synth else generator
+    try:
+        inject_lora(model, lora_config)
+        load_lora_weights(model, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise RVCFileError(f"{adapter_path}: adapter does not fit the decoder of {base_path}: {msg}") from None
+
+    merged = merged_state_dict(model)
+    if not on_synth:
+        merged = OrderedDict((_DEC + k, v) for k, v in merged.items())
+    base_weights = base.state_dict
+    base_dec = {k for k in base_weights if k.startswith(_DEC)}
+    if set(merged) != base_dec:
+        extra, missing = sorted(set(merged) - base_dec), sorted(base_dec - set(merged))
+        raise RVCFileError(f"merged decoder keys differ from the base's: new {extra[:3]}, missing {missing[:3]}")
+    new_weights: OrderedDict[str, Tensor] = OrderedDict()
+    for k, v in base_weights.items():
+        new_weights[k] = merged[k].to(v.dtype).contiguous() if k in merged else v
+
+    n_layers = sum(1 for _ in lora_modules(model))
+    note = (f"rvclora adapter {os.path.basename(adapter_path)} merged (r={lora_config.r}, "
+            f"alpha={lora_config.lora_alpha:g}, targets={','.join(lora_config.target_modules)}, {n_layers} layers)")
+    base_info = str(base.data.get("info", ""))
+    info = f"{base_info} + {note}" if base_info else note
+    out = dict(base.data)
+    out["weight"] = new_weights
+    out["info"] = info
+    _atomic_torch_save(out, out_path, overwrite)
+    return MergeResult(out_path, n_layers, len(base_dec), info)
