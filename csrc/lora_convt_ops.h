@@ -149,8 +149,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
   const DType dt = dtype_of(x);
   const Tensor g = grad_y.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
   const Tensor ac = lora_A.contiguous(), bc = lora_B.contiguous();
-  const Tensor empty = at::empty({0}, x.options());
-  Tensor gx = empty, gw = empty, ga = empty, gb = empty;
+  // Unrequested gradients are distinct (0,) tensors: outputs of an op must not alias each other.
+  Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
+  Tensor ga = at::empty({0}, x.options()), gb = at::empty({0}, x.options());
 
   Tensor gu;
   if (need_x || need_A) {
@@ -174,10 +175,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
     d.C1tot = s.Cin, d.C2tot = s.r, d.Cq = s.Cog, d.Cqtot = s.Cout, d.Lq = s.L, d.groups = s.groups;
     d.S = s.S, d.P = s.P, d.D = s.D, d.K = s.K;
     const Tensor total = run_wgrad<Runner>(x.options().dtype(acc), dt, d);  // (groups, C1 + C2, Cog, K)
+    // copy=true: fresh tensors, never views into the workspace (an op's outputs own their storage)
     if (need_weight)
-      gw = total.slice(1, 0, d.C1).reshape({s.Cin, s.Cog, s.K}).to(x.scalar_type());
+      gw = total.slice(1, 0, d.C1).reshape({s.Cin, s.Cog, s.K}).to(x.scalar_type(), false, true);
     if (need_B)
-      gb = total.slice(1, d.C1, d.C1 + d.C2).reshape({s.r, s.Cog * s.K}).to(x.scalar_type());
+      gb = total.slice(1, d.C1, d.C1 + d.C2).reshape({s.r, s.Cog * s.K}).to(x.scalar_type(), false, true);
   }
   if (need_A) {
     WgradDesc d{};
@@ -192,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
     d.C1tot = s.r, d.C2tot = 0, d.Cq = s.Cig, d.Cqtot = s.Cin, d.Lq = s.T, d.groups = s.groups;
     d.S = 1, d.P = 0, d.D = 1, d.K = 1;
     const Tensor total = run_wgrad<Runner>(x.options().dtype(acc), dt, d);  // (groups, rg, Cig, 1)
-    ga = total.reshape({s.r, s.Cig}).to(x.scalar_type());
+    ga = total.reshape({s.r, s.Cig}).to(x.scalar_type(), false, true);
   }
   return {gx, gw, ga, gb};
 }

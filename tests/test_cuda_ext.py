@@ -1,0 +1,349 @@
+"""The ``cuda`` backend (csrc/, rvclora._C) through its CPU twin, held to the oracle.
+
+The CPU twin runs the very kernel bodies the GPU runs (lora_convt_kernel.cuh), block by block
+and thread by thread, phase by phase between barriers; every buffer a kernel must write is
+filled with NaN first (and shared memory too), so an index map that misses an element fails
+these tests. Nothing here needs a GPU: the CUDA build is checked by test_cuda_compile.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rvclora import ops
+from rvclora.ops import cuda_backend, cuda_ext, dispatch
+from rvclora.reference import lora_conv_transpose1d_ref
+
+SCALING = 0.75
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """Build (or load the cached build of) the extension once per session."""
+    why = cuda_backend.unavailable_reason()
+    if why is not None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is present but the extension is unavailable: {why}")
+        pytest.skip(f"no C++ compiler to build rvclora._C: {why}")
+    return torch.ops.rvclora
+
+
+@pytest.fixture
+def cuda_selected(ext):
+    ops.set_backend("cuda")
+    yield ext
+    ops.set_backend(None)
+
+
+def _out_len(T, S, P, OP, D, K):
+    return (T - 1) * S - 2 * P + D * (K - 1) + OP + 1
+
+
+def _make(N, cin, cout, T, K, r, groups, bias, gen):
+    """float64 masters, fresh random (never zeros): x, W, b, A, B."""
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return {
+        "x": rnd(N, cin, T),
+        "weight": rnd(cin, cout // groups, K) / (cin * K) ** 0.5,
+        "bias": rnd(cout) if bias else None,
+        "lora_A": rnd(r, cin // groups),
+        "lora_B": rnd(r, cout // groups * K),
+    }
+
+
+def _assert_close(cand, ref64, same, what, tiny):
+    """VERIFY.md: max|cand − ref64| ≤ 2·max|plain torch in cand's dtype − ref64| + tiny·scale."""
+    assert cand.shape == ref64.shape, f"{what}: shape {tuple(cand.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(cand).any(), f"{what}: NaN left in the output (an element no kernel thread wrote)"
+    err = (cand.double() - ref64).abs().max().item()
+    base = (same.double() - ref64).abs().max().item()
+    scale = max(ref64.abs().max().item(), 1.0)
+    tol = 2 * base + tiny * scale
+    rel = (cand.double() - ref64).norm().item() / max(ref64.norm().item(), 1e-30)
+    assert err <= tol, f"{what}: max abs err {err:.3e} > tol {tol:.3e} (plain torch: {base:.3e}), rel err {rel:.3e}"
+
+
+def _check_case(masters, dtype, conv, dropout_p=0.0, seed=None, grad_names=("x", "weight", "bias", "lora_A", "lora_B")):
+    """Fused op (cuda backend, CPU twin) vs the oracle in float64 and in ``dtype``: output and gradients."""
+    S, P, OP, D, G = conv
+    mask64 = None
+    if dropout_p > 0:
+        mask64 = cuda_backend.dropout_mask(seed, masters["x"].shape, dropout_p, "cpu", torch.float64)
+
+    def leaves(dt):
+        out = {}
+        for k, v in masters.items():
+            out[k] = None if v is None else v.to(dt).requires_grad_(k in grad_names)
+        return out
+
+    cand, ref, same = leaves(dtype), leaves(torch.float64), leaves(dtype)
+    y = ops.lora_conv_transpose1d(
+        **cand,
+        scaling=SCALING,
+        stride=S,
+        padding=P,
+        output_padding=OP,
+        dilation=D,
+        groups=G,
+        dropout_p=dropout_p,
+        seed=seed,
+    )
+    y_ref = lora_conv_transpose1d_ref(
+        **ref, scaling=SCALING, stride=S, padding=P, output_padding=OP, dilation=D, groups=G, dropout_mask=mask64
+    )
+    y_same = lora_conv_transpose1d_ref(
+        **same,
+        scaling=SCALING,
+        stride=S,
+        padding=P,
+        output_padding=OP,
+        dilation=D,
+        groups=G,
+        dropout_mask=None if mask64 is None else mask64.to(dtype),
+    )
+    tiny = {torch.float64: 1e-12, torch.float32: 1e-6}[dtype]
+    label = (
+        f"conv={conv} p={dropout_p} dtype={dtype} shapes={[tuple(v.shape) for v in masters.values() if v is not None]}"
+    )
+    _assert_close(y, y_ref, y_same, f"y [{label}]", tiny)
+    g = torch.randn(y_ref.shape, dtype=torch.float64)
+    names = [k for k in grad_names if masters.get(k) is not None]
+    gc = torch.autograd.grad(y, [cand[k] for k in names], g.to(dtype))
+    gr = torch.autograd.grad(y_ref, [ref[k] for k in names], g)
+    gs = torch.autograd.grad(y_same, [same[k] for k in names], g.to(dtype))
+    for k, a, b, c in zip(names, gc, gr, gs):
+        _assert_close(a, b, c, f"grad {k} [{label}]", tiny)
+    return y
+
+
+# ------------------------------------------------------------------ the option grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_option_grid_matches_oracle(cuda_selected, stride, dilation, groups, dtype):
+    """Every padding / output_padding < max(stride, dilation) / bias, on odd shapes (T=1 and 7, in=3/5, out=6, r=1..4)."""
+    gen = torch.Generator().manual_seed(1000 * stride + 100 * dilation + groups)
+    shapes = itertools.cycle(
+        [(2, 3, 6, 7, 3, 1), (1, 5, 6, 1, 4, 2), (2, 5, 6, 7, 2, 3), (1, 3, 6, 7, 5, 4)]
+        if groups == 1
+        else [(2, 6, 6, 7, 3, 2), (1, 2, 6, 1, 4, 4), (2, 10, 6, 7, 2, 2)]
+    )
+    checked = 0
+    for padding, bias in itertools.product([0, 1, 3], [False, True]):
+        for output_padding in range(max(stride, dilation)):
+            N, cin, cout, T, K, r = next(shapes)
+            if _out_len(T, stride, padding, output_padding, dilation, K) < 1:
+                continue  # not a valid ConvTranspose1d: nothing to compare
+            masters = _make(N, cin, cout, T, K, r, groups, bias, gen)
+            _check_case(masters, dtype, (stride, padding, output_padding, dilation, groups))
+            checked += 1
+    assert checked >= 4  # guards against a grid that silently checks nothing
+
+
+@pytest.mark.parametrize(
+    "shape, conv",
+    [
+        # several output-channel tiles (32), input-channel tiles (32) and q-tiles (64); split reductions
+        ((2, 40, 70, 150, 3, 8), (1, 1, 0, 1, 1)),
+        # RVC-like upsampler: stride 10, kernel 16, padding 3; groups 2 with a rank of 3 per group
+        ((2, 12, 8, 40, 16, 6), (10, 3, 0, 1, 2)),
+        # span longer than a tile (M = (K-1)·D/S = 75 > 64): u for t' < 0 and the stretched last tile
+        ((1, 4, 5, 140, 16, 2), (1, 2, 0, 5, 1)),
+        # padding >= stride (first q-tile starts at q > 0), output_padding via dilation
+        ((3, 5, 7, 33, 5, 3), (2, 7, 2, 3, 1)),
+    ],
+)
+def test_tiles_and_edges_match_oracle(cuda_selected, shape, conv):
+    N, cin, cout, T, K, r = shape
+    gen = torch.Generator().manual_seed(7)
+    masters = _make(N, cin, cout, T, K, r, conv[4], True, gen)
+    for dtype in (torch.float64, torch.float32):
+        _check_case(masters, dtype, conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_dropout_matches_oracle_with_materialised_mask(cuda_selected, dtype):
+    gen = torch.Generator().manual_seed(3)
+    for shape, conv in [((2, 6, 6, 9, 4, 2), (2, 1, 1, 1, 1)), ((2, 12, 8, 40, 16, 6), (10, 3, 0, 1, 2))]:
+        masters = _make(*shape, conv[4], True, gen)
+        _check_case(masters, dtype, conv, dropout_p=0.3, seed=torch.tensor(987654321, dtype=torch.int64))
+
+
+def test_only_some_gradients_required(cuda_selected):
+    """Frozen base (only A, B train), and only x (LoRA frozen): each need-flag combination of the backward op."""
+    gen = torch.Generator().manual_seed(11)
+    masters = _make(2, 6, 6, 9, 4, 2, 2, True, gen)
+    for names in [("lora_A", "lora_B"), ("x",), ("weight", "bias"), ("lora_B",), ("x", "lora_A")]:
+        _check_case(masters, torch.float64, (3, 1, 2, 1, 2), dropout_p=0.2, seed=torch.tensor(5), grad_names=names)
+
+
+def test_non_contiguous_inputs(cuda_selected):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 4, 2, generator=gen, dtype=torch.float64).transpose(0, 2)  # (2, 4, 9), non-contiguous
+    w = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).permute(1, 0, 2)  # (4, 3, 5)
+    a = torch.randn(4, 2, generator=gen, dtype=torch.float64).t()  # (2, 4)
+    b = torch.randn(2, 30, generator=gen, dtype=torch.float64)[:, ::2]  # (2, 15)
+    y = ops.lora_conv_transpose1d(x, w, None, a, b, SCALING, stride=2, padding=1)
+    ref = lora_conv_transpose1d_ref(x, w, None, a, b, SCALING, stride=2, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64(cuda_selected):
+    gen = torch.Generator().manual_seed(2)
+    m = _make(2, 4, 4, 5, 3, 2, 2, True, gen)
+    seed = torch.tensor(42)
+
+    def f(x, w, b, a, bb):
+        return ops.lora_conv_transpose1d(
+            x,
+            w,
+            b,
+            a,
+            bb,
+            SCALING,
+            stride=2,
+            padding=1,
+            output_padding=1,
+            dilation=2,
+            groups=2,
+            dropout_p=0.25,
+            seed=seed,
+        )
+
+    args = [m[k].clone().requires_grad_(True) for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------ dropout mask
+
+
+def test_same_seed_is_bitwise_reproducible(cuda_selected):
+    gen = torch.Generator().manual_seed(9)
+    m = _make(2, 6, 6, 20, 4, 2, 1, True, gen)
+    leaves = [m[k].float().requires_grad_(True) for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+
+    def run(seed):
+        y = ops.lora_conv_transpose1d(*leaves, SCALING, stride=3, padding=1, dropout_p=0.4, seed=seed)
+        return (y, *torch.autograd.grad(y.square().sum(), leaves))
+
+    first, second = run(torch.tensor(77)), run(torch.tensor(77))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    other = run(torch.tensor(78))
+    assert not torch.equal(first[0], other[0]), "a different seed must give a different mask"
+
+
+def test_dropout_mask_values_rate_and_index_contract(ext):
+    p, seed = 0.3, torch.tensor(123456789)
+    mask = cuda_backend.dropout_mask(seed, (4, 50, 1000), p, "cpu", torch.float32)
+    values = set(torch.unique(mask).tolist())
+    assert values == {0.0, torch.tensor(1 / (1 - p), dtype=torch.float32).item()}, values
+    keep = (mask > 0).double().mean().item()
+    assert abs(keep - (1 - p)) < 0.005, keep  # 200k Bernoulli draws: std 0.001
+    # a function of (seed, flat element index) only: any shape with the same numel gives the same values
+    flat = cuda_backend.dropout_mask(seed, (200000,), p, "cpu", torch.float64)
+    assert torch.equal(mask.flatten() > 0, flat > 0)
+    assert torch.equal(cuda_backend.dropout_mask(None, (3, 4), 0.0, "cpu", torch.float64), torch.ones(3, 4).double())
+
+
+# ------------------------------------------------------------------ torch.library
+
+
+def _op_args(dtype=torch.float64, bias=True, p=0.2, requires_grad=True):
+    gen = torch.Generator().manual_seed(4)
+    m = _make(2, 4, 6, 7, 3, 2, 2, bias, gen)
+    t = {k: (None if v is None else v.to(dtype).requires_grad_(requires_grad)) for k, v in m.items()}
+    seed = torch.tensor(31) if p > 0 else None
+    return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING, 2, 1, 1, 1, 2, p, seed)
+
+
+@pytest.mark.parametrize("bias, p", [(True, 0.2), (False, 0.0)])
+def test_opcheck_fwd(ext, bias, p):
+    torch.library.opcheck(ext.lora_convt_fwd.default, _op_args(bias=bias, p=p))
+    torch.library.opcheck(
+        ext.lora_convt_fwd.default, _op_args(dtype=torch.float32, bias=bias, p=p, requires_grad=False)
+    )
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, False, True, True), (True, False, False, False)])
+def test_opcheck_bwd(ext, needs):
+    args = _op_args(requires_grad=False)
+    x, w, _, a, b = args[:5]
+    y, u = ext.lora_convt_fwd(*args)
+    g = torch.randn_like(y)
+    torch.library.opcheck(ext.lora_convt_bwd.default, (g, x, w, a, b, u, *args[5:], *needs))
+
+
+def test_opcheck_dropout_mask(ext):
+    torch.library.opcheck(ext.lora_convt_dropout_mask.default, (torch.empty(3, 4, 5), torch.tensor(3), 0.5))
+
+
+def test_fwd_returns_u_for_backward(ext):
+    """u = A·D(x) over every input position (also those that reach no output), unscaled."""
+    args = list(_op_args(requires_grad=False, p=0.3))
+    args[7] = 6  # padding 6 > (K-1)·D: the first and last inputs reach no output at all
+    x, a, seed = args[0], args[3], args[12]
+    _, u = ext.lora_convt_fwd(*args)
+    mask = cuda_backend.dropout_mask(seed, x.shape, 0.3, "cpu", x.dtype)
+    u_ref = F.conv1d(x * mask, a.unsqueeze(-1), groups=2)
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ dispatch and errors
+
+
+def test_layer_path_runs_cpu_twin_when_backend_is_cuda(cuda_selected, monkeypatch):
+    """RVCLORA_BACKEND=cuda on CPU tensors goes through the extension op (no silent fallback)."""
+    calls = []
+    real = cuda_backend.lora_conv_transpose1d
+    monkeypatch.setattr(cuda_backend, "lora_conv_transpose1d", lambda *a: calls.append(1) or real(*a))
+    ops.set_backend(None)
+    monkeypatch.setenv("RVCLORA_BACKEND", "cuda")
+    m = _make(1, 3, 6, 5, 3, 2, 1, True, torch.Generator().manual_seed(0))
+    ops.lora_conv_transpose1d(*m.values(), SCALING, stride=2)
+    assert calls == [1]
+
+
+def test_refusals_name_the_reason(cuda_selected):
+    x = torch.randn(1, 4, 5, dtype=torch.float16)
+    w, a, b = torch.randn(4, 3, 3).half(), torch.randn(2, 4).half(), torch.randn(2, 9).half()
+    with pytest.raises(dispatch.BackendUnavailableError, match="float32 and float64 only"):
+        ops.lora_conv_transpose1d(x, w, None, a, b, SCALING)
+    with pytest.raises(dispatch.BackendUnavailableError, match="lora_conv_transpose1d only"):
+        ops.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 2), 1.0)
+    with pytest.raises(dispatch.BackendUnavailableError, match="divisible by groups"):
+        ops.lora_conv_transpose1d(
+            x.float(), torch.randn(4, 3, 3), None, torch.randn(3, 2), torch.randn(3, 9), SCALING, groups=2
+        )
+    with pytest.raises(RuntimeError, match="lora_B must be"):
+        ops.lora_conv_transpose1d(x.float(), w.float(), None, a.float(), torch.randn(2, 8), SCALING)
+
+
+def test_failed_build_warns_and_makes_backend_unavailable(ext, monkeypatch, tmp_path):
+    """A broken compiler: one warning, a reason, auto is unaffected, an explicit request raises with the reason."""
+    monkeypatch.setattr(cuda_ext, "_state", {})
+    monkeypatch.setattr(cuda_ext, "extension_name", lambda: "rvclora_C_broken_compiler_test")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cuda_ext, "_ops_registered", lambda: False)  # the real ops are loaded in this process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        why = cuda_backend.unavailable_reason()
+    assert why is not None and "building the rvclora._C extension" in why, why
+    assert [w for w in caught if "'cuda' backend is unavailable" in str(w.message)]
+    ops.set_backend("cuda")
+    m = _make(1, 3, 6, 5, 3, 2, 1, False, torch.Generator().manual_seed(0))
+    with pytest.raises(dispatch.BackendUnavailableError, match="building the rvclora._C extension"):
+        ops.lora_conv_transpose1d(*m.values(), SCALING)
