@@ -77,7 +77,9 @@ class LoRAConfig:
             try:
                 re.compile(t)
             except re.error as e:
-                raise ValueError(f"LoRAConfig.target_modules entry {t!r} is not a valid regular expression: {e}") from None
+                raise ValueError(
+                    f"LoRAConfig.target_modules entry {t!r} is not a valid regular expression: {e}"
+                ) from None
         if not isinstance(self.merge_weights, bool):
             raise TypeError(f"LoRAConfig.merge_weights must be a bool, got {self.merge_weights!r}")
         if self.bias not in BIAS_MODES:

@@ -246,7 +246,9 @@ class LoRALinear(LoRALayer, nn.Linear):
         if not self._lora_active():
             return F.linear(x, self.weight, self.bias)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"LoRALinear: input must have last dim in_features={self.in_features}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"LoRALinear: input must have last dim in_features={self.in_features}, got {tuple(x.shape)}"
+            )
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         return ops.lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, self._dropout_p())

@@ -10,12 +10,11 @@ import itertools
 
 import pytest
 import torch
+from oracle import compare_with_oracle
 
 from rvclora import ops
 from rvclora import reference as ref
 from rvclora.ops import dispatch
-
-from oracle import compare_with_oracle
 
 BACKEND_DTYPES = {
     "torch": (torch.float64, torch.float32, torch.bfloat16),
