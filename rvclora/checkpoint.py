@@ -128,7 +128,8 @@ def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], 
             return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in
                                  enumerate(obj.items())]}
         if isinstance(obj, (list, tuple)):
-            return {"__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+            kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
+            return {kind: [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
         if obj is None or isinstance(obj, (bool, int, float, str)):
             return obj
         raise TypeError(f"save_lora_checkpoint: cannot store optimizer state value of type {type(obj).__name__}")
@@ -143,6 +144,8 @@ def _unflatten_optimizer(skeleton: str, tensors: Dict[str, torch.Tensor]) -> Dic
                 return tensors[obj["__tensor__"]]
             if "__dict__" in obj:
                 return {build(k): build(v) for k, v in obj["__dict__"]}
+            if "__tuple__" in obj:
+                return tuple(build(v) for v in obj["__tuple__"])
             return [build(v) for v in obj["__list__"]]
         return obj
 

@@ -1,0 +1,158 @@
+"""Adapter checkpoints: round trips in both formats, safety, atomicity and every error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rvclora import (
+    LoRAConfig,
+    extract_lora_weights,
+    inject_lora,
+    load_lora_checkpoint,
+    load_lora_weights,
+    read_lora_config,
+    save_lora_checkpoint,
+)
+from rvclora.checkpoint import atomic_write, read_lora_file
+
+
+def make_model(r=2, bias="none", seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1),
+        nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
+        nn.Conv1d(6, 6, 3, padding=1),
+        nn.Linear(7, 5),
+    )
+    cfg = LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["1", "2", "3"], bias=bias)
+    inject_lora(model, cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()
+    return model, cfg
+
+
+def _train_step(model):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model[:3](torch.randn(2, 4, 5)).sum().backward()
+    model[3](torch.randn(2, 7)).sum().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_round_trip_with_optimizer(tmp_path, suffix):
+    model, cfg = make_model(bias="lora_only")
+    opt = _train_step(model)
+    path = tmp_path / f"adapter{suffix}"
+    save_lora_checkpoint(model, path, cfg, optimizer_state=opt.state_dict(), epoch=100)
+    other, _ = make_model(bias="lora_only", seed=1)
+    _, opt_state, epoch, cfg2 = load_lora_checkpoint(other, path, load_optimizer=True)
+    assert epoch == 100 and cfg2 == cfg
+    for (n, a), b in zip(model.named_parameters(), other.parameters()):
+        if "lora_" in n or (n.endswith("bias") and n[0] in "123"):
+            assert torch.equal(a, b), n
+    opt2 = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=1e-3)
+    opt2.load_state_dict(opt_state)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for k, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state_dict()["state"][k][name]))
+    assert read_lora_config(path) == cfg
+    _, no_opt, _, _ = load_lora_checkpoint(other, path)
+    assert no_opt is None
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_file_holds_only_what_training_changed(tmp_path, suffix):
+    model, cfg = make_model()
+    path = tmp_path / f"a{suffix}"
+    save_lora_checkpoint(model, path, cfg)
+    data = read_lora_file(path)
+    assert set(data["weights"]) == {f"{i}.lora_{ab}" for i in (1, 2, 3) for ab in "AB"}
+    assert data["format_version"] == 1 and data["epoch"] is None
+
+
+def test_bias_modes_in_extract():
+    model, _ = make_model(bias="all")
+    assert {k for k in extract_lora_weights(model) if k.endswith("bias")} == {"0.bias", "1.bias", "2.bias", "3.bias"}
+    assert not any(k.endswith("bias") for k in extract_lora_weights(model, bias="none"))
+    with pytest.raises(ValueError, match="bias must be one of"):
+        extract_lora_weights(model, bias="x")
+
+
+def test_pth_is_loaded_with_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"format_version": 1, "lora_weights": {}, "config": {}, "x": Evil()}, path)
+    with pytest.raises(ValueError, match="not a readable rvclora LoRA checkpoint"):
+        read_lora_file(path)
+
+
+def test_errors_name_the_first_mismatch(tmp_path):
+    model, cfg = make_model(r=2)
+    path = tmp_path / "a.pth"
+    save_lora_checkpoint(model, path, cfg)
+    bigger, _ = make_model(r=4)
+    with pytest.raises(ValueError, match=r"'1.lora_A' has shape \(2, 8\), the model expects \(4, 8\)"):
+        load_lora_checkpoint(bigger, path)
+    partial = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ConvTranspose1d(8, 6, 4, 2, padding=1))
+    inject_lora(partial, LoRAConfig(r=2, target_modules=["1"]))
+    with pytest.raises(KeyError, match="'2.lora_A' is not a parameter of the model"):
+        load_lora_checkpoint(partial, path)
+    weights = extract_lora_weights(model)
+    del weights["3.lora_B"]
+    with pytest.raises(KeyError, match="'3.lora_B' is missing"):
+        load_lora_weights(model, weights)
+    load_lora_weights(model, weights, strict=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_lora_checkpoint(model, tmp_path / "nope.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable rvclora LoRA checkpoint"):
+        load_lora_checkpoint(model, tmp_path / "junk.safetensors")
+    torch.save({"format_version": 99, "lora_weights": {}, "config": cfg.to_dict()}, tmp_path / "v99.pth")
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_lora_checkpoint(model, tmp_path / "v99.pth")
+    with pytest.raises(TypeError, match="config must be a LoRAConfig"):
+        save_lora_checkpoint(model, tmp_path / "b.pth", cfg.to_dict())
+    with pytest.raises(ValueError, match="has no LoRA weights"):
+        save_lora_checkpoint(nn.Linear(2, 2), tmp_path / "c.pth", cfg)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    model, cfg = make_model()
+    path = tmp_path / "a.pth"
+    save_lora_checkpoint(model, path, cfg)
+    good = path.read_bytes()
+
+    def crash(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["a.pth"]  # no temp file left behind
+
+
+def test_loading_into_a_merged_model(tmp_path):
+    model, cfg = make_model()
+    path = tmp_path / "a.safetensors"
+    save_lora_checkpoint(model, path, cfg)
+    other, _ = make_model(seed=3)
+    w = other[1].weight.detach().clone()
+    other[1].merge()
+    load_lora_checkpoint(other, path)
+    assert other[1].merged
+    other[1].unmerge()
+    assert torch.equal(other[1].weight, w)
+    assert torch.equal(other[1].lora_B, model[1].lora_B)
