@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from rvclora import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
 
-
 # --------------------------------------------------------------------------- the brief's tests
 
 
