@@ -98,10 +98,18 @@ def parse_ptxas(text: str, source: str) -> list[KernelUsage]:
     return usages
 
 
+def _torch_nvcc_flags() -> list[str]:
+    """The flags torch's extension build passes to nvcc (no implicit half conversions, ...): check what ships."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return list(COMMON_NVCC_FLAGS)
+
+
 def compile_one(nvcc: str, cu: Path, arch: int, include: Path) -> tuple[list[KernelUsage], str | None]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             nvcc,
+            *_torch_nvcc_flags(),
             "-std=c++17",
             "-O3",
             f"-arch=sm_{arch}",
