@@ -267,11 +267,120 @@ def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: i
     return u.reshape(n, r, t_out)
 
 
+def _thin_conv1d_weight_grad(
+    g_u: Tensor, xdp: Tensor, stride: int, conv_pad: int, dilation: int, groups: int, k: int
+) -> Tensor:
+    """``grad_A`` of :func:`_thin_conv1d` as one GEMM; returns ``(r, in/g·k)``.
+
+    ``grad_A[j, i, t] = Σₙ,τ g_u[n, j, τ] · xp[n, i, τ·stride + t·dilation]``. On CPU the
+    convolution library's weight gradient for a handful of output channels is several times
+    slower than this GEMM.
+    """
+    if xdp.device.type != "cpu":
+        a_shape = (g_u.shape[1], xdp.shape[1] // groups, k)
+        return torch.ops.aten.convolution_backward(
+            g_u, xdp, g_u.new_empty(a_shape), None, [stride], [conv_pad], [dilation], False, [0], groups,
+            [False, True, False],
+        )[1].reshape(a_shape[0], -1)
+    if conv_pad:
+        xdp = F.pad(xdp, (conv_pad, conv_pad))
+    n, r, t_out = g_u.shape
+    rg, cin_g, t_p = r // groups, xdp.shape[1] // groups, xdp.shape[-1]
+    # One GEMM instead of k skinny ones: stack g_u shifted to each tap's offset,
+    # G[n, grp, tap·r/g + j, τ·stride + tap·dilation] = g_u[n, grp·r/g + j, τ], then G @ xpᵀ.
+    stacked = g_u.new_zeros(n, groups, k, rg, t_p)
+    gu = g_u.reshape(n, groups, rg, t_out)
+    span = stride * (t_out - 1) + 1
+    for tap in range(k):
+        s0 = tap * dilation
+        stacked[..., tap, :, s0: s0 + span: stride] = gu
+    prod = torch.matmul(stacked.reshape(n, groups, k * rg, t_p), xdp.reshape(n, groups, cin_g, t_p).transpose(-1, -2))
+    grad = prod[0] if n == 1 else prod.sum(0)  # (g, k·r/g, in/g)
+    return grad.reshape(groups, k, rg, cin_g).permute(0, 2, 3, 1).reshape(r, cin_g * k)
+
+
+def _merged_conv1d_weight(weight: Tensor, a2: Tensor, B: Tensor, scaling: float, groups: int) -> Tensor:
+    """``W + s·ΔW`` in one GEMM pass (``a2: (r, in/g·k)``, ``B: (out, r/g)``)."""
+    out = weight.shape[0]
+    if groups == 1:
+        return torch.addmm(weight.reshape(out, -1), B, a2, alpha=scaling).view(weight.shape)
+    og, rg = out // groups, a2.shape[0] // groups
+    return torch.baddbmm(
+        weight.reshape(groups, og, -1), B.reshape(groups, og, rg), a2.reshape(groups, rg, -1), alpha=scaling
+    ).view(weight.shape)
+
+
+def _merged_convt_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float, groups: int) -> Tensor:
+    """``W + s·ΔW`` in one GEMM pass (``W: (in, out/g, k)``, ``A: (r, in/g)``, ``B: (r, out/g·k)``)."""
+    cin = weight.shape[0]
+    if groups == 1:
+        return torch.addmm(weight.reshape(cin, -1), A.t(), B, alpha=scaling).view(weight.shape)
+    ig, rg = cin // groups, A.shape[0] // groups
+    return torch.baddbmm(
+        weight.reshape(groups, ig, -1), A.reshape(groups, rg, ig).transpose(1, 2), B.reshape(groups, rg, -1),
+        alpha=scaling,
+    ).view(weight.shape)
+
+
+def _polyphase(g: Tensor, stride: int, padding: int, dilation: int, k: int, t_in: int):
+    """Views ``tap ↦ g[..., τ·stride − padding + tap·dilation]`` for ``τ < t_in``, each with unit inner stride.
+
+    One copy of ``g`` regrouped by phase (``τ·stride`` mod stride) replaces ``k`` strided
+    gathers; each tap's view then feeds a GEMM directly.
+    """
+    n, c, t_out = g.shape
+    need = (t_in - 1) * stride + (k - 1) * dilation + 1
+    q = -(-need // stride)
+    gp = F.pad(g, (padding, q * stride - padding - t_out))
+    phases = gp.reshape(n, c, q, stride).permute(0, 3, 1, 2).contiguous()  # (n, stride, c, q)
+
+    def tap_view(tap: int) -> Tensor:
+        off = tap * dilation
+        return phases[:, off % stride, :, off // stride: off // stride + t_in]
+
+    return tap_view
+
+
+def _convt_lora_grads(
+    grad: Tensor, u: Tensor, b3: Tensor, stride: int, padding: int, dilation: int, groups: int, need_b: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(convT_B^T(g), grad_B3)`` for ``u: (N, r, T)``, ``b3: (r, out/g, k)`` — unscaled.
+
+    ``g_u[n, j, τ] = Σ_{o,t} B[j, o, t]·g[n, o, τ·stride − padding + t·dilation]`` and
+    ``grad_B[j, o, t] = Σ_{n,τ} u[n, j, τ]·g[n, o, …]``: ``2k`` GEMMs over polyphase views.
+    """
+    n, r, t_in = u.shape
+    _, og, k = b3.shape
+    rg = r // groups
+    view = _polyphase(grad, stride, padding, dilation, k, t_in)
+    bg = b3.reshape(groups, rg, og, k)
+    ug = u.reshape(n, groups, rg, t_in)
+    g_u = u.new_zeros(n, groups, rg, t_in)
+    gb = u.new_empty(groups, rg, og, k) if need_b else None
+    for tap in range(k):
+        gs = view(tap).reshape(n, groups, og, t_in)
+        g_u += torch.matmul(bg[..., tap], gs)
+        if need_b:
+            prod = torch.matmul(ug, gs.transpose(-1, -2))  # (n, g, r/g, out/g)
+            gb[..., tap] = prod[0] if n == 1 else prod.sum(0)
+    return g_u.reshape(n, r, t_in), (gb.reshape(r, og, k) if need_b else None)
+
+
 def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:
     """``w: (g·o, c)`` applied per group to ``x: (N, g·c, T)`` → ``(N, g·o, T)``."""
     n, _, t = x.shape
     wg = w.reshape(groups, -1, w.shape[1])
     return torch.matmul(wg, x.reshape(n, groups, -1, t)).reshape(n, -1, t)
+
+
+def _add_grouped_1x1_(y: Tensor, w: Tensor, x: Tensor, groups: int, alpha: float) -> Tensor:
+    """``y += alpha · grouped_1x1(w, x)`` in place (``y: (N, g·o, T)``, ``w: (g·o, c)``, ``x: (N, g·c, T)``)."""
+    n, _, t = x.shape
+    wg = w.reshape(groups, -1, w.shape[1])
+    og, c = wg.shape[1], wg.shape[2]
+    yv = y.view(n * groups, og, t)
+    yv.baddbmm_(wg.expand(n, groups, og, c).reshape(n * groups, og, c), x.reshape(n * groups, c, t), alpha=alpha)
+    return y
 
 
 def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
@@ -299,14 +408,17 @@ def _conv1d_fwd(
     t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
     if _merge_ok(x, dropout_p, conv=True):
-        w_eff = weight + ref.delta_weight_conv1d(a3.reshape(r, -1), B, scaling, groups, k)
+        w_eff = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups)
         y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
         u = _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
     else:
         y = F.conv1d(xp, weight, bias, stride, cpad, dilation, groups)
         xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
         u = _thin_conv1d(xdp, a3, stride, cpad, dilation, groups, t_out)
-        y = (y.to(ldt) + scaling * _grouped_1x1(B, u, groups)).to(dt)
+        if ldt == dt:
+            _add_grouped_1x1_(y, B, u, groups, scaling)
+        else:
+            y = _add_grouped_1x1_(y.to(ldt), B, u, groups, scaling).to(dt)
     return y, u
 
 
@@ -336,24 +448,23 @@ def _conv1d_bwd(
     merged = _merge_ok(x, dropout_p, conv=True)
     gl = grad.to(ldt)
     g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1), gl, groups) * scaling
-    w_base = weight + ref.delta_weight_conv1d(a3.reshape(r, -1), B, scaling, groups, k) if merged else weight
+    w_base = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[0]] if need_b else None
     gxp, gw, gb = torch.ops.aten.convolution_backward(
         grad, xp, w_base, bias_sizes, [stride], [cpad], [dilation], False, [0], groups, [need_x, need_w, need_b]
     )
     gx = ga = gbb = None
     need_thin_x = need_x and not merged
-    if need_thin_x or need_a:
-        gxp_lora, ga3, _ = torch.ops.aten.convolution_backward(
-            g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [need_thin_x, need_a, False]
-        )
-        if need_a:
-            ga = ga3.reshape(r, -1).to(lora_A.dtype)
-        if need_thin_x:
-            if mask is None:
-                gxp = (gxp.to(ldt) + gxp_lora).to(dt)
-            else:
-                gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask.to(ldt)
+    if need_a:
+        ga = _thin_conv1d_weight_grad(g_u, xdp, stride, cpad, dilation, groups, k).to(lora_A.dtype)
+    if need_thin_x:
+        gxp_lora = torch.ops.aten.convolution_backward(
+            g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [True, False, False]
+        )[0]
+        if mask is None:
+            gxp = (gxp.to(ldt) + gxp_lora).to(dt)
+        else:
+            gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask.to(ldt)
     if need_x:
         gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
         if need_thin_x and mask is not None:
@@ -415,7 +526,7 @@ def _convt_fwd(
     xl = x.to(ldt) if mask is None else x.to(ldt) * mask.to(ldt)
     u = _grouped_1x1(A, xl, groups)
     if _merge_ok(x, dropout_p, conv=True):
-        w_eff = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k)
+        w_eff = _merged_convt_weight(weight, A, B, scaling, groups)
         y = F.conv_transpose1d(x, w_eff, bias, stride, padding, output_padding, groups, dilation)
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
@@ -449,7 +560,7 @@ def _convt_bwd(
     mask = _mask(x, dropout_p, seed)
     mask = mask.to(ldt) if mask is not None else None
     merged = _merge_ok(x, dropout_p, conv=True)
-    w_base = weight + ref.delta_weight_conv_transpose1d(A, B, scaling, groups, k) if merged else weight
+    w_base = _merged_convt_weight(weight, A, B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[1] * groups] if need_b else None
     conv_args = ([stride], [padding], [dilation], True, [output_padding], groups)
     gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -458,9 +569,12 @@ def _convt_bwd(
     ga = gbb = None
     if need_a or need_bb or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
-        g_u, gb3, _ = torch.ops.aten.convolution_backward(
-            grad.to(ldt), u, b3, None, *conv_args, [True, need_bb, False]
-        )
+        if grad.device.type == "cpu":
+            g_u, gb3 = _convt_lora_grads(grad.to(ldt), u, b3, stride, padding, dilation, groups, need_bb)
+        else:
+            g_u, gb3, _ = torch.ops.aten.convolution_backward(
+                grad.to(ldt), u, b3, None, *conv_args, [True, need_bb, False]
+            )
         g_u = g_u * scaling
         if need_bb:
             gbb = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
