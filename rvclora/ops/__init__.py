@@ -18,9 +18,12 @@ from .dispatch import (
     BackendUnavailableError,
     backend_status,
     get_backend,
+    preload_backends,
     select_backend,
     set_backend,
 )
+
+preload_backends()
 
 __all__ = [
     "lora_linear",

@@ -38,6 +38,7 @@ __all__ = [
     "select_backend",
     "load_backend",
     "backend_status",
+    "preload_backends",
 ]
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
@@ -79,6 +80,8 @@ def set_backend(name: Optional[str]) -> None:
     """Force a backend for this process (``None`` returns control to ``$RVCLORA_BACKEND``)."""
     global _override
     _override = None if name is None else _check_name(name, "backend")
+    if _override not in (None, "auto"):
+        load_backend(_override)  # now, not inside a torch.compile trace (see preload_backends)
 
 
 def load_backend(name: str) -> Optional[ModuleType]:
@@ -118,6 +121,28 @@ def select_backend(op: str, x, **params) -> ModuleType:
             continue
         return mod
     return load_backend("torch")
+
+
+def preload_backends() -> None:
+    """Import every backend a call in this process may pick, before any call is traced.
+
+    :func:`select_backend` runs inside ``torch.compile`` traces, and dynamo refuses to trace
+    ``importlib.import_module`` (a graph break, an error under ``fullgraph=True``); so the
+    imports happen here, at ``import rvclora.ops``: the always-present ``torch`` and
+    ``reference`` backends, the one ``$RVCLORA_BACKEND`` names, and the GPU backends of the
+    ``auto`` order when a CUDA device exists. Inside a trace :func:`load_backend` then only
+    reads the cache.
+    """
+    names = ["torch", "reference"]
+    requested = os.environ.get("RVCLORA_BACKEND", "").strip().lower()
+    if requested in BACKENDS:
+        names.append(requested)
+    import torch
+
+    if torch.cuda.is_available():
+        names.extend(_AUTO_ORDER["cuda"])
+    for name in dict.fromkeys(names):
+        load_backend(name)
 
 
 def backend_status() -> List[Dict[str, Optional[str]]]:
