@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -45,33 +46,52 @@ PAD_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(shapes, warps_stages):
-    """Autotune configs; the interpreter runs one config (benchmarking there measures nothing)."""
+def _configs(half, fp32, interpreter):
+    """Autotune configs ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``.
+
+    Half-precision dots run on tensor cores; fp32 dots (``input_precision="ieee"``) run on FMA
+    units and hold their operands in registers, so they get their own smaller tiles, told apart
+    by ``BLOCK_K == 16`` (see :func:`_prune_by_dtype`). The interpreter runs one config:
+    benchmarking there measures nothing.
+    """
+    shapes = [interpreter] if INTERPRET else half + fp32
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _prune_by_dtype(configs, named_args, **kwargs):
+    """Keep the fp32 configs (``BLOCK_K == 16``) for fp32 dots, the others for fp16/bf16 dots."""
     if INTERPRET:
-        bm, bn, bk = shapes[-1]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for (bm, bn, bk), (w, s) in zip(shapes, warps_stages)
-    ]
+        return configs
+    if "DOT_FROM_Q" in kwargs or "DOT_FROM_Q" in named_args:
+        dot_from_q = kwargs.get("DOT_FROM_Q", named_args.get("DOT_FROM_Q"))
+        dot_arg = "q_ptr" if dot_from_q else "p_ptr"
+    else:
+        dot_arg = "x_ptr" if "x_ptr" in named_args else "g_ptr"
+    dots_fp32 = named_args[dot_arg].dtype == torch.float32
+    return [c for c in configs if (c.kwargs["BLOCK_K"] == 16) == dots_fp32]
 
 
-# Tile shapes sized so that every config compiles without spills and within shared memory on
-# sm_80 and sm_90 (checked by kernels/compile_check.py). The last entry is the interpreter's.
+# Tile shapes for which every config compiles without spills and within shared memory on sm_80
+# and sm_90 (kernels/compile_check.py); the last tuple is the interpreter's.
 FORWARD_CONFIGS = _configs(
-    [(128, 128, 32), (128, 64, 32), (64, 128, 32), (64, 64, 32), (32, 32, 32)],
-    [(8, 3), (4, 4), (4, 4), (4, 4)],
+    [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    (32, 32, 32, 4, 1),
 )
 GRAD_INPUT_CONFIGS = FORWARD_CONFIGS
-# grad_u reduces over O_g with a (BLOCK_M, BLOCK_R) accumulator: memory-bound, wide K tiles.
+# grad_u reduces over O_g in BLOCK_K steps into a (BLOCK_M, BLOCK_R) accumulator; BLOCK_N is unused.
 GRAD_U_CONFIGS = _configs(
-    [(128, 1, 64), (64, 1, 128), (32, 1, 32)],
-    [(4, 3), (4, 3)],
+    [(128, 1, 64, 4, 2), (64, 1, 128, 4, 2)],
+    [(64, 1, 16, 4, 1)],
+    (32, 1, 32, 4, 1),
 )
 WEIGHT_GRAD_CONFIGS = _configs(
-    [(64, 128, 64), (64, 64, 64), (128, 64, 32), (32, 32, 32)],
-    [(8, 3), (4, 4), (4, 4)],
+    [(64, 128, 64, 8, 2), (128, 64, 32, 8, 2), (64, 64, 64, 4, 2)],
+    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    (32, 32, 32, 4, 1),
 )
+_PRUNE = {"early_config_prune": _prune_by_dtype}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -139,7 +159,8 @@ def _load_patch(
 # --------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"])
+@triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed_ptr,
@@ -208,7 +229,7 @@ def lora_forward_kernel(
 # --------------------------------------------------------------------------- backward
 
 
-@triton.autotune(configs=GRAD_U_CONFIGS, key=["M_KEY", "O_g", "R_g", "IS_LINEAR"])
+@triton.autotune(configs=GRAD_U_CONFIGS, key=["M_KEY", "O_g", "R_g", "IS_LINEAR"], prune_configs_by=_PRUNE)
 @triton.jit
 def lora_grad_u_kernel(
     g_ptr, b_ptr, gu_ptr,
@@ -245,7 +266,8 @@ def lora_grad_u_kernel(
              mask=(rows < M)[:, None] & (ranks < R_g)[None, :])
 
 
-@triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"])
+@triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def lora_grad_input_kernel(
     g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed_ptr,
@@ -329,7 +351,8 @@ def lora_grad_input_kernel(
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"])
+@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def lora_weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, seed_ptr,

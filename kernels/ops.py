@@ -42,8 +42,8 @@ from .lora_kernels import (
 __all__ = ["MAX_RANK_PER_GROUP", "conv1d_output_length", "dropout_mask", "lora_conv1d", "lora_linear"]
 
 #: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
-#: registers beside the base tile; 64 keeps every config spill-free (kernels/compile_check.py).
-MAX_RANK_PER_GROUP = 64
+#: registers beside the base tile; 32 keeps every config spill-free (kernels/compile_check.py).
+MAX_RANK_PER_GROUP = 32
 
 
 def _block_r(r_g: int) -> int:
@@ -259,7 +259,7 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     need_x, need_w, need_b, need_a, need_bb = needs
     seed_t = _seed_on(seed, dropout_p, g)
     g_strides = geo.out_strides(g)
-    grad_x = grad_w = grad_b = grad_a = grad_bb = _empty()
+    grad_x, grad_w, grad_b, grad_a, grad_bb = (_empty() for _ in range(5))
     gu = _grad_u(geo, g, lora_B, scaling) if (need_x or need_a) and geo.M > 0 else None
     if gu is None:
         gu = torch.zeros((geo.M, geo.R), device=g.device, dtype=torch.float32)
