@@ -243,16 +243,25 @@ def _lora_input(x: Tensor, xp: Tensor, mask: Optional[Tensor], padding, padding_
     return _conv1d_prepare(x.to(ldt) * mask.to(ldt), padding, padding_mode)[0]
 
 
-def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: int, groups: int, t_out: int) -> Tensor:
-    """``conv1d(xp, a3)`` for a thin ``a3: (r, in/g, k)``.
+def _tap_ranges(k: int, dilation: int, pad_left: int, t_in: int, t_out: int):
+    """For stride 1: ``(tap, lo, hi, off)`` with output positions ``lo ≤ τ < hi`` reading input
+    ``τ + off`` (``off = tap·dilation − pad_left``); taps that only see zero padding are skipped."""
+    for tap in range(k):
+        off = tap * dilation - pad_left
+        lo, hi = max(0, -off), min(t_out, t_in - off)
+        if lo < hi:
+            yield tap, lo, hi, off
 
-    For stride 1 it is one GEMM ``(g, k·r/g, in/g) @ xp`` and ``k`` shifted adds, which on CPU
-    beats the convolution library for a handful of output channels.
+
+def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: int, groups: int, t_out: int) -> Tensor:
+    """``conv1d(xp, a3, padding=conv_pad)`` for a thin ``a3: (r, in/g, k)``.
+
+    For stride 1 on CPU it is one GEMM ``(g, k·r/g, in/g) @ x`` and ``k`` shifted adds (the zero
+    padding is handled by clipping the adds, not by copying ``x``), which beats the convolution
+    library for a handful of output channels.
     """
     if stride != 1 or xp.device.type != "cpu":
         return F.conv1d(xp, a3, None, stride, conv_pad, dilation, groups)
-    if conv_pad:
-        xp = F.pad(xp, (conv_pad, conv_pad))
     r, cin_g, k = a3.shape
     n, t_in = xp.shape[0], xp.shape[-1]
     rg = r // groups
@@ -260,10 +269,9 @@ def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: i
     w = a3.reshape(groups, rg, cin_g, k).permute(0, 3, 1, 2).reshape(groups, k * rg, cin_g)
     p = torch.matmul(w, xp.reshape(n, groups, cin_g, t_in))  # (n, g, k·r/g, T_in)
     p = p.reshape(n, groups, k, rg, t_in)
-    u = p[:, :, 0, :, 0:t_out].clone()
-    for tap in range(1, k):
-        s = tap * dilation
-        u += p[:, :, tap, :, s: s + t_out]
+    u = p.new_zeros(n, groups, rg, t_out)
+    for tap, lo, hi, off in _tap_ranges(k, dilation, conv_pad, t_in, t_out):
+        u[..., lo:hi] += p[:, :, tap, :, lo + off: hi + off]
     return u.reshape(n, r, t_out)
 
 
@@ -276,25 +284,21 @@ def _thin_conv1d_weight_grad(
     convolution library's weight gradient for a handful of output channels is several times
     slower than this GEMM.
     """
-    if xdp.device.type != "cpu":
-        a_shape = (g_u.shape[1], xdp.shape[1] // groups, k)
+    n, r, t_out = g_u.shape
+    if xdp.device.type != "cpu" or stride != 1:
+        a_shape = (r, xdp.shape[1] // groups, k)
         return torch.ops.aten.convolution_backward(
             g_u, xdp, g_u.new_empty(a_shape), None, [stride], [conv_pad], [dilation], False, [0], groups,
             [False, True, False],
-        )[1].reshape(a_shape[0], -1)
-    if conv_pad:
-        xdp = F.pad(xdp, (conv_pad, conv_pad))
-    n, r, t_out = g_u.shape
-    rg, cin_g, t_p = r // groups, xdp.shape[1] // groups, xdp.shape[-1]
-    # One GEMM instead of k skinny ones: stack g_u shifted to each tap's offset,
-    # G[n, grp, tap·r/g + j, τ·stride + tap·dilation] = g_u[n, grp·r/g + j, τ], then G @ xpᵀ.
-    stacked = g_u.new_zeros(n, groups, k, rg, t_p)
+        )[1].reshape(r, -1)
+    rg, cin_g, t_in = r // groups, xdp.shape[1] // groups, xdp.shape[-1]
+    # One GEMM instead of k skinny ones: stack g_u shifted to each tap's input offset,
+    # G[n, grp, tap·r/g + j, τ + off(tap)] = g_u[n, grp·r/g + j, τ], then G @ xᵀ (padding = clipping).
+    stacked = g_u.new_zeros(n, groups, k, rg, t_in)
     gu = g_u.reshape(n, groups, rg, t_out)
-    span = stride * (t_out - 1) + 1
-    for tap in range(k):
-        s0 = tap * dilation
-        stacked[..., tap, :, s0: s0 + span: stride] = gu
-    prod = torch.matmul(stacked.reshape(n, groups, k * rg, t_p), xdp.reshape(n, groups, cin_g, t_p).transpose(-1, -2))
+    for tap, lo, hi, off in _tap_ranges(k, dilation, conv_pad, t_in, t_out):
+        stacked[..., tap, :, lo + off: hi + off] = gu[..., lo:hi]
+    prod = torch.matmul(stacked.reshape(n, groups, k * rg, t_in), xdp.reshape(n, groups, cin_g, t_in).transpose(-1, -2))
     grad = prod[0] if n == 1 else prod.sum(0)  # (g, k·r/g, in/g)
     return grad.reshape(groups, k, rg, cin_g).permute(0, 2, 3, 1).reshape(r, cin_g * k)
 
