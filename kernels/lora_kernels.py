@@ -75,19 +75,24 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 # Tile shapes for which every config compiles without spills and within shared memory on sm_80
 # and sm_90 (kernels/compile_check.py); the last tuple is the interpreter's.
 FORWARD_CONFIGS = _configs(
-    [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+    [(64, 128, 32, 8, 2), (64, 64, 32, 8, 2)],
     [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
-GRAD_INPUT_CONFIGS = FORWARD_CONFIGS
+# Two reductions and the dropout epilogue: smaller tiles per warp than the forward.
+GRAD_INPUT_CONFIGS = _configs(
+    [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
+    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    (32, 32, 32, 4, 1),
+)
 # grad_u reduces over O_g in BLOCK_K steps into a (BLOCK_M, BLOCK_R) accumulator; BLOCK_N is unused.
 GRAD_U_CONFIGS = _configs(
-    [(128, 1, 64, 4, 2), (64, 1, 128, 4, 2)],
+    [(64, 1, 64, 4, 2)],
     [(64, 1, 16, 4, 1)],
     (32, 1, 32, 4, 1),
 )
 WEIGHT_GRAD_CONFIGS = _configs(
-    [(64, 128, 64, 8, 2), (128, 64, 32, 8, 2), (64, 64, 64, 4, 2)],
+    [(64, 128, 64, 8, 2), (128, 64, 32, 8, 2)],
     [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
