@@ -17,6 +17,7 @@ from .config import (
     HIGH_QUALITY_CONFIG,
     LoRAConfig,
 )
+from .convert import convert, export_peft_adapter, import_peft_adapter
 from .inject import (
     count_lora_parameters,
     get_lora_parameters,
@@ -56,4 +57,7 @@ __all__ = [
     "save_lora_checkpoint",
     "load_lora_checkpoint",
     "read_lora_config",
+    "convert",
+    "export_peft_adapter",
+    "import_peft_adapter",
 ]
