@@ -438,7 +438,19 @@ def _conv1d_fwd_impl(
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
-    if _merge_ok(x, dropout_p, conv=True):
+    if _merge_ok(x, dropout_p, conv=True) and groups == 1:
+        # One convolution computes y and u together: conv(x, [W + s·ΔW; A]) has out + r channels,
+        # so u costs r/out of the base forward and no separate pass over x.
+        out = weight.shape[0]
+        w_cat = weight.new_empty(out + r, *weight.shape[1:])
+        torch.addmm(weight.reshape(out, -1), B, a3.reshape(r, -1), alpha=scaling, out=w_cat[:out].view(out, -1))
+        w_cat[out:] = a3
+        b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
+        yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
+        y, u = yu[:, :out], yu[:, out:].contiguous()
+        if x.shape[0] > 1:
+            y = y.contiguous()
+    elif _merge_ok(x, dropout_p, conv=True):
         w_eff = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups)
         y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
         u = _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
