@@ -401,6 +401,8 @@ def _convt_lora_grads(
 def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:
     """``w: (g·o, c)`` applied per group to ``x: (N, g·c, T)`` → ``(N, g·o, T)``."""
     n, _, t = x.shape
+    if groups == 1 and n == 1:
+        return torch.mm(w, x[0]).unsqueeze(0)
     wg = w.reshape(groups, -1, w.shape[1])
     return torch.matmul(wg, x.reshape(n, groups, -1, t)).reshape(n, -1, t)
 
@@ -418,6 +420,8 @@ def _add_grouped_1x1_(y: Tensor, w: Tensor, x: Tensor, groups: int, alpha: float
 def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
     """``Σ_{n,t} a[n, g·p, t] · b[n, g·q, t]`` per group → ``(g·p, q)``."""
     n, _, t = a.shape
+    if groups == 1 and n == 1:
+        return torch.mm(a[0], b[0].t())
     ag = a.reshape(n, groups, -1, t)
     bg = b.reshape(n, groups, -1, t)
     return torch.matmul(ag, bg.transpose(-1, -2)).sum(0).reshape(-1, bg.shape[2])
