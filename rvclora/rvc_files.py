@@ -33,6 +33,7 @@ from .models.rvc import GENERATOR_CONFIGS, Generator, GeneratorConfig, Generator
 
 __all__ = [
     "EXPORTED_FIELDS",
+    "AdapterFileError",
     "MergeResult",
     "RVCFileError",
     "RVCModelFile",
@@ -59,6 +60,10 @@ _SPK_EMBED_DIM = 109
 
 class RVCFileError(ValueError):
     """A file is not an RVC model file, or not one that the operation can use."""
+
+
+class AdapterFileError(RVCFileError):
+    """The file given as an RVC model is an rvclora adapter."""
 
 
 @dataclass
@@ -111,7 +116,7 @@ def load_rvc_file(path: PathLike) -> RVCModelFile:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"RVC model file {path!r} does not exist")
     if path.lower().endswith(".safetensors"):
-        raise _fail(path, "a safetensors file (an rvclora adapter?), not an RVC model file (.pth)")
+        raise AdapterFileError(f"{path}: a safetensors file (an rvclora adapter?), not an RVC model file (.pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
@@ -119,7 +124,7 @@ def load_rvc_file(path: PathLike) -> RVCModelFile:
     if not isinstance(obj, dict):
         raise _fail(path, f"expected a dict (an RVC export or G_*.pth checkpoint), got {type(obj).__name__}")
     if "lora_weights" in obj and "format_version" in obj:
-        raise _fail(path, "this is an rvclora adapter, not an RVC model file")
+        raise AdapterFileError(f"{path}: this is an rvclora adapter, not an RVC model file")
     if "weight" in obj:
         missing = [f for f in EXPORTED_FIELDS if f not in obj]
         if missing:

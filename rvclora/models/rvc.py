@@ -89,7 +89,9 @@ class GeneratorConfig:
         return f"{self.sampling_rate // 1000}k"
 
 
-def _cfg(name: str, version: str, sr: int, rates: Sequence[int], kernels: Sequence[int], frames: int) -> GeneratorConfig:
+def _cfg(
+    name: str, version: str, sr: int, rates: Sequence[int], kernels: Sequence[int], frames: int
+) -> GeneratorConfig:
     return GeneratorConfig(name, version, sr, tuple(rates), tuple(kernels), frames)
 
 
@@ -133,7 +135,9 @@ def _weight_norm(module: nn.Module, mode: str, init_std: float | None) -> nn.Mod
             module.weight.normal_(0.0, init_std)
     if mode == "legacy":
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.*deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.nn\.utils\.weight_norm.*deprecated", category=FutureWarning
+            )
             return torch.nn.utils.weight_norm(module)
     if mode == "parametrizations":
         return torch.nn.utils.parametrizations.weight_norm(module)
