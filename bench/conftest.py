@@ -1,0 +1,487 @@
+"""The benchmark harness behind ``pytest bench/``: interleaved timing, saved-bytes counts, the table, the JSON.
+
+Every case times one *training step* (forward + backward) of several variants of the same
+layer or model, interleaved inside one pytest-benchmark run: each round runs every variant once
+(the order rotates from round to round), after warm-up rounds, and the per-variant medians over
+the rounds are what the table reports (they are also kept in ``benchmark.extra_info``;
+pytest-benchmark's own statistics are those of whole rounds, so its table is left out for these
+cases). Ratios are therefore always taken between numbers measured in the same run, close in time.
+
+Variants (the names used everywhere):
+``base`` the frozen base (the baseline: weights ``requires_grad=False``, gradient w.r.t. the input
+only), ``rvclora`` (``RVCLORA_BACKEND``, default ``auto``: the torch path on CPU), ``plain`` (the
+brief's unfused module, ``alternatives.py``), ``peft``, ``loralib``, ``full`` (full fine-tuning:
+every weight trains).
+
+Memory: the bytes autograd saves for backward, counted with
+``torch.autograd.graph.saved_tensors_hooks`` over unique storages during the first warm-up step
+(deterministic: no timing involved).
+
+Options (or environment variables): ``--bench-quick`` (``RVCLORA_BENCH_QUICK=1``) tiny shapes and
+1 warm-up + 2 rounds, for the CI smoke test; ``--bench-json PATH`` (``RVCLORA_BENCH_JSON``), default
+``bench/results/<date>-<commit>.json``; ``--bench-threads N`` (``RVCLORA_BENCH_THREADS``), default
+every CPU this process may run on; ``--bench-budget S`` (``RVCLORA_BENCH_BUDGET``) the seconds the
+timed rounds of all cases may take together (default 480): each case runs at least its minimum
+number of rounds and more while its share of the budget allows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+# The test modules import alternatives.py as a top-level module, whatever pytest's import mode.
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+#: Column order of the table and the JSON.
+VARIANTS = ("base", "rvclora", "plain", "peft", "loralib", "full")
+ALTERNATIVES = ("plain", "peft", "loralib", "full")
+_RESULTS_KEY = pytest.StashKey[list]()
+_STATE_KEY = pytest.StashKey[dict]()
+
+
+# --------------------------------------------------------------------------- options and setup
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("rvclora-bench", "rvclora benchmarks (bench/)")
+    group.addoption("--bench-quick", action="store_true", default=None,
+                    help="tiny shapes, 1 warm-up + 2 rounds (also RVCLORA_BENCH_QUICK=1)")
+    group.addoption("--bench-json", default=None,
+                    help="results file (also RVCLORA_BENCH_JSON); default bench/results/<date>-<commit>.json")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="torch threads (also RVCLORA_BENCH_THREADS); default: every CPU this process may use")
+    group.addoption("--bench-budget", type=float, default=None,
+                    help="seconds for the timed rounds of all cases together (also RVCLORA_BENCH_BUDGET; default 480)")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pytest_configure(config):
+    # `pytest bench/` also collects the GPU benchmarks other modules keep in bench/bench_*.py.
+    config.addinivalue_line("python_files", "bench_*.py")
+    quick = config.getoption("--bench-quick") or _env_flag("RVCLORA_BENCH_QUICK")
+    threads = config.getoption("--bench-threads") or int(os.environ.get("RVCLORA_BENCH_THREADS", "0") or 0)
+    threads = threads or _available_cpus()
+    torch.set_num_threads(threads)
+    budget = config.getoption("--bench-budget") or float(os.environ.get("RVCLORA_BENCH_BUDGET", "0") or 0) or 480.0
+    config.stash[_RESULTS_KEY] = []
+    config.stash[_STATE_KEY] = {
+        "quick": bool(quick), "threads": threads, "budget_s": budget, "start": time.perf_counter(),
+        "timed_s": 0.0, "pending": {}, "json_path": None,
+    }
+
+
+def pytest_generate_tests(metafunc):
+    # A test module lists its cases as BENCH_PARAMS = {fixture: (full cases, quick cases, id function)}.
+    spec = getattr(metafunc.module, "BENCH_PARAMS", {})
+    quick = metafunc.config.stash[_STATE_KEY]["quick"]
+    for argname, (full, small, idfn) in spec.items():
+        if argname in metafunc.fixturenames:
+            cases = small if quick else full
+            metafunc.parametrize(argname, cases, ids=[idfn(c) for c in cases])
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # The nominal budget of every case still to run, so each case's share of the budget is known.
+    state = config.stash[_STATE_KEY]
+    state["pending"] = {
+        item.nodeid: float(getattr(item.module, "CASE_BUDGET_S", 5.0))
+        for item in items
+        if "bench_harness" in getattr(item, "fixturenames", ())
+    }
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Variant:
+    """One way of training the case: ``step()`` runs forward + backward once.
+
+    ``params`` are the tensors whose ``.grad`` is reset before each step (as ``zero_grad(set_to_none=True)``
+    does in training). ``reason`` is set (and ``step`` is ``None``) when the variant is unsupported.
+    """
+
+    step: Optional[Callable[[], None]] = None
+    params: Sequence[torch.Tensor] = ()
+    reason: Optional[str] = None
+
+    @classmethod
+    def unsupported(cls, reason: str) -> "Variant":
+        return cls(reason=reason)
+
+
+@dataclass
+class Row:
+    """One line of the table: which measured variant plays which role, and the case's flop floor."""
+
+    case: str
+    kind: str
+    floor: float
+    roles: Dict[str, str]  # role ("base", "rvclora", "plain", ...) -> variant key in the run
+    params: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    warmup: int
+    min_rounds: int
+    max_rounds: int
+
+
+def _clear_grads(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def count_saved_bytes(fn: Callable[[], None]) -> int:
+    """Bytes autograd saves for backward while ``fn`` runs, counted once per underlying storage."""
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+class Harness:
+    """Runs the interleaved measurement of one test (one or several table rows).
+
+    The test modules reach the harness types through this fixture object (``h.Variant``,
+    ``h.Row``), never by importing conftest.
+    """
+
+    Variant = Variant
+    Row = Row
+
+    def __init__(self, config, nodeid: str, case_budget_s: float) -> None:
+        self.config = config
+        self.state = config.stash[_STATE_KEY]
+        self.nodeid = nodeid
+        self.case_budget_s = case_budget_s
+
+    @property
+    def quick(self) -> bool:
+        return self.state["quick"]
+
+    def plan(self, quick: Sequence[int], full: Sequence[int]) -> Plan:
+        """``(warm-up rounds, min rounds, max rounds)`` for the current mode."""
+        return Plan(*(quick if self.quick else full))
+
+    def _share_s(self) -> float:
+        """This case's share of what is left of the budget, in proportion to its nominal budget."""
+        pending = self.state["pending"]
+        left = max(0.0, self.state["budget_s"] - self.state["timed_s"])
+        weights = sum(pending.values()) or self.case_budget_s
+        return min(self.case_budget_s, left * self.case_budget_s / weights)
+
+    def run(self, benchmark, variants: Dict[str, Variant], rows: List[Row], plan: Plan) -> None:
+        runnable = {k: v for k, v in variants.items() if v.step is not None}
+        names = list(runnable)
+        times: Dict[str, List[float]] = {k: [] for k in names}
+        saved: Dict[str, int] = {}
+        gc.collect()
+        # Warm-up: the first round also counts the bytes each variant saves for backward.
+        round_s = 0.0
+        for w in range(plan.warmup):
+            t_round = time.perf_counter()
+            for k in names:
+                _clear_grads(runnable[k].params)
+                if w == 0:
+                    saved[k] = count_saved_bytes(runnable[k].step)
+                else:
+                    runnable[k].step()
+            round_s = time.perf_counter() - t_round
+        if self.quick:
+            rounds = plan.min_rounds
+        else:
+            fit = int(self._share_s() / max(round_s, 1e-9))
+            rounds = max(plan.min_rounds, min(plan.max_rounds, fit))
+        counter = [0]
+
+        def one_round() -> None:
+            # Rotate the order every round, so no variant always runs first or after the same one.
+            i = counter[0] % max(len(names), 1)
+            counter[0] += 1
+            for k in names[i:] + names[:i]:
+                _clear_grads(runnable[k].params)
+                t = time.perf_counter()
+                runnable[k].step()
+                times[k].append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        benchmark.group = "rvclora: " + rows[0].case
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+        self.state["timed_s"] += time.perf_counter() - t0
+        self.state["pending"].pop(self.nodeid, None)
+
+        medians = {k: statistics.median(v) for k, v in times.items() if v}
+        benchmark.extra_info["rounds"] = len(next(iter(times.values()), []))
+        benchmark.extra_info["warmup_rounds"] = plan.warmup
+        benchmark.extra_info["median_s"] = medians
+        benchmark.extra_info["saved_bytes"] = saved
+        for row in rows:
+            self.config.stash[_RESULTS_KEY].append(
+                _row_result(row, variants, medians, times, saved, plan.warmup, self.nodeid)
+            )
+
+
+def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: str) -> dict:
+    out = {"case": row.case, "kind": row.kind, "params": row.params, "flop_floor": row.floor,
+           "warmup_rounds": warmup, "test": nodeid, "variants": {}}
+    base_key, rv_key = row.roles.get("base"), row.roles.get("rvclora")
+    base_t = medians.get(base_key)
+    rv_t = medians.get(rv_key)
+    for role in VARIANTS:
+        key = row.roles.get(role)
+        v = variants.get(key) if key is not None else None
+        if v is None:
+            out["variants"][role] = {"status": "not measured", "reason": "not part of this case"}
+            continue
+        if v.step is None:
+            out["variants"][role] = {"status": "unsupported", "reason": v.reason}
+            continue
+        t = medians[key]
+        entry = {
+            "status": "ok", "variant": key, "median_s": t, "times_s": times[key], "rounds": len(times[key]),
+            "saved_bytes": saved.get(key),
+            "overhead_vs_base": (t / base_t - 1.0) if base_t else None,
+        }
+        if role in ALTERNATIVES and rv_t:
+            entry["rvclora_over_this"] = rv_t / t
+        out["variants"][role] = entry
+    return out
+
+
+@pytest.fixture
+def bench_harness(request) -> Harness:
+    """The measurement harness for one benchmark test (see the module docstring)."""
+    budget = float(getattr(request.module, "CASE_BUDGET_S", 5.0))
+    return Harness(request.config, request.node.nodeid, budget)
+
+
+@pytest.fixture(scope="session")
+def bench_quick(request) -> bool:
+    """Whether the benchmarks run in quick (smoke-test) mode."""
+    return request.config.stash[_STATE_KEY]["quick"]
+
+
+# --------------------------------------------------------------------------- pytest-benchmark's own table
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    # Our cases' pytest-benchmark statistics are of whole interleaved rounds; our table replaces them.
+    # Other benchmarks in bench/ (the GPU ones) keep pytest-benchmark's table.
+    groups = yield
+    kept = []
+    for name, benches in groups:
+        benches = [b for b in benches if not str(b.get("group") or "").startswith("rvclora: ")]
+        if benches:
+            kept.append((name, benches))
+    return kept
+
+
+# --------------------------------------------------------------------------- machine info and JSON
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(state: dict) -> dict:
+    from alternatives import library_version
+
+    from rvclora import ops
+
+    x = torch.empty(1, 1, 1)
+    try:
+        backend = ops.select_backend("lora_conv1d", x).NAME
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal: the info must never stop the report
+        backend = f"unavailable ({e})"
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": _available_cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": library_version("triton"),
+        "peft": library_version("peft"),
+        "loralib": library_version("loralib"),
+        "pytest_benchmark": library_version("pytest-benchmark"),
+        "rvclora_backend_requested": ops.get_backend(),
+        "rvclora_backend_cpu": backend,
+        "mode": "quick" if state["quick"] else "full",
+        "budget_s": state["budget_s"],
+    }
+
+
+def _json_path(config, info: dict) -> Path:
+    given = config.getoption("--bench-json") or os.environ.get("RVCLORA_BENCH_JSON")
+    if given:
+        return Path(given)
+    day = datetime.date.today().isoformat()
+    commit = (info.get("git_commit") or "nocommit")[:10]
+    return BENCH_DIR / "results" / f"{day}-{commit}.json"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if _STATE_KEY not in config.stash:
+        return
+    results = config.stash[_RESULTS_KEY]
+    state = config.stash[_STATE_KEY]
+    if not results:
+        return
+    info = machine_info(state)
+    info["wall_s"] = time.perf_counter() - state["start"]
+    info["timed_rounds_s"] = state["timed_s"]
+    path = _json_path(config, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str) + "\n")
+    state["json_path"] = path
+    state["info"] = info
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _ms(t: Optional[float]) -> str:
+    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 10 else f"{t:.1f}s")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def _mib(b: Optional[int]) -> str:
+    if b is None:
+        return "-"
+    mib = b / 2**20
+    return f"{mib:.2f}" if mib < 10 else f"{mib:.0f}"
+
+
+def _cell(entry: dict, what: str) -> str:
+    if entry["status"] == "unsupported":
+        return "unsup."
+    if entry["status"] != "ok":
+        return "-"
+    if what == "ms":
+        return _ms(entry["median_s"])
+    if what == "ms+ovh":
+        return f"{_ms(entry['median_s'])} {_pct(entry['overhead_vs_base'])}"
+    if what == "ratio":
+        r = entry.get("rvclora_over_this")
+        return "-" if r is None else f"{r:.2f}"
+    if what == "mib":
+        return _mib(entry.get("saved_bytes"))
+    raise ValueError(what)
+
+
+def format_table(results: List[dict], info: dict) -> List[str]:
+    """The comparison table, one line per case, and the legend of unsupported cells."""
+    head = ["case", "floor", "base ms", "rvclora ms ovh"]
+    for alt in ALTERNATIVES:
+        head += [f"{alt} ms ovh", "rv/" + alt]
+    head += ["saved MiB: base", "rvclora", "plain", "peft", "loralib", "full"]
+    lines_cells = []
+    reasons: Dict[str, List[str]] = {}
+    for res in results:
+        v = res["variants"]
+        cells = [res["case"], f"{res['flop_floor'] * 100:.1f}%", _cell(v["base"], "ms"), _cell(v["rvclora"], "ms+ovh")]
+        for alt in ALTERNATIVES:
+            cells += [_cell(v[alt], "ms+ovh"), _cell(v[alt], "ratio")]
+        cells += [_cell(v[k], "mib") for k in VARIANTS]
+        lines_cells.append(cells)
+        for role in VARIANTS:
+            if v[role]["status"] == "unsupported":
+                reasons.setdefault(f"{role}: {v[role]['reason']}", []).append(res["case"])
+    widths = [max(len(str(c[i])) for c in [head] + lines_cells) for i in range(len(head))]
+
+    def fmt(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "-" * len(fmt(head))
+    out = [
+        f"machine: {info.get('cpu_model')} · {info.get('cpus_available')} CPUs · torch {info.get('torch')} · "
+        f"{info.get('torch_threads')} threads · triton {info.get('triton')} · peft {info.get('peft')} · "
+        f"loralib {info.get('loralib')} · commit {(info.get('git_commit') or '?')[:10]}"
+        f"{' (dirty)' if info.get('git_dirty') else ''} · backend {info.get('rvclora_backend_cpu')} · "
+        f"mode {info.get('mode')} · {info.get('date')}",
+        "ms = median per training step (forward + backward) over interleaved rounds after warm-up; "
+        "ovh = vs the frozen base; floor = flop floor (DESIGN.md §3); rv/x = rvclora time / x time (< 1: rvclora "
+        "faster); saved MiB = bytes autograd saves for backward; '-' = not run in this case",
+        rule, fmt(head), rule,
+    ]
+    out += [fmt(c) for c in lines_cells]
+    out.append(rule)
+    for reason, cases in reasons.items():
+        shown = ", ".join(cases[:3]) + (f", … ({len(cases)} cases)" if len(cases) > 3 else "")
+        out.append(f"unsup. = {reason}: {shown}")
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _STATE_KEY not in config.stash:
+        return
+    results = config.stash[_RESULTS_KEY]
+    state = config.stash[_STATE_KEY]
+    if not results or "info" not in state:
+        return
+    tr = terminalreporter
+    tr.section("rvclora benchmark: LoRA training step vs the frozen base and the alternatives")
+    for line in format_table(results, state["info"]):
+        tr.write_line(line)
+    tr.write_line(f"results: {state['json_path']} · {len(results)} cases · wall {state['info']['wall_s']:.0f} s "
+                  f"(timed rounds {state['timed_s']:.0f} s)")
