@@ -28,9 +28,10 @@ adapter, so every exported layer must share it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -110,12 +111,6 @@ def _rvclora_tensors(name: str, m: LoRALayer, A: torch.Tensor, B: torch.Tensor) 
     return blocks[torch.arange(g), :, torch.arange(g)].reshape(r, cin_g * k), B.squeeze(-1)
 
 
-def _pattern_keys(names: List[str]) -> List[str]:
-    """Pattern keys PEFT resolves to exactly these modules: PEFT matches ``(.*\\.)?(key)$`` and takes the
-    first hit, so longer names come first."""
-    return [re.escape(n) for n in sorted(names, key=lambda n: -n.count("."))]
-
-
 def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
     """Write ``model``'s LoRA adapter to ``directory`` in PEFT's format (config + safetensors).
 
@@ -142,8 +137,11 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
     names = [n for n, _ in layers]
     first = layers[0][1]
     ranks = {n: m.r for n, m in layers}
-    alphas = {n: m.lora_alpha for n, m in layers}
-    keys = _pattern_keys(names)
+    # PEFT's scaling is lora_alpha / r; a converted rsLoRA layer's alpha is re-expressed that way
+    alphas = {n: m.lora_alpha if m.lora_alpha / m.r == m.scaling else m.scaling * m.r for n, m in layers}
+    # PEFT resolves a pattern key by the first key matching "(.*\.)?(key)$": longer names first, so
+    # every layer finds its own entry
+    ordered = sorted(names, key=lambda n: -n.count("."))
     config: Dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
@@ -152,7 +150,7 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
         "revision": None,
         "inference_mode": True,
         "r": first.r,
-        "lora_alpha": first.lora_alpha,
+        "lora_alpha": alphas[names[0]],
         "lora_dropout": first.lora_dropout,
         # a regular expression PEFT full-matches against module names: exactly the exported layers
         "target_modules": "|".join(re.escape(n) for n in names),
@@ -165,10 +163,8 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {k: ranks[n] for k, n in zip(keys, sorted(names, key=lambda n: -n.count(".")))
-                         if ranks[n] != first.r},
-        "alpha_pattern": {k: alphas[n] for k, n in zip(keys, sorted(names, key=lambda n: -n.count(".")))
-                          if alphas[n] != first.lora_alpha},
+        "rank_pattern": {re.escape(n): ranks[n] for n in ordered if ranks[n] != first.r},
+        "alpha_pattern": {re.escape(n): alphas[n] for n in ordered if alphas[n] != alphas[names[0]]},
     }
     try:
         import peft
@@ -243,7 +239,7 @@ def import_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
             raise KeyError(f"import_peft_adapter: {name!r} has only {sorted(pair)} in {WEIGHTS_NAME}")
         r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        if r != layer.r or alpha / r != layer.scaling:
+        if r != layer.r or not math.isclose(alpha / r, layer.scaling, rel_tol=1e-12):
             raise ValueError(f"import_peft_adapter: layer {name!r} has r={layer.r}, scaling={layer.scaling}; the "
                              f"adapter has r={r}, lora_alpha={alpha} (scaling {alpha / r})")
         loaded.append((layer, *_rvclora_tensors(name, layer, pair["lora_A"], pair["lora_B"])))

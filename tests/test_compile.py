@@ -16,6 +16,7 @@ import torch
 
 from rvclora import LoRAConfig, LoRAConv1d, LoRAConvTranspose1d, LoRALinear, inject_lora
 from rvclora.models.rvc import GeneratorConfig, build_generator
+from rvclora.ops import dispatch
 
 # A miniature of RVC's decoder layout: two weight-normed upsamplers, ResBlock1s, speaker cond.
 TINY_RVC = GeneratorConfig(
@@ -25,9 +26,14 @@ TINY_RVC = GeneratorConfig(
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # every test compiles its own graphs; cached ones of other tests would count towards recompile limits
+def _fresh_process_state(monkeypatch):
+    """Each test compiles as in a process that has just imported rvclora: its own dynamo caches (others'
+    graphs would count towards recompile limits) and only the backends ``import rvclora`` loads, so an
+    eager call made by an earlier test cannot hide a backend import inside a trace."""
     torch._dynamo.reset()
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_import_errors", {})
+    dispatch.preload_backends()  # what rvclora.ops runs at import
     yield
     torch._dynamo.reset()
 
@@ -83,7 +89,8 @@ def test_layer_compiles_fullgraph_like_eager(kind, dropout):
     layer, x = _layer(kind, dropout)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     for seed in (1, 2):
-        _assert_same(_run(layer, layer, (x,), seed), _run(compiled, layer, (x,), seed))
+        got = _run(compiled, layer, (x,), seed)  # first: a cold trace must not depend on an earlier eager call
+        _assert_same(_run(layer, layer, (x,), seed), got)
     if dropout:
         # the seed must be drawn per call inside the graph, not frozen into it at trace time
         y1, _ = _run(compiled, layer, (x,), 1)
@@ -96,7 +103,8 @@ def test_layer_compiles_with_inductor():
     its own random numbers rather than torch's global generator."""
     layer, x = _layer("conv1d", 0.0)
     compiled = torch.compile(layer, backend="inductor", fullgraph=True)
-    _assert_same(_run(layer, layer, (x,), 0), _run(compiled, layer, (x,), 0))
+    got = _run(compiled, layer, (x,), 0)
+    _assert_same(_run(layer, layer, (x,), 0), got)
 
 
 def test_injected_generator_compiles_fullgraph_like_eager():
@@ -107,7 +115,8 @@ def test_injected_generator_compiles_fullgraph_like_eager():
     x = torch.randn(2, TINY_RVC.inter_channels, 6)
     g = torch.randn(2, TINY_RVC.gin_channels, 1)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = _run(compiled, model, (x, g), 0)
     eager = _run(model, model, (x, g), 0)
-    _assert_same(eager, _run(compiled, model, (x, g), 0))
+    _assert_same(eager, got)
     n_lora = sum(1 for name in eager[1] if name.endswith(("lora_A", "lora_B")))
     assert n_lora == 2 * (2 + 2 * 4 + 1), "expected LoRA on 2 ups, 2 resblocks x 4 convs and cond"

@@ -237,9 +237,10 @@ def test_export_import_round_trip(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
-def test_peft_loads_exported_adapter(tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_loads_exported_adapter(tmp_path, use_rslora):
     """PEFT's own PeftModel.from_pretrained on the same base model gives the rvclora model's outputs."""
-    model = convert(_peft_model(lora_dropout=0.0)).eval()  # per-layer ranks and alphas
+    model = convert(_peft_model(lora_dropout=0.0, use_rslora=use_rslora)).eval()  # per-layer ranks and alphas
     export_peft_adapter(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(_net(), tmp_path).eval()
     x = _x()
