@@ -45,6 +45,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def status_note() -> str:
+    """What "available" means here, for ``rvclora info``."""
+    if _interpreting():
+        return "Triton interpreter on CPU tensors (TRITON_INTERPRET=1): for checking, not speed"
+    return "compiled Triton kernels on CUDA tensors"
+
+
 def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     """Why this backend cannot run ``op`` on ``x`` with ``params`` (``None`` when it can)."""
     if op == "lora_conv_transpose1d":

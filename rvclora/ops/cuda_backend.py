@@ -136,6 +136,13 @@ def unavailable_reason() -> str | None:
     return err
 
 
+def status_note() -> str:
+    """What "available" means here, for ``rvclora info``."""
+    if torch.version.cuda is None:
+        return "CPU twin of the CUDA kernel only (this torch has no CUDA; CPU tensors run it only when requested)"
+    return "CUDA kernels and their CPU twin"
+
+
 def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     if op != "lora_conv_transpose1d":
         return f"the cuda backend fuses lora_conv_transpose1d only; {op} runs on the torch or triton backend"

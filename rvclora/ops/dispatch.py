@@ -146,5 +146,11 @@ def preload_backends() -> None:
 
 
 def backend_status() -> List[Dict[str, Optional[str]]]:
-    """One row per backend: its name and why it is unavailable here (``None`` if available)."""
-    return [{"backend": name, "unavailable": _unavailable(name)} for name in BACKENDS]
+    """One row per backend: its name, why it is unavailable here (``None`` if available) and, for an
+    available backend that says so, what it runs here (``note``)."""
+    rows = []
+    for name in BACKENDS:
+        why = _unavailable(name)
+        note = getattr(load_backend(name), "status_note", None) if why is None else None
+        rows.append({"backend": name, "unavailable": why, "note": note() if note else None})
+    return rows
