@@ -78,10 +78,29 @@ def _no_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
-        with torch.autocast(args[0].device.type, enabled=False):
-            return fn(*args)
+        device_type = args[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args)
+        return fn(*args)
 
     return wrapper
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # A Python-side check is cheaper than Tensor.to's dispatch when nothing changes (the common case).
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _with_empties(bwd_impl):
+    """A backward body returning ``None`` for unneeded gradients, as a custom op must: empty tensors."""
+
+    @functools.wraps(bwd_impl)
+    def op_impl(*args):
+        x = args[1]
+        return tuple(x.new_empty(0) if t is None else t for t in bwd_impl(*args))
+
+    return op_impl
 
 
 def _lora_dtype(x: Tensor) -> torch.dtype:
@@ -109,10 +128,6 @@ def _eager_function(name, fwd_impl, bwd_impl, setup, backward):
                 {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
 
 
-def _grad_or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return t if t is not None else like.new_empty(0)
-
-
 def _conv_out_len(t: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
     return (t + pad_total - dilation * (k - 1) - 1) // stride + 1
 
@@ -131,7 +146,7 @@ def _linear_fwd_impl(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (..., out)`` and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward)."""
     dt, ldt = x.dtype, _lora_dtype(x)
-    A, B = lora_A.to(ldt), lora_B.to(ldt)
+    A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
     mask = _mask(x2, dropout_p, seed)
     if _merge_ok(x, dropout_p, conv=False):
@@ -145,12 +160,12 @@ def _linear_fwd_impl(
         y, u = yu[:, :out], yu[:, out:].contiguous()
     else:
         y = F.linear(x2, weight, bias)
-        xl = x2.to(ldt) if mask is None else x2.to(ldt) * mask.to(ldt)
+        xl = _cast(x2, ldt) if mask is None else _cast(x2, ldt) * _cast(mask, ldt)
         u = xl @ A.t()
         if ldt == dt:
             y.addmm_(u, B.t(), alpha=scaling)
         else:
-            y = torch.addmm(y.to(ldt), u, B.t(), alpha=scaling).to(dt)
+            y = torch.addmm(_cast(y, ldt), u, B.t(), alpha=scaling).to(dt)
     return y.reshape(*x.shape[:-1], weight.shape[0]), u
 
 
@@ -171,12 +186,12 @@ def _linear_bwd_impl(
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; an unneeded gradient is an empty 1-D tensor."""
     need_x, need_w, need_b, need_a, need_bb = needs
     dt, ldt = x.dtype, _lora_dtype(x)
-    A, B = lora_A.to(ldt), lora_B.to(ldt)
+    A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
     g = grad.reshape(-1, grad.shape[-1])
-    gl = g.to(ldt)
+    gl = _cast(g, ldt)
     mask = _mask(x2, dropout_p, seed)
-    mask = mask.to(ldt) if mask is not None else None
+    mask = _cast(mask, ldt) if mask is not None else None
     gx = gw = gb = ga = gbb = None
     if need_x and _merge_ok(x, dropout_p, conv=False):
         # grad_x and g_u from one GEMM: g·[W + s·BA | s·B]
@@ -187,21 +202,22 @@ def _linear_bwd_impl(
         g_u = torch.mm(gl, B * scaling)  # (M, r)
         if need_x:
             lx = g_u @ A
-            gx = torch.addmm(lx if mask is None else lx * mask, gl, weight.to(ldt)).to(dt).reshape(x.shape)
+            gx = torch.addmm(lx if mask is None else lx * mask, gl, _cast(weight, ldt)).to(dt).reshape(x.shape)
     if need_w:
         gw = g.t() @ x2
     if need_b:
         gb = g.sum(0)
     if need_a:
-        xl = x2.to(ldt)
+        xl = _cast(x2, ldt)
         ga = (g_u.t() @ (xl if mask is None else xl * mask)).to(lora_A.dtype)
     if need_bb:
         gbb = (torch.mm(u.t(), gl) * scaling).t().to(lora_B.dtype)  # thin operand first: ~5x faster on CPU
-    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
-            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+    return gx, gw, gb, ga, gbb
 
 
-_linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())(_linear_bwd_impl)
+_linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())(
+    _with_empties(_linear_bwd_impl)
+)
 
 
 @_linear_bwd.register_fake
@@ -274,8 +290,8 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
 def _lora_input(x: Tensor, xp: Tensor, mask: Optional[Tensor], padding, padding_mode: str, ldt) -> Tensor:
     """The (padded) input of the LoRA path, ``pad(D(x))``, in the LoRA dtype."""
     if mask is None:
-        return xp.to(ldt)
-    return _conv1d_prepare(x.to(ldt) * mask.to(ldt), padding, padding_mode)[0]
+        return _cast(xp, ldt)
+    return _conv1d_prepare(_cast(x, ldt) * _cast(mask, ldt), padding, padding_mode)[0]
 
 
 def _tap_ranges(k: int, dilation: int, pad_left: int, t_in: int, t_out: int):
@@ -448,8 +464,8 @@ def _conv1d_fwd_impl(
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    a3 = lora_A.to(ldt).reshape(r, -1, k)
-    B = lora_B.to(ldt)
+    a3 = _cast(lora_A, ldt).reshape(r, -1, k)
+    B = _cast(lora_B, ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
@@ -476,7 +492,7 @@ def _conv1d_fwd_impl(
         if ldt == dt:
             _add_grouped_1x1_(y, B, u, groups, scaling)
         else:
-            y = _add_grouped_1x1_(y.to(ldt), B, u, groups, scaling).to(dt)
+            y = _add_grouped_1x1_(_cast(y, ldt), B, u, groups, scaling).to(dt)
     return y, u
 
 
@@ -500,13 +516,13 @@ def _conv1d_bwd_impl(
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    a3 = lora_A.to(ldt).reshape(r, -1, k)
-    B = lora_B.to(ldt)
+    a3 = _cast(lora_A, ldt).reshape(r, -1, k)
+    B = _cast(lora_B, ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     mask = _mask(x, dropout_p, seed)
     xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
     merged = _merge_ok(x, dropout_p, conv=True)
-    gl = grad.to(ldt)
+    gl = _cast(grad, ldt)
     g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1) * scaling, gl, groups)
     w_base = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[0]] if need_b else None
@@ -522,20 +538,21 @@ def _conv1d_bwd_impl(
             g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [True, False, False]
         )[0]
         if mask is None:
-            gxp = (gxp.to(ldt) + gxp_lora).to(dt)
+            gxp = (_cast(gxp, ldt) + gxp_lora).to(dt)
         else:
-            gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * mask.to(ldt)
+            gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * _cast(mask, ldt)
     if need_x:
         gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
         if need_thin_x and mask is not None:
-            gx = (gx.to(ldt) + gx_lora).to(dt)
+            gx = (_cast(gx, ldt) + gx_lora).to(dt)
     if need_bb:
         gbb = (_grouped_outer(gl, u, groups) * scaling).to(lora_B.dtype)
-    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
-            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+    return gx, gw, gb, ga, gbb
 
 
-_conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())(_conv1d_bwd_impl)
+_conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())(
+    _with_empties(_conv1d_bwd_impl)
+)
 
 
 @_conv1d_bwd.register_fake
@@ -588,9 +605,9 @@ def _convt_fwd_impl(
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    A, B = lora_A.to(ldt), lora_B.to(ldt)
+    A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     mask = _mask(x, dropout_p, seed)
-    xl = x.to(ldt) if mask is None else x.to(ldt) * mask.to(ldt)
+    xl = _cast(x, ldt) if mask is None else _cast(x, ldt) * _cast(mask, ldt)
     u = _grouped_1x1(A, xl, groups)
     if _merge_ok(x, dropout_p, conv=True):
         w_eff = _merged_convt_weight(weight, A, B, scaling, groups)
@@ -598,7 +615,7 @@ def _convt_fwd_impl(
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
         lora = F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups, dilation)
-        y = (y.to(ldt) + scaling * lora).to(dt)
+        y = (_cast(y, ldt) + scaling * lora).to(dt)
     return y, u
 
 
@@ -624,10 +641,10 @@ def _convt_bwd_impl(
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    A, B = lora_A.to(ldt), lora_B.to(ldt)
+    A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     b3 = B.reshape(r, -1, k)
     mask = _mask(x, dropout_p, seed)
-    mask = mask.to(ldt) if mask is not None else None
+    mask = _cast(mask, ldt) if mask is not None else None
     merged = _merge_ok(x, dropout_p, conv=True)
     w_base = _merged_convt_weight(weight, A, B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[1] * groups] if need_b else None
@@ -639,26 +656,27 @@ def _convt_bwd_impl(
     if need_a or need_bb or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
         if grad.device.type == "cpu":
-            g_u, gb3 = _convt_lora_grads(grad.to(ldt), u, b3, stride, padding, dilation, groups, need_bb)
+            g_u, gb3 = _convt_lora_grads(_cast(grad, ldt), u, b3, stride, padding, dilation, groups, need_bb)
         else:
             g_u, gb3, _ = torch.ops.aten.convolution_backward(
-                grad.to(ldt), u, b3, None, *conv_args, [True, need_bb, False]
+                _cast(grad, ldt), u, b3, None, *conv_args, [True, need_bb, False]
             )
         g_u = g_u * scaling
         if need_bb:
             gbb = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
         if need_a:
-            xl = x.to(ldt)
+            xl = _cast(x, ldt)
             ga = _grouped_outer(g_u, xl if mask is None else xl * mask, groups).to(lora_A.dtype)
         if need_x and not merged:
             at = A.reshape(groups, r // groups, -1).transpose(1, 2).reshape(-1, r // groups)
             lx = _grouped_1x1(at, g_u, groups)
-            gx = (gx.to(ldt) + (lx if mask is None else lx * mask)).to(dt)
-    return (_grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x),
-            _grad_or_empty(ga, x), _grad_or_empty(gbb, x))
+            gx = (_cast(gx, ldt) + (lx if mask is None else lx * mask)).to(dt)
+    return gx, gw, gb, ga, gbb
 
 
-_convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())(_convt_bwd_impl)
+_convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())(
+    _with_empties(_convt_bwd_impl)
+)
 
 
 @_convt_bwd.register_fake
