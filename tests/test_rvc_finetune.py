@@ -108,12 +108,13 @@ def test_finetune_is_deterministic_with_a_seed() -> None:
     runs = []
     for _ in range(2):
         student, inputs, target = _setup(seed=1)
+        start = [p.detach().clone() for p in get_lora_parameters(student)]
         losses = _train(student, inputs, target, steps=3)
-        runs.append((losses, [p.detach().clone() for p in get_lora_parameters(student)]))
+        end = [p.detach().clone() for p in get_lora_parameters(student)]
+        assert not all(torch.equal(a, b) for a, b in zip(start, end))  # training did move the factors
+        runs.append((losses, end))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
-    other, inputs, target = _setup(seed=2)
-    assert _train(other, inputs, target, steps=1) != runs[0][0][:1]
 
 
 def test_bf16_autocast_training_keeps_the_lora_update() -> None:
