@@ -108,8 +108,10 @@ def lora_conv1d_ref(
     """
     k = weight.shape[-1]
     r = lora_A.shape[0]
-    xp = pad1d(x, padding, padding_mode)
-    base = F.conv1d(xp, weight, bias, stride=stride, dilation=dilation, groups=groups)
+    if padding_mode == "zeros" and padding[0] == padding[1]:
+        base = F.conv1d(x, weight, bias, stride=stride, padding=padding[0], dilation=dilation, groups=groups)
+    else:
+        base = F.conv1d(pad1d(x, padding, padding_mode), weight, bias, stride=stride, dilation=dilation, groups=groups)
     dp = pad1d(_drop(x, dropout_mask), padding, padding_mode)
     u = F.conv1d(dp, lora_A.reshape(r, -1, k), None, stride=stride, dilation=dilation, groups=groups)
     lora = F.conv1d(u, lora_B.unsqueeze(-1), None, groups=groups)
