@@ -1,7 +1,9 @@
 """Every backend available here against the oracle (rvclora.reference), through the public ops.
 
-Option grids cover every option of each base layer; shapes are odd on purpose. Backends that
-cannot run here (or don't cover an op) are skipped with the dispatcher's own reason.
+Option grids cover every option of each base layer; shapes are odd on purpose. Each op is run on
+the backends that implement it (torch everywhere; triton for Linear and Conv1d; the cuda
+extension's CPU twin for ConvTranspose1d); a backend that cannot run here is skipped with the
+dispatcher's own reason.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", list(BACKEND_DTYPES), indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 def test_linear_matches_oracle(backend, case):
     lead, fin, fout, r, has_bias, p = case
@@ -112,7 +114,7 @@ CONV_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", list(BACKEND_DTYPES), indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("case", CONV_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_conv1d_matches_oracle(backend, case, p):
@@ -156,7 +158,7 @@ CONVT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", list(BACKEND_DTYPES), indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cuda"], indirect=True)
 @pytest.mark.parametrize("case", CONVT_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_conv_transpose1d_matches_oracle(backend, case, p):
