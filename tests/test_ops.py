@@ -9,6 +9,7 @@ dispatcher's own reason.
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -49,6 +50,11 @@ def _mask_for(name, shape, p, seed, dtype=torch.float64):
     return dispatch.load_backend(name).dropout_mask(seed, shape, p, torch.device("cpu"), dtype)
 
 
+def _case_seed(case) -> int:
+    # Python's str hash changes per process; crc32 gives each case the same inputs on every run.
+    return zlib.crc32(repr(case).encode())
+
+
 def _dtypes(name):
     return BACKEND_DTYPES[name]
 
@@ -75,7 +81,7 @@ LINEAR_CASES = [
 def test_linear_matches_oracle(backend, case):
     lead, fin, fout, r, has_bias, p = case
     _skip_big_for_interpreted(backend, fin, fout)
-    torch.manual_seed(hash(case) % 1000)
+    torch.manual_seed(_case_seed(case))
     t = {
         "x": torch.randn(*lead, fin, dtype=torch.float64),
         "weight": torch.randn(fout, fin, dtype=torch.float64) / fin**0.5,
@@ -120,7 +126,7 @@ CONV_GRID = [
 def test_conv1d_matches_oracle(backend, case, p):
     cin, cout, k, stride, padding, dil, g, has_bias, mode, r = case
     _skip_big_for_interpreted(backend, cin, cout)
-    torch.manual_seed(sum(map(hash, map(str, case))) % 1000)
+    torch.manual_seed(_case_seed(case))
     n, t_len = 2, 13
     t = {
         "x": torch.randn(n, cin, t_len, dtype=torch.float64),
@@ -164,7 +170,7 @@ CONVT_GRID = [
 def test_conv_transpose1d_matches_oracle(backend, case, p):
     cin, cout, k, stride, padding, opad, dil, g, has_bias, r = case
     _skip_big_for_interpreted(backend, cin, cout)
-    torch.manual_seed(sum(map(hash, map(str, case))) % 1000)
+    torch.manual_seed(_case_seed(case))
     n, t_len = 2, 7
     t = {
         "x": torch.randn(n, cin, t_len, dtype=torch.float64),
