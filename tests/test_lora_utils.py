@@ -92,8 +92,9 @@ def test_injection_is_exact_at_step_zero_and_folds_weight_norm(wn):
     model.requires_grad_(False)
     with torch.no_grad():
         before = model(x)
+        adaptable = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
         folded_before = {name: m.weight.detach().clone() for name, m in model.named_modules()
-                         if name.startswith(("ups.", "resblocks.")) and isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))}
+                         if name.startswith(("ups.", "resblocks.")) and isinstance(m, adaptable)}
     inject_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["ups", "resblocks"]))
     for name, w in folded_before.items():
         assert torch.equal(model.get_submodule(name).weight, w), name
