@@ -108,7 +108,28 @@ def _lora_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def _eager_function(name, fwd_impl, bwd_impl, setup, backward):
+def _setup(ctx, inputs, output):
+    """Every op's inputs are ``(x, weight, bias, lora_A, lora_B, *non-tensor args, seed)``: autograd keeps
+    ``x``, ``u`` and the parameters (no activation-sized intermediate, no dropped copy of ``x``)."""
+    x, weight, _bias, lora_A, lora_B, *args, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, grad_y, bwd):
+    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[3], n[4]]
+    grads = bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (len(n) - 5)
+
+
+def _register_autograd(fwd_op, bwd_op) -> None:
+    """The custom-op path (used under ``torch.compile``): backward through the backward custom op."""
+    fwd_op.register_autograd(lambda ctx, grad_y, grad_u: _backward(ctx, grad_y, bwd_op), setup_context=_setup)
+
+
+def _eager_function(name, fwd_impl, bwd_impl):
     """A plain ``autograd.Function`` over the same bodies as the custom ops.
 
     Eager calls skip the custom-op machinery (hundreds of microseconds per call on CPU, times
@@ -118,14 +139,14 @@ def _eager_function(name, fwd_impl, bwd_impl, setup, backward):
 
     def forward(ctx, *args):
         out = fwd_impl(*args)
-        setup(ctx, args, out)
+        _setup(ctx, args, out)
         return out[0]
 
-    def bwd(ctx, grad_y):
-        return backward(ctx, grad_y, None, bwd_impl)
+    def backward(ctx, grad_y):
+        return _backward(ctx, grad_y, bwd_impl)
 
     return type(f"_Torch_{name}_Function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def _conv_out_len(t: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
@@ -227,24 +248,8 @@ def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
     return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
 
 
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.args = (scaling, dropout_p)
-
-
-def _linear_backward(ctx, grad_y, grad_u, bwd=None):
-    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[3], n[4]]
-    bwd = bwd or _linear_bwd
-    gx, gw, gb, ga, gbb = bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
-    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None,
-            ga if n[3] else None, gbb if n[4] else None, None, None, None)
-
-
-_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
-_LinearFunction = _eager_function("linear", _linear_fwd_impl, _linear_bwd_impl, _linear_setup, _linear_backward)
+_register_autograd(_linear_fwd, _linear_bwd)
+_LinearFunction = _eager_function("linear", _linear_fwd_impl, _linear_bwd_impl)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -572,24 +577,8 @@ def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, gr
     return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
 
 
-def _conv1d_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.args = (scaling, stride, padding, dilation, groups, padding_mode, dropout_p)
-
-
-def _conv1d_backward(ctx, grad_y, grad_u, bwd=None):
-    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[3], n[4]]
-    bwd = bwd or _conv1d_bwd
-    gx, gw, gb, ga, gbb = bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
-    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None, ga if n[3] else None,
-            gbb if n[4] else None) + (None,) * 8
-
-
-_conv1d_fwd.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
-_Conv1dFunction = _eager_function("conv1d", _conv1d_fwd_impl, _conv1d_bwd_impl, _conv1d_setup, _conv1d_backward)
+_register_autograd(_conv1d_fwd, _conv1d_bwd)
+_Conv1dFunction = _eager_function("conv1d", _conv1d_fwd_impl, _conv1d_bwd_impl)
 
 
 def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
@@ -696,26 +685,8 @@ def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, output_paddi
     return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
 
 
-def _convt_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed = (
-        inputs
-    )
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.args = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
-
-
-def _convt_backward(ctx, grad_y, grad_u, bwd=None):
-    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[3], n[4]]
-    bwd = bwd or _convt_bwd
-    gx, gw, gb, ga, gbb = bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
-    return (gx if n[0] else None, gw if n[1] else None, gb if n[2] else None, ga if n[3] else None,
-            gbb if n[4] else None) + (None,) * 8
-
-
-_convt_fwd.register_autograd(_convt_backward, setup_context=_convt_setup)
-_ConvtFunction = _eager_function("convt", _convt_fwd_impl, _convt_bwd_impl, _convt_setup, _convt_backward)
+_register_autograd(_convt_fwd, _convt_bwd)
+_ConvtFunction = _eager_function("convt", _convt_fwd_impl, _convt_bwd_impl)
 
 
 def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
