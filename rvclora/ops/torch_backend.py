@@ -383,6 +383,14 @@ def _merged_conv1d_weight(weight: Tensor, a2: Tensor, B: Tensor, scaling: float,
     ).view(weight.shape)
 
 
+def _convt_merge_pays(x: Tensor, weight: Tensor) -> bool:
+    """Merging a transposed convolution's weight costs a pass over ``in·out/g·k`` elements per call;
+    the separate LoRA term costs a thin convolution at the input rate. RVC's first upsampler
+    (512→256, k=16, 32 frames) has a weight 30× larger than its input: there the separate term wins
+    (measured in ``pytest bench/``); the later upsamplers, with long inputs, merge."""
+    return weight.numel() <= x.numel() * weight.shape[-1]
+
+
 def _merged_convt_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float, groups: int) -> Tensor:
     """``W + s·ΔW`` in one GEMM pass (``W: (in, out/g, k)``, ``A: (r, in/g)``, ``B: (r, out/g·k)``)."""
     cin = weight.shape[0]
@@ -607,13 +615,16 @@ def _convt_fwd_impl(
     mask = _mask(x, dropout_p, seed)
     xl = _cast(x, ldt) if mask is None else _cast(x, ldt) * _cast(mask, ldt)
     u = _grouped_1x1(A, xl, groups)
-    if _merge_ok(x, dropout_p, conv=True):
+    if _merge_ok(x, dropout_p, conv=True) and _convt_merge_pays(x, weight):
         w_eff = _merged_convt_weight(weight, A, B, scaling, groups)
         y = F.conv_transpose1d(x, w_eff, bias, stride, padding, output_padding, groups, dilation)
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
         lora = F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups, dilation)
-        y = (_cast(y, ldt) + scaling * lora).to(dt)
+        if ldt == dt:
+            y.add_(lora, alpha=scaling)
+        else:
+            y = (_cast(y, ldt) + scaling * lora).to(dt)
     return y, u
 
 
@@ -643,7 +654,7 @@ def _convt_bwd_impl(
     b3 = B.reshape(r, -1, k)
     mask = _mask(x, dropout_p, seed)
     mask = _cast(mask, ldt) if mask is not None else None
-    merged = _merge_ok(x, dropout_p, conv=True)
+    merged = _merge_ok(x, dropout_p, conv=True) and _convt_merge_pays(x, weight)
     w_base = _merged_convt_weight(weight, A, B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[1] * groups] if need_b else None
     conv_args = ([stride], [padding], [dilation], True, [output_padding], groups)
@@ -653,7 +664,7 @@ def _convt_bwd_impl(
     ga = gbb = None
     if need_a or need_bb or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
-        if grad.device.type == "cpu":
+        if grad.device.type == "cpu" and u.shape[0] * u.shape[-1] >= 256:
             g_u, gb3 = _convt_lora_grads(_cast(grad, ldt), u, b3, stride, padding, dilation, groups, need_bb)
         else:
             g_u, gb3, _ = torch.ops.aten.convolution_backward(
