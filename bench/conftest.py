@@ -13,9 +13,11 @@ only), ``rvclora`` (``RVCLORA_BACKEND``, default ``auto``: the torch path on CPU
 brief's unfused module, ``alternatives.py``), ``peft``, ``loralib``, ``full`` (full fine-tuning:
 every weight trains).
 
-Memory: the bytes autograd saves for backward, counted with
+Memory: the activation bytes autograd saves for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during the first warm-up step
-(deterministic: no timing involved).
+(deterministic: no timing involved). Parameters are not counted (the model holds them anyway;
+saving one costs nothing). rvclora's count is checked against the bound of issue #6: the frozen
+base's count plus ``x`` and ``u`` of every adapted layer (``bound`` column: ``ok`` or ``OVER``).
 
 Options (or environment variables): ``--bench-quick`` (``RVCLORA_BENCH_QUICK=1``) tiny shapes and
 1 warm-up + 2 rounds, for the CI smoke test; ``--bench-json PATH`` (``RVCLORA_BENCH_JSON``), default
@@ -146,6 +148,8 @@ class Row:
     floor: float
     roles: Dict[str, str]  # role ("base", "rvclora", "plain", ...) -> variant key in the run
     params: Dict[str, object] = field(default_factory=dict)
+    #: bytes of ``x`` and ``u`` summed over the adapted layers: rvclora may save at most the base's plus this
+    saved_allowance: Optional[int] = None
 
 
 @dataclass
@@ -161,10 +165,13 @@ def _clear_grads(params: Sequence[torch.Tensor]) -> None:
 
 
 def count_saved_bytes(fn: Callable[[], None]) -> int:
-    """Bytes autograd saves for backward while ``fn`` runs, counted once per underlying storage."""
+    """Activation bytes autograd saves for backward while ``fn`` runs, counted once per underlying
+    storage (parameters are not counted: saving one allocates nothing)."""
     storages: Dict[int, int] = {}
 
     def pack(t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter):
+            return t
         s = t.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
         return t
@@ -172,6 +179,38 @@ def count_saved_bytes(fn: Callable[[], None]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
+
+
+def saved_allowance(model: torch.nn.Module, run: Callable[[], object]) -> int:
+    """Bytes of ``x`` and ``u`` summed over the rvclora layers of ``model`` while ``run()`` does a forward.
+
+    ``u`` is the rank-``r`` projection autograd may keep per layer (float32 for half inputs):
+    ``(N, r, T_out)`` for Conv1d, ``(N, r, T_in)`` for ConvTranspose1d, ``(M, r)`` for Linear.
+    """
+    from rvclora import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
+
+    total = [0]
+
+    def hook(mod, args, out):
+        x = args[0]
+        lora_bytes = 4 if x.dtype in (torch.float16, torch.bfloat16) else x.element_size()
+        if isinstance(mod, LoRALinear):
+            rows = x.numel() // x.shape[-1]
+        elif isinstance(mod, LoRAConvTranspose1d):
+            rows = x.shape[0] * x.shape[-1]
+        else:
+            rows = out.shape[0] * out.shape[-1]
+        total[0] += x.numel() * x.element_size() + rows * mod.r * lora_bytes
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (LoRALinear, LoRAConv1d, LoRAConvTranspose1d))]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
 
 
 class Harness:
@@ -183,6 +222,7 @@ class Harness:
 
     Variant = Variant
     Row = Row
+    saved_allowance = staticmethod(saved_allowance)
 
     def __init__(self, config, nodeid: str, case_budget_s: float) -> None:
         self.config = config
@@ -279,6 +319,10 @@ def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: 
         }
         if role in ALTERNATIVES and rv_t:
             entry["rvclora_over_this"] = rv_t / t
+        if role == "rvclora" and row.saved_allowance is not None and saved.get(base_key) is not None:
+            bound = saved[base_key] + row.saved_allowance
+            entry["saved_bound_bytes"] = bound
+            entry["saved_within_bound"] = saved.get(key, 0) <= bound
         out["variants"][role] = entry
     return out
 
@@ -434,7 +478,7 @@ def format_table(results: List[dict], info: dict) -> List[str]:
     head = ["case", "floor", "base ms", "rvclora ms ovh"]
     for alt in ALTERNATIVES:
         head += [f"{alt} ms ovh", "rv/" + alt]
-    head += ["saved MiB: base", "rvclora", "plain", "peft", "loralib", "full"]
+    head += ["saved MiB: base", "rvclora", "bound", "plain", "peft", "loralib", "full"]
     lines_cells = []
     reasons: Dict[str, List[str]] = {}
     for res in results:
@@ -442,7 +486,10 @@ def format_table(results: List[dict], info: dict) -> List[str]:
         cells = [res["case"], f"{res['flop_floor'] * 100:.1f}%", _cell(v["base"], "ms"), _cell(v["rvclora"], "ms+ovh")]
         for alt in ALTERNATIVES:
             cells += [_cell(v[alt], "ms+ovh"), _cell(v[alt], "ratio")]
-        cells += [_cell(v[k], "mib") for k in VARIANTS]
+        cells += [_cell(v[k], "mib") for k in VARIANTS[:2]]
+        ok = v["rvclora"].get("saved_within_bound")
+        cells.append("-" if ok is None else ("ok" if ok else "OVER"))
+        cells += [_cell(v[k], "mib") for k in VARIANTS[2:]]
         lines_cells.append(cells)
         for role in VARIANTS:
             if v[role]["status"] == "unsupported":
@@ -461,7 +508,8 @@ def format_table(results: List[dict], info: dict) -> List[str]:
         f"mode {info.get('mode')} · {info.get('date')}",
         "ms = median per training step (forward + backward) over interleaved rounds after warm-up; "
         "ovh = vs the frozen base; floor = flop floor (DESIGN.md §3); rv/x = rvclora time / x time (< 1: rvclora "
-        "faster); saved MiB = bytes autograd saves for backward; '-' = not run in this case",
+        "faster); saved MiB = activation bytes autograd saves for backward; bound = rvclora's within the base's "
+        "+ x + u per adapted layer; '-' = not run in this case",
         rule, fmt(head), rule,
     ]
     out += [fmt(c) for c in lines_cells]

@@ -187,5 +187,6 @@ def test_generator_step(benchmark, bench_harness, batch):
         rows.append(h.Row(case=f"gen{config.name} b{batch} {label} r{r}", kind="generator", floor=floor,
                           roles=roles, params={"config": config.name, "batch": batch, "frames": frames,
                                                "targets": list(targets), "r": r, "lora_alpha": alpha,
-                                               "lora_layers": len(names)}))
+                                               "lora_layers": len(names)},
+                          saved_allowance=h.saved_allowance(rv, lambda m=rv: _output(m, inputs))))
     h.run(benchmark, variants, rows, h.plan(PLAN_QUICK, PLAN_FULL))

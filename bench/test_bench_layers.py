@@ -140,7 +140,8 @@ def _run_case(benchmark, h, case, kind, base, x, floor, params):
                                            w_eff, base)
 
     roles = {k: k for k in variants}
-    row = h.Row(case=case, kind=kind, floor=floor, roles=roles, params={**params, "r": RANK, "lora_alpha": ALPHA})
+    row = h.Row(case=case, kind=kind, floor=floor, roles=roles, params={**params, "r": RANK, "lora_alpha": ALPHA},
+                saved_allowance=h.saved_allowance(rv, lambda: rv(x)))
     h.run(benchmark, variants, [row], h.plan(PLAN_QUICK, PLAN_FULL))
 
 

@@ -178,7 +178,7 @@ def _linear_fwd_impl(
         w_cat[out:] = A
         b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
         yu = F.linear(x2, w_cat, b_cat)
-        y, u = yu[:, :out], yu[:, out:].contiguous()
+        y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
     else:
         y = F.linear(x2, weight, bias)
         xl = _cast(x2, ldt) if mask is None else _cast(x2, ldt) * _cast(mask, ldt)
@@ -500,7 +500,9 @@ def _conv1d_fwd_impl(
         w_cat[out:] = a3
         b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
         yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
-        y, u = yu[:, :out], yu[:, out:].contiguous()
+        # clone, not contiguous(): at batch 1 the slice is already contiguous, and a view would keep
+        # all of yu (an activation-sized buffer) alive for backward.
+        y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
         if x.shape[0] > 1:
             y = y.contiguous()
     elif _merge_ok(x, dropout_p, conv=True):
