@@ -166,6 +166,10 @@ def _info_backends() -> int:
     for row in backend_status():
         reason = row["unavailable"]
         print(f"  {row['backend']:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    from .ops import autotune
+
+    print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "
+          "(RVCLORA_CPU_AUTOTUNE=0 or torch.use_deterministic_algorithms(True) turn it off)")
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
           f"CPU threads: {torch.get_num_threads()}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
+from . import autotune
 
 NAME = "torch"
 
@@ -482,24 +483,39 @@ def _conv1d_fwd_impl(
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
-    if _merge_ok(x, dropout_p, conv=True) and groups == 1:
-        # One convolution computes y and u together: conv(x, [W + s·ΔW; A]) has out + r channels,
-        # so u costs r/out of the base forward and no separate pass over x.
-        out = weight.shape[0]
-        w_cat = weight.new_empty(out + r, *weight.shape[1:])
-        torch.addmm(weight.reshape(out, -1), B, a3.reshape(r, -1), alpha=scaling, out=w_cat[:out].view(out, -1))
-        w_cat[out:] = a3
-        b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
-        yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
-        # clone, not contiguous(): at batch 1 the slice is already contiguous, and a view would keep
-        # all of yu (an activation-sized buffer) alive for backward.
-        y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
-        if x.shape[0] > 1:
-            y = y.contiguous()
-    elif _merge_ok(x, dropout_p, conv=True):
-        w_eff = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups)
-        y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
-        u = _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
+    if _merge_ok(x, dropout_p, conv=True):
+        a2 = a3.reshape(r, -1)
+
+        def joint() -> Tuple[Tensor, Tensor]:
+            # One convolution computes y and u together: conv(x, [W + s·ΔW; A]) has out + r channels,
+            # so u costs r/out of the base forward and no separate pass over x.
+            out = weight.shape[0]
+            w_cat = weight.new_empty(out + r, *weight.shape[1:])
+            torch.addmm(weight.reshape(out, -1), B, a2, alpha=scaling, out=w_cat[:out].view(out, -1))
+            w_cat[out:] = a3
+            b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
+            yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
+            # clone, not contiguous(): at batch 1 the slice is already contiguous, and a view would keep
+            # all of yu (an activation-sized buffer) alive for backward.
+            y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
+            return (y.contiguous() if x.shape[0] > 1 else y), u
+
+        def split() -> Tuple[Tensor, Tensor]:
+            # The base-sized convolution with W + s·ΔW, and u as a thin GEMM plus k shifted adds.
+            w_eff = _merged_conv1d_weight(weight, a2, B, scaling, groups)
+            y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
+            return y, _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
+
+        if groups != 1:
+            y, u = split()
+        elif x.device.type != "cpu":
+            y, u = joint()
+        else:
+            # The convolution library's speed jumps with the channel count (out + r can be much slower,
+            # or faster, than out): measure both on the first calls of this shape (autotune.py).
+            key = ("conv1d_fwd", tuple(xp.shape), tuple(weight.shape), r, stride, cpad, dilation, x.dtype,
+                   bias is not None, torch.get_num_threads())
+            y, u = autotune.choose_and_run(key, {"joint": joint, "split": split}, default="joint")
     else:
         y = F.conv1d(xp, weight, bias, stride, cpad, dilation, groups)
         xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
