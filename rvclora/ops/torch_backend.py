@@ -537,6 +537,37 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
             x.new_empty(x.shape[0], lora_A.shape[0], t_out, dtype=_lora_dtype(x)))
 
 
+def _conv1d_bwd_lean(
+    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+    pad: int, dilation: int, needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The general backward below, specialised to RVC's case (batch 1, groups 1, stride 1, symmetric zero
+    padding, merged maths on CPU) with as few ops as possible: each op costs microseconds of dispatch,
+    times every adapted layer of a model (tests/test_ops.py checks it against the oracle like the rest)."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    out, cin, k = weight.shape
+    r = lora_A.shape[0]
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    g2 = grad[0]
+    w_eff = torch.addmm(weight.view(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
+    )
+    ga = gbb = None
+    if need_a:
+        # grad_A as one GEMM over the tap-stacked, unscaled g_u = Bᵀg (see _thin_conv1d_weight_grad)
+        t_in, t_out = x.shape[-1], g2.shape[-1]
+        t_p = t_in + 2 * pad
+        stacked = g2.new_zeros(k * r, t_p)
+        stacked.as_strided((k, r, t_out), (r * t_p + dilation, t_p, 1)).copy_(
+            torch.mm(B.t(), g2).expand(k, r, t_out))
+        ga = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
+        ga = ga.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling).to(lora_A.dtype)
+    if need_bb:
+        gbb = torch.mm(u[0], g2.t()).t().mul(scaling).to(lora_B.dtype)  # the thin operand first
+    return gx, gw, gb, ga, gbb
+
+
 @_no_autocast
 def _conv1d_bwd_impl(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -547,12 +578,15 @@ def _conv1d_bwd_impl(
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
+    merged = _merge_ok(x, dropout_p, conv=True)
+    if (merged and x.shape[0] == 1 and groups == 1 and stride == 1 and x.device.type == "cpu"
+            and padding_mode == "zeros" and padding[0] == padding[1]):
+        return _conv1d_bwd_lean(grad, x, u, weight, lora_A, lora_B, scaling, padding[0], dilation, needs)
     a3 = _cast(lora_A, ldt).reshape(r, -1, k)
     B = _cast(lora_B, ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     mask = _mask(x, dropout_p, seed)
     xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
-    merged = _merge_ok(x, dropout_p, conv=True)
     gl = _cast(grad, ldt)
     g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1) * scaling, gl, groups)
     w_base = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups) if merged else weight
