@@ -553,19 +553,24 @@ def _conv1d_bwd_lean(
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
     )
-    ga = gbb = None
-    if need_a:
-        # grad_A as one GEMM over the tap-stacked, unscaled g_u = Bᵀg (see _thin_conv1d_weight_grad)
-        t_in, t_out = x.shape[-1], g2.shape[-1]
-        t_p = t_in + 2 * pad
-        stacked = g2.new_zeros(k * r, t_p)
-        stacked.as_strided((k, r, t_out), (r * t_p + dilation, t_p, 1)).copy_(
-            torch.mm(B.t(), g2).expand(k, r, t_out))
-        ga = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
-        ga = ga.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling).to(lora_A.dtype)
-    if need_bb:
-        gbb = torch.mm(u[0], g2.t()).t().mul(scaling).to(lora_B.dtype)  # the thin operand first
+    ga = _lean_grad_A(g2, x, B, scaling, pad, dilation, k).to(lora_A.dtype) if need_a else None
+    gbb = _lean_grad_B(g2, u, scaling).to(lora_B.dtype) if need_bb else None
     return gx, gw, gb, ga, gbb
+
+
+def _lean_grad_A(g2: Tensor, x: Tensor, B: Tensor, scaling: float, pad: int, dilation: int, k: int) -> Tensor:
+    """grad_A as one GEMM over the tap-stacked, unscaled g_u = Bᵀg (see _thin_conv1d_weight_grad)."""
+    r, cin = B.shape[1], x.shape[1]
+    t_in, t_out = x.shape[-1], g2.shape[-1]
+    t_p = t_in + 2 * pad
+    stacked = g2.new_zeros(k * r, t_p)
+    stacked.as_strided((k, r, t_out), (r * t_p + dilation, t_p, 1)).copy_(torch.mm(B.t(), g2).expand(k, r, t_out))
+    ga = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
+    return ga.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling)
+
+
+def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
+    return torch.mm(u[0], g2.t()).t().mul(scaling)  # the thin operand first
 
 
 @_no_autocast
