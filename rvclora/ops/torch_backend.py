@@ -546,7 +546,6 @@ def _conv1d_bwd_lean(
     times every adapted layer of a model (tests/test_ops.py checks it against the oracle like the rest)."""
     need_x, need_w, need_b, need_a, need_bb = needs
     out, cin, k = weight.shape
-    r = lora_A.shape[0]
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     g2 = grad[0]
     w_eff = torch.addmm(weight.view(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
