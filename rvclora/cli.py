@@ -169,7 +169,7 @@ def _info_backends() -> int:
     from .ops import autotune
 
     print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "
-          "(RVCLORA_CPU_AUTOTUNE=0 or torch.use_deterministic_algorithms(True) turn it off)")
+          "(opt-in: RVCLORA_CPU_AUTOTUNE=1; off under torch.use_deterministic_algorithms(True))")
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
           f"CPU threads: {torch.get_num_threads()}")
