@@ -489,15 +489,16 @@ def _conv1d_fwd_impl(
         def joint() -> Tuple[Tensor, Tensor]:
             # One convolution computes y and u together: conv(x, [W + s·ΔW; A]) has out + r channels,
             # so u costs r/out of the base forward and no separate pass over x.
+            # (narrow/copy_/pad rather than indexing and cat: each saves microseconds of dispatch per call)
             out = weight.shape[0]
             w_cat = weight.new_empty(out + r, *weight.shape[1:])
-            torch.addmm(weight.reshape(out, -1), B, a2, alpha=scaling, out=w_cat[:out].view(out, -1))
-            w_cat[out:] = a3
-            b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
+            torch.addmm(weight.reshape(out, -1), B, a2, alpha=scaling, out=w_cat.narrow(0, 0, out).view(out, -1))
+            w_cat.narrow(0, out, r).copy_(a3)
+            b_cat = F.pad(bias, (0, r)) if bias is not None else None
             yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
             # clone, not contiguous(): at batch 1 the slice is already contiguous, and a view would keep
             # all of yu (an activation-sized buffer) alive for backward.
-            y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
+            y, u = yu.narrow(1, 0, out), yu.narrow(1, out, r).clone(memory_format=torch.contiguous_format)
             return (y.contiguous() if x.shape[0] > 1 else y), u
 
         def split() -> Tuple[Tensor, Tensor]:
@@ -508,7 +509,7 @@ def _conv1d_fwd_impl(
 
         if groups != 1:
             y, u = split()
-        elif x.device.type != "cpu":
+        elif x.device.type != "cpu" or not autotune.enabled():
             y, u = joint()
         else:
             # The convolution library's speed jumps with the channel count (out + r can be much slower,
@@ -548,7 +549,7 @@ def _conv1d_bwd_lean(
     out, cin, k = weight.shape
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     g2 = grad[0]
-    w_eff = torch.addmm(weight.view(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
+    w_eff = torch.addmm(weight.reshape(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
     )
