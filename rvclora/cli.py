@@ -266,20 +266,6 @@ def _demo_inputs(frames: int, seed: int) -> tuple[Tensor, Tensor]:
     return x, f0
 
 
-def _add_hidden_update(model: nn.Module, seed: int, relative_norm: float = 0.2) -> None:
-    """Set every LoRA factor of ``model`` at random so that ``‖ΔW‖ = relative_norm · ‖W‖`` per layer."""
-    from .inject import lora_modules
-
-    gen = _seeded(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
-            scale = (relative_norm * layer.weight.norm() / layer.get_delta_weight().norm()).sqrt()
-            layer.lora_A.mul_(scale)
-            layer.lora_B.mul_(scale)
-
-
 def _median_rate(times: list[float]) -> float:
     return 1.0 / statistics.median(times)
 
@@ -293,6 +279,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         inject_lora,
         mark_only_lora_as_trainable,
         merge_lora_weights,
+        randomize_lora_,
         unmerge_lora_weights,
     )
     from .models.rvc import build_generator
@@ -312,7 +299,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in student.parameters())  # RVC's count, weight_g/weight_v separate
     mark_only_lora_as_trainable(inject_lora(student, lora_cfg), lora_cfg.bias)
     teacher = inject_lora(build_generator(cfg, seed=args.seed), lora_cfg)
-    _add_hidden_update(teacher, args.seed + 1)
+    randomize_lora_(teacher, relative_norm=0.2, seed=args.seed + 1)
     teacher.eval()
     x, f0 = _demo_inputs(args.frames, args.seed + 2)
     emb_g = 0.1 * torch.randn(1, cfg.gin_channels, generator=_seeded(args.seed + 3))  # one speaker

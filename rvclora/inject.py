@@ -18,6 +18,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "get_lora_parameters",
     "count_lora_parameters",
+    "randomize_lora_",
     "merge_lora_weights",
     "unmerge_lora_weights",
     "merged_state_dict",
@@ -132,6 +133,22 @@ def get_lora_parameters(model: nn.Module) -> List[nn.Parameter]:
 def count_lora_parameters(model: nn.Module) -> int:
     """Number of elements in the LoRA factors of ``model``."""
     return sum(p.numel() for p in get_lora_parameters(model))
+
+
+def randomize_lora_(model: nn.Module, relative_norm: float, seed: int) -> nn.Module:
+    """Set every LoRA factor of ``model`` at random (seeded) so that ``‖ΔW‖ = relative_norm · ‖W‖`` per layer.
+
+    For demos and tests that need a known, non-zero update (a fresh layer's ``B = 0`` gives none).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_modules(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
+            scale = (relative_norm * layer.weight.norm() / layer.get_delta_weight().norm()).sqrt()
+            layer.lora_A.mul_(scale)
+            layer.lora_B.mul_(scale)
+    return model
 
 
 def merge_lora_weights(model: nn.Module) -> nn.Module:

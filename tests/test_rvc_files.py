@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from rvclora import LoRAConfig, inject_lora, lora_modules, save_lora_checkpoint
+from rvclora import LoRAConfig, inject_lora, save_lora_checkpoint
+from rvclora.inject import randomize_lora_
 from rvclora.models.rvc import Generator, GeneratorNSF, build_generator, get_generator_config
 from rvclora.rvc_files import (
     EXPORTED_FIELDS,
@@ -34,17 +35,6 @@ def _extra() -> dict[str, torch.Tensor]:
         "enc_p.emb_phone.weight": torch.randn(4, 3, generator=gen),
         "enc_p.emb_phone.bias": torch.randn(4, generator=gen),
     }
-
-
-def _randomize_lora(model: nn.Module, seed: int, relative_norm: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
-            s = (relative_norm * layer.weight.norm() / layer.get_delta_weight().norm()).sqrt()
-            layer.lora_A.mul_(s)
-            layer.lora_B.mul_(s)
 
 
 def _sha(path: Path) -> str:
@@ -98,7 +88,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     write_exported_model(base, d / "base.pth", CFG, extra_weights=extra, info="200epoch")
     lora_cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=["ups", "resblocks"])
     adapted = inject_lora(build_generator("40k", seed=0), lora_cfg)
-    _randomize_lora(adapted, seed=1, relative_norm=0.2)
+    randomize_lora_(adapted, relative_norm=0.2, seed=1)
     save_lora_checkpoint(adapted, d / "adapter.pth", lora_cfg)
     return {"dir": d, "base": base, "adapted": adapted.eval(), "extra": extra, "lora_cfg": lora_cfg}
 
@@ -162,7 +152,7 @@ def test_merge_no_f0_model_and_synthesizer_prefixed_adapter(tmp_path: Path) -> N
     synth.emb_g = nn.Embedding(1, 256)
     lora_cfg = LoRAConfig(r=2, lora_alpha=4, target_modules=["dec.ups"])
     inject_lora(synth, lora_cfg)
-    _randomize_lora(synth, seed=2)
+    randomize_lora_(synth, relative_norm=0.05, seed=2)
     save_lora_checkpoint(synth, tmp_path / "synth_adapter.safetensors", lora_cfg)
     result = merge_adapter(tmp_path / "nof0.pth", tmp_path / "synth_adapter.safetensors", tmp_path / "out.pth")
     assert result.merged_layers == 4

@@ -21,6 +21,7 @@ from rvclora import (
     lora_modules,
     mark_only_lora_as_trainable,
 )
+from rvclora.inject import randomize_lora_
 from rvclora.models.rvc import GeneratorConfig, build_generator, get_generator_config
 from rvclora.ops import set_backend
 
@@ -33,23 +34,12 @@ BF16_STEPS = 12
 NOISE_SEED = 7
 
 
-def _hidden_update(model: nn.Module, seed: int, relative_norm: float = 0.2) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
-            s = (relative_norm * layer.weight.norm() / layer.get_delta_weight().norm()).sqrt()
-            layer.lora_A.mul_(s)
-            layer.lora_B.mul_(s)
-
-
 def _setup(
     seed: int, config: str | GeneratorConfig = CONFIG, relative_norm: float = 0.2
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...], torch.Tensor]:
     cfg = LoRAConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["ups", "resblocks"])
     teacher = inject_lora(build_generator(config, seed=seed), cfg)
-    _hidden_update(teacher, seed + 1, relative_norm)
+    randomize_lora_(teacher, relative_norm=relative_norm, seed=seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(1, 192, FRAMES, generator=gen)
     f0 = 100 + 200 * torch.rand(1, FRAMES, generator=gen)
