@@ -165,7 +165,8 @@ def _info_backends() -> int:
     print(f"rvclora backends (requested: {get_backend()}; set RVCLORA_BACKEND or rvclora.ops.set_backend)")
     for row in backend_status():
         reason = row["unavailable"]
-        print(f"  {row['backend']:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        note = f": {row['note']}" if row["note"] else ""  # e.g. the cuda backend built without its CUDA part
+        print(f"  {row['backend']:<10} {'available' + note if reason is None else 'unavailable: ' + reason}")
     from .ops import autotune
 
     print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "

@@ -529,3 +529,11 @@ def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().startswith("no CUDA toolkit (no nvcc in CUDA_HOME="), proc.stdout
     assert "built the CPU twin only; ConvTranspose1d uses the torch path on GPU" in proc.stdout
+
+
+def test_rvclora_info_shows_what_the_cuda_backend_runs(ext):
+    """`rvclora info` prints the status note: on a CUDA torch without a toolkit, the one-line reason."""
+    proc = subprocess.run([sys.executable, "-m", "rvclora", "info"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == ["cuda"])
+    assert line.split(None, 1)[1] == f"available: {cuda_backend.status_note()}", proc.stdout
