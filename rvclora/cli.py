@@ -165,8 +165,9 @@ def _info_backends() -> int:
     print(f"rvclora backends (requested: {get_backend()}; set RVCLORA_BACKEND or rvclora.ops.set_backend)")
     for row in backend_status():
         reason = row["unavailable"]
-        note = f": {row['note']}" if row["note"] else ""  # e.g. the cuda backend built without its CUDA part
-        print(f"  {row['backend']:<10} {'available' + note if reason is None else 'unavailable: ' + reason}")
+        print(f"  {row['backend']:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is None and row["note"]:  # what it runs here, e.g. the cuda backend built without its CUDA part
+            print(f"  {'':<10} note: {row['note']}")
     from .ops import autotune
 
     print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "

@@ -535,5 +535,7 @@ def test_rvclora_info_shows_what_the_cuda_backend_runs(ext):
     """`rvclora info` prints the status note: on a CUDA torch without a toolkit, the one-line reason."""
     proc = subprocess.run([sys.executable, "-m", "rvclora", "info"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == ["cuda"])
-    assert line.split(None, 1)[1] == f"available: {cuda_backend.status_note()}", proc.stdout
+    lines = proc.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["cuda"])
+    assert lines[at].split() == ["cuda", "available"], proc.stdout
+    assert lines[at + 1].strip() == f"note: {cuda_backend.status_note()}", proc.stdout
