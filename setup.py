@@ -3,34 +3,46 @@
 A plain ``pip install .`` never needs a compiler: the ``cuda`` backend's extension (csrc/,
 shipped as package data ``rvclora/csrc``) is then built on first use, or the backend reports
 itself unavailable. ``RVCLORA_BUILD_EXT=1 pip install --no-build-isolation .`` builds
-``rvclora._C`` now instead (the build needs the installed torch, hence no isolation): the CPU
-sources always, the CUDA sources when that torch was built with CUDA (never decided by
-whether a GPU is visible on the build machine).
+``rvclora._C`` now instead (the build needs the installed torch, hence no isolation), with the
+same decisions as the build on first use (rvclora/ops/cuda_ext.py, loaded from its file: the
+package is not importable yet): the CPU sources always; the CUDA sources when that torch was
+built with CUDA and a CUDA toolkit is present, for ``$TORCH_CUDA_ARCH_LIST``, the visible GPUs
+or, with none visible, the architectures the kernels target.
 """
 
+import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
-# Same lists as rvclora/ops/cuda_ext.py (CPU_SOURCES, CUDA_SOURCES).
-CPU_SOURCES = ["csrc/lora_convt_cpu.cpp"]
-CUDA_SOURCES = ["csrc/lora_convt_cuda_ops.cpp", "csrc/lora_convt_cuda.cu"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_ext():
+    path = os.path.join(HERE, "rvclora", "ops", "cuda_ext.py")
+    spec = importlib.util.spec_from_file_location("_rvclora_cuda_ext_for_setup", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def extension_build():
     if os.environ.get("RVCLORA_BUILD_EXT", "0") != "1":
         return {}
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    with_cuda = torch.version.cuda is not None
-    make = CUDAExtension if with_cuda else CppExtension
+    cuda_ext = _cuda_ext()
+    plan = cuda_ext.build_plan()
+    if plan.note:
+        print(f"rvclora: {plan.note}", file=sys.stderr)
+    make = CUDAExtension if plan.cuda else CppExtension
     ext = make(
         "rvclora._C",
-        CPU_SOURCES + (CUDA_SOURCES if with_cuda else []),
-        include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        [os.path.join("csrc", f) for f in cuda_ext.sources(plan.cuda)],
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *plan.arch_flags]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -166,6 +166,8 @@ def _info_backends() -> int:
     for row in backend_status():
         reason = row["unavailable"]
         print(f"  {row['backend']:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if reason is None and row["note"]:  # what it runs here, e.g. the cuda backend built without its CUDA part
+            print(f"  {'':<10} note: {row['note']}")
     from .ops import autotune
 
     print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -41,6 +42,7 @@ def test_every_kernel_compiles_without_spills_for_sm80_and_sm90():
     report = out.getvalue()
     print(report)
     assert rc == 0, report
+    assert re.search(r"^nvcc .*: release \d+\.\d+", report, re.M), report  # the figures name their compiler
     archs = {line.split()[0] for line in report.splitlines() if line.startswith("sm_")}
     assert archs == {"sm_80", "sm_90"}, report
     for kernel in ("lora_convt_fwd_kernel", "lora_convt_bwd_input_kernel", "lora_convt_wgrad_kernel"):

@@ -8,8 +8,13 @@ these tests. Nothing here needs a GPU: the CUDA build is checked by test_cuda_co
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 import shutil
+import subprocess
+import sys
+import types
 import warnings
 
 import pytest
@@ -334,7 +339,8 @@ def test_refusals_name_the_reason(cuda_selected):
 def test_failed_build_warns_and_makes_backend_unavailable(ext, monkeypatch, tmp_path):
     """A broken compiler: one warning, a reason, auto is unaffected, an explicit request raises with the reason."""
     monkeypatch.setattr(cuda_ext, "_state", {})
-    monkeypatch.setattr(cuda_ext, "extension_name", lambda: "rvclora_C_broken_compiler_test")
+    monkeypatch.setattr(cuda_ext, "build_plan", lambda: cuda_ext.BuildPlan(cuda=False))  # the C++ compiler's failure
+    monkeypatch.setattr(cuda_ext, "extension_name", lambda cuda=None: "rvclora_C_broken_compiler_test")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cuda_ext, "_ops_registered", lambda: False)  # the real ops are loaded in this process
@@ -366,3 +372,170 @@ def test_torch_compile_fullgraph_traces_the_ops(cuda_selected):
     want = torch.autograd.grad(step(*leaves), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ what gets built where
+
+
+@pytest.fixture
+def cuda_torch(monkeypatch):
+    """Pretend this torch was built with CUDA 13.0 (the build plan reads only torch.version.cuda and CUDA_HOME)."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+
+
+def _fake_toolkit(root, nvcc=True, headers=True):
+    if nvcc:
+        (root / "bin").mkdir(parents=True)
+        (root / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    if headers:
+        (root / "include").mkdir(parents=True)
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return str(root)
+
+
+def test_cpu_torch_builds_the_cpu_sources_without_a_note(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    plan = cuda_ext.build_plan()
+    assert not plan.cuda and plan.note is None and plan.arch_flags == ()
+    assert cuda_ext.sources(plan.cuda) == cuda_ext.CPU_SOURCES
+
+
+@pytest.mark.parametrize(
+    "toolkit, why",
+    [
+        (None, "no CUDA toolkit (nvcc not found"),
+        ({"nvcc": False}, "no CUDA toolkit (no nvcc in CUDA_HOME="),
+        ({"headers": False}, "has no include/cuda_runtime.h"),
+    ],
+    ids=["no-cuda-home", "no-nvcc", "no-headers"],
+)
+def test_cuda_torch_without_a_toolkit_plans_the_cpu_sources(cuda_torch, monkeypatch, tmp_path, toolkit, why):
+    from torch.utils import cpp_extension
+
+    home = None if toolkit is None else _fake_toolkit(tmp_path / "cuda", **toolkit)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", home)
+    plan = cuda_ext.build_plan()
+    assert not plan.cuda and plan.arch_flags == ()
+    assert plan.note is not None and why in plan.note, plan.note
+    assert plan.note.endswith("built the CPU twin only; ConvTranspose1d uses the torch path on GPU"), plan.note
+    assert "\n" not in plan.note
+
+
+@pytest.mark.parametrize("env", [None, "native"])
+def test_no_visible_device_gets_the_kernels_target_archs(cuda_torch, monkeypatch, tmp_path, env):
+    """torch alone derives the archs from the visible devices: with none, its build fails with an IndexError."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_toolkit(tmp_path / "cuda"))
+    if env is not None:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", env)
+    plan = cuda_ext.build_plan()
+    assert plan.cuda and plan.note is None
+    assert plan.arch_flags == (
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    )
+    assert "sm_80, sm_90" in plan.archs and "no CUDA device visible" in plan.archs
+    assert cuda_ext.sources(plan.cuda) == cuda_ext.CPU_SOURCES + cuda_ext.CUDA_SOURCES
+
+
+def test_torch_cuda_arch_list_is_honoured(cuda_torch, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_toolkit(tmp_path / "cuda"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    plan = cuda_ext.build_plan()
+    assert plan.cuda and plan.archs == "TORCH_CUDA_ARCH_LIST=8.6"
+    assert plan.arch_flags == ("-gencode=arch=compute_86,code=sm_86",), plan.arch_flags
+
+
+def test_source_sets_and_torch_builds_have_distinct_cache_names(monkeypatch):
+    cpu, cuda = cuda_ext.extension_name(False), cuda_ext.extension_name(True)
+    assert cpu != cuda and cpu.isidentifier() and cuda.isidentifier()
+    monkeypatch.setattr(torch, "__version__", "9.9.9+cu999")
+    assert cuda_ext.extension_name(False) not in (cpu, cuda)
+
+
+def test_failed_cuda_build_falls_back_to_the_cpu_sources(ext, monkeypatch):
+    """A toolkit that cannot build the CUDA part (wrong version, compile error): CPU part, a warning, a note."""
+    built = []
+
+    def fake_load(src, cuda, plan):
+        built.append(cuda)
+        if cuda:
+            raise RuntimeError("nvcc fatal : Unsupported gpu architecture 'compute_80'")
+
+    plan = cuda_ext.BuildPlan(cuda=True, arch_flags=("-gencode=arch=compute_80,code=sm_80",), archs="sm_80")
+    monkeypatch.setattr(cuda_ext, "_state", {})
+    monkeypatch.setattr(cuda_ext, "build_plan", lambda: plan)
+    monkeypatch.setattr(cuda_ext, "_jit_load", fake_load)
+    monkeypatch.setattr(cuda_ext, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(importlib, "import_module", _no_ahead_of_time_build(importlib.import_module))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cuda_ext.load_error() is None
+    assert built == [True, False]
+    note = cuda_ext.cuda_note()
+    assert note.startswith("building the CUDA sources for sm_80 failed (RuntimeError: nvcc fatal"), note
+    assert note.endswith("ConvTranspose1d uses the torch path on GPU"), note
+    assert [w for w in caught if "building the CUDA sources" in str(w.message)]
+
+
+def _no_ahead_of_time_build(real):
+    def import_module(name, *args):
+        if name == "rvclora._C":
+            raise ImportError("no ahead-of-time build in this test")
+        return real(name, *args)
+
+    return import_module
+
+
+def test_loaded_extension_matches_the_plan(ext):
+    """What this machine built: the CUDA kernels exactly when the plan said so; otherwise a one-line note."""
+    plan = cuda_ext.build_plan()
+    note = cuda_backend.status_note()
+    gpu_tensor = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    if torch.version.cuda is None:
+        assert not cuda_ext.has_cuda_kernels() and "this torch has no CUDA" in note
+    elif plan.cuda and cuda_ext.cuda_note() is None:
+        assert cuda_ext.has_cuda_kernels() and note == "CUDA kernels and their CPU twin"
+        assert cuda_backend.unsupported_reason("lora_conv_transpose1d", gpu_tensor) is None
+    else:
+        assert not cuda_ext.has_cuda_kernels()
+        assert note == cuda_ext.cuda_note() and "ConvTranspose1d uses the torch path on GPU" in note, note
+        assert cuda_backend.unsupported_reason("lora_conv_transpose1d", gpu_tensor) == note
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch has no CUDA: its only build is the CPU one")
+def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
+    """The usual GPU user's install (CUDA torch from pip, no nvcc), in a fresh process: CPU twin, note, no error."""
+    script = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from rvclora.ops import cuda_backend, cuda_ext\n"
+        "    why = cuda_backend.unavailable_reason()\n"
+        "assert why is None, why\n"
+        "assert not [w for w in caught if 'rvclora' in str(w.message)], [str(w.message) for w in caught]\n"
+        "assert not cuda_ext.has_cuda_kernels()\n"
+        "print(cuda_backend.status_note())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "PYTORCH_NVCC")}
+    env["CUDA_HOME"] = str(tmp_path / "no-cuda-toolkit")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().startswith("no CUDA toolkit (no nvcc in CUDA_HOME="), proc.stdout
+    assert "built the CPU twin only; ConvTranspose1d uses the torch path on GPU" in proc.stdout
+
+
+def test_rvclora_info_shows_what_the_cuda_backend_runs(ext):
+    """`rvclora info` prints the status note: on a CUDA torch without a toolkit, the one-line reason."""
+    proc = subprocess.run([sys.executable, "-m", "rvclora", "info"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["cuda"])
+    assert lines[at].split() == ["cuda", "available"], proc.stdout
+    assert lines[at + 1].strip() == f"note: {cuda_backend.status_note()}", proc.stdout

@@ -60,6 +60,16 @@ def find_nvcc() -> str | None:
     return None
 
 
+def nvcc_version(nvcc: str) -> str:
+    """``release 13.0, V13.0.88``: which compiler the resource figures are for (they change between releases)."""
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__})"
+    m = re.search(r"release [^\n]*", text)
+    return m.group(0).strip() if m else "unknown"
+
+
 def _demangle(names: list[str], nvcc: str) -> dict[str, str]:
     filt = Path(nvcc).with_name("cu++filt")
     tool = str(filt) if filt.is_file() else shutil.which("c++filt")
@@ -148,6 +158,7 @@ def run_check(archs=ARCHS, nvcc: str | None = None, out=sys.stdout) -> int:
     errors = [err for _, err in results if err]
     usages = [u for us, _ in results for u in us]
     names = _demangle(sorted({u.kernel for u in usages}), nvcc)
+    print(f"nvcc {nvcc}: {nvcc_version(nvcc)}", file=out)
     header = f"{'arch':<6} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}  kernel"
     print(header, file=out)
     print("-" * len(header), file=out)

@@ -1,32 +1,69 @@
 """Build and load the ``rvclora._C`` extension (the C++/CUDA sources in ``csrc/``).
 
+The extension has two parts: the CPU sources (:data:`CPU_SOURCES`, among them the CPU twin of
+the ConvTranspose1d kernel) need only a C++ compiler and build with any torch; the CUDA
+sources (:data:`CUDA_SOURCES`) need a CUDA build of torch *and* a CUDA toolkit (``nvcc``).
+The usual GPU user has the first without the second (pip's torch brings the CUDA runtime, not
+``nvcc``), so a missing toolkit is not an error: the CPU part is built alone, the ``cuda``
+backend then declines CUDA tensors and ``auto`` runs ConvTranspose1d on the torch path, and
+:func:`cuda_note` says why in one line (``rvclora info`` shows it).
+
 Order of attempts, once per process:
 
 1. ``import rvclora._C`` — present when the package was installed with ``RVCLORA_BUILD_EXT=1``
-   (setup.py builds it ahead of time);
+   (setup.py builds it ahead of time, from the same :func:`build_plan`);
 2. ``torch.utils.cpp_extension.load`` with ninja — builds on first use and caches the result in
-   torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
-   CUDA sources are added only when torch itself was built with CUDA (``torch.version.cuda``),
-   never because a GPU happens to be visible.
+   torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+   under a name per source set and torch version (:func:`extension_name`), so a CPU-only build,
+   a CUDA build and builds for another torch never share a cache entry. When the CUDA build
+   fails (a toolkit that does not match torch, a compile error), the CPU part is built alone and
+   the failure becomes the note.
 
-A missing compiler or a failed build is reported once as a warning; :func:`load_error` then
-returns the reason, the ``cuda`` backend reports itself unavailable and ``auto`` falls back.
+Target architectures of the CUDA build: ``$TORCH_CUDA_ARCH_LIST`` when set; else the visible
+GPUs'; else, with no GPU visible (a build machine, a container without the device),
+:data:`CUDA_ARCHS`, the architectures the kernels are tuned and resource-checked for, plus PTX
+for newer GPUs. torch alone would derive the list from the visible devices and fail with an
+``IndexError`` when there are none.
+
+A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a warning;
+:func:`load_error` then returns the reason, the ``cuda`` backend reports itself unavailable and
+``auto`` falls back.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import sys
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["CPU_SOURCES", "CUDA_SOURCES", "extension_name", "load_error", "source_dir", "sources"]
+__all__ = [
+    "CPU_SOURCES",
+    "CUDA_ARCHS",
+    "CUDA_SOURCES",
+    "BuildPlan",
+    "build_plan",
+    "cuda_note",
+    "extension_name",
+    "has_cuda_kernels",
+    "load_error",
+    "source_dir",
+    "sources",
+]
 
 CPU_SOURCES = ["lora_convt_cpu.cpp"]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
 HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h"]
+# What the kernels' tiles are sized for and what rvclora.ops.cuda_compile_check verifies.
+CUDA_ARCHS = ("8.0", "9.0")
+# One op the CPU sources define: its registration tells whether the library is loaded.
+_PROBE_OP = "rvclora::lora_convt_fwd"
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -36,68 +73,194 @@ def source_dir() -> Path | None:
     """``csrc/``: next to the package in a checkout or editable install, inside it (package data) otherwise."""
     here = Path(__file__).resolve().parent.parent  # rvclora/
     for cand in (here.parent / "csrc", here / "csrc"):
-        if (cand / CPU_SOURCES[0]).is_file():
+        if all((cand / f).is_file() for f in CPU_SOURCES):
             return cand
     return None
 
 
-def with_cuda() -> bool:
-    return torch.version.cuda is not None
+@dataclass(frozen=True)
+class BuildPlan:
+    """What this process builds: the CUDA sources or not, for which architectures, and why."""
+
+    cuda: bool
+    #: nvcc ``-gencode`` flags, explicit so that the build never depends on torch guessing (and
+    #: so that they are part of the build arguments: another arch list is another cache entry).
+    arch_flags: tuple[str, ...] = ()
+    #: the target architectures in words (``rvclora info``)
+    archs: str = ""
+    #: why the CUDA sources are not built (None when they are)
+    note: str | None = None
+
+
+def _nvcc_name() -> str:
+    return "nvcc.exe" if sys.platform == "win32" else "nvcc"
+
+
+def cuda_toolkit() -> tuple[str | None, str | None]:
+    """``(CUDA_HOME, None)`` when the CUDA sources can be compiled here, else ``(None, why not)``.
+
+    ``CUDA_HOME`` is torch's (``torch.utils.cpp_extension.CUDA_HOME``: ``$CUDA_HOME``, else
+    derived from ``nvcc`` on ``PATH``, else ``/usr/local/cuda``): the build uses that one, so
+    that is the one checked — for ``bin/nvcc`` and the runtime headers, since a ``PATH`` entry
+    that is a wrapper script makes torch guess a root that has neither.
+    """
+    if torch.version.cuda is None:
+        return None, "this torch was built without CUDA"
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if not home:
+        return None, "no CUDA toolkit (nvcc not found; set CUDA_HOME to the toolkit's root)"
+    if not (Path(home) / "bin" / _nvcc_name()).is_file():
+        return None, f"no CUDA toolkit (no {_nvcc_name()} in CUDA_HOME={home}/bin; set CUDA_HOME to the toolkit's root)"
+    if not (Path(home) / "include" / "cuda_runtime.h").is_file():
+        return None, f"CUDA_HOME={home} has no include/cuda_runtime.h (set CUDA_HOME to the CUDA toolkit's root)"
+    return home, None
+
+
+def _gencode(archs) -> list[str]:
+    nums = [a.replace(".", "") for a in archs]
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums]
+    return flags + [f"-gencode=arch=compute_{nums[-1]},code=compute_{nums[-1]}"]  # PTX: runs on newer GPUs
+
+
+def _torch_arch_flags() -> list[str]:
+    """torch's own translation of ``$TORCH_CUDA_ARCH_LIST`` / the visible devices into nvcc flags."""
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "_get_cuda_arch_flags", None)
+    return list(get()) if get is not None else []
+
+
+def arch_flags() -> tuple[list[str], str]:
+    """nvcc arch flags for the CUDA build and their description."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    visible = torch.cuda.device_count()
+    if env and (env != "native" or visible):
+        return _torch_arch_flags(), f"TORCH_CUDA_ARCH_LIST={env}"
+    if visible:
+        return _torch_arch_flags(), "the visible GPUs' architectures"
+    names = ", ".join("sm_" + a.replace(".", "") for a in CUDA_ARCHS)
+    why = "TORCH_CUDA_ARCH_LIST=native" if env else "TORCH_CUDA_ARCH_LIST unset"
+    return _gencode(CUDA_ARCHS), f"{names} + PTX (no CUDA device visible, {why})"
+
+
+def _cpu_only_note(why: str) -> str:
+    return f"{why}: built the CPU twin only; ConvTranspose1d uses the torch path on GPU"
+
+
+def build_plan() -> BuildPlan:
+    """Decide what to build from this torch and this machine (never from whether a GPU is visible alone)."""
+    home, why = cuda_toolkit()
+    if home is None:
+        return BuildPlan(cuda=False, note=None if torch.version.cuda is None else _cpu_only_note(why))
+    flags, archs = arch_flags()
+    return BuildPlan(cuda=True, arch_flags=tuple(flags), archs=archs)
 
 
 def sources(cuda: bool | None = None) -> list[str]:
-    """Source file names (relative to :func:`source_dir`) of the build for this torch."""
-    cuda = with_cuda() if cuda is None else cuda
+    """Source file names (relative to :func:`source_dir`) of the build with or without the CUDA part."""
+    cuda = build_plan().cuda if cuda is None else cuda
     return CPU_SOURCES + (CUDA_SOURCES if cuda else [])
 
 
-def extension_name() -> str:
-    # Distinct names for the two source sets: each keeps its own cached build.
-    return "rvclora_C_cuda" if with_cuda() else "rvclora_C_cpu"
+def extension_name(cuda: bool | None = None) -> str:
+    """The cache name of a build: one per source set and per torch build (an extension is tied to its torch's ABI)."""
+    cuda = build_plan().cuda if cuda is None else cuda
+    tag = re.sub(r"\W", "_", torch.__version__)
+    return f"rvclora_C_{'cuda' if cuda else 'cpu'}_torch{tag}"
 
 
 def _ops_registered() -> bool:
     return hasattr(torch.ops.rvclora, "lora_convt_fwd")
 
 
-def _build() -> str | None:
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension registered kernels for CUDA tensors (not just the CPU twin).
+
+    Known once :func:`load_error` has run (kept, since ops ask it per call, possibly while traced).
+    """
+    if "cuda_kernels" in _state:
+        return _state["cuda_kernels"]
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CUDA"))
+    except RuntimeError:  # the op is not registered at all
+        return False
+
+
+def _describe(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {' | '.join(lines[-3:]) if lines else type(e).__name__}"
+
+
+def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=extension_name(cuda),
+        sources=[str(src / f) for f in sources(cuda)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", *plan.arch_flags] if cuda else None,
+        extra_include_paths=[str(src)],
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _build() -> tuple[str | None, str | None]:
+    """``(error, note)``: why the extension is unavailable (None when loaded), why it has no CUDA kernels."""
+    plan = build_plan()
     try:
         importlib.import_module("rvclora._C")
         if _ops_registered():
-            return None
+            if has_cuda_kernels() or torch.version.cuda is None:
+                return None, None
+            return None, plan.note or _cpu_only_note("rvclora._C was built ahead of time without its CUDA sources")
     except ImportError:
         pass
     src = source_dir()
     if src is None:
-        return "the extension sources (csrc/) are not installed and rvclora._C was not built ahead of time"
+        return "the extension sources (csrc/) are not installed and rvclora._C was not built ahead of time", None
+    note = plan.note
+    if plan.cuda:
+        try:
+            _jit_load(src, True, plan)
+        except Exception as e:  # noqa: BLE001 - a toolkit that cannot build the CUDA part leaves the CPU part
+            note = _cpu_only_note(f"building the CUDA sources for {plan.archs} failed ({_describe(e)})")
+            warnings.warn(f"rvclora: {note}", RuntimeWarning, stacklevel=4)
+        else:
+            if not _ops_registered():
+                return "the rvclora._C extension loaded but did not register torch.ops.rvclora.lora_convt_fwd", None
+            return None, None
     try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name=extension_name(),
-            sources=[str(src / f) for f in sources()],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            extra_include_paths=[str(src)],
-            is_python_module=False,
-            verbose=False,
-        )
+        _jit_load(src, False, plan)
     except Exception as e:  # noqa: BLE001 - any build failure (no compiler, no ninja, compile error) disables us
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        detail = " | ".join(lines[-3:]) if lines else type(e).__name__
-        return f"building the rvclora._C extension from {src} failed ({type(e).__name__}: {detail})"
+        return f"building the rvclora._C extension from {src} failed ({_describe(e)})", note
     if not _ops_registered():
-        return "the rvclora._C extension loaded but did not register torch.ops.rvclora.lora_convt_fwd"
-    return None
+        return "the rvclora._C extension loaded but did not register torch.ops.rvclora.lora_convt_fwd", note
+    return None, note
+
+
+def _ensure_loaded() -> None:
+    if "error" not in _state:
+        with _lock:
+            if "error" not in _state:
+                err, note = _build()
+                if err is not None:
+                    warnings.warn(f"rvclora: {err}; the 'cuda' backend is unavailable", RuntimeWarning, stacklevel=4)
+                _state["note"] = note
+                _state["cuda_kernels"] = err is None and has_cuda_kernels()
+                _state["error"] = err
 
 
 def load_error() -> str | None:
     """Build/load the extension once; ``None`` when its ops are registered, else why not."""
-    if "error" not in _state:
-        with _lock:
-            if "error" not in _state:
-                err = _build()
-                if err is not None:
-                    warnings.warn(f"rvclora: {err}; the 'cuda' backend is unavailable", RuntimeWarning, stacklevel=3)
-                _state["error"] = err
+    _ensure_loaded()
     return _state["error"]
+
+
+def cuda_note() -> str | None:
+    """After loading: why this CUDA torch's extension has no CUDA kernels (one line), else ``None``."""
+    _ensure_loaded()
+    return _state.get("note")
