@@ -413,7 +413,8 @@ def _read_safetensors(path: str) -> Dict[str, Any]:
 
 def _read_torch(path: str) -> Dict[str, Any]:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
+            raw = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
         raise ValueError(torch_load_error(e)) from None
     if not isinstance(raw, dict) or "lora_weights" not in raw or "format_version" not in raw:
