@@ -179,7 +179,7 @@ def check_exported_model(model_file: RVCModelFile) -> GeneratorConfig:
     path, d = model_file.path, model_file.data
     if d["version"] not in _VERSIONS:
         raise _fail(path, f"version {d['version']!r}; expected one of {list(_VERSIONS)}")
-    if isinstance(d["f0"], bool) or d["f0"] not in (0, 1):
+    if not isinstance(d["f0"], (int, bool)) or d["f0"] not in (0, 1):
         raise _fail(path, f"f0 {d['f0']!r}; expected 0 or 1")
     try:
         cfg = generator_config_from_rvc(d["config"], d["version"])

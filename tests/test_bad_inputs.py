@@ -349,7 +349,68 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
      RVCFileError, r"numpy\.pth: .*contains pickled code \(numpy\.\S+\) that the safe loader refused to run"),
     ("message", "config-targets-none", lambda e: lambda: LoRAConfig(target_modules=None),
      TypeError, r"LoRAConfig\.target_modules must be a list of module names \(or one name\), got None"),
+    # found in a second sweep beyond the first list
+    ("path", "dangling-symlink-output", lambda e: _merge(e, base="missing.pth", out=_dangling(e)),
+     ValueError, r"dangling\.pth' exists and is not a regular file"),
+    ("path", "fifo-base", lambda e: _call(load_rvc_file, _fifo(e)),
+     RVCFileError, r"fifo\.pth: not a regular file"),
+    ("path", "trailing-slash-output", lambda e: lambda: save_lora_checkpoint(e["small"], str(e["dir"] / "new") + "/"),
+     IsADirectoryError, r"new/' is a directory; expected a file name"),
+    ("model", "adapter-targets-absent-from-base", lambda e: _merge(e, adapter=_adapter_targets(e)),
+     RVCFileError, r"targets\.pth: adapter does not fit the decoder of .*match no"),
+    ("model", "epoch-bool", lambda e: lambda: save_lora_checkpoint(e["small"], e["dir"] / "s.pth", epoch=True),
+     TypeError, r"epoch must be an int or None, got True"),
+    ("content", "metadata-int-keys", lambda e: lambda: write_lora_file(
+        e["dir"] / "w.pth", extract_lora_weights(e["small"]), e["small_cfg"], base_fingerprint=None,
+        metadata={1: "a"}),
+     TypeError, r"metadata must be JSON-safe and survive a round trip"),
+    ("content", "mixed-dec-prefix", lambda e: _merge(e, adapter=_adapter_with(
+        e, "mixed", lambda w: [w.__setitem__("dec.ups.0." + f, w.pop("ups.0." + f)) for f in ("lora_A", "lora_B")])),
+     RVCFileError, r"mixed\.pth: adapter keys mix decoder-relative and 'dec\.'-prefixed names"),
+    ("format", "garbage-safetensors-header", lambda e: _call(read_lora_file, _bytes(
+        e, "hdr.safetensors", struct.pack("<Q", 10) + b"{not json}" + b"\x00" * 20)),
+     ValueError, r"hdr\.safetensors' is not a readable .*an unrecognised binary file"),
+    ("format", "newer-pickle-protocol", lambda e: _call(read_lora_file, _proto(e, 5)),
+     ValueError, r"proto5\.pth' is not a readable .*written with a newer pickle protocol"),
+    ("rvc", "version-uppercase", lambda e: _call(load_rvc_file, _export_with(
+        e, "V1", lambda c: c.__setitem__("version", "V1"))),
+     RVCFileError, r"version 'V1'; expected one of \['v1', 'v2'\]"),
+    ("rvc", "sr-unknown-label", lambda e: _call(load_rvc_file, _export_with(
+        e, "sr44", lambda c: c.__setitem__("sr", "44k"))),
+     RVCFileError, r"sr44\.pth: sampling rate must be an int \(40000\) or one of"),
+    ("rvc", "weight-not-a-state-dict", lambda e: _call(load_rvc_file, _export_with(
+        e, "wlist", lambda c: c.__setitem__("weight", [1, 2]))),
+     RVCFileError, r"wlist\.pth: field 'weight' must be a state dict"),
 ]
+
+
+def _dangling(e: dict) -> str:
+    link = e["dir"] / "dangling.pth"
+    if not link.is_symlink():
+        link.symlink_to(e["dir"] / "nowhere" / "x.pth")
+    return "dangling.pth"
+
+
+def _fifo(e: dict) -> Path:
+    path = e["dir"] / "fifo.pth"
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _adapter_targets(e: dict) -> Path:
+    path = _adapter_with(e, "targets", lambda w: None)
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["target_modules"] = ["enc_p"]
+    torch.save(raw, path)
+    return path
+
+
+def _proto(e: dict, protocol: int) -> Path:
+    path = _adapter_with(e, f"proto{protocol}", lambda w: None)
+    raw = torch.load(path, weights_only=True)
+    torch.save(raw, path, pickle_protocol=protocol)
+    return path
 
 
 def _call(fn: Callable, *args: Any, **kw: Any) -> Callable[[], Any]:
@@ -477,7 +538,7 @@ def test_bad_input_is_refused_in_one_clear_line(env: dict, cls: str, name: str, 
                                                 pattern: str) -> None:
     (env["dir"] / "adapter.pth.bak").write_bytes(b"keep")
     action = make(env)
-    outputs = {p.name: p.stat().st_mtime_ns for p in env["dir"].iterdir()}
+    outputs = {p.name: p.lstat().st_mtime_ns for p in env["dir"].iterdir()}
     with pytest.raises(exc) as info, warnings.catch_warnings():
         warnings.simplefilter("ignore", RVCLoRAWarning)
         action()
@@ -487,10 +548,10 @@ def test_bad_input_is_refused_in_one_clear_line(env: dict, cls: str, name: str, 
     assert "weights_only` set to `False" not in msg and "Re-running" not in msg, msg
     for p in env["dir"].iterdir():  # nothing written on refusal (and no temporary left behind)
         assert p.name in outputs, f"{p.name} appeared"
-        assert p.is_symlink() or p.stat().st_mtime_ns == outputs[p.name], f"{p.name} was rewritten"
+        assert p.lstat().st_mtime_ns == outputs[p.name], f"{p.name} was rewritten"
 
 
 def test_the_sweep_covers_every_class() -> None:
     classes = {c[0] for c in CASES}
     assert classes == {"finite", "base", "model", "content", "optimizer", "rvc", "format", "path", "message"}
-    assert len(CASES) >= 70
+    assert len(CASES) >= 90
