@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Tuple, Type, TypeVar
+from typing import List, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,10 @@ class LoRALayer:
     def _dropout_p(self) -> float:
         return self.lora_dropout if self.training else 0.0
 
+    def _versions(self) -> Tuple[int, int, int]:
+        # In-place updates (optimizer steps, copy_, load) bump a tensor's version counter; .to()/.half() keep it.
+        return (self.weight._version, self.lora_A._version, self.lora_B._version)
+
     def merge(self) -> None:
         """Fold ``ΔW`` into ``weight`` (a no-op if already merged or ``r == 0``)."""
         if self.merged or self.r == 0:
@@ -134,29 +138,67 @@ class LoRALayer:
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
         self.merged = True
+        self._merged_versions = self._versions()
 
     def unmerge(self) -> None:
-        """Restore the exact unmerged base weight (bit-identical to before :meth:`merge`)."""
+        """Restore the unmerged base weight: bit-identical to before :meth:`merge` when ``weight`` was not
+        changed while merged.
+
+        If ``weight`` was updated in place while merged (an optimizer step on a trainable base weight), the
+        update is kept, not dropped: the result is ``weight − ΔW`` (exact up to one rounding). If the
+        factors changed too, the ``ΔW`` that was merged is no longer known and this raises.
+        """
         if not self.merged:
             return
         with torch.no_grad():
-            self.weight.copy_(self._unmerged_weight)
+            self.weight.copy_(self._base_weight())
         self._unmerged_weight = None
         self.merged = False
 
+    def _base_weight(self) -> Tensor:
+        """The unmerged weight of a merged layer (see :meth:`unmerge`), as a tensor not aliasing ``weight``."""
+        w_ver, a_ver, b_ver = self._versions()
+        if w_ver == self._merged_versions[0]:
+            return self._unmerged_weight
+        if (a_ver, b_ver) != self._merged_versions[1:]:
+            raise RuntimeError(
+                f"{type(self).__name__}: both weight and lora_A/lora_B were modified in place while merged, so "
+                "the merged ΔW can no longer be removed; unmerge before updating the factors"
+            )
+        with torch.no_grad():
+            return self.weight - self.get_delta_weight().to(self.weight.dtype)
+
     def train(self, mode: bool = True):
+        """Like the base class; entering training mode also unmerges a merged layer (the factors must get
+        their gradients), and with ``merge_weights`` leaving it merges."""
         super().train(mode)
-        if self.merge_weights:
-            if mode:
-                self.unmerge()
-            else:
-                self.merge()
+        if mode:
+            self.unmerge()
+        elif self.merge_weights:
+            self.merge()
+        return self
+
+    def _check_not_training_merged(self) -> None:
+        """A merged layer computes its base class's forward: no gradient would reach the factors."""
+        if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            raise RuntimeError(
+                f"{type(self).__name__}: forward in training mode with gradients enabled while merged: the "
+                "LoRA factors would get no gradient; call unmerge() (or .train(), which unmerges) before "
+                "training, or .eval() / torch.no_grad() for inference"
+            )
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() must also convert the kept unmerged weight, or state_dict() (which
+        # returns it while merged) and unmerge() would hand back a stale dtype/device.
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_unmerged_weight", None) is not None:
+            self._unmerged_weight = fn(self._unmerged_weight)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
-            w = self._unmerged_weight
+            w = self._base_weight()
             destination[prefix + "weight"] = w if keep_vars else w.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -242,8 +284,11 @@ class LoRALinear(LoRALayer, nn.Linear):
     def get_delta_weight(self) -> Tensor:
         return ref.delta_weight_linear(self.lora_A, self.lora_B, self.scaling)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         if not self._lora_active():
+            if self.merged:
+                self._check_not_training_merged()
             return F.linear(x, self.weight, self.bias)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -297,10 +342,12 @@ class LoRAConv1d(LoRALayer, nn.Conv1d):
     def get_delta_weight(self) -> Tensor:
         return ref.delta_weight_conv1d(self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
         if not self._lora_active():
-            return nn.Conv1d.forward(self, x)
-        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+            if self.merged:
+                self._check_not_training_merged()
+            return nn.Conv1d.forward(self, input)
+        x, unbatched = _batch(type(self).__name__, input, self.in_channels)
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         y = ops.lora_conv1d(
@@ -347,12 +394,15 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
             self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0]
         )
 
-    def forward(self, x: Tensor, output_size: Optional[list] = None) -> Tensor:
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         if not self._lora_active():
-            return nn.ConvTranspose1d.forward(self, x, output_size)
-        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+            if self.merged:
+                self._check_not_training_merged()
+            return nn.ConvTranspose1d.forward(self, input, output_size)
+        x, unbatched = _batch(type(self).__name__, input, self.in_channels)
+        # from the input as given, like the base class: output_size may be (L,), (C, L) unbatched or (N, C, L)
         output_padding = self._output_padding(
-            x, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
+            input, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
         )
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
