@@ -25,7 +25,7 @@ from torch import Tensor
 from . import ops
 from . import reference as ref
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d", "check_no_foreign_weight_hooks"]
 
 T = TypeVar("T", bound="LoRALayer")
 
@@ -63,6 +63,43 @@ def _weight_norm_info(layer: nn.Module) -> Tuple[Optional[str], Optional[int], O
         g, v = plist.original0, plist.original1
         return "parametrizations", plist[0].dim, w, g.requires_grad or v.requires_grad
     return None, None, None, False
+
+
+def check_no_foreign_weight_hooks(layer: nn.Module, name: str = "") -> None:
+    """Refuse a layer whose ``weight`` (or ``bias``) is rewritten before each forward by something other
+    than weight_norm: legacy ``spectral_norm``, pruning, or any forward pre-hook naming the tensor.
+
+    A LoRA layer computes with its own ``weight`` parameter; such a hook would keep replacing it behind
+    the adapter's back (a merge would then change nothing, and merged and unmerged outputs differ).
+    weight_norm is folded exactly; parametrizations other than it are refused by :meth:`LoRALayer.from_base`.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    where = f"{name} ({type(layer).__name__})" if name else type(layer).__name__
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            continue
+        target = getattr(hook, "name", getattr(hook, "_tensor_name", None))
+        if isinstance(hook, (SpectralNorm, BasePruningMethod, WeightNorm)) or target in ("weight", "bias"):
+            raise ValueError(
+                f"{where}: its {target or 'weight'} is rewritten by a forward pre-hook "
+                f"({type(hook).__name__}); rvclora cannot adapt it exactly. Remove the hook first "
+                "(e.g. torch.nn.utils.remove_spectral_norm) or leave this layer out of target_modules"
+            )
+    params = getattr(layer, "parametrizations", None)
+    has_wn = any(isinstance(h, WeightNorm) for h in layer._forward_pre_hooks.values()) or (
+        params is not None and "weight" in params
+    )
+    for t in ("weight", "bias"):
+        derived = t not in layer._parameters and getattr(layer, t, None) is not None
+        if derived and not (t == "weight" and has_wn):
+            raise ValueError(
+                f"{where}: {t} is not a parameter of the layer (it is computed from "
+                f"{[n for n in layer._parameters if n.startswith(t)] or 'something else'}); rvclora only "
+                "adapts layers whose weight is a plain parameter or under weight_norm"
+            )
 
 
 class LoRALayer:
@@ -238,6 +275,7 @@ class LoRALayer:
             raise TypeError(f"{cls.__name__}.from_base expects an {base_cls.__name__}, got {type(layer).__name__}")
         if isinstance(layer, LoRALayer):
             raise TypeError(f"{cls.__name__}.from_base: layer is already a LoRA layer ({type(layer).__name__})")
+        check_no_foreign_weight_hooks(layer)
         kind, dim, folded, folded_grad = _weight_norm_info(layer)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
