@@ -213,8 +213,9 @@ def _linear_bwd_impl(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_W, grad_b, grad_A, grad_B)``, each contiguous in its input's dtype and shape; an
-    unneeded gradient is ``None``. The base-sized GEMMs run in the activation dtype."""
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` in each input's dtype, in the layout nn.Linear's autograd
+    gives (contiguous; ``grad_x`` transposed for a transposed 2-D ``x``); an unneeded gradient is ``None``.
+    The base-sized GEMMs run in the activation dtype."""
     need_x, need_w, need_b, need_a, need_bb = needs
     ldt = _lora_dtype(x)
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
@@ -227,10 +228,10 @@ def _linear_bwd_impl(
     gx = gw = gb = ga = gbb = None
     g_u = torch.mm(gl, B * scaling) if need_a or (need_x and not merged) else None  # (M, r)
     if need_x:
-        if merged:
-            gx = torch.mm(g, torch.addmm(weight, B, A, alpha=scaling))
-        else:
-            gx = torch.mm(g, weight)
+        w_x = torch.addmm(weight, B, A, alpha=scaling) if merged else weight
+        # nn.Linear's grad_x of a transposed 2-D input is transposed too (autograd's mm backward)
+        gx = torch.mm(w_x.t(), g.t()).t() if _transposed_2d(x) else torch.mm(g, w_x)
+        if not merged:
             if mask is None and gx.dtype == ldt:
                 gx.addmm_(g_u, A)
             else:
@@ -257,14 +258,23 @@ _linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_
 
 @_linear_bwd.register_fake
 def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
-    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
+    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs, _transposed_2d(x))
 
 
-def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs):
-    """Contiguous gradients in each input's dtype (empty 1-D tensors for unneeded ones), as the real ops return."""
+def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs, x_transposed=False):
+    """Contiguous gradients in each input's dtype (empty 1-D tensors for unneeded ones), as the real ops return
+    (``grad_x`` transposed for a transposed 2-D Linear input)."""
     shapes = (x.shape, weight.shape, bias_shape, lora_A.shape, lora_B.shape)
     dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
-    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+    out = [x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs)]
+    if x_transposed and needs[0]:
+        out[0] = x.new_empty(x.shape[1], x.shape[0]).t()
+    return tuple(out)
+
+
+def _transposed_2d(x: Tensor) -> bool:
+    """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1."""
+    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
 
 
 _register_autograd(_linear_fwd, _linear_bwd)
