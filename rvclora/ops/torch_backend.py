@@ -99,8 +99,9 @@ def _with_empties(bwd_impl):
 
     @functools.wraps(bwd_impl)
     def op_impl(*args):
-        x = args[1]
-        return tuple(x.new_empty(0) if t is None else t for t in bwd_impl(*args))
+        x, needs = args[1], args[-1]
+        # by ``needs``, not by None: convolution_backward may return a gradient it was not asked for
+        return tuple(t if need and t is not None else x.new_empty(0) for t, need in zip(bwd_impl(*args), needs))
 
     return op_impl
 
