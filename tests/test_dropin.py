@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
+from oracle import assert_close_to_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oracle import assert_close_to_oracle
 from rvclora import LoRAConfig, LoRAConv1d, LoRAConvTranspose1d, LoRALinear, inject_lora, merged_state_dict
 from rvclora import reference as ref
 from rvclora.ops import dispatch, set_backend
@@ -71,7 +71,8 @@ def _linear_inputs():
 def _conv_inputs(c: int):
     return {
         "batch2": torch.randn(2, c, 9), "batch1": torch.randn(1, c, 9), "unbatched": torch.randn(c, 9),
-        "batch0": torch.randn(0, c, 9), "length1": torch.randn(2, c, 1), "channels_last": torch.randn(2, 9, c).transpose(1, 2),
+        "batch0": torch.randn(0, c, 9), "length1": torch.randn(2, c, 1),
+        "channels_last": torch.randn(2, 9, c).transpose(1, 2),
         "batch_inner": torch.randn(c, 2, 9).transpose(0, 1), "unbatched_transposed": torch.randn(9, c).t(),
         "time_sliced": torch.randn(2, c, 18)[..., ::2],
     }
@@ -272,8 +273,9 @@ def test_unmerge_is_bit_exact_without_a_step():
     assert torch.equal(layer.weight, w0)
 
 
-@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.to("cpu").bfloat16()],
-                         ids=["half", "double", "bfloat16"])
+@pytest.mark.parametrize("convert", [
+    lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.to("cpu").bfloat16(),
+], ids=["half", "double", "bfloat16"])
 def test_state_dicts_follow_dtype_conversion_while_merged(convert):
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 6, 3)))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))

@@ -617,7 +617,7 @@ def _conv1d_bwd_impl(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     merged = _merge_ok(x, dropout_p, conv=True)
@@ -691,7 +691,7 @@ def _convt_fwd_impl(
     dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
@@ -727,7 +727,7 @@ def _convt_bwd_impl(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
