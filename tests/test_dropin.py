@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -406,3 +409,52 @@ def test_half_forward_does_not_round_trip_the_output_through_float32(op):
             fn(x, w, b, a, bb, 0.7, *extra, 0.0, None)
     ups = [c for c in rec.casts if math.prod(c[0]) == y_numel and c[1] == torch.bfloat16 and c[2] == torch.float32]
     assert not ups, f"{op}: the output was copied to float32: {ups}"
+
+
+# ------------------------------------------------------------------ precision follows the base layer
+
+_CUDA32 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+
+
+def _flags(matmul="none", cudnn_conv="none", cudnn="none", glob="none", legacy_mm=False, legacy_cudnn=True):
+    return {"matmul": types.SimpleNamespace(fp32_precision=matmul, allow_tf32=legacy_mm),
+            "cudnn": types.SimpleNamespace(conv=types.SimpleNamespace(fp32_precision=cudnn_conv), fp32_precision=cudnn,
+                                           allow_tf32=legacy_cudnn),
+            "glob": glob}
+
+
+@pytest.mark.parametrize("flags, want_linear, want_conv", [
+    (_flags(cudnn_conv="tf32"), True, False),  # PyTorch's defaults: matmuls IEEE fp32, cuDNN convolutions TF32
+    (_flags(matmul="tf32", cudnn_conv="tf32"), False, False),
+    (_flags(cudnn_conv="ieee"), True, True),
+    (_flags(legacy_mm=True), False, False),  # torch.set_float32_matmul_precision("high"), old flags only
+    (_flags(legacy_cudnn=False), True, True),
+    (_flags(glob="tf32"), False, False),
+    (_flags(cudnn="ieee"), True, True),
+], ids=["defaults", "matmul_tf32", "conv_ieee", "legacy_matmul", "legacy_cudnn_off", "global_tf32", "cudnn_ieee"])
+def test_merged_weight_only_where_the_base_op_is_true_fp32(monkeypatch, flags, want_linear, want_conv):
+    """Where PyTorch would run the base op in TF32 on CUDA, the torch backend runs it so too and keeps the
+    LoRA term separate (the merged ``W + ΔW`` only for true fp32/fp64 maths). The settings are stand-ins here:
+    the real ones are process-wide, and once their old and new forms are mixed, reads of the old raise."""
+    monkeypatch.setattr(torch.backends.cuda, "matmul", flags["matmul"])
+    monkeypatch.setattr(torch.backends, "cudnn", flags["cudnn"])
+    monkeypatch.setattr(torch.backends, "fp32_precision", flags["glob"], raising=False)
+    assert tb._merge_ok(_CUDA32, 0.0, conv=False) is want_linear
+    assert tb._merge_ok(_CUDA32, 0.0, conv=True) is want_conv
+    assert tb._merge_ok(types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32), 0.0, conv=True)
+    assert not tb._merge_ok(types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16), 0.0, conv=False)
+
+
+def test_tf32_settings_read_from_the_real_flags_in_a_fresh_process():
+    """With the new-style settings in use (where reading the old flags raises), the check still answers."""
+    probe = (
+        "import types, torch\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
+        "from rvclora.ops.torch_backend import _merge_ok\n"
+        "x = types.SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32)\n"
+        "print(_merge_ok(x, 0.0, conv=False), _merge_ok(x, 0.0, conv=True))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().split("\n")[-1] == "False True", out.stdout

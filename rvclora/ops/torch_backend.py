@@ -69,9 +69,28 @@ def _merge_ok(x: Tensor, dropout_p: float, conv: bool) -> bool:
     if dropout_p != 0.0 or x.dtype not in (torch.float32, torch.float64):
         return False
     if x.device.type == "cuda" and x.dtype == torch.float32:
-        tf32 = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
-        return not tf32
+        return not _tf32_enabled(conv)
     return True
+
+
+def _tf32_enabled(conv: bool) -> bool:
+    """Would PyTorch run a float32 base op of this kind (cuDNN convolution or cuBLAS matmul) in TF32 on CUDA?
+
+    Then the base part follows it (the base-sized ops are the library's own, under the same flags) and the
+    LoRA term stays separate, never rounded into a TF32 ``W + ΔW``. Reads the ``fp32_precision`` settings
+    (``"tf32"``/``"ieee"``; ``"none"`` defers to the enclosing level) and, where none is set, the legacy
+    ``allow_tf32`` flags; reading a legacy flag raises once the new settings are in use, so they come first.
+    """
+    levels = ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends) if conv
+              else (torch.backends.cuda.matmul, torch.backends))
+    for level in levels:
+        try:
+            precision = getattr(level, "fp32_precision", "none")
+        except RuntimeError:
+            precision = "none"
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32)
 
 
 def _no_autocast(fn):
