@@ -11,7 +11,13 @@ Fast, not naive (DESIGN.md §3):
 * **Memory**: autograd keeps ``x`` and ``u`` (and the parameters); dropout masks are
   regenerated from their seed in backward, never stored.
 * **Low precision** (fp16/bf16, or TF32 on CUDA): the LoRA path stays a separate term, so a
-  small ``ΔW`` is never rounded into ``W``.
+  small ``ΔW`` is never rounded into ``W``. Base-sized work (``y``, ``grad_x``, ``grad_W``) runs in
+  the activation dtype; the thin LoRA GEMMs run in float32 and their term is added to the base
+  part by one in-place mixed-dtype op (computed in float32, rounded once). The factors may have
+  any float dtype (autocast keeps them float32): they are cast to the compute dtype per call.
+* **Layout**: ``y`` is the output of the base-sized library op itself (updated in place), and each
+  gradient is produced in the layout the base class's autograd gives, so outputs are drop-ins
+  (``.view()`` works) and the fake kernels below state exactly the real strides.
 
 Each op is a ``torch.library`` custom op (``rvclora::torch_*``) with a fake implementation
 and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one node.
