@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear
+from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear, check_no_foreign_weight_hooks
 
 __all__ = [
     "inject_lora",
@@ -93,6 +93,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
             continue
         candidates.append(name)
         if any(target_matches(t, name) for t in config.target_modules):
+            check_no_foreign_weight_hooks(module, name)  # before any layer is replaced
             chosen.append((name, module, base))
     if not chosen:
         sample = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")

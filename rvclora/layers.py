@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Tuple, Type, TypeVar
+from typing import List, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from torch import Tensor
 from . import ops
 from . import reference as ref
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d", "check_no_foreign_weight_hooks"]
 
 T = TypeVar("T", bound="LoRALayer")
 
@@ -63,6 +63,43 @@ def _weight_norm_info(layer: nn.Module) -> Tuple[Optional[str], Optional[int], O
         g, v = plist.original0, plist.original1
         return "parametrizations", plist[0].dim, w, g.requires_grad or v.requires_grad
     return None, None, None, False
+
+
+def check_no_foreign_weight_hooks(layer: nn.Module, name: str = "") -> None:
+    """Refuse a layer whose ``weight`` (or ``bias``) is rewritten before each forward by something other
+    than weight_norm: legacy ``spectral_norm``, pruning, or any forward pre-hook naming the tensor.
+
+    A LoRA layer computes with its own ``weight`` parameter; such a hook would keep replacing it behind
+    the adapter's back (a merge would then change nothing, and merged and unmerged outputs differ).
+    weight_norm is folded exactly; parametrizations other than it are refused by :meth:`LoRALayer.from_base`.
+    """
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    where = f"{name} ({type(layer).__name__})" if name else type(layer).__name__
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            continue
+        target = getattr(hook, "name", getattr(hook, "_tensor_name", None))
+        if isinstance(hook, (SpectralNorm, BasePruningMethod, WeightNorm)) or target in ("weight", "bias"):
+            raise ValueError(
+                f"{where}: its {target or 'weight'} is rewritten by a forward pre-hook "
+                f"({type(hook).__name__}); rvclora cannot adapt it exactly. Remove the hook first "
+                "(e.g. torch.nn.utils.remove_spectral_norm) or leave this layer out of target_modules"
+            )
+    params = getattr(layer, "parametrizations", None)
+    has_wn = any(isinstance(h, WeightNorm) for h in layer._forward_pre_hooks.values()) or (
+        params is not None and "weight" in params
+    )
+    for t in ("weight", "bias"):
+        derived = t not in layer._parameters and getattr(layer, t, None) is not None
+        if derived and not (t == "weight" and has_wn):
+            raise ValueError(
+                f"{where}: {t} is not a parameter of the layer (it is computed from "
+                f"{[n for n in layer._parameters if n.startswith(t)] or 'something else'}); rvclora only "
+                "adapts layers whose weight is a plain parameter or under weight_norm"
+            )
 
 
 class LoRALayer:
@@ -126,6 +163,10 @@ class LoRALayer:
     def _dropout_p(self) -> float:
         return self.lora_dropout if self.training else 0.0
 
+    def _versions(self) -> Tuple[int, int, int]:
+        # In-place updates (optimizer steps, copy_, load) bump a tensor's version counter; .to()/.half() keep it.
+        return (self.weight._version, self.lora_A._version, self.lora_B._version)
+
     def merge(self) -> None:
         """Fold ``ΔW`` into ``weight`` (a no-op if already merged or ``r == 0``)."""
         if self.merged or self.r == 0:
@@ -134,29 +175,67 @@ class LoRALayer:
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.add_(self.get_delta_weight().to(self.weight.dtype))
         self.merged = True
+        self._merged_versions = self._versions()
 
     def unmerge(self) -> None:
-        """Restore the exact unmerged base weight (bit-identical to before :meth:`merge`)."""
+        """Restore the unmerged base weight: bit-identical to before :meth:`merge` when ``weight`` was not
+        changed while merged.
+
+        If ``weight`` was updated in place while merged (an optimizer step on a trainable base weight), the
+        update is kept, not dropped: the result is ``weight − ΔW`` (exact up to one rounding). If the
+        factors changed too, the ``ΔW`` that was merged is no longer known and this raises.
+        """
         if not self.merged:
             return
         with torch.no_grad():
-            self.weight.copy_(self._unmerged_weight)
+            self.weight.copy_(self._base_weight())
         self._unmerged_weight = None
         self.merged = False
 
+    def _base_weight(self) -> Tensor:
+        """The unmerged weight of a merged layer (see :meth:`unmerge`), as a tensor not aliasing ``weight``."""
+        w_ver, a_ver, b_ver = self._versions()
+        if w_ver == self._merged_versions[0]:
+            return self._unmerged_weight
+        if (a_ver, b_ver) != self._merged_versions[1:]:
+            raise RuntimeError(
+                f"{type(self).__name__}: both weight and lora_A/lora_B were modified in place while merged, so "
+                "the merged ΔW can no longer be removed; unmerge before updating the factors"
+            )
+        with torch.no_grad():
+            return self.weight - self.get_delta_weight().to(self.weight.dtype)
+
     def train(self, mode: bool = True):
+        """Like the base class; entering training mode also unmerges a merged layer (the factors must get
+        their gradients), and with ``merge_weights`` leaving it merges."""
         super().train(mode)
-        if self.merge_weights:
-            if mode:
-                self.unmerge()
-            else:
-                self.merge()
+        if mode:
+            self.unmerge()
+        elif self.merge_weights:
+            self.merge()
+        return self
+
+    def _check_not_training_merged(self) -> None:
+        """A merged layer computes its base class's forward: no gradient would reach the factors."""
+        if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            raise RuntimeError(
+                f"{type(self).__name__}: forward in training mode with gradients enabled while merged: the "
+                "LoRA factors would get no gradient; call unmerge() (or .train(), which unmerges) before "
+                "training, or .eval() / torch.no_grad() for inference"
+            )
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() must also convert the kept unmerged weight, or state_dict() (which
+        # returns it while merged) and unmerge() would hand back a stale dtype/device.
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_unmerged_weight", None) is not None:
+            self._unmerged_weight = fn(self._unmerged_weight)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
-            w = self._unmerged_weight
+            w = self._base_weight()
             destination[prefix + "weight"] = w if keep_vars else w.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -196,6 +275,7 @@ class LoRALayer:
             raise TypeError(f"{cls.__name__}.from_base expects an {base_cls.__name__}, got {type(layer).__name__}")
         if isinstance(layer, LoRALayer):
             raise TypeError(f"{cls.__name__}.from_base: layer is already a LoRA layer ({type(layer).__name__})")
+        check_no_foreign_weight_hooks(layer)
         kind, dim, folded, folded_grad = _weight_norm_info(layer)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -242,8 +322,11 @@ class LoRALinear(LoRALayer, nn.Linear):
     def get_delta_weight(self) -> Tensor:
         return ref.delta_weight_linear(self.lora_A, self.lora_B, self.scaling)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         if not self._lora_active():
+            if self.merged:
+                self._check_not_training_merged()
             return F.linear(x, self.weight, self.bias)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -297,10 +380,12 @@ class LoRAConv1d(LoRALayer, nn.Conv1d):
     def get_delta_weight(self) -> Tensor:
         return ref.delta_weight_conv1d(self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
         if not self._lora_active():
-            return nn.Conv1d.forward(self, x)
-        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+            if self.merged:
+                self._check_not_training_merged()
+            return nn.Conv1d.forward(self, input)
+        x, unbatched = _batch(type(self).__name__, input, self.in_channels)
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         y = ops.lora_conv1d(
@@ -347,12 +432,15 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
             self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0]
         )
 
-    def forward(self, x: Tensor, output_size: Optional[list] = None) -> Tensor:
+    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
         if not self._lora_active():
-            return nn.ConvTranspose1d.forward(self, x, output_size)
-        x, unbatched = _batch(type(self).__name__, x, self.in_channels)
+            if self.merged:
+                self._check_not_training_merged()
+            return nn.ConvTranspose1d.forward(self, input, output_size)
+        x, unbatched = _batch(type(self).__name__, input, self.in_channels)
+        # from the input as given, like the base class: output_size may be (L,), (C, L) unbatched or (N, C, L)
         output_padding = self._output_padding(
-            x, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
+            input, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
         )
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)

@@ -149,5 +149,7 @@ def test_every_conv1d_forward_candidate_matches_the_oracle(shape, bias, dtype):
         trials = next(iter(autotune._trials.values()), None)
         if trials is not None:
             seen |= {name for name, v in trials.items() if v}
-    assert seen == {"joint", "split"}, f"tuning should have run both candidates, ran {seen}"
+    # batch > 1 always runs "split" (the joint output's y would be strided), so there is nothing to tune
+    want = {"joint", "split"} if n == 1 else set()
+    assert seen == want, f"tuning should have run {want or 'nothing'}, ran {seen}"
     assert autotune.pending() == 0 and set(autotune.plans().values()) <= {"joint", "split"}

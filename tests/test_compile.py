@@ -4,9 +4,12 @@ A graph break anywhere (the backend dispatcher, the dropout seed, the autocast c
 these tests, and each compiled run is held to the eager run of the same module: outputs and
 the gradients of the input, the LoRA factors and the trainable bias.
 
-Compiling is slow on a 2-core CI machine, so most cases use ``backend="aot_eager"`` (dynamo +
-AOTAutograd, the same graph capture and joint forward/backward graph inductor gets, run by
-eager kernels); one small case goes through inductor's C++ code generation.
+The cases run through the default **inductor** backend, which (unlike ``aot_eager``) asserts that
+every custom op's real outputs have the sizes and strides its fake kernel promised: each layer kind
+at batch 1 and 2, the injected generator at batch 1 and 4. Inductor compiles C++ on CPU, so the
+inputs are short and the number of graphs small. The dropout cases keep ``aot_eager`` for the
+seed-per-call check, plus one inductor case with ``fallback_random`` (inductor otherwise draws its
+own random numbers rather than torch's global generator, so eager and compiled masks would differ).
 """
 
 from __future__ import annotations
@@ -47,15 +50,17 @@ def _randomise_lora(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-def _layer(kind: str, dropout: float) -> tuple[torch.nn.Module, torch.Tensor]:
+def _layer(kind: str, dropout: float, batch: int = 2) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "linear":
-        layer, x = LoRALinear(6, 5, r=2, lora_dropout=dropout), torch.randn(3, 4, 6)
+        layer, x = LoRALinear(6, 5, r=2, lora_dropout=dropout), torch.randn(batch, 4, 6)
+    elif kind == "linear2d":
+        layer, x = LoRALinear(6, 5, r=2, lora_dropout=dropout), torch.randn(batch, 6)
     elif kind == "conv1d":
-        layer, x = LoRAConv1d(4, 6, 3, r=2, padding=2, dilation=2, lora_dropout=dropout), torch.randn(2, 4, 9)
+        layer, x = LoRAConv1d(4, 6, 3, r=2, padding=2, dilation=2, lora_dropout=dropout), torch.randn(batch, 4, 9)
     else:
         layer = LoRAConvTranspose1d(4, 6, 4, stride=2, padding=1, r=2, lora_dropout=dropout)
-        x = torch.randn(2, 4, 5)
+        x = torch.randn(batch, 4, 5)
     layer.weight.requires_grad_(False)  # as after inject_lora; the bias trains (bias="lora_only")
     _randomise_lora(layer)
     return layer.train(), x.requires_grad_(True)
@@ -83,38 +88,46 @@ def _assert_same(eager, compiled) -> None:
         torch.testing.assert_close(g_c[name], g_e[name], msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d"])
-def test_layer_compiles_fullgraph_like_eager(kind, dropout):
-    layer, x = _layer(kind, dropout)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    for seed in (1, 2):
-        got = _run(compiled, layer, (x,), seed)  # first: a cold trace must not depend on an earlier eager call
-        _assert_same(_run(layer, layer, (x,), seed), got)
-    if dropout:
-        # the seed must be drawn per call inside the graph, not frozen into it at trace time
-        y1, _ = _run(compiled, layer, (x,), 1)
-        y2, _ = _run(compiled, layer, (x,), 2)
-        assert not torch.equal(y1, y2), "compiled dropout reused one mask for two different seeds"
-
-
-def test_layer_compiles_with_inductor():
-    """One case through inductor's code generation (C++ on CPU); dropout off, as inductor draws
-    its own random numbers rather than torch's global generator."""
-    layer, x = _layer("conv1d", 0.0)
-    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kind", ["linear", "linear2d", "conv1d", "conv_transpose1d"])
+def test_layer_compiles_with_inductor_like_eager(kind, batch):
+    layer, x = _layer(kind, 0.0, batch)
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend: inductor
     got = _run(compiled, layer, (x,), 0)
     _assert_same(_run(layer, layer, (x,), 0), got)
 
 
-def test_injected_generator_compiles_fullgraph_like_eager():
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d"])
+def test_dropout_layer_compiles_fullgraph_like_eager(kind):
+    layer, x = _layer(kind, 0.3)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        got = _run(compiled, layer, (x,), seed)  # first: a cold trace must not depend on an earlier eager call
+        _assert_same(_run(layer, layer, (x,), seed), got)
+    # the seed must be drawn per call inside the graph, not frozen into it at trace time
+    y1, _ = _run(compiled, layer, (x,), 1)
+    y2, _ = _run(compiled, layer, (x,), 2)
+    assert not torch.equal(y1, y2), "compiled dropout reused one mask for two different seeds"
+
+
+def test_dropout_layer_compiles_with_inductor_like_eager():
+    layer, x = _layer("conv1d", 0.3, batch=1)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(layer, fullgraph=True)
+        for seed in (1, 2):
+            got = _run(compiled, layer, (x,), seed)
+            _assert_same(_run(layer, layer, (x,), seed), got)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_injected_generator_compiles_with_inductor_like_eager(batch):
     model = build_generator(TINY_RVC, f0=False, seed=0)
     inject_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["ups", "resblocks", "cond"], bias="lora_only"))
     _randomise_lora(model)
     model.train()
-    x = torch.randn(2, TINY_RVC.inter_channels, 6)
-    g = torch.randn(2, TINY_RVC.gin_channels, 1)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(batch, TINY_RVC.inter_channels, 6)
+    g = torch.randn(batch, TINY_RVC.gin_channels, 1)
+    compiled = torch.compile(model, fullgraph=True)
     got = _run(compiled, model, (x, g), 0)
     eager = _run(model, model, (x, g), 0)
     _assert_same(eager, got)

@@ -11,7 +11,13 @@ Fast, not naive (DESIGN.md §3):
 * **Memory**: autograd keeps ``x`` and ``u`` (and the parameters); dropout masks are
   regenerated from their seed in backward, never stored.
 * **Low precision** (fp16/bf16, or TF32 on CUDA): the LoRA path stays a separate term, so a
-  small ``ΔW`` is never rounded into ``W``.
+  small ``ΔW`` is never rounded into ``W``. Base-sized work (``y``, ``grad_x``, ``grad_W``) runs in
+  the activation dtype; the thin LoRA GEMMs run in float32 and their term is added to the base
+  part by one in-place mixed-dtype op (computed in float32, rounded once). The factors may have
+  any float dtype (autocast keeps them float32): they are cast to the compute dtype per call.
+* **Layout**: ``y`` is the output of the base-sized library op itself (updated in place), and each
+  gradient is produced in the layout the base class's autograd gives, so outputs are drop-ins
+  (``.view()`` works) and the fake kernels below state exactly the real strides.
 
 Each op is a ``torch.library`` custom op (``rvclora::torch_*``) with a fake implementation
 and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one node.
@@ -20,6 +26,7 @@ and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one n
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -68,9 +75,28 @@ def _merge_ok(x: Tensor, dropout_p: float, conv: bool) -> bool:
     if dropout_p != 0.0 or x.dtype not in (torch.float32, torch.float64):
         return False
     if x.device.type == "cuda" and x.dtype == torch.float32:
-        tf32 = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
-        return not tf32
+        return not _tf32_enabled(conv)
     return True
+
+
+def _tf32_enabled(conv: bool) -> bool:
+    """Would PyTorch run a float32 base op of this kind (cuDNN convolution or cuBLAS matmul) in TF32 on CUDA?
+
+    Then the base part follows it (the base-sized ops are the library's own, under the same flags) and the
+    LoRA term stays separate, never rounded into a TF32 ``W + ΔW``. Reads the ``fp32_precision`` settings
+    (``"tf32"``/``"ieee"``; ``"none"`` defers to the enclosing level) and, where none is set, the legacy
+    ``allow_tf32`` flags; reading a legacy flag raises once the new settings are in use, so they come first.
+    """
+    levels = ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends) if conv
+              else (torch.backends.cuda.matmul, torch.backends))
+    for level in levels:
+        try:
+            precision = getattr(level, "fp32_precision", "none")
+        except RuntimeError:
+            precision = "none"
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32)
 
 
 def _no_autocast(fn):
@@ -98,8 +124,9 @@ def _with_empties(bwd_impl):
 
     @functools.wraps(bwd_impl)
     def op_impl(*args):
-        x = args[1]
-        return tuple(x.new_empty(0) if t is None else t for t in bwd_impl(*args))
+        x, needs = args[1], args[-1]
+        # by ``needs``, not by None: convolution_backward may return a gradient it was not asked for
+        return tuple(t if need and t is not None else x.new_empty(0) for t, need in zip(bwd_impl(*args), needs))
 
     return op_impl
 
@@ -166,29 +193,36 @@ def _linear_fwd_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    """Returns ``y: (..., out)`` and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward)."""
-    dt, ldt = x.dtype, _lora_dtype(x)
+    """Returns ``y: (..., out)`` in ``F.linear``'s layout and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward).
+
+    ``y`` is the output of the base-sized ``F.linear`` itself (updated in place), so it has exactly
+    ``nn.Linear``'s shape and strides without a copy.
+    """
+    ldt = _lora_dtype(x)
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
     mask = _mask(x2, dropout_p, seed)
     if _merge_ok(x, dropout_p, conv=False):
-        # One GEMM gives y and u: x·[W + s·BA; A]ᵀ, so u costs r/out of the base and no second pass over x.
-        out, r = weight.shape[0], A.shape[0]
-        w_cat = weight.new_empty(out + r, weight.shape[1])
-        torch.addmm(weight, B, A, alpha=scaling, out=w_cat[:out])
-        w_cat[out:] = A
-        b_cat = torch.cat([bias, bias.new_zeros(r)]) if bias is not None else None
-        yu = F.linear(x2, w_cat, b_cat)
-        y, u = yu[:, :out], yu[:, out:].clone(memory_format=torch.contiguous_format)
+        # The base-sized GEMM with W + s·BA, and u as a thin GEMM (r/out of the base's flops).
+        y = F.linear(x, torch.addmm(weight, B, A, alpha=scaling), bias)
+        u = torch.mm(x2, A.t())
     else:
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x, weight, bias)  # in the activation dtype, like the base layer
         xl = _cast(x2, ldt) if mask is None else _cast(x2, ldt) * _cast(mask, ldt)
-        u = xl @ A.t()
-        if ldt == dt:
-            y.addmm_(u, B.t(), alpha=scaling)
-        else:
-            y = torch.addmm(_cast(y, ldt), u, B.t(), alpha=scaling).to(dt)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), u
+        u = torch.mm(xl, A.t())
+        _add_lora_mm_(y.view(x2.shape[0], weight.shape[0]), u, B.t(), scaling)
+    return y, u
+
+
+def _add_lora_mm_(y: Tensor, u: Tensor, bt: Tensor, scaling: float) -> Tensor:
+    """``y += s · u @ bt`` in place, ``y`` in the activation dtype, ``u``/``bt`` in the LoRA dtype.
+
+    Same dtype: one ``addmm_``. Half activations: the thin product runs in float32 and one mixed-dtype
+    ``add_`` computes ``y + s·lora`` in float32 and rounds once into ``y`` (no float32 copy of ``y``).
+    """
+    if y.dtype == u.dtype:
+        return y.addmm_(u, bt, alpha=scaling)
+    return y.add_(torch.mm(u, bt), alpha=scaling)
 
 
 _linear_fwd = torch.library.custom_op("rvclora::torch_lora_linear_fwd", mutates_args=())(_linear_fwd_impl)
@@ -196,7 +230,7 @@ _linear_fwd = torch.library.custom_op("rvclora::torch_lora_linear_fwd", mutates_
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    m = x.numel() // x.shape[-1]
+    m = math.prod(x.shape[:-1])
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=_lora_dtype(x))
 
 
@@ -205,35 +239,41 @@ def _linear_bwd_impl(
     grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; an unneeded gradient is an empty 1-D tensor."""
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` in each input's dtype, in the layout nn.Linear's autograd
+    gives (contiguous; ``grad_x`` transposed for a transposed 2-D ``x``); an unneeded gradient is ``None``.
+    The base-sized GEMMs run in the activation dtype."""
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
     g = grad.reshape(-1, grad.shape[-1])
     gl = _cast(g, ldt)
     mask = _mask(x2, dropout_p, seed)
     mask = _cast(mask, ldt) if mask is not None else None
+    merged = _merge_ok(x, dropout_p, conv=False)
     gx = gw = gb = ga = gbb = None
-    if need_x and _merge_ok(x, dropout_p, conv=False):
-        # grad_x and g_u from one GEMM: g·[W + s·BA | s·B]
-        w_cat = torch.cat([torch.addmm(weight, B, A, alpha=scaling), B * scaling], dim=1)
-        gxu = torch.mm(g, w_cat)
-        gx, g_u = gxu[:, : x2.shape[1]].reshape(x.shape), gxu[:, x2.shape[1]:]
-    else:
-        g_u = torch.mm(gl, B * scaling)  # (M, r)
-        if need_x:
-            lx = g_u @ A
-            gx = torch.addmm(lx if mask is None else lx * mask, gl, _cast(weight, ldt)).to(dt).reshape(x.shape)
+    g_u = torch.mm(gl, B * scaling) if need_a or (need_x and not merged) else None  # (M, r)
+    if need_x:
+        w_x = torch.addmm(weight, B, A, alpha=scaling) if merged else weight
+        # nn.Linear's grad_x of a transposed 2-D input is transposed too (autograd's mm backward)
+        gx = torch.mm(w_x.t(), g.t()).t() if _transposed_2d(x) else torch.mm(g, w_x)
+        if not merged:
+            if mask is None and gx.dtype == ldt:
+                gx.addmm_(g_u, A)
+            else:
+                lx = torch.mm(g_u, A)
+                gx.add_(lx if mask is None else lx.mul_(mask))
+        gx = gx.view(x.shape)
     if need_w:
-        gw = g.t() @ x2
+        gw = torch.mm(g.t(), x2)
     if need_b:
         gb = g.sum(0)
     if need_a:
         xl = _cast(x2, ldt)
-        ga = (g_u.t() @ (xl if mask is None else xl * mask)).to(lora_A.dtype)
+        ga = torch.mm(g_u.t(), xl if mask is None else xl * mask).to(lora_A.dtype)
     if need_bb:
-        gbb = (torch.mm(u.t(), gl) * scaling).t().to(lora_B.dtype)  # thin operand first: ~5x faster on CPU
+        # the thin operand first (several times faster on CPU), then a parameter-sized transpose copy
+        gbb = torch.mm(u.t(), gl).mul_(scaling).t().contiguous().to(lora_B.dtype)
     return gx, gw, gb, ga, gbb
 
 
@@ -244,9 +284,23 @@ _linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_
 
 @_linear_bwd.register_fake
 def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
-    shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
+    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs, _transposed_2d(x))
+
+
+def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs, x_transposed=False):
+    """Contiguous gradients in each input's dtype (empty 1-D tensors for unneeded ones), as the real ops return
+    (``grad_x`` transposed for a transposed 2-D Linear input)."""
+    shapes = (x.shape, weight.shape, bias_shape, lora_A.shape, lora_B.shape)
     dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
-    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+    out = [x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs)]
+    if x_transposed and needs[0]:
+        out[0] = x.new_empty(x.shape[1], x.shape[0]).t()
+    return tuple(out)
+
+
+def _transposed_2d(x: Tensor) -> bool:
+    """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1."""
+    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
 
 
 _register_autograd(_linear_fwd, _linear_bwd)
@@ -276,7 +330,8 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
     if conv_pad or (left, right) == (0, 0):
         return grad_xp
     if padding_mode == "zeros":
-        return grad_xp[..., left: grad_xp.shape[-1] - right]
+        # a gradient is returned contiguous, like its input (only explicit, asymmetric zero padding gets here)
+        return grad_xp[..., left: grad_xp.shape[-1] - right].contiguous()
     if x.dtype != grad_xp.dtype:
         x = torch.empty_like(x, dtype=grad_xp.dtype)  # the pad backward ops only read its shape
     if padding_mode == "reflect":
@@ -444,8 +499,8 @@ def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:
     n, _, t = x.shape
     if groups == 1 and n == 1:
         return torch.mm(w, x[0]).unsqueeze(0)
-    wg = w.reshape(groups, -1, w.shape[1])
-    return torch.matmul(wg, x.reshape(n, groups, -1, t)).reshape(n, -1, t)
+    wg = w.reshape(groups, -1, w.shape[1])  # explicit sizes below: -1 is ambiguous for empty inputs
+    return torch.matmul(wg, x.reshape(n, groups, x.shape[1] // groups, t)).reshape(n, w.shape[0], t)
 
 
 def _add_grouped_1x1_(y: Tensor, w: Tensor, x: Tensor, groups: int, alpha: float) -> Tensor:
@@ -462,10 +517,11 @@ def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
     """``Σ_{n,t} a[n, g·p, t] · b[n, g·q, t]`` per group → ``(g·p, q)``."""
     n, _, t = a.shape
     if groups == 1 and n == 1:
-        return torch.mm(b[0], a[0].t()).t()  # the thin operand on the left: about twice as fast on CPU
-    ag = a.reshape(n, groups, -1, t)
-    bg = b.reshape(n, groups, -1, t)
-    return torch.matmul(ag, bg.transpose(-1, -2)).sum(0).reshape(-1, bg.shape[2])
+        # the thin operand on the left (about twice as fast on CPU), then a parameter-sized transpose copy
+        return torch.mm(b[0], a[0].t()).t().contiguous()
+    ag = a.reshape(n, groups, a.shape[1] // groups, t)
+    bg = b.reshape(n, groups, b.shape[1] // groups, t)
+    return torch.matmul(ag, bg.transpose(-1, -2)).sum(0).reshape(a.shape[1], bg.shape[2])
 
 
 @_no_autocast
@@ -496,10 +552,12 @@ def _conv1d_fwd_impl(
             w_cat.narrow(0, out, r).copy_(a3)
             b_cat = F.pad(bias, (0, r)) if bias is not None else None
             yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
-            # clone, not contiguous(): at batch 1 the slice is already contiguous, and a view would keep
-            # all of yu (an activation-sized buffer) alive for backward.
-            y, u = yu.narrow(1, 0, out), yu.narrow(1, out, r).clone(memory_format=torch.contiguous_format)
-            return (y.contiguous() if x.shape[0] > 1 else y), u
+            # Batch 1 only: there the first ``out`` channels are one contiguous block, so y is a view in
+            # nn.Conv1d's layout (the batch stride of a size-1 dim is re-stated, which moves no data).
+            # u is cloned: a view would keep all of yu (an activation-sized buffer) alive for backward.
+            t = yu.shape[-1]
+            y = yu.narrow(1, 0, out).as_strided((1, out, t), (out * t, t, 1))
+            return y, yu.narrow(1, out, r).clone(memory_format=torch.contiguous_format)
 
         def split() -> Tuple[Tensor, Tensor]:
             # The base-sized convolution with W + s·ΔW, and u as a thin GEMM plus k shifted adds.
@@ -507,7 +565,9 @@ def _conv1d_fwd_impl(
             y = F.conv1d(xp, w_eff, bias, stride, cpad, dilation, groups)
             return y, _thin_conv1d(xp, a3, stride, cpad, dilation, groups, t_out)
 
-        if groups != 1:
+        if groups != 1 or x.shape[0] != 1:
+            # at batch > 1 the joint output's y would be strided (channels out of out + r per sample):
+            # the base convolution writes y in nn.Conv1d's layout directly instead
             y, u = split()
         elif x.device.type != "cpu" or not autotune.enabled():
             y, u = joint()
@@ -524,7 +584,8 @@ def _conv1d_fwd_impl(
         if ldt == dt:
             _add_grouped_1x1_(y, B, u, groups, scaling)
         else:
-            y = _add_grouped_1x1_(_cast(y, ldt), B, u, groups, scaling).to(dt)
+            # half activations: the thin 1×1 in float32, added and rounded once by a mixed-dtype add_
+            y.add_(_grouped_1x1(B, u, groups), alpha=scaling)
     return y, u
 
 
@@ -570,7 +631,8 @@ def _lean_grad_A(g2: Tensor, x: Tensor, B: Tensor, scaling: float, pad: int, dil
 
 
 def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
-    return torch.mm(u[0], g2.t()).t().mul(scaling)  # the thin operand first
+    # the thin operand first, then a parameter-sized transpose copy: grad_B is contiguous like lora_B
+    return torch.mm(u[0], g2.t()).mul_(scaling).t().contiguous()
 
 
 @_no_autocast
@@ -580,7 +642,7 @@ def _conv1d_bwd_impl(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     merged = _merge_ok(x, dropout_p, conv=True)
@@ -608,13 +670,13 @@ def _conv1d_bwd_impl(
             g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [True, False, False]
         )[0]
         if mask is None:
-            gxp = (_cast(gxp, ldt) + gxp_lora).to(dt)
+            gxp = gxp.add_(gxp_lora)  # in place: one rounding, no float32 copy of the base part
         else:
             gx_lora = _unpad_grad(x, gxp_lora, padding, padding_mode, cpad) * _cast(mask, ldt)
     if need_x:
         gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
         if need_thin_x and mask is not None:
-            gx = (_cast(gx, ldt) + gx_lora).to(dt)
+            gx = gx.add_(gx_lora)
     if need_bb:
         gbb = (_grouped_outer(gl, u, groups) * scaling).to(lora_B.dtype)
     return gx, gw, gb, ga, gbb
@@ -628,9 +690,7 @@ _conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_
 @_conv1d_bwd.register_fake
 def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p,
       seed, needs):
-    shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
-    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
-    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
 
 
 _register_autograd(_conv1d_fwd, _conv1d_bwd)
@@ -656,7 +716,7 @@ def _convt_fwd_impl(
     dropout_p: float, seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
@@ -669,10 +729,7 @@ def _convt_fwd_impl(
     else:
         y = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
         lora = F.conv_transpose1d(u, B.reshape(r, -1, k), None, stride, padding, output_padding, groups, dilation)
-        if ldt == dt:
-            y.add_(lora, alpha=scaling)
-        else:
-            y = (_cast(y, ldt) + scaling * lora).to(dt)
+        y.add_(lora, alpha=scaling)  # half activations: float32 lora, one rounding into y
     return y, u
 
 
@@ -695,7 +752,7 @@ def _convt_bwd_impl(
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    dt, ldt = x.dtype, _lora_dtype(x)
+    ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
@@ -727,7 +784,7 @@ def _convt_bwd_impl(
         if need_x and not merged:
             at = A.reshape(groups, r // groups, -1).transpose(1, 2).reshape(-1, r // groups)
             lx = _grouped_1x1(at, g_u, groups)
-            gx = (_cast(gx, ldt) + (lx if mask is None else lx * mask)).to(dt)
+            gx.add_(lx if mask is None else lx.mul_(mask))  # in place: the base part stays in x's dtype
     return gx, gw, gb, ga, gbb
 
 
@@ -739,9 +796,7 @@ _convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd",
 @_convt_bwd.register_fake
 def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p,
       seed, needs):
-    shapes = (x.shape, weight.shape, (weight.shape[1] * groups,), lora_A.shape, lora_B.shape)
-    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
-    return tuple(x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs))
+    return _grad_fakes(x, weight, (weight.shape[1] * groups,), lora_A, lora_B, needs)
 
 
 _register_autograd(_convt_fwd, _convt_bwd)
