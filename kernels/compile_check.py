@@ -61,13 +61,13 @@ def _ptr_types(kernel: str, act: str, factor: str, use: str) -> dict:
     """Element type of each pointer argument of ``kernel`` for one variant."""
     if kernel == "lora_forward_kernel":
         return {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "a_ptr": factor, "b_ptr": factor, "y_ptr": act,
-                "u_ptr": "fp32", "seed_ptr": "i64"}
+                "u_ptr": "fp32"}
     if kernel == "lora_grad_u_kernel":
         return {"g_ptr": act, "b_ptr": factor, "gu_ptr": "fp32"}
     if kernel == "lora_grad_input_kernel":
-        return {"g_ptr": act, "w_ptr": act, "gu_ptr": "fp32", "a_ptr": factor, "dx_ptr": act, "seed_ptr": "i64"}
+        return {"g_ptr": act, "w_ptr": act, "gu_ptr": "fp32", "a_ptr": factor, "dx_ptr": act}
     p, q = {"grad_W": (act, act), "grad_A": ("fp32", act), "grad_B": (act, "fp32")}[use]
-    return {"p_ptr": p, "q_ptr": q, "out_ptr": "fp32", "seed_ptr": "i64"}
+    return {"p_ptr": p, "q_ptr": q, "out_ptr": "fp32"}
 
 
 def _variants():
@@ -129,7 +129,10 @@ def _compile_one(job) -> Result:
     from . import lora_kernels
 
     fn = getattr(lora_kernels, kernel_name).fn
+    # Eager launches pass the dropout seed by value (an int64 scalar), not through a pointer.
     constexprs = {**consts, **cfg_kwargs}
+    if "SEED_IS_PTR" in fn.arg_names:
+        constexprs["SEED_IS_PTR"] = False
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -143,6 +146,8 @@ def _compile_one(job) -> Result:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
             if name.startswith("s_"):

@@ -103,6 +103,25 @@ _PRUNE = {"early_config_prune": _prune_by_dtype}
 
 
 @triton.jit
+def _seed_value(seed, HAS_DROPOUT: tl.constexpr, SEED_IS_PTR: tl.constexpr):
+    """The Philox seed as int64: a scalar argument (eager launches), or read through a pointer.
+
+    The pointer form exists for launches recorded inside a ``torch.compile`` trace, where the
+    seed's value is not known on the host until the graph runs; eager launches pass the value
+    itself, so a dropout call costs no host-to-device copy and stays legal under CUDA-graph
+    capture. ``int32`` and ``int64`` scalars give the same int64 value, hence the same mask.
+    """
+    if HAS_DROPOUT:
+        if SEED_IS_PTR:
+            s = tl.load(seed).to(tl.int64)
+        else:
+            s = seed.to(tl.int64)
+    else:
+        s = 0
+    return s
+
+
+@triton.jit
 def _keep_scale(seed, offsets, p_drop):
     """Inverted-dropout factor ``1/(1−p)`` where ``rand(seed, offset) ≥ p``, else ``0`` (fp32)."""
     r = tl.rand(seed, offsets)
@@ -166,14 +185,14 @@ def _load_patch(
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed,
     M, M_KEY, O_g, K, R_g, T_out, C, C_g, T,
     s_xn, s_xc, s_xt, s_wo, s_wk, s_ar, s_ak, s_bo, s_br, s_yn, s_yo, s_yt, s_um, s_ur,
     stride, dil, pad_l, scaling, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr,
+    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr, SEED_IS_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``y = X·Wᵀ + b + s·(D(X)·Aᵀ)·Bᵀ`` per group, and ``u = D(X)·Aᵀ`` (fp32) for backward.
@@ -186,9 +205,7 @@ def lora_forward_kernel(
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
     DT = x_ptr.dtype.element_ty
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -273,14 +290,14 @@ def lora_grad_u_kernel(
 
 @triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_grad_input_kernel(
-    g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed_ptr,
+    g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed,
     M, M_KEY, C_g, O_g, R_g, T_rows, tp0, T_out, C, T,
     s_gn, s_go, s_gt, s_wo, s_wk, s_um, s_ur, s_ar, s_ak, s_dn, s_dc, s_dt,
     stride, dil, pad_l, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``grad_x = Gᵀ-conv(W) + D'(g_u ᵀ-conv A)``: the transposed implicit GEMM.
 
@@ -345,7 +362,7 @@ def lora_grad_input_kernel(
 
     ch = (g * C_g + cs).to(tl.int64)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+        seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
         src, _ = _source_position(tp - pad_l, T, PAD_MODE)
         lora *= _keep_scale(seed, (n[:, None] * C + ch[None, :]) * T + src.to(tl.int64)[:, None], p_drop)
     acc += lora
@@ -358,14 +375,14 @@ def lora_grad_input_kernel(
 
 @triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, seed_ptr,
+    p_ptr, q_ptr, out_ptr, seed,
     M, M_KEY, I_g, J, T_out, C, C_g, T,
     s_pn, s_pc, s_pt, s_qn, s_qc, s_qt, s_os, s_oi, s_oj,
     stride, dil, pad_l, alpha, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr, SEED_IS_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``out[split, g·I_g + i, j] = α·Σ_{rows of split} P[row, g·I_g + i]·D(Q)[row, j]`` (fp32 partials).
@@ -385,9 +402,7 @@ def lora_weight_grad_kernel(
         DT = q_ptr.dtype.element_ty
     else:
         DT = p_ptr.dtype.element_ty
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
 
     i_s = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     j_s = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -417,9 +432,9 @@ def lora_weight_grad_kernel(
 # --------------------------------------------------------------------------- dropout mask
 
 
-@triton.jit
-def dropout_mask_kernel(out_ptr, seed_ptr, numel, p_drop, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def dropout_mask_kernel(out_ptr, seed, numel, p_drop, BLOCK: tl.constexpr, SEED_IS_PTR: tl.constexpr):
     """``out[e] = 1/(1−p)`` if ``rand(seed, e) ≥ p`` else ``0``, ``e`` the row-major element index."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, True, SEED_IS_PTR)
     tl.store(out_ptr + offs, _keep_scale(seed, offs, p_drop).to(out_ptr.dtype.element_ty), mask=offs < numel)
