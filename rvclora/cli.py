@@ -173,7 +173,21 @@ def _info_backends() -> int:
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
           f"CPU threads: {torch.get_num_threads()}")
+    _info_autoselect()
     return 0
+
+
+def _info_autoselect() -> None:
+    from .ops import autoselect
+
+    rows = autoselect.decisions()
+    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+          f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
+    for env, key, hit in rows:
+        secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
+        failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))
+        print(f"  [{env}] {key} -> {hit.get('choice')}" + (f" ({secs})" if secs else "")
+              + (f" [{failed}]" if failed else ""))
 
 
 def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
