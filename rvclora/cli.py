@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("file", nargs="?", metavar="FILE", help="adapter or RVC model file")
     info.set_defaults(func=_cmd_info)
+
+    from . import selftest
+
+    st = sub.add_parser(
+        "selftest",
+        help="check every op and backend against the oracle on this machine's devices and time the GPU path",
+        description=selftest.__doc__.split("\n\n")[0],
+    )
+    selftest.build_parser(st)
+    st.set_defaults(func=selftest.cmd)
     return parser
 
 

@@ -30,7 +30,9 @@ devices it takes the first capable backend of :data:`_AUTO_ORDER` whose ``prefer
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 from typing import Dict, List, Optional
 
@@ -58,6 +60,40 @@ _MODULES = {
 
 # "auto" order per device type: fused GPU backends first, the torch path last.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+
+def _alias_checkout_kernels() -> None:
+    """Make ``rvclora.kernels`` importable from a plain source checkout.
+
+    An install maps the top-level ``kernels/`` directory to ``rvclora.kernels`` (package-dir in
+    pyproject.toml). Run from a checkout with ``PYTHONPATH=.`` and nothing installed, that
+    package does not exist; load ``kernels/`` under that name, so the triton backend, the
+    compile check and the selftest work there too.
+    """
+    if "rvclora.kernels" in sys.modules:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    init = os.path.join(root, "kernels", "__init__.py")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if os.path.isdir(here) or not os.path.isfile(init):
+        return  # an installed package (rvclora/kernels exists) or no checkout around us
+    # A checkout (rvclora/ beside kernels/): its own kernels, even where another copy is installed.
+    spec = importlib.util.spec_from_file_location("rvclora.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rvclora.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["rvclora.kernels"]
+        raise
+    import rvclora
+
+    rvclora.kernels = module
+
+
+_alias_checkout_kernels()
 
 _override: Optional[str] = None
 _loaded: Dict[str, Optional[ModuleType]] = {}
