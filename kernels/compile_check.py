@@ -215,6 +215,9 @@ def check_all(archs=(80, 90), workers: int = 0) -> list:
 
 
 def main(argv=None) -> int:
+    import triton
+
+    print(f"triton {triton.__version__}: compiling every kernel variant x config for sm_80 and sm_90")
     results = check_all()
     header = f"{'sm':>3} {'kernel':<24} {'variant':<28} {'config':<18} {'REG':>4} {'STACK':>5} {'SMEM KiB':>8}  TC"
     print(header)
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
         tcs = sorted({r.tensor_core for r in mine if r.tensor_core != "none"})
         print(f"sm_{arch}: {len(mine)} compiles, max REG {max(r.registers for r in mine)}, "
               f"max shared {max(r.shared for r in mine) / 1024:.1f} KiB, tensor-core instructions: {', '.join(tcs)}")
-    print(f"{len(results)} compiles, {len(bad)} with problems")
+    print(f"triton {triton.__version__}: {len(results)} compiles, {len(bad)} with problems")
     return 1 if bad else 0
 
 

@@ -98,6 +98,14 @@ WEIGHT_GRAD_CONFIGS = _configs(
 )
 _PRUNE = {"early_config_prune": _prune_by_dtype}
 
+# Integer arguments Triton must not specialise on: the ones that follow the input's length (rows,
+# time steps), and the dropout seed. Triton otherwise compiles a variant per "== 1" and "% 16 == 0"
+# pattern of its int arguments, so variable-length audio would recompile the kernels call after
+# call; none of these values changes the generated code's structure (masks handle every size).
+# Channel counts, strides of contiguous tensors and the conv options stay specialised: they are
+# fixed per layer, and a unit stride lets Triton vectorise the loads. (kernels/compile_check.py
+# compiles exactly this form: sizes as plain i32, unit strides as constants.)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -185,7 +193,7 @@ def _load_patch(
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed,
     M, M_KEY, O_g, K, R_g, T_out, C, C_g, T,
@@ -252,7 +260,7 @@ def lora_forward_kernel(
 
 
 @triton.autotune(configs=GRAD_U_CONFIGS, key=["M_KEY", "O_g", "R_g", "IS_LINEAR"], prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T_out"])
 def lora_grad_u_kernel(
     g_ptr, b_ptr, gu_ptr,
     M, M_KEY, O_g, R_g, T_out,
@@ -290,7 +298,7 @@ def lora_grad_u_kernel(
 
 @triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M", "T_rows", "tp0", "T_out", "T"])
 def lora_grad_input_kernel(
     g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed,
     M, M_KEY, C_g, O_g, R_g, T_rows, tp0, T_out, C, T,
@@ -375,7 +383,7 @@ def lora_grad_input_kernel(
 
 @triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"],
                  prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, seed,
     M, M_KEY, I_g, J, T_out, C, C_g, T,
@@ -432,7 +440,7 @@ def lora_weight_grad_kernel(
 # --------------------------------------------------------------------------- dropout mask
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "numel"])
 def dropout_mask_kernel(out_ptr, seed, numel, p_drop, BLOCK: tl.constexpr, SEED_IS_PTR: tl.constexpr):
     """``out[e] = 1/(1−p)`` if ``rand(seed, e) ≥ p`` else ``0``, ``e`` the row-major element index."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
