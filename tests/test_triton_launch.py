@@ -140,3 +140,16 @@ def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
     with kops._device_guard(torch.empty(1)):  # CPU tensors (the interpreter) need no guard
         pass
     assert entered == [torch.device("cuda", 1)]
+
+
+def test_inside_a_trace_the_seed_is_read_on_the_device():
+    """A traced call has no seed value on the host: it is moved to the kernels' device and read there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        seed = mode.from_tensor(torch.tensor(5, dtype=torch.int64))
+        like = torch.empty(3)
+        arg, is_ptr = kops._seed_arg(seed, 0.3, like)
+        assert is_ptr is True and arg.shape == (1,) and arg.dtype == torch.int64
+    assert kops._seed_arg(torch.tensor(5), 0.3, torch.empty(3)) == (5, False)
+    assert kops._seed_arg(None, 0.0, torch.empty(3)) == (0, False)
