@@ -3,10 +3,10 @@
 For each (architecture, kernel variant, config) this runs ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 80|90, 32))`` and checks (VERIFY.md, "Kernels without a GPU"):
 
-* tensor-core instructions in the PTX of every variant whose dots run in fp16/bf16: ``mma.sync``
-  on sm_80, ``wgmma`` or ``mma`` on sm_90 (the table says which). fp32 variants use
-  ``input_precision="ieee"`` (no TF32), which has no tensor-core instruction; they are
-  compiled and checked for resources only;
+* tensor-core instructions in the PTX of every variant whose dots run in fp16/bf16, or whose
+  base dots run in TF32 (``BASE_PRECISION="tf32"``, where PyTorch would use TF32 for the base
+  op): ``mma.sync`` on sm_80, ``wgmma`` or ``mma`` on sm_90 (the table says which). The IEEE
+  fp32 variants have no tensor-core instruction; they are checked for resources only;
 * no spills: ``cuobjdump --dump-resource-usage`` (shipped with Triton) reports ``STACK:0`` and
   ``LOCAL:0``;
 * registers ≤ 255 per thread; shared memory ≤ 163 KiB (sm_80) / 227 KiB (sm_90).
@@ -90,6 +90,14 @@ def _variants():
                     {"IS_LINEAR": False, "BLOCK_R": 32}))
         out.append(("lora_grad_input_kernel", label, act, _ptr_types("lora_grad_input_kernel", act, act, ""),
                     {**conv, "HAS_DROPOUT": True}))
+        if act == "fp32":
+            # the base dots in TF32 (what cuDNN does for an fp32 Conv1d by default): tensor cores expected
+            tf32 = {"BASE_PRECISION": "tf32"}
+            out.append(("lora_forward_kernel", "conv k3 fp32 tf32-base r≤32", act,
+                        _ptr_types("lora_forward_kernel", act, act, ""),
+                        {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32, **tf32}))
+            out.append(("lora_grad_input_kernel", "conv k3 fp32 tf32-base", act,
+                        _ptr_types("lora_grad_input_kernel", act, act, ""), {**conv, "HAS_DROPOUT": True, **tf32}))
         for use in ("grad_A", "grad_B"):
             consts = dict(conv) if use == "grad_A" else {"KS": 1, "PAD_MODE": 0, "IS_LINEAR": False}
             consts.update(HAS_DROPOUT=use == "grad_A", DOT_FROM_Q=use == "grad_A", SPLIT=4)
@@ -133,6 +141,8 @@ def _compile_one(job) -> Result:
     constexprs = {**consts, **cfg_kwargs}
     if "SEED_IS_PTR" in fn.arg_names:
         constexprs["SEED_IS_PTR"] = False
+    if "BASE_PRECISION" in fn.arg_names:
+        constexprs.setdefault("BASE_PRECISION", "ieee")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -175,7 +185,7 @@ def _compile_one(job) -> Result:
     else:
         tc = "none"
     problems = []
-    half_dots = act != "fp32"
+    half_dots = act != "fp32" or consts.get("BASE_PRECISION") == "tf32"  # dots expected on tensor cores
     if half_dots and tc == "none":
         problems.append("no tensor-core instruction in PTX")
     if half_dots and arch == 80 and tc != "mma.sync":

@@ -15,10 +15,13 @@ Dropout ``D`` is drawn from Philox: element ``e`` of the *unpadded* ``x`` (its r
 ``x``'s logical shape) is kept with probability ``1 − p`` when ``tl.rand(seed, e) ≥ p`` and scaled
 by ``1/(1−p)``. The mask is regenerated wherever it is needed, never stored.
 
-Precision: dot products run in the activation dtype with fp32 accumulation. fp32 uses
-``input_precision="ieee"`` (exact fp32 maths, no TF32): TF32 rounds operands to 10 mantissa
-bits, the same loss DESIGN.md §3 rules out for the merged weight, and it would make the fp32
-path less accurate than the torch backend the tests hold it to. LoRA factors stored in fp32
+Precision: dot products run in the activation dtype with fp32 accumulation. The LoRA dots in
+fp32 always use ``input_precision="ieee"`` (exact fp32 maths): TF32 rounds operands to 10
+mantissa bits, which would swamp a small ``ΔW``. The base dots (``x·Wᵀ``, its input gradient
+and ``grad_W``) follow the precision PyTorch would use for the base layer
+(``BASE_PRECISION``): TF32 where PyTorch's flags allow it for that op
+(``torch.backends.cudnn.allow_tf32`` for Conv1d, on by default; the float32 matmul precision
+for Linear, "highest" (no TF32) by default), IEEE fp32 otherwise. LoRA factors stored in fp32
 while activations are half are rounded to the activation dtype per tile (as autocast would).
 """
 
@@ -49,9 +52,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(half, fp32, interpreter):
     """Autotune configs ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``.
 
-    Half-precision dots run on tensor cores; fp32 dots (``input_precision="ieee"``) run on FMA
-    units and hold their operands in registers, so they get their own smaller tiles, told apart
-    by ``BLOCK_K == 16`` (see :func:`_prune_by_dtype`). The interpreter runs one config:
+    Half-precision dots run on tensor cores; fp32 dots (IEEE, or TF32 for the base dots where
+    PyTorch allows it) hold fp32 operands in registers, so they get their own smaller tiles, told
+    apart by ``BLOCK_K == 16`` (see :func:`_prune_by_dtype`). The interpreter runs one config:
     benchmarking there measures nothing.
     """
     shapes = [interpreter] if INTERPRET else half + fp32
@@ -73,15 +76,18 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 
 
 # Tile shapes for which every config compiles without spills and within shared memory on sm_80
-# and sm_90 (kernels/compile_check.py); the last tuple is the interpreter's.
+# and sm_90 under each Triton release the supported torch range brings (3.6, 3.8, 3.9:
+# kernels/compile_check.py); the last tuple is the interpreter's. fp32 configs use 4 warps: with
+# 8, some releases cap the registers per thread on sm_90 (128 or 80) and spill.
 FORWARD_CONFIGS = _configs(
     [(64, 128, 32, 8, 2), (64, 64, 32, 8, 2)],
-    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    [(32, 64, 16, 4, 1), (32, 32, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
-# Two reductions and the dropout epilogue: smaller tiles per warp than the forward.
+# Two reductions and the dropout epilogue: smaller tiles per warp than the forward. (32x64x32 with
+# two stages spills 8 B on sm_90 under Triton 3.8; one stage is clean.)
 GRAD_INPUT_CONFIGS = _configs(
-    [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
+    [(64, 64, 32, 8, 2), (32, 64, 32, 4, 1)],
     [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
@@ -91,9 +97,10 @@ GRAD_U_CONFIGS = _configs(
     [(64, 1, 16, 4, 1)],
     (32, 1, 32, 4, 1),
 )
+# (64x128x64 spills hundreds of bytes under Triton 3.6: BLOCK_K 32 halves the operand tiles.)
 WEIGHT_GRAD_CONFIGS = _configs(
-    [(64, 128, 64, 8, 2), (128, 64, 32, 8, 2)],
-    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2)],
+    [(64, 32, 16, 4, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
 _PRUNE = {"early_config_prune": _prune_by_dtype}
@@ -200,7 +207,7 @@ def lora_forward_kernel(
     s_xn, s_xc, s_xt, s_wo, s_wk, s_ar, s_ak, s_bo, s_br, s_yn, s_yo, s_yt, s_um, s_ur,
     stride, dil, pad_l, scaling, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr, SEED_IS_PTR: tl.constexpr,
+    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr, SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``y = X·Wᵀ + b + s·(D(X)·Aᵀ)·Bᵀ`` per group, and ``u = D(X)·Aᵀ`` (fp32) for backward.
@@ -233,7 +240,7 @@ def lora_forward_kernel(
                      mask=(outs < O_g)[None, :] & (ks < K)[:, None], other=0.0)
         at = tl.load(a_ptr + a_rows[None, :] * s_ar + ks[:, None] * s_ak,
                      mask=(ranks < R_g)[None, :] & (ks < K)[:, None], other=0.0)
-        acc = tl.dot(x, wt.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(x, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
         if HAS_DROPOUT:
             x = (x.to(tl.float32) * scale).to(DT)
         u = tl.dot(x, at.to(DT), acc=u, input_precision="ieee")
@@ -305,7 +312,8 @@ def lora_grad_input_kernel(
     s_gn, s_go, s_gt, s_wo, s_wk, s_um, s_ur, s_ar, s_ak, s_dn, s_dc, s_dt,
     stride, dil, pad_l, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    SEED_IS_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``grad_x = Gᵀ-conv(W) + D'(g_u ᵀ-conv A)``: the transposed implicit GEMM.
 
@@ -348,7 +356,7 @@ def lora_grad_input_kernel(
         gt = tl.load(g_ptr + n[:, None] * s_gn + gch[None, :] * s_go + t_out * s_gt, mask=hit, other=0.0)
         wt = tl.load(w_ptr + gch[:, None] * s_wo + (cs[None, :] * KS + tap[:, None]) * s_wk,
                      mask=(qs < O_g * KS)[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(gt, wt.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(gt, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
 
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for q0 in range(0, R_g * KS, BLOCK_K):
@@ -391,6 +399,7 @@ def lora_weight_grad_kernel(
     stride, dil, pad_l, alpha, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
     DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr, SEED_IS_PTR: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``out[split, g·I_g + i, j] = α·Σ_{rows of split} P[row, g·I_g + i]·D(Q)[row, j]`` (fp32 partials).
@@ -432,7 +441,7 @@ def lora_weight_grad_kernel(
         )
         if HAS_DROPOUT:
             q = q.to(tl.float32) * scale
-        acc = tl.dot(pt.to(DT), q.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(pt.to(DT), q.to(DT), acc=acc, input_precision=BASE_PRECISION)
     tl.store(out_ptr + split * s_os + p_ch[:, None] * s_oi + j_s[None, :] * s_oj, acc * alpha,
              mask=(i_s < I_g)[:, None] & (j_s < J)[None, :])
 

@@ -114,6 +114,22 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device)
 
 
+def base_precision(x: Tensor, is_linear: bool) -> str:
+    """``input_precision`` of the base-sized fp32 dots: ``"tf32"`` where PyTorch would run the base op in TF32.
+
+    nn.Conv1d in fp32 runs through cuDNN, which uses TF32 when ``torch.backends.cudnn.allow_tf32``
+    (the default); nn.Linear through cuBLAS, which uses it when the float32 matmul precision is
+    not ``"highest"`` (the default is "highest"). The LoRA dots never use TF32.
+    """
+    if x.dtype != torch.float32 or x.device.type != "cuda":
+        return "ieee"
+    if is_linear:
+        allowed = torch.get_float32_matmul_precision() != "highest"
+    else:
+        allowed = bool(torch.backends.cudnn.allow_tf32)
+    return "tf32" if allowed else "ieee"
+
+
 def _empty() -> Tensor:
     return torch.empty(0)
 
@@ -181,6 +197,7 @@ def _forward(geo: _Geometry, bias: Optional[Tensor], lora_A: Tensor, lora_B: Ten
         geo.stride, geo.dilation, geo.pad_left, scaling, dropout_p,
         KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
         IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g), SEED_IS_PTR=seed_is_ptr,
+        BASE_PRECISION=base_precision(x, geo.is_linear),
     )
     return u
 
@@ -221,7 +238,7 @@ def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed
         *geo.out_strides(g), *geo.w2.stride(), *gu.stride(), *lora_A.stride(), *d_strides,
         geo.stride, geo.dilation, geo.pad_left, dropout_p,
         KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
-        SEED_IS_PTR=seed_t[1],
+        SEED_IS_PTR=seed_t[1], BASE_PRECISION=base_precision(g, geo.is_linear),
     )
     return dx
 
@@ -255,7 +272,7 @@ def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, d
 
 
 def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is_x: bool, alpha: float,
-                 seed_t, dropout_p: float, dot_from_q: bool, out_rows: int, j: int) -> Tensor:
+                 seed_t, dropout_p: float, dot_from_q: bool, out_rows: int, j: int, precision: str = "ieee") -> Tensor:
     """``Σ_rows P[row, i]·Q[row, j]`` per group (fp32, ``(G·I_g, J)``); ``Q`` is ``x``'s patches or ``u``."""
     split = _split_count(geo.M, triton.cdiv(i_g, 64) * triton.cdiv(j, 64) * geo.G, p.device)
     out = torch.empty((split, out_rows, j), device=p.device, dtype=torch.float32)
@@ -278,7 +295,7 @@ def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is
         *p_strides, *q_strides, *out.stride(),
         stride, dilation, pad_left, alpha, dropout_p,
         KS=ks, PAD_MODE=pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
-        DOT_FROM_Q=dot_from_q, SPLIT=split, SEED_IS_PTR=seed_t[1],
+        DOT_FROM_Q=dot_from_q, SPLIT=split, SEED_IS_PTR=seed_t[1], BASE_PRECISION=precision,
     )
     return out.sum(0)
 
@@ -296,8 +313,8 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     if need_x:
         grad_x = _grad_input(geo, g, gu, lora_A, seed_t, dropout_p, padding_mode, geo.x.dtype)
     if need_w:
-        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True,
-                              geo.O, geo.K).reshape(weight.shape).to(weight.dtype)
+        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True, geo.O, geo.K,
+                              base_precision(g, geo.is_linear)).reshape(weight.shape).to(weight.dtype)
     if need_a:
         gu_strides = (gu.stride(0), gu.stride(1), 0) if geo.is_linear else geo.rows_view_strides(gu)
         grad_a = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, True, 1.0, seed_t, dropout_p, True,

@@ -153,3 +153,27 @@ def test_inside_a_trace_the_seed_is_read_on_the_device():
         assert is_ptr is True and arg.shape == (1,) and arg.dtype == torch.int64
     assert kops._seed_arg(torch.tensor(5), 0.3, torch.empty(3)) == (5, False)
     assert kops._seed_arg(None, 0.0, torch.empty(3)) == (0, False)
+
+
+def test_base_dots_use_tf32_only_where_pytorch_would(monkeypatch):
+    """fp32 base dots follow PyTorch's flags for the base op (cuDNN for Conv1d, cuBLAS for Linear);
+    half inputs, CPU tensors (the interpreter) and the LoRA dots never use TF32."""
+
+    class FakeCuda:
+        def __init__(self, dtype):
+            self.dtype, self.device = dtype, torch.device("cuda", 0)
+
+    prec = torch.get_float32_matmul_precision()
+    try:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        torch.set_float32_matmul_precision("highest")
+        assert kops.base_precision(FakeCuda(torch.float32), is_linear=False) == "tf32"
+        assert kops.base_precision(FakeCuda(torch.float32), is_linear=True) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert kops.base_precision(FakeCuda(torch.float32), is_linear=True) == "tf32"
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        assert kops.base_precision(FakeCuda(torch.float32), is_linear=False) == "ieee"
+        assert kops.base_precision(FakeCuda(torch.float16), is_linear=True) == "ieee"
+        assert kops.base_precision(torch.empty(2), is_linear=True) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(prec)
