@@ -3,10 +3,10 @@
 For each (architecture, kernel variant, config) this runs ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 80|90, 32))`` and checks (VERIFY.md, "Kernels without a GPU"):
 
-* tensor-core instructions in the PTX of every variant whose dots run in fp16/bf16: ``mma.sync``
-  on sm_80, ``wgmma`` or ``mma`` on sm_90 (the table says which). fp32 variants use
-  ``input_precision="ieee"`` (no TF32), which has no tensor-core instruction; they are
-  compiled and checked for resources only;
+* tensor-core instructions in the PTX of every variant whose dots run in fp16/bf16, or whose
+  base dots run in TF32 (``BASE_PRECISION="tf32"``, where PyTorch would use TF32 for the base
+  op): ``mma.sync`` on sm_80, ``wgmma`` or ``mma`` on sm_90 (the table says which). The IEEE
+  fp32 variants have no tensor-core instruction; they are checked for resources only;
 * no spills: ``cuobjdump --dump-resource-usage`` (shipped with Triton) reports ``STACK:0`` and
   ``LOCAL:0``;
 * registers ≤ 255 per thread; shared memory ≤ 163 KiB (sm_80) / 227 KiB (sm_90).
@@ -61,13 +61,13 @@ def _ptr_types(kernel: str, act: str, factor: str, use: str) -> dict:
     """Element type of each pointer argument of ``kernel`` for one variant."""
     if kernel == "lora_forward_kernel":
         return {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "a_ptr": factor, "b_ptr": factor, "y_ptr": act,
-                "u_ptr": "fp32", "seed_ptr": "i64"}
+                "u_ptr": "fp32"}
     if kernel == "lora_grad_u_kernel":
         return {"g_ptr": act, "b_ptr": factor, "gu_ptr": "fp32"}
     if kernel == "lora_grad_input_kernel":
-        return {"g_ptr": act, "w_ptr": act, "gu_ptr": "fp32", "a_ptr": factor, "dx_ptr": act, "seed_ptr": "i64"}
+        return {"g_ptr": act, "w_ptr": act, "gu_ptr": "fp32", "a_ptr": factor, "dx_ptr": act}
     p, q = {"grad_W": (act, act), "grad_A": ("fp32", act), "grad_B": (act, "fp32")}[use]
-    return {"p_ptr": p, "q_ptr": q, "out_ptr": "fp32", "seed_ptr": "i64"}
+    return {"p_ptr": p, "q_ptr": q, "out_ptr": "fp32"}
 
 
 def _variants():
@@ -90,6 +90,14 @@ def _variants():
                     {"IS_LINEAR": False, "BLOCK_R": 32}))
         out.append(("lora_grad_input_kernel", label, act, _ptr_types("lora_grad_input_kernel", act, act, ""),
                     {**conv, "HAS_DROPOUT": True}))
+        if act == "fp32":
+            # the base dots in TF32 (what cuDNN does for an fp32 Conv1d by default): tensor cores expected
+            tf32 = {"BASE_PRECISION": "tf32"}
+            out.append(("lora_forward_kernel", "conv k3 fp32 tf32-base r≤32", act,
+                        _ptr_types("lora_forward_kernel", act, act, ""),
+                        {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32, **tf32}))
+            out.append(("lora_grad_input_kernel", "conv k3 fp32 tf32-base", act,
+                        _ptr_types("lora_grad_input_kernel", act, act, ""), {**conv, "HAS_DROPOUT": True, **tf32}))
         for use in ("grad_A", "grad_B"):
             consts = dict(conv) if use == "grad_A" else {"KS": 1, "PAD_MODE": 0, "IS_LINEAR": False}
             consts.update(HAS_DROPOUT=use == "grad_A", DOT_FROM_Q=use == "grad_A", SPLIT=4)
@@ -129,7 +137,12 @@ def _compile_one(job) -> Result:
     from . import lora_kernels
 
     fn = getattr(lora_kernels, kernel_name).fn
+    # Eager launches pass the dropout seed by value (an int64 scalar), not through a pointer.
     constexprs = {**consts, **cfg_kwargs}
+    if "SEED_IS_PTR" in fn.arg_names:
+        constexprs["SEED_IS_PTR"] = False
+    if "BASE_PRECISION" in fn.arg_names:
+        constexprs.setdefault("BASE_PRECISION", "ieee")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -143,6 +156,8 @@ def _compile_one(job) -> Result:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
             if name.startswith("s_"):
@@ -170,7 +185,7 @@ def _compile_one(job) -> Result:
     else:
         tc = "none"
     problems = []
-    half_dots = act != "fp32"
+    half_dots = act != "fp32" or consts.get("BASE_PRECISION") == "tf32"  # dots expected on tensor cores
     if half_dots and tc == "none":
         problems.append("no tensor-core instruction in PTX")
     if half_dots and arch == 80 and tc != "mma.sync":
@@ -210,6 +225,9 @@ def check_all(archs=(80, 90), workers: int = 0) -> list:
 
 
 def main(argv=None) -> int:
+    import triton
+
+    print(f"triton {triton.__version__}: compiling every kernel variant x config for sm_80 and sm_90")
     results = check_all()
     header = f"{'sm':>3} {'kernel':<24} {'variant':<28} {'config':<18} {'REG':>4} {'STACK':>5} {'SMEM KiB':>8}  TC"
     print(header)
@@ -223,7 +241,7 @@ def main(argv=None) -> int:
         tcs = sorted({r.tensor_core for r in mine if r.tensor_core != "none"})
         print(f"sm_{arch}: {len(mine)} compiles, max REG {max(r.registers for r in mine)}, "
               f"max shared {max(r.shared for r in mine) / 1024:.1f} KiB, tensor-core instructions: {', '.join(tcs)}")
-    print(f"{len(results)} compiles, {len(bad)} with problems")
+    print(f"triton {triton.__version__}: {len(results)} compiles, {len(bad)} with problems")
     return 1 if bad else 0
 
 

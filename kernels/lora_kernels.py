@@ -15,10 +15,13 @@ Dropout ``D`` is drawn from Philox: element ``e`` of the *unpadded* ``x`` (its r
 ``x``'s logical shape) is kept with probability ``1 − p`` when ``tl.rand(seed, e) ≥ p`` and scaled
 by ``1/(1−p)``. The mask is regenerated wherever it is needed, never stored.
 
-Precision: dot products run in the activation dtype with fp32 accumulation. fp32 uses
-``input_precision="ieee"`` (exact fp32 maths, no TF32): TF32 rounds operands to 10 mantissa
-bits, the same loss DESIGN.md §3 rules out for the merged weight, and it would make the fp32
-path less accurate than the torch backend the tests hold it to. LoRA factors stored in fp32
+Precision: dot products run in the activation dtype with fp32 accumulation. The LoRA dots in
+fp32 always use ``input_precision="ieee"`` (exact fp32 maths): TF32 rounds operands to 10
+mantissa bits, which would swamp a small ``ΔW``. The base dots (``x·Wᵀ``, its input gradient
+and ``grad_W``) follow the precision PyTorch would use for the base layer
+(``BASE_PRECISION``): TF32 where PyTorch's flags allow it for that op
+(``torch.backends.cudnn.allow_tf32`` for Conv1d, on by default; the float32 matmul precision
+for Linear, "highest" (no TF32) by default), IEEE fp32 otherwise. LoRA factors stored in fp32
 while activations are half are rounded to the activation dtype per tile (as autocast would).
 """
 
@@ -49,9 +52,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _configs(half, fp32, interpreter):
     """Autotune configs ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``.
 
-    Half-precision dots run on tensor cores; fp32 dots (``input_precision="ieee"``) run on FMA
-    units and hold their operands in registers, so they get their own smaller tiles, told apart
-    by ``BLOCK_K == 16`` (see :func:`_prune_by_dtype`). The interpreter runs one config:
+    Half-precision dots run on tensor cores; fp32 dots (IEEE, or TF32 for the base dots where
+    PyTorch allows it) hold fp32 operands in registers, so they get their own smaller tiles, told
+    apart by ``BLOCK_K == 16`` (see :func:`_prune_by_dtype`). The interpreter runs one config:
     benchmarking there measures nothing.
     """
     shapes = [interpreter] if INTERPRET else half + fp32
@@ -73,15 +76,18 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 
 
 # Tile shapes for which every config compiles without spills and within shared memory on sm_80
-# and sm_90 (kernels/compile_check.py); the last tuple is the interpreter's.
+# and sm_90 under each Triton release the supported torch range brings (3.6, 3.8, 3.9:
+# kernels/compile_check.py); the last tuple is the interpreter's. fp32 configs use 4 warps: with
+# 8, some releases cap the registers per thread on sm_90 (128 or 80) and spill.
 FORWARD_CONFIGS = _configs(
     [(64, 128, 32, 8, 2), (64, 64, 32, 8, 2)],
-    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    [(32, 64, 16, 4, 1), (32, 32, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
-# Two reductions and the dropout epilogue: smaller tiles per warp than the forward.
+# Two reductions and the dropout epilogue: smaller tiles per warp than the forward. (32x64x32 with
+# two stages spills 8 B on sm_90 under Triton 3.8; one stage is clean.)
 GRAD_INPUT_CONFIGS = _configs(
-    [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
+    [(64, 64, 32, 8, 2), (32, 64, 32, 4, 1)],
     [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
@@ -91,15 +97,43 @@ GRAD_U_CONFIGS = _configs(
     [(64, 1, 16, 4, 1)],
     (32, 1, 32, 4, 1),
 )
+# (64x128x64 spills hundreds of bytes under Triton 3.6: BLOCK_K 32 halves the operand tiles.)
 WEIGHT_GRAD_CONFIGS = _configs(
-    [(64, 128, 64, 8, 2), (128, 64, 32, 8, 2)],
-    [(64, 64, 16, 8, 1), (32, 64, 16, 4, 1)],
+    [(64, 128, 32, 8, 2), (128, 64, 32, 8, 2)],
+    [(64, 32, 16, 4, 1), (32, 64, 16, 4, 1)],
     (32, 32, 32, 4, 1),
 )
 _PRUNE = {"early_config_prune": _prune_by_dtype}
 
+# Integer arguments Triton must not specialise on: the ones that follow the input's length (rows,
+# time steps), and the dropout seed. Triton otherwise compiles a variant per "== 1" and "% 16 == 0"
+# pattern of its int arguments, so variable-length audio would recompile the kernels call after
+# call; none of these values changes the generated code's structure (masks handle every size).
+# Channel counts, strides of contiguous tensors and the conv options stay specialised: they are
+# fixed per layer, and a unit stride lets Triton vectorise the loads. (kernels/compile_check.py
+# compiles exactly this form: sizes as plain i32, unit strides as constants.)
+
 
 # --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _seed_value(seed, HAS_DROPOUT: tl.constexpr, SEED_IS_PTR: tl.constexpr):
+    """The Philox seed as int64: a scalar argument (eager launches), or read through a pointer.
+
+    The pointer form exists for launches recorded inside a ``torch.compile`` trace, where the
+    seed's value is not known on the host until the graph runs; eager launches pass the value
+    itself, so a dropout call costs no host-to-device copy and stays legal under CUDA-graph
+    capture. ``int32`` and ``int64`` scalars give the same int64 value, hence the same mask.
+    """
+    if HAS_DROPOUT:
+        if SEED_IS_PTR:
+            s = tl.load(seed).to(tl.int64)
+        else:
+            s = seed.to(tl.int64)
+    else:
+        s = 0
+    return s
 
 
 @triton.jit
@@ -166,14 +200,14 @@ def _load_patch(
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed,
     M, M_KEY, O_g, K, R_g, T_out, C, C_g, T,
     s_xn, s_xc, s_xt, s_wo, s_wk, s_ar, s_ak, s_bo, s_br, s_yn, s_yo, s_yt, s_um, s_ur,
     stride, dil, pad_l, scaling, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr,
+    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr, SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``y = X·Wᵀ + b + s·(D(X)·Aᵀ)·Bᵀ`` per group, and ``u = D(X)·Aᵀ`` (fp32) for backward.
@@ -186,9 +220,7 @@ def lora_forward_kernel(
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
     DT = x_ptr.dtype.element_ty
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,7 +240,7 @@ def lora_forward_kernel(
                      mask=(outs < O_g)[None, :] & (ks < K)[:, None], other=0.0)
         at = tl.load(a_ptr + a_rows[None, :] * s_ar + ks[:, None] * s_ak,
                      mask=(ranks < R_g)[None, :] & (ks < K)[:, None], other=0.0)
-        acc = tl.dot(x, wt.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(x, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
         if HAS_DROPOUT:
             x = (x.to(tl.float32) * scale).to(DT)
         u = tl.dot(x, at.to(DT), acc=u, input_precision="ieee")
@@ -235,7 +267,7 @@ def lora_forward_kernel(
 
 
 @triton.autotune(configs=GRAD_U_CONFIGS, key=["M_KEY", "O_g", "R_g", "IS_LINEAR"], prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T_out"])
 def lora_grad_u_kernel(
     g_ptr, b_ptr, gu_ptr,
     M, M_KEY, O_g, R_g, T_out,
@@ -273,13 +305,14 @@ def lora_grad_u_kernel(
 
 @triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "M", "T_rows", "tp0", "T_out", "T"])
 def lora_grad_input_kernel(
-    g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed_ptr,
+    g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed,
     M, M_KEY, C_g, O_g, R_g, T_rows, tp0, T_out, C, T,
     s_gn, s_go, s_gt, s_wo, s_wk, s_um, s_ur, s_ar, s_ak, s_dn, s_dc, s_dt,
     stride, dil, pad_l, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``grad_x = Gᵀ-conv(W) + D'(g_u ᵀ-conv A)``: the transposed implicit GEMM.
@@ -323,7 +356,7 @@ def lora_grad_input_kernel(
         gt = tl.load(g_ptr + n[:, None] * s_gn + gch[None, :] * s_go + t_out * s_gt, mask=hit, other=0.0)
         wt = tl.load(w_ptr + gch[:, None] * s_wo + (cs[None, :] * KS + tap[:, None]) * s_wk,
                      mask=(qs < O_g * KS)[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(gt, wt.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(gt, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
 
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for q0 in range(0, R_g * KS, BLOCK_K):
@@ -345,7 +378,7 @@ def lora_grad_input_kernel(
 
     ch = (g * C_g + cs).to(tl.int64)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+        seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
         src, _ = _source_position(tp - pad_l, T, PAD_MODE)
         lora *= _keep_scale(seed, (n[:, None] * C + ch[None, :]) * T + src.to(tl.int64)[:, None], p_drop)
     acc += lora
@@ -358,14 +391,15 @@ def lora_grad_input_kernel(
 
 @triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"],
                  prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, seed_ptr,
+    p_ptr, q_ptr, out_ptr, seed,
     M, M_KEY, I_g, J, T_out, C, C_g, T,
     s_pn, s_pc, s_pt, s_qn, s_qc, s_qt, s_os, s_oi, s_oj,
     stride, dil, pad_l, alpha, p_drop,
     KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr, SEED_IS_PTR: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``out[split, g·I_g + i, j] = α·Σ_{rows of split} P[row, g·I_g + i]·D(Q)[row, j]`` (fp32 partials).
@@ -385,9 +419,7 @@ def lora_weight_grad_kernel(
         DT = q_ptr.dtype.element_ty
     else:
         DT = p_ptr.dtype.element_ty
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, HAS_DROPOUT, SEED_IS_PTR)
 
     i_s = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     j_s = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -409,7 +441,7 @@ def lora_weight_grad_kernel(
         )
         if HAS_DROPOUT:
             q = q.to(tl.float32) * scale
-        acc = tl.dot(pt.to(DT), q.to(DT), acc=acc, input_precision="ieee")
+        acc = tl.dot(pt.to(DT), q.to(DT), acc=acc, input_precision=BASE_PRECISION)
     tl.store(out_ptr + split * s_os + p_ch[:, None] * s_oi + j_s[None, :] * s_oj, acc * alpha,
              mask=(i_s < I_g)[:, None] & (j_s < J)[None, :])
 
@@ -417,9 +449,9 @@ def lora_weight_grad_kernel(
 # --------------------------------------------------------------------------- dropout mask
 
 
-@triton.jit
-def dropout_mask_kernel(out_ptr, seed_ptr, numel, p_drop, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "numel"])
+def dropout_mask_kernel(out_ptr, seed, numel, p_drop, BLOCK: tl.constexpr, SEED_IS_PTR: tl.constexpr):
     """``out[e] = 1/(1−p)`` if ``rand(seed, e) ≥ p`` else ``0``, ``e`` the row-major element index."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr)
+    seed = _seed_value(seed, True, SEED_IS_PTR)
     tl.store(out_ptr + offs, _keep_scale(seed, offs, p_drop).to(out_ptr.dtype.element_ty), mask=offs < numel)

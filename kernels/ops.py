@@ -11,7 +11,8 @@ into the kernels, with ``register_autograd`` for the backward)::
     rvclora::triton_dropout_mask(seed, numel, p, like) -> mask
 
 ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``) is the only intermediate kept for backward besides ``x``
-and the weights; the dropout mask is regenerated from ``seed`` (a 0-dim int64 tensor).
+and the weights; the dropout mask is regenerated from ``seed`` (a 0-dim int64 CPU tensor, handed to
+the kernels as a scalar argument). Every op enters its tensors' CUDA device before launching.
 Gradients that autograd does not ask for come back from the backward op as empty tensors and
 are not computed.
 """
@@ -21,12 +22,14 @@ are not computed.
 # ruff: noqa: UP006, UP035, UP045
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from .lora_kernels import (
@@ -79,11 +82,52 @@ def conv1d_output_length(T: int, pad_left: int, pad_right: int, dilation: int, k
     return (T + pad_left + pad_right - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
-def _seed_on(seed: Optional[Tensor], dropout_p: float, like: Tensor) -> Tensor:
-    """The seed on the kernels' device; a dummy pointer (never read) without dropout."""
-    if dropout_p == 0.0:
-        return like
-    return seed.to(device=like.device, dtype=torch.int64).reshape(1)
+def _is_traced(t: Tensor) -> bool:
+    """Whether ``t`` is a fake tensor of a ``torch.compile`` / ``make_fx`` trace (no data, no device)."""
+    return is_fake(t) or torch.compiler.is_compiling()
+
+
+def _seed_arg(seed: Optional[Tensor], dropout_p: float, like: Tensor) -> Tuple[object, bool]:
+    """The kernels' ``(seed, SEED_IS_PTR)`` arguments.
+
+    Eager calls pass the seed's value as a scalar kernel argument: ``seed`` is a CPU tensor, so
+    reading it costs no device copy and no synchronisation, and a launch stays legal during
+    CUDA-graph capture. Inside a trace the value exists only when the graph runs, so the seed is
+    moved to the kernels' device there and read through a pointer (``SEED_IS_PTR``).
+    """
+    if dropout_p == 0.0 or seed is None:
+        return 0, False
+    if _is_traced(seed):
+        return seed.to(device=like.device, dtype=torch.int64).reshape(1), True
+    return int(seed), False
+
+
+def _device_guard(t: Tensor):
+    """Make ``t``'s CUDA device the current one for the launches of an op.
+
+    Triton launches on the current device and its current stream; without this guard, tensors
+    on ``cuda:1`` while ``cuda:0`` is current would be handed to a kernel running on the wrong
+    GPU. A traced call needs none: the code inductor generates guards its own launches.
+    """
+    if t.device.type != "cuda" or _is_traced(t):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def base_precision(x: Tensor, is_linear: bool) -> str:
+    """``input_precision`` of the base-sized fp32 dots: ``"tf32"`` where PyTorch would run the base op in TF32.
+
+    nn.Conv1d in fp32 runs through cuDNN, which uses TF32 when ``torch.backends.cudnn.allow_tf32``
+    (the default); nn.Linear through cuBLAS, which uses it when the float32 matmul precision is
+    not ``"highest"`` (the default is "highest"). The LoRA dots never use TF32.
+    """
+    if x.dtype != torch.float32 or x.device.type != "cuda":
+        return "ieee"
+    if is_linear:
+        allowed = torch.get_float32_matmul_precision() != "highest"
+    else:
+        allowed = bool(torch.backends.cudnn.allow_tf32)
+    return "tf32" if allowed else "ieee"
 
 
 def _empty() -> Tensor:
@@ -145,13 +189,15 @@ def _forward(geo: _Geometry, bias: Optional[Tensor], lora_A: Tensor, lora_B: Ten
     def grid(meta):
         return (triton.cdiv(geo.M, meta["BLOCK_M"]), triton.cdiv(geo.O_g, meta["BLOCK_N"]), geo.G)
 
+    seed_v, seed_is_ptr = _seed_arg(seed, dropout_p, x)
     wrap_triton(lora_forward_kernel)[grid](
-        x, geo.w2, bias if bias is not None else x, lora_A, lora_B, y, u, _seed_on(seed, dropout_p, x),
+        x, geo.w2, bias if bias is not None else x, lora_A, lora_B, y, u, seed_v,
         geo.M, _m_key(geo.M), geo.O_g, geo.K, geo.R_g, geo.T_out, geo.C, geo.C_g, geo.T,
         *geo.x_strides, *geo.w2.stride(), *lora_A.stride(), *lora_B.stride(), *geo.out_strides(y), *u.stride(),
         geo.stride, geo.dilation, geo.pad_left, scaling, dropout_p,
         KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g),
+        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g), SEED_IS_PTR=seed_is_ptr,
+        BASE_PRECISION=base_precision(x, geo.is_linear),
     )
     return u
 
@@ -170,7 +216,7 @@ def _grad_u(geo: _Geometry, g: Tensor, lora_B: Tensor, scaling: float) -> Tensor
     return gu
 
 
-def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t: Tensor, dropout_p: float,
+def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, dropout_p: float,
                      tp0: int, t_rows: int, dtype: torch.dtype) -> Tensor:
     """Gradient at the padded-input positions ``[tp0, tp0 + t_rows)``: ``(N, C, t_rows)`` (``(M, C)`` linear)."""
     if geo.is_linear:
@@ -187,11 +233,12 @@ def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(geo.C_g, meta["BLOCK_N"]), geo.G)
 
     wrap_triton(lora_grad_input_kernel)[grid](
-        g, geo.w2, gu, lora_A, dx, seed_t,
+        g, geo.w2, gu, lora_A, dx, seed_t[0],
         rows, _m_key(rows), geo.C_g, geo.O_g, geo.R_g, t_rows, tp0, geo.T_out, geo.C, geo.T,
         *geo.out_strides(g), *geo.w2.stride(), *gu.stride(), *lora_A.stride(), *d_strides,
         geo.stride, geo.dilation, geo.pad_left, dropout_p,
         KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
+        SEED_IS_PTR=seed_t[1], BASE_PRECISION=base_precision(g, geo.is_linear),
     )
     return dx
 
@@ -206,7 +253,7 @@ def _source_index(t: Tensor, T: int, padding_mode: str) -> Tensor:
     return torch.where(t < 0, t + T, torch.where(t >= T, t - T, t))
 
 
-def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t: Tensor, dropout_p: float,
+def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, dropout_p: float,
                 padding_mode: str, dtype: torch.dtype) -> Tensor:
     """``grad_x``. Non-zeros padding modes also compute the gradient at the padded positions (a strip of
     ``pad_left + pad_right`` columns) and fold it onto the source elements."""
@@ -225,7 +272,7 @@ def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t: T
 
 
 def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is_x: bool, alpha: float,
-                 seed_t: Tensor, dropout_p: float, dot_from_q: bool, out_rows: int, j: int) -> Tensor:
+                 seed_t, dropout_p: float, dot_from_q: bool, out_rows: int, j: int, precision: str = "ieee") -> Tensor:
     """``Σ_rows P[row, i]·Q[row, j]`` per group (fp32, ``(G·I_g, J)``); ``Q`` is ``x``'s patches or ``u``."""
     split = _split_count(geo.M, triton.cdiv(i_g, 64) * triton.cdiv(j, 64) * geo.G, p.device)
     out = torch.empty((split, out_rows, j), device=p.device, dtype=torch.float32)
@@ -243,12 +290,12 @@ def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is
         return (triton.cdiv(i_g, meta["BLOCK_M"]), triton.cdiv(j, meta["BLOCK_N"]), geo.G * split)
 
     wrap_triton(lora_weight_grad_kernel)[grid](
-        p, q, out, seed_t,
+        p, q, out, seed_t[0],
         geo.M, _m_key(geo.M), i_g, j, geo.T_out, C, C_g, T,
         *p_strides, *q_strides, *out.stride(),
         stride, dilation, pad_left, alpha, dropout_p,
         KS=ks, PAD_MODE=pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
-        DOT_FROM_Q=dot_from_q, SPLIT=split,
+        DOT_FROM_Q=dot_from_q, SPLIT=split, SEED_IS_PTR=seed_t[1], BASE_PRECISION=precision,
     )
     return out.sum(0)
 
@@ -257,7 +304,7 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
               scaling: float, dropout_p: float, seed: Optional[Tensor], padding_mode: str,
               needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_a, need_bb = needs
-    seed_t = _seed_on(seed, dropout_p, g)
+    seed_t = _seed_arg(seed, dropout_p, g)
     g_strides = geo.out_strides(g)
     grad_x, grad_w, grad_b, grad_a, grad_bb = (_empty() for _ in range(5))
     gu = _grad_u(geo, g, lora_B, scaling) if (need_x or need_a) and geo.M > 0 else None
@@ -266,8 +313,8 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     if need_x:
         grad_x = _grad_input(geo, g, gu, lora_A, seed_t, dropout_p, padding_mode, geo.x.dtype)
     if need_w:
-        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True,
-                              geo.O, geo.K).reshape(weight.shape).to(weight.dtype)
+        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True, geo.O, geo.K,
+                              base_precision(g, geo.is_linear)).reshape(weight.shape).to(weight.dtype)
     if need_a:
         gu_strides = (gu.stride(0), gu.stride(1), 0) if geo.is_linear else geo.rows_view_strides(gu)
         grad_a = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, True, 1.0, seed_t, dropout_p, True,
@@ -289,7 +336,8 @@ def triton_lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     """``y = x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` and ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``)."""
     geo = _Geometry(x, weight, lora_A, True)
     y = torch.empty((geo.M, geo.O), device=x.device, dtype=x.dtype)
-    u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
+    with _device_guard(x):
+        u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
     return y.reshape(*x.shape[:-1], geo.O), u
 
 
@@ -300,7 +348,8 @@ def triton_lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Te
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
     geo = _Geometry(x, weight, lora_A, True)
     g = grad_y.reshape(-1, geo.O)
-    grads = _backward(geo, g, weight, lora_A, lora_B, u, scaling, dropout_p, seed, "zeros", needs)
+    with _device_guard(x):
+        grads = _backward(geo, g, weight, lora_A, lora_B, u, scaling, dropout_p, seed, "zeros", needs)
     grad_x = grads[0].reshape(x.shape) if needs[0] else grads[0]
     return (grad_x,) + tuple(grads[1:])
 
@@ -346,7 +395,8 @@ def triton_lora_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     """``y = conv(x, W) + b + s·conv1x1(conv(D(x), A), B)`` and ``u`` (fp32, ``(N·T_out, r)``)."""
     geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
     y = torch.empty((geo.N, geo.O, geo.T_out), device=x.device, dtype=x.dtype)
-    u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
+    with _device_guard(x):
+        u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
     return y, u
 
 
@@ -357,7 +407,8 @@ def triton_lora_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Te
                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
     geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
-    return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
+    with _device_guard(x):
+        return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -394,7 +445,9 @@ def triton_dropout_mask(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
     def grid(meta):
         return (triton.cdiv(numel, block),)
 
-    wrap_triton(dropout_mask_kernel)[grid](out, _seed_on(seed, dropout_p, out), numel, dropout_p, BLOCK=block)
+    seed_v, seed_is_ptr = _seed_arg(seed, dropout_p, out)
+    with _device_guard(out):
+        wrap_triton(dropout_mask_kernel)[grid](out, seed_v, numel, dropout_p, BLOCK=block, SEED_IS_PTR=seed_is_ptr)
     return out
 
 

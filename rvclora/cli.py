@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("file", nargs="?", metavar="FILE", help="adapter or RVC model file")
     info.set_defaults(func=_cmd_info)
+
+    from . import selftest
+
+    st = sub.add_parser(
+        "selftest",
+        help="check every op and backend against the oracle on this machine's devices and time the GPU path",
+        description=selftest.__doc__.split("\n\n")[0],
+    )
+    selftest.build_parser(st)
+    st.set_defaults(func=selftest.cmd)
     return parser
 
 
@@ -225,7 +235,21 @@ def _info_backends() -> int:
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
           f"CPU threads: {torch.get_num_threads()}")
+    _info_autoselect()
     return 0
+
+
+def _info_autoselect() -> None:
+    from .ops import autoselect
+
+    rows = autoselect.decisions()
+    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+          f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
+    for env, key, hit in rows:
+        secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
+        failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))
+        print(f"  [{env}] {key} -> {hit.get('choice')}" + (f" ({secs})" if secs else "")
+              + (f" [{failed}]" if failed else ""))
 
 
 def _info_adapter(path: str, adapter: dict[str, Any]) -> int:

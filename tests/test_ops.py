@@ -4,6 +4,13 @@ Option grids cover every option of each base layer; shapes are odd on purpose. E
 the backends that implement it (torch everywhere; triton for Linear and Conv1d; the cuda
 extension's CPU twin for ConvTranspose1d); a backend that cannot run here is skipped with the
 dispatcher's own reason.
+
+The matrix every backend runs (``BACKEND_DTYPES`` is the one table to extend with a new backend):
+each dtype it computes in; autocast-style mixes (activations, weight and bias in a dtype other
+than float32, LoRA factors in float32, as the layers hand them over under ``torch.autocast``);
+dropout on and off; batch 1 and more. On a machine without a GPU the triton backend runs through
+Triton's interpreter (which computes bfloat16 wrongly, numpy having no bfloat16: its half path is
+tested in float16) and the cuda backend through its CPU twin (float64 and float32).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import zlib
 
 import pytest
 import torch
-from oracle import compare_with_oracle
+from oracle import assert_close_to_oracle, compare_with_oracle, grads
 
 from rvclora import ops
 from rvclora import reference as ref
@@ -25,6 +32,13 @@ BACKEND_DTYPES = {
     "cuda": (torch.float64, torch.float32),
 }
 GRAD_ALL = ("x", "weight", "bias", "lora_A", "lora_B")
+# Ops a backend does not implement at all (it declines them in unsupported_reason); every other
+# (backend, op) pair of BACKEND_DTYPES runs the whole matrix.
+NOT_IMPLEMENTED = {"lora_linear": {"cuda"}, "lora_conv1d": {"cuda"}, "lora_conv_transpose1d": {"triton"}}
+
+
+def _backends_for(op):
+    return [name for name in BACKEND_DTYPES if name not in NOT_IMPLEMENTED[op]]
 
 
 @pytest.fixture
@@ -76,7 +90,7 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", _backends_for("lora_linear"), indirect=True)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 def test_linear_matches_oracle(backend, case):
     lead, fin, fout, r, has_bias, p = case
@@ -120,7 +134,7 @@ CONV_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", _backends_for("lora_conv1d"), indirect=True)
 @pytest.mark.parametrize("case", CONV_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("n", [1, 2])  # batch 1 takes the torch backend's lean backward where it applies
@@ -165,14 +179,15 @@ CONVT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", _backends_for("lora_conv_transpose1d"), indirect=True)
 @pytest.mark.parametrize("case", CONVT_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_conv_transpose1d_matches_oracle(backend, case, p):
+@pytest.mark.parametrize("n", [1, 2])
+def test_conv_transpose1d_matches_oracle(backend, case, p, n):
     cin, cout, k, stride, padding, opad, dil, g, has_bias, r = case
     _skip_big_for_interpreted(backend, cin, cout)
-    torch.manual_seed(_case_seed(case))
-    n, t_len = 2, 7
+    torch.manual_seed(_case_seed(case) + n)
+    t_len = 7
     t = {
         "x": torch.randn(n, cin, t_len, dtype=torch.float64),
         "weight": torch.randn(cin, cout // g, k, dtype=torch.float64) / (cin * k) ** 0.5,
@@ -321,3 +336,111 @@ def test_merged_path_used_only_for_fp32_without_dropout(combo):
     x = torch.randn(2, 2)
     assert _merge_ok(x, p / 10, conv=False) == (p == 0)
     assert not _merge_ok(x.bfloat16(), 0.0, conv=True)
+
+
+# --------------------------------------------------------------------------- mixed dtypes (autocast)
+
+
+def _mixes(name):
+    """(activation dtype, factor dtype) pairs: each non-fp32 dtype of the backend with fp32 factors."""
+    return [(dt, torch.float32) for dt in _dtypes(name) if dt != torch.float32]
+
+
+def _compare_mixed(run, oracle, tensors, act, fac, label):
+    """``run`` with x/W/b in ``act`` and the factors in ``fac`` against the float64 oracle.
+
+    The tolerance is that of plain PyTorch computing everything in ``act`` (factors rounded to
+    ``act`` too, as a tile cast does); gradients must come back in each input's own dtype.
+    """
+    factor_names = ("lora_A", "lora_B")
+    dtype_of = {k: (fac if k in factor_names else act) for k in tensors}
+    rounded = {k: (v.to(dtype_of[k]).double() if v is not None and v.is_floating_point() else v)
+               for k, v in tensors.items()}
+
+    def copies(cast):
+        out = {}
+        for k, v in rounded.items():
+            if v is None or not v.is_floating_point():
+                out[k] = v
+                continue
+            c = v.to(cast(k)).clone()
+            out[k] = c.requires_grad_(True) if k in GRAD_ALL else c
+        return out
+
+    c64 = copies(lambda k: torch.float64)
+    cdt = copies(lambda k: act)
+    cand = copies(lambda k: dtype_of[k])
+    y64, ydt, y = oracle(**c64), oracle(**cdt), run(**cand)
+    assert y.dtype == act, f"{label}: output dtype {y.dtype}, expected {act}"
+    tiny = {torch.float64: 1e-12, torch.float32: 1e-6}.get(act, 1e-3)
+    assert_close_to_oracle(y, y64, ydt, f"{label} forward", tiny)
+    names = [n for n in GRAD_ALL if cand.get(n) is not None]
+    g = torch.randn_like(y64).to(act).double()
+    g64 = grads(y64, [c64[n] for n in names], g)
+    gdt = grads(ydt, [cdt[n] for n in names], g.to(act))
+    gc = grads(y, [cand[n] for n in names], g.to(act))
+    for n, a, b, c in zip(names, gc, g64, gdt):
+        assert a is not None, f"{label}: no gradient for {n}"
+        assert a.dtype == cand[n].dtype, f"{label}: grad {n} dtype {a.dtype}, expected {cand[n].dtype}"
+        # plain torch's gradient, as stored in the input's own dtype (fp32 factors round an fp64 result)
+        assert_close_to_oracle(a, b, c.to(a.dtype), f"{label} grad_{n}", tiny)
+
+
+def _mixed_params():
+    out = []
+    for op in NOT_IMPLEMENTED:
+        for name in _backends_for(op):
+            for act, fac in _mixes(name):
+                for n, p in ((1, 0.0), (1, 0.25), (3, 0.0), (3, 0.25)):
+                    out.append(pytest.param(name, op, act, fac, n, p,
+                                            id=f"{name}-{op}-{str(act)[6:]}x-{str(fac)[6:]}AB-n{n}-p{p}"))
+    return out
+
+
+@pytest.mark.parametrize(("backend", "op", "act", "fac", "n", "p"), _mixed_params(), indirect=["backend"])
+def test_factor_dtype_differs_from_x(backend, op, act, fac, n, p):
+    """Autocast hands a layer half x/W/b and fp32 factors: every backend computes it or declines cleanly."""
+    torch.manual_seed(_case_seed((backend, op, str(act), n, p)))
+    seed = torch.tensor(321)
+    if op == "lora_linear":
+        cin, cout, r = 9, 11, 4
+        t = {"x": torch.randn(n, 2, cin, dtype=torch.float64), "weight": torch.randn(cout, cin, dtype=torch.float64),
+             "bias": torch.randn(cout, dtype=torch.float64), "lora_A": torch.randn(r, cin, dtype=torch.float64),
+             "lora_B": torch.randn(cout, r, dtype=torch.float64)}
+        kw = {}
+    elif op == "lora_conv1d":
+        cin, cout, k, r = 4, 6, 3, 2
+        t = {"x": torch.randn(n, cin, 11, dtype=torch.float64),
+             "weight": torch.randn(cout, cin // 2, k, dtype=torch.float64),
+             "bias": torch.randn(cout, dtype=torch.float64),
+             "lora_A": torch.randn(r, cin // 2 * k, dtype=torch.float64),
+             "lora_B": torch.randn(cout, r // 2, dtype=torch.float64)}
+        kw = dict(stride=2, padding=(2, 1), dilation=1, groups=2, padding_mode="reflect")
+    else:
+        cin, cout, k, r = 4, 6, 4, 2
+        t = {"x": torch.randn(n, cin, 7, dtype=torch.float64), "weight": torch.randn(cin, cout, k, dtype=torch.float64),
+             "bias": torch.randn(cout, dtype=torch.float64), "lora_A": torch.randn(r, cin, dtype=torch.float64),
+             "lora_B": torch.randn(r, cout * k, dtype=torch.float64)}
+        kw = dict(stride=2, padding=1, output_padding=1, dilation=1, groups=1)
+    x_act = t["x"].to(act)
+    params = {k_: v for k_, v in kw.items() if k_ != "padding_mode" or op == "lora_conv1d"}
+    why = dispatch.load_backend(backend).unsupported_reason(
+        op, x_act, weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac), dropout_p=p, **params)
+    if why is not None:
+        # declining is allowed, but then auto must run the call without raising
+        ops.set_backend(None)
+        y = getattr(ops, op)(x_act, t["weight"].to(act), t["bias"].to(act), t["lora_A"].to(fac),
+                             t["lora_B"].to(fac), 0.7, dropout_p=p, seed=seed, **kw)
+        assert y.dtype == act
+        pytest.skip(f"backend {backend} declines {op} with {act} x and {fac} factors: {why}")
+    mask = None if p == 0 else dispatch.load_backend(backend).dropout_mask(seed, t["x"].shape, p,
+                                                                          torch.device("cpu"), torch.float64)
+    oracle = {"lora_linear": ref.lora_linear_ref, "lora_conv1d": ref.lora_conv1d_ref,
+              "lora_conv_transpose1d": ref.lora_conv_transpose1d_ref}[op]
+    _compare_mixed(
+        lambda x, weight, bias, lora_A, lora_B: getattr(ops, op)(x, weight, bias, lora_A, lora_B, 0.7, dropout_p=p,
+                                                                 seed=seed, **kw),
+        lambda x, weight, bias, lora_A, lora_B: oracle(x, weight, bias, lora_A, lora_B, 0.7,
+                                                       dropout_mask=None if mask is None else mask.to(x.dtype), **kw),
+        t, act, fac, f"{backend} {op} {act} x, {fac} factors, n={n}, p={p}",
+    )

@@ -26,5 +26,5 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90():
                           text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    assert "0 with problems" in proc.stdout
+    assert f"triton {triton.__version__}: " in proc.stdout and "0 with problems" in proc.stdout
     assert "mma" in proc.stdout

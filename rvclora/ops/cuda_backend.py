@@ -162,6 +162,14 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     else:
         return f"no kernel for device type {x.device.type!r} (cpu and cuda only)"
     lora_A, weight = params.get("lora_A"), params.get("weight")
+    for name, t in (("weight", weight), ("lora_A", lora_A)):
+        if t is not None and t.device != x.device:
+            return f"{name} is on {t.device} but x is on {x.device}"
+    if weight is not None and weight.dtype != x.dtype:
+        # nn.ConvTranspose1d itself refuses this mix; under autocast the layer casts W to x's dtype.
+        return f"weight has dtype {weight.dtype} but x has {x.dtype}; the kernel computes the base in x's dtype"
+    if lora_A is not None and not lora_A.is_floating_point():
+        return f"lora_A has dtype {lora_A.dtype}; LoRA factors must be floating point"
     groups = int(params.get("groups", 1))
     if lora_A is not None and lora_A.shape[0] % groups != 0:
         return f"rank r={lora_A.shape[0]} must be divisible by groups={groups}"
@@ -184,6 +192,12 @@ def lora_conv_transpose1d(
         raise RuntimeError(err)
     if dropout_p == 0.0:
         seed = None
+    # The kernel computes in x's dtype (fp32 accumulation for half). Factors kept in another dtype
+    # (fp32 under autocast; fp32 factors with fp64 x on the CPU twin) and a bias in another dtype
+    # are cast to it here: factor-sized copies, and autograd returns their gradients in their own dtype.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
     y, _ = torch.ops.rvclora.lora_convt_fwd(
         x,
         weight,

@@ -17,15 +17,22 @@ A backend is a module that defines::
 ``dropout_p == 0``. The backend functions are differentiable in every tensor argument
 that requires grad.
 
-``RVCLORA_BACKEND`` (or :func:`set_backend`) chooses: ``auto`` picks the first backend
+``RVCLORA_BACKEND`` (or :func:`set_backend`) chooses: ``auto`` picks among the backends
 that can run the call and falls back silently; a named backend that cannot run the call
 raises :class:`BackendUnavailableError` saying why.
+
+``auto`` on CUDA tensors does not bet on the fused kernels: :mod:`rvclora.ops.autoselect`
+validates each capable fused backend against the torch path and times both on the first call
+of a shape class, and keeps the faster correct one (cached in memory and on disk). On other
+devices it takes the first capable backend of :data:`_AUTO_ORDER` whose ``prefer`` agrees.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 from typing import Dict, List, Optional
 
@@ -53,6 +60,40 @@ _MODULES = {
 
 # "auto" order per device type: fused GPU backends first, the torch path last.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+
+def _alias_checkout_kernels() -> None:
+    """Make ``rvclora.kernels`` importable from a plain source checkout.
+
+    An install maps the top-level ``kernels/`` directory to ``rvclora.kernels`` (package-dir in
+    pyproject.toml). Run from a checkout with ``PYTHONPATH=.`` and nothing installed, that
+    package does not exist; load ``kernels/`` under that name, so the triton backend, the
+    compile check and the selftest work there too.
+    """
+    if "rvclora.kernels" in sys.modules:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    init = os.path.join(root, "kernels", "__init__.py")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if os.path.isdir(here) or not os.path.isfile(init):
+        return  # an installed package (rvclora/kernels exists) or no checkout around us
+    # A checkout (rvclora/ beside kernels/): its own kernels, even where another copy is installed.
+    spec = importlib.util.spec_from_file_location("rvclora.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rvclora.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["rvclora.kernels"]
+        raise
+    import rvclora
+
+    rvclora.kernels = module
+
+
+_alias_checkout_kernels()
 
 _override: Optional[str] = None
 _loaded: Dict[str, Optional[ModuleType]] = {}
@@ -110,17 +151,57 @@ def select_backend(op: str, x, **params) -> ModuleType:
         if why is not None:
             raise BackendUnavailableError(f"RVCLORA_BACKEND={requested} cannot run {op}: {why}")
         return load_backend(requested)
+    capable = []
     for name in _AUTO_ORDER.get(x.device.type, ("torch",)):
         if _unavailable(name) is not None:
             continue
         mod = load_backend(name)
-        if mod.unsupported_reason(op, x, **params) is not None:
+        if mod.unsupported_reason(op, x, **params) is None:
+            capable.append(mod)
+    fixed = _fixed_choice(op, x, params, capable)
+    if not _measured(x) or _tracing():
+        # Inside a torch.compile trace the fixed rule decides: the selector's cache and timers are
+        # host-side machinery that dynamo cannot trace (a graph break, an error under fullgraph).
+        return fixed
+    from . import autoselect
+
+    torch_mod = load_backend("torch")
+    fused = [m for m in capable if m is not torch_mod]
+    return autoselect.get_selector().choose(op, x, params, fused, torch_mod, fixed, _can_measure())
+
+
+def _fixed_choice(op: str, x, params, capable: List[ModuleType]) -> ModuleType:
+    """The rule without measurement: the first capable backend whose ``prefer`` agrees, the torch path
+    last; on CUDA never a fused kernel for the ops whose speed is unmeasured (autoselect.FIXED_TORCH_OPS)."""
+    for mod in capable:
+        if x.device.type == "cuda" and mod.NAME != "torch" and op in _FIXED_TORCH_OPS:
             continue
         prefer = getattr(mod, "prefer", None)
         if prefer is not None and not prefer(op, x, **params):
             continue
         return mod
     return load_backend("torch")
+
+
+_FIXED_TORCH_OPS = frozenset({"lora_conv_transpose1d"})
+
+
+def _measured(x) -> bool:
+    """Whether ``auto`` measures its choice for ``x`` (CUDA tensors; see rvclora.ops.autoselect)."""
+    return x.device.type == "cuda"
+
+
+def _tracing() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def _can_measure() -> bool:
+    """Measuring runs real kernels, which a CUDA-graph capture forbids (the cached or fixed choice holds there)."""
+    import torch
+
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def preload_backends() -> None:

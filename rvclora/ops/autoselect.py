@@ -1,0 +1,438 @@
+"""Measured backend choice for ``auto`` on CUDA: a fused kernel runs only where it is correct and faster.
+
+The fused kernels were written and checked without a GPU (interpreter, CPU twin, compiled
+resource checks); how fast they are on a given GPU and shape is only known by running them.
+So on the first call of a *shape class* (op, layer geometry, dtypes, rows rounded up to a power
+of two, dropout on/off, training or inference) on a CUDA device, :class:`AutoSelector`:
+
+1. builds random inputs of that class on the device (never the caller's tensors);
+2. runs every capable fused backend and the torch path on them, forward and, when training,
+   backward, and compares outputs and gradients with the torch path within the dtype's
+   tolerance (:func:`tolerance`). A fused backend that disagrees (or raises) is disabled for
+   that class, with one warning naming the op and shape;
+3. times the correct candidates in interleaved rounds (CUDA events) and keeps the fastest.
+
+Decisions are kept in memory and in a small JSON file (:func:`cache_path`), keyed by the GPU's
+name and compute capability and the torch, triton and rvclora versions, so a process pays
+for a measurement once per shape class and machine. ``rvclora info`` lists them.
+
+No measurement happens inside a ``torch.compile`` trace or a CUDA-graph capture (it would run
+real kernels where only recording is allowed): there the cached decision is used, and without
+one the fixed rule. ``RVCLORA_AUTOSELECT=fixed`` uses the fixed rule everywhere, with no
+measurement (deterministic choices): the fused backend's own ``prefer`` rule for Linear and
+Conv1d, the torch path for ConvTranspose1d (its fused kernel's speed is unmeasured).
+``RVCLORA_AUTOSELECT=measure`` (the default) measures. ``RVCLORA_AUTOSELECT_CACHE`` names the
+JSON file (empty: no file, memory only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+import types
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AutoSelector",
+    "ClockTimer",
+    "CudaEventTimer",
+    "FIXED",
+    "MEASURE",
+    "cache_path",
+    "decisions",
+    "environment_key",
+    "get_selector",
+    "mode",
+    "shape_class",
+    "tolerance",
+]
+
+MEASURE, FIXED = "measure", "fixed"
+_MODES = (MEASURE, FIXED)
+
+
+def mode() -> str:
+    """``$RVCLORA_AUTOSELECT``: ``measure`` (default) or ``fixed``."""
+    value = os.environ.get("RVCLORA_AUTOSELECT", MEASURE).strip().lower() or MEASURE
+    if value not in _MODES:
+        raise ValueError(f"RVCLORA_AUTOSELECT must be one of {_MODES}, got {value!r}")
+    return value
+
+
+def cache_path() -> Optional[str]:
+    """The decisions file: ``$RVCLORA_AUTOSELECT_CACHE``, else ``$XDG_CACHE_HOME/rvclora/autoselect.json``
+    (``~/.cache`` by default); ``None`` when ``$RVCLORA_AUTOSELECT_CACHE`` is set empty."""
+    explicit = os.environ.get("RVCLORA_AUTOSELECT_CACHE")
+    if explicit is not None:
+        return explicit or None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "rvclora", "autoselect.json")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest accepted ``‖fused − torch‖ / ‖torch‖`` for ``dtype``.
+
+    Both paths round differently (accumulation order, and for fp32 the torch path may run in
+    TF32, which cuDNN and cuBLAS allow by default for convolutions); a wrong kernel (a bad index,
+    a missing term) is off by far more, typically O(1).
+    """
+    return {torch.float64: 1e-9, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}.get(dtype, 6e-2)
+
+
+def _versions() -> Dict[str, str]:
+    from .. import __version__
+
+    out = {"torch": torch.__version__, "rvclora": __version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "none"
+    return out
+
+
+def _cuda_device_info(device: torch.device) -> Dict[str, str]:
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}"}
+
+
+def environment_key(info: Dict[str, str], versions: Dict[str, str]) -> str:
+    """The cache section of one machine and software stack."""
+    return (f"{info['name']} sm{info['capability']} torch {versions['torch']} triton {versions['triton']} "
+            f"rvclora {versions['rvclora']}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def rows_of(op: str, x: Tensor, weight: Tensor, params: Dict[str, Any]) -> int:
+    """The GEMM rows of a call: the leading elements of a Linear, ``N·T_out`` of a convolution."""
+    if op == "lora_linear":
+        return x.numel() // max(x.shape[-1], 1)
+    return x.shape[0] * x.shape[-1]
+
+
+def shape_class(op: str, x: Tensor, params: Dict[str, Any], training: bool) -> str:
+    """A readable key: everything that changes the kernels' code or tiling, rows rounded up to a power of two."""
+    weight, lora_A = params["weight"], params["lora_A"]
+    p = float(params.get("dropout_p", 0.0))
+    geo = [f"w{tuple(weight.shape)}", f"A{tuple(lora_A.shape)}"]
+    for name in ("stride", "padding", "output_padding", "dilation", "groups", "padding_mode"):
+        if name in params:
+            value = params[name]
+            geo.append(f"{name}={tuple(value) if isinstance(value, (tuple, list)) else value}")
+    dtypes = f"{str(x.dtype)[6:]}/{str(weight.dtype)[6:]}/{str(lora_A.dtype)[6:]}"
+    t = "" if op == "lora_linear" else f" T~{_pow2(x.shape[-1])}"
+    return (f"{op} {' '.join(geo)} rows~{_pow2(rows_of(op, x, weight, params))}{t} {dtypes} "
+            f"dropout={'on' if p > 0 else 'off'} {'train' if training else 'infer'}")
+
+
+# --------------------------------------------------------------------------- timers
+
+
+class ClockTimer:
+    """Times callables with a clock (``time.perf_counter``, or a fake one in tests), interleaved.
+
+    ``sync`` waits for queued device work before each clock read (``torch.cuda.synchronize``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None):
+        self.clock, self.sync = clock, sync
+
+    def __call__(self, fns: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+        times: Dict[str, List[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                self.sync()
+                t0 = self.clock()
+                fn()
+                self.sync()
+                times[name].append(self.clock() - t0)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class CudaEventTimer:
+    """Median seconds per call from CUDA events, candidates interleaved round by round."""
+
+    def __call__(self, fns: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+        events = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
+        torch.cuda.synchronize()
+        return {name: statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs) for name, pairs in events.items()}
+
+
+# --------------------------------------------------------------------------- inputs of a shape class
+
+
+def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> Tuple[int, ...]:
+    r = lora_A.shape[0]
+    if op == "lora_linear":
+        return (weight.shape[0], r)
+    if op == "lora_conv1d":
+        return (weight.shape[0], r // groups)
+    return (r, weight.shape[1] * weight.shape[2])
+
+
+def _synthetic_call(op: str, x: Tensor, params: Dict[str, Any], training: bool, seed: int = 1234):
+    """Fresh random inputs with the call's shapes, dtypes and device, and the op's keyword options."""
+    weight, lora_A = params["weight"], params["lora_A"]
+    groups = int(params.get("groups", 1))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(shape, dtype, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(device=x.device, dtype=dtype)
+
+    fan = max(weight[0].numel(), 1) if op != "lora_conv_transpose1d" else max(weight.shape[0] // groups, 1)
+    out_ch = weight.shape[0] if op != "lora_conv_transpose1d" else weight.shape[1] * groups
+    tensors = {
+        "x": rand(x.shape, x.dtype),
+        "weight": rand(weight.shape, weight.dtype, fan ** -0.5),
+        "bias": rand((out_ch,), weight.dtype),
+        "lora_A": rand(lora_A.shape, lora_A.dtype, max(lora_A.shape[1], 1) ** -0.5),
+        "lora_B": rand(_lora_B_shape(op, weight, lora_A, groups), lora_A.dtype, 0.5),
+    }
+    if training:
+        for name in ("x", "lora_A", "lora_B"):
+            tensors[name].requires_grad_(True)
+    kw = {k: params[k] for k in ("stride", "padding", "output_padding", "dilation", "groups", "padding_mode")
+          if k in params}
+    p = float(params.get("dropout_p", 0.0))
+    kw.update(dropout_p=p, seed=torch.tensor(seed, dtype=torch.int64) if p > 0 else None)
+    return tensors, kw
+
+
+def _run(backend, op: str, tensors: Dict[str, Tensor], kw: Dict[str, Any], grad_out: Optional[Tensor]):
+    """One call of ``backend``'s ``op``; returns the output and, when ``grad_out`` is given, the gradients."""
+    t = {k: (v.detach().requires_grad_(v.requires_grad) if v is not None else None) for k, v in tensors.items()}
+    args = [t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75]
+    if op == "lora_linear":
+        rest = [kw["dropout_p"], kw["seed"]]
+    elif op == "lora_conv1d":
+        rest = [int(kw["stride"]), tuple(kw["padding"]), int(kw["dilation"]), int(kw["groups"]), kw["padding_mode"],
+                kw["dropout_p"], kw["seed"]]
+    else:
+        rest = [int(kw["stride"]), int(kw["padding"]), int(kw["output_padding"]), int(kw["dilation"]),
+                int(kw["groups"]), kw["dropout_p"], kw["seed"]]
+    y = getattr(backend, op)(*args, *rest)
+    if grad_out is None:
+        return [y]
+    leaves = [t[k] for k in ("x", "lora_A", "lora_B") if t[k].requires_grad]
+    return [y, *torch.autograd.grad(y, leaves, grad_out)]
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    return (a64 - b64).norm().item() / max(b64.norm().item(), 1e-30)
+
+
+# --------------------------------------------------------------------------- the selector
+
+
+class AutoSelector:
+    """Validates, times and remembers the fused-vs-torch choice per shape class (see the module docstring).
+
+    ``timer``, ``device_info`` and ``versions`` are injectable so that the logic is tested
+    without a GPU (a fake clock, a fake device).
+    """
+
+    def __init__(self, path: Optional[str] = None, timer: Optional[Callable] = None,
+                 device_info: Callable[[torch.device], Dict[str, str]] = _cuda_device_info,
+                 versions: Optional[Dict[str, str]] = None, rounds: int = 7):
+        self.path = path
+        self.timer = timer
+        self.device_info = device_info
+        self.versions = versions or _versions()
+        self.rounds = rounds
+        self._lock = threading.RLock()
+        self._memory: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self._file_loaded = False
+        self._warned: set = set()
+
+    # -- cache ----------------------------------------------------------------
+
+    def _load_file(self) -> None:
+        if self._file_loaded:
+            return
+        self._file_loaded = True
+        if not self.path or not os.path.isfile(self.path):
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            entries = data.get("entries", {}) if isinstance(data, dict) and data.get("format") == 1 else {}
+        except (OSError, ValueError) as e:
+            warnings.warn(f"rvclora: ignoring unreadable autoselect cache {self.path}: {e}", stacklevel=3)
+            return
+        for env, table in entries.items():
+            if isinstance(table, dict):
+                self._memory.setdefault(env, {}).update(table)
+
+    def _save_file(self) -> None:
+        if not self.path:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": 1, "entries": self._memory}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError as e:
+            warnings.warn(f"rvclora: cannot write the autoselect cache {self.path}: {e}", stacklevel=3)
+
+    def cached(self, env: str, key: str) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            self._load_file()
+            return self._memory.get(env, {}).get(key)
+
+    def entries(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
+        with self._lock:
+            self._load_file()
+            return {env: dict(table) for env, table in self._memory.items()}
+
+    # -- choice ---------------------------------------------------------------
+
+    def env_key(self, device: torch.device) -> str:
+        return environment_key(self.device_info(device), self.versions)
+
+    def choose(self, op: str, x: Tensor, params: Dict[str, Any], fused: Sequence, torch_backend,
+               fixed_choice, can_measure: bool = True):
+        """The backend module to run ``op``: one of ``fused`` (capable fused backends) or ``torch_backend``.
+
+        ``fixed_choice`` is the module the fixed rule picks; it is used when measuring is off or
+        not possible here (``can_measure`` False: inside a trace or a graph capture) and no
+        decision is cached.
+        """
+        if not fused:
+            return torch_backend
+        if mode() == FIXED:
+            return fixed_choice
+        training = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, params.get("weight"), params.get("lora_A")))
+        key = shape_class(op, x, params, training)
+        env = self.env_key(x.device)
+        by_name = {m.NAME: m for m in (*fused, torch_backend)}
+        hit = self.cached(env, key)
+        if hit is not None and hit.get("choice") in by_name:
+            return by_name[hit["choice"]]
+        if not can_measure:
+            return fixed_choice
+        with self._lock:
+            hit = self.cached(env, key)  # another thread may have measured it meanwhile
+            if hit is None or hit.get("choice") not in by_name:
+                hit = self._measure(op, x, params, training, fused, torch_backend)
+                self._memory.setdefault(env, {})[key] = hit
+                self._save_file()
+        for name, why in hit.get("failed", {}).items():
+            if (env, key, name) not in self._warned:
+                self._warned.add((env, key, name))
+                warnings.warn(f"rvclora: the {name} backend's {op} failed validation for {key} and is disabled "
+                              f"for it ({why}); using {hit['choice']}", RuntimeWarning, stacklevel=4)
+        return by_name[hit["choice"]]
+
+    def _measure(self, op, x, params, training, fused, torch_backend) -> Dict[str, Any]:
+        tensors, kw = _synthetic_call(op, x, params, training)
+        with torch.autocast(x.device.type, enabled=False), torch.enable_grad() if training else torch.no_grad():
+            grad_out = None
+            if training:
+                shape = _run(torch_backend, op, tensors, kw, None)[0].shape
+                grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device=x.device,
+                                                                                            dtype=x.dtype)
+            # the torch path's own distance to the oracle widens the tolerance where it must (TF32)
+            torch_err = _validate(torch_backend, op, tensors, kw, grad_out)
+            tol = max(tolerance(x.dtype), 4 * torch_err) if torch_err == torch_err else tolerance(x.dtype)
+            failed: Dict[str, str] = {}
+            good = [torch_backend]
+            for be in fused:
+                try:
+                    err = _validate(be, op, tensors, kw, grad_out)
+                except Exception as e:  # noqa: BLE001 - any failure disables the kernel for this class
+                    failed[be.NAME] = f"raised {type(e).__name__}: {str(e)[:200]}"
+                    continue
+                if not err <= tol:
+                    failed[be.NAME] = f"relative error {err:.3g} > {tol:.3g} against the oracle"
+                    continue
+                good.append(be)
+            timer = self.timer or CudaEventTimer()
+            fns = {be.NAME: (lambda be=be: _run(be, op, tensors, kw, grad_out)) for be in good}
+            if len(fns) > 1:
+                for fn in fns.values():
+                    fn()  # warm-up: Triton's autotuner and compilation, cuDNN's algorithm search
+                times = timer(fns, self.rounds)
+            else:
+                times = {}
+        choice = min(times, key=lambda n: (times[n], n != torch_backend.NAME)) if times else torch_backend.NAME
+        return {"choice": choice, "seconds": dict(times), "failed": failed, "tolerance": tol,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _oracle(op: str, args: Sequence, kw: Dict[str, Any], mask: Optional[Tensor]):
+    """The oracle (rvclora.reference) on ``args = (x, weight, bias, lora_A, lora_B, scaling)``."""
+    from .. import reference as ref
+
+    if op == "lora_linear":
+        return ref.lora_linear_ref(*args, dropout_mask=mask)
+    if op == "lora_conv1d":
+        return ref.lora_conv1d_ref(*args, stride=int(kw["stride"]), padding=tuple(kw["padding"]),
+                                   dilation=int(kw["dilation"]), groups=int(kw["groups"]),
+                                   padding_mode=kw["padding_mode"], dropout_mask=mask)
+    return ref.lora_conv_transpose1d_ref(*args, stride=int(kw["stride"]), padding=int(kw["padding"]),
+                                         output_padding=int(kw["output_padding"]), dilation=int(kw["dilation"]),
+                                         groups=int(kw["groups"]), dropout_mask=mask)
+
+
+def _validate(backend, op: str, tensors: Dict[str, Tensor], kw: Dict[str, Any], grad_out: Optional[Tensor]) -> float:
+    """Worst relative error of ``backend``'s output (and gradients) against the oracle, evaluated in
+    fp32 (fp64 for fp64 inputs) on the same inputs with the backend's own dropout mask."""
+    got = _run(backend, op, tensors, kw, grad_out)
+    x = tensors["x"]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = kw["dropout_p"]
+    mask = backend.dropout_mask(kw["seed"], tuple(x.shape), p, x.device, acc) if p > 0 else None
+    t_acc = {k: (v.detach().to(acc).requires_grad_(v.requires_grad) if v is not None else None)
+             for k, v in tensors.items()}
+    oracle = types.SimpleNamespace(**{op: lambda *a: _oracle(op, a[:6], kw, mask)})
+    expect = _run(oracle, op, t_acc, kw, None if grad_out is None else grad_out.to(acc))
+    if len(got) != len(expect):
+        return float("inf")
+    return max(_rel_err(a, b) for a, b in zip(got, expect))
+
+
+_selector: Optional[AutoSelector] = None
+_selector_lock = threading.Lock()
+
+
+def get_selector() -> AutoSelector:
+    """The process-wide selector (its cache file from :func:`cache_path` at first use)."""
+    global _selector
+    with _selector_lock:
+        if _selector is None:
+            _selector = AutoSelector(cache_path())
+        return _selector
+
+
+def decisions() -> List[Tuple[str, str, Dict[str, Any]]]:
+    """``(environment, shape class, decision)`` for every cached decision, for ``rvclora info``."""
+    out = []
+    for env, table in sorted(get_selector().entries().items()):
+        for key, hit in sorted(table.items()):
+            out.append((env, key, hit))
+    return out
