@@ -13,7 +13,7 @@ import os
 from setuptools import setup
 
 # Same lists as rvclora/ops/cuda_ext.py (CPU_SOURCES, CUDA_SOURCES).
-CPU_SOURCES = ["csrc/lora_convt_cpu.cpp"]
+CPU_SOURCES = ["csrc/lora_convt_cpu.cpp", "csrc/lora_cpu.cpp"]
 CUDA_SOURCES = ["csrc/lora_convt_cuda_ops.cpp", "csrc/lora_convt_cuda.cu"]
 
 

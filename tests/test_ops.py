@@ -21,6 +21,7 @@ from rvclora.ops import dispatch
 
 BACKEND_DTYPES = {
     "torch": (torch.float64, torch.float32, torch.bfloat16),
+    "cpu": (torch.float64, torch.float32),  # other dtypes are declined: auto runs torch for them
     "triton": (torch.float32, torch.float16),
     "cuda": (torch.float64, torch.float32),
 }
@@ -61,7 +62,7 @@ def _dtypes(name):
 
 def _skip_big_for_interpreted(name, *channels):
     # Triton's interpreter and the CUDA CPU twin are slow; their own test files cover large shapes.
-    if name != "torch" and channels[0] * channels[1] > 1000:
+    if name not in ("torch", "cpu") and channels[0] * channels[1] > 1000:
         pytest.skip(f"{name} runs interpreted here: large shapes are covered by tests/test_{name}_*.py")
 
 
@@ -76,7 +77,7 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"], indirect=True)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 def test_linear_matches_oracle(backend, case):
     lead, fin, fout, r, has_bias, p = case
@@ -120,7 +121,7 @@ CONV_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"], indirect=True)
 @pytest.mark.parametrize("case", CONV_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("n", [1, 2])  # batch 1 takes the torch backend's lean backward where it applies
@@ -165,7 +166,7 @@ CONVT_GRID = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"], indirect=True)
 @pytest.mark.parametrize("case", CONVT_GRID, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_conv_transpose1d_matches_oracle(backend, case, p):
@@ -309,8 +310,10 @@ def test_bad_backend_name():
         ops.set_backend("cudnn")
 
 
-def test_auto_uses_torch_on_cpu():
-    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == "torch"
+def test_auto_on_cpu_uses_the_compiled_backend_else_torch():
+    expected = "cpu" if dispatch._unavailable("cpu") is None else "torch"
+    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == expected
+    assert dispatch.select_backend("lora_linear", torch.randn(2, 2).bfloat16()).NAME == "torch"
 
 
 @pytest.mark.parametrize("combo", list(itertools.product([1, 2], [0, 3])))

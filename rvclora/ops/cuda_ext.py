@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["CPU_SOURCES", "CUDA_SOURCES", "extension_name", "load_error", "source_dir", "sources"]
 
-CPU_SOURCES = ["lora_convt_cpu.cpp"]
+CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp"]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
 HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h"]
 
