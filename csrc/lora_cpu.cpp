@@ -144,6 +144,7 @@ Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
 // accumulators stay in L1, and enough blocks for every thread.
 int64_t block_len(int64_t T, int64_t outer) {
   int64_t tb = 256;
+  if (outer <= 0 || T <= 0) return std::max<int64_t>(1, std::min(tb, T));  // empty batch: nothing to split
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
   if (outer * ((T + tb - 1) / tb) < want && T > 16) {
     const int64_t per = std::max<int64_t>(1, (want + outer - 1) / outer);

@@ -147,7 +147,7 @@ def _bwd_fake_for(bias_len):
 _BIAS_LEN = {
     "linear": lambda weight, args: weight.shape[0],
     "conv1d": lambda weight, args: weight.shape[0],
-    "convt": lambda weight, args: weight.shape[1] * args[5],  # (scaling, stride, padding, output_padding, dilation, groups, ...)
+    "convt": lambda weight, args: weight.shape[1] * args[5],  # args[5]: groups
 }
 
 
