@@ -11,7 +11,8 @@ cases). Ratios are therefore always taken between numbers measured in the same r
 
 Variants (the names used everywhere):
 ``base`` the frozen base (the baseline: weights ``requires_grad=False``, gradient w.r.t. the input
-only), ``rvclora`` (``RVCLORA_BACKEND``, default ``auto``: the torch path on CPU), ``plain`` (the
+only), ``rvclora`` (``RVCLORA_BACKEND``, default ``auto``: the compiled cpu backend on CPU, else the
+torch path), ``plain`` (the
 brief's unfused module, ``alternatives.py``), ``peft``, ``loralib``, ``full`` (full fine-tuning:
 every weight trains).
 

@@ -4,7 +4,8 @@ One test per batch size (1 and 4, 32 frames; quick mode: batch 1, 2 frames of a 
 generator, :data:`QUICK_CONFIG`, r = 8 only, one round). Each test is one
 interleaved run of every variant at that batch, and gives four table rows, LoRA on:
 ``ups`` + ``resblocks`` at r = 4, 8, 16, and ``ups`` only at r = 8 (``lora_alpha = 2r``).
-Those rows share the run's ``base`` (frozen generator, gradient w.r.t. the latent input only)
+Those rows share the run's ``base`` (frozen generator with weight_norm folded like the LoRA model's,
+gradient w.r.t. the latent input only)
 and ``full`` (every parameter trains: ``weight_g``/``weight_v`` included, as RVC trains).
 
 The plain unfused modules wrap the weight-normed layers as they are. At batch 4 in full mode
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from alternatives import Unsupported, copy_factors, inject_plain_lora, loralib_lora, peft_lora
+from gan import fold_weight_norm
 
 from rvclora import LoRAConfig, inject_lora, lora_modules
 from rvclora.inject import target_matches
@@ -154,7 +156,10 @@ def test_generator_step(benchmark, bench_harness, batch):
     def build():
         return build_generator(config, seed=0)
 
-    base = build()
+    # The baseline is the frozen base with weight_norm folded, as in the LoRA model (legacy weight_norm
+    # recomputes each weight every forward); frozen after folding, since remove_weight_norm makes a new
+    # Parameter that requires grad.
+    base = fold_weight_norm(build())
     gy = torch.randn_like(_output(base, inputs))
     variants = {"base": _variant(h, base, inputs, gy, lambda n: False),
                 "full": _variant(h, build(), inputs, gy, lambda n: True)}

@@ -12,17 +12,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .config import LoRAConfig
 from .models.rvc import CONFIG_ALIASES, GENERATOR_CONFIGS, get_generator_config
@@ -88,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=_positive_int, default=16,
                       help="input length in frames, batch 1 (default: 16; output = frames x hop samples)")
     demo.add_argument("--lr", type=_positive_float, default=5e-4, help="AdamW learning rate (default: 5e-4)")
-    demo.add_argument("--bench-rounds", type=_positive_int, default=3,
-                      help="timed rounds per training mode, after one warm-up (default: 3)")
+    demo.add_argument("--bench-rounds", type=_positive_int, default=7,
+                      help="timed rounds per training mode, after one warm-up (default: 7)")
     demo.add_argument("--out-dir", default=None,
                       help="keep the files written (base model, adapter, merged model) in this directory, "
                            "replacing earlier demo files there; default: a temporary directory, removed")
@@ -340,156 +336,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 
 
-def _seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _demo_inputs(frames: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A latent ``(1, 192, frames)`` and a pitch glide 120→240 Hz with one unvoiced frame."""
-    x = torch.randn(1, 192, frames, generator=_seeded(seed))
-    f0 = torch.linspace(120.0, 240.0, frames)[None]
-    f0[:, frames // 2] = 0.0
-    return x, f0
-
-
-def _median_rate(times: list[float]) -> float:
-    return 1.0 / statistics.median(times)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from .demo import run_demo
 
-    from .checkpoint import save_lora_checkpoint
-    from .inject import (
-        count_lora_parameters,
-        inject_lora,
-        mark_only_lora_as_trainable,
-        merge_lora_weights,
-        randomize_lora_,
-        unmerge_lora_weights,
-    )
-    from .models.rvc import build_generator
-    from .rvc_files import build_generator_from_rvc, load_rvc_file, merge_adapter, write_exported_model
-
-    started = time.perf_counter()
-    cfg = get_generator_config(args.config)
-    lora_cfg = LoRAConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["ups", "resblocks"])
-    if args.out_dir is not None and not os.path.isdir(args.out_dir):
-        raise FileNotFoundError(f"--out-dir {args.out_dir!r} is not an existing directory")
-    print(f"rvclora demo: RVC {cfg.name} generator (hop {cfg.hop_length}), LoRA r={lora_cfg.r} "
-          f"alpha={lora_cfg.lora_alpha:g} on {lora_cfg.target_modules}, {args.frames} frames "
-          f"({args.frames * cfg.hop_length} samples), batch 1, {torch.get_num_threads()} CPU threads")
-
-    torch.manual_seed(args.seed)  # LoRA A init
-    student = build_generator(cfg, seed=args.seed)
-    n_params = sum(p.numel() for p in student.parameters())  # RVC's count, weight_g/weight_v separate
-    mark_only_lora_as_trainable(inject_lora(student, lora_cfg), lora_cfg.bias)
-    teacher = inject_lora(build_generator(cfg, seed=args.seed), lora_cfg)
-    randomize_lora_(teacher, relative_norm=0.2, seed=args.seed + 1)
-    teacher.eval()
-    x, f0 = _demo_inputs(args.frames, args.seed + 2)
-    emb_g = 0.1 * torch.randn(1, cfg.gin_channels, generator=_seeded(args.seed + 3))  # one speaker
-    g = emb_g[:, :, None]
-    noise_seed = args.seed + 4
-
-    def run(model: nn.Module, inp: Tensor = x) -> Tensor:
-        return model(inp, f0, g, generator=_seeded(noise_seed))
-
-    with torch.no_grad():
-        target = run(teacher)
-        loss_before = F.mse_loss(run(student), target).item()
-    n_lora = count_lora_parameters(student)
-    print(f"parameters: base {n_params:,}, LoRA {n_lora:,} ({100 * n_lora / n_params:.2f} % of the base)")
-
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    student.train()
-    bar = tqdm(range(args.steps), desc="LoRA fine-tune", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for _ in bar:
-        loss = F.mse_loss(run(student), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3e}")
-    bar.close()
-    student.eval()
-    with torch.no_grad():
-        unmerged_out = run(student)
-    loss_after = F.mse_loss(unmerged_out, target).item()
-    print(f"loss (MSE to the teacher's waveform): before {loss_before:.4e}, after {loss_after:.4e} "
-          f"({loss_before / max(loss_after, 1e-30):.1f}x lower)")
-
-    print(_speed_report(cfg, student, x, f0, g, noise_seed, args))
-
-    with tempfile.TemporaryDirectory(prefix="rvclora-demo-") as tmp:
-        out_dir = args.out_dir or tmp
-        adapter_path = os.path.join(out_dir, f"rvclora-demo-{cfg.name}-r{lora_cfg.r}.adapter.pth")
-        base_path = os.path.join(out_dir, f"rvclora-demo-{cfg.name}.pth")
-        merged_path = os.path.join(out_dir, f"rvclora-demo-{cfg.name}-r{lora_cfg.r}.merged.pth")
-        save_lora_checkpoint(student, adapter_path, lora_cfg, epoch=args.steps)
-        base = build_generator(cfg, seed=args.seed)
-        write_exported_model(base, base_path, cfg, extra_weights={"emb_g.weight": emb_g}, info="0epoch",
-                             overwrite=True)
-        del base
-        merge_adapter(base_path, adapter_path, merged_path, overwrite=True)
-        adapter_size, model_size = os.path.getsize(adapter_path), os.path.getsize(base_path)
-        print(f"files: adapter {_fmt_bytes(adapter_size)} vs model {_fmt_bytes(model_size)} (RVC export, fp16, "
-              f"decoder + emb_g) = {100 * adapter_size / model_size:.2f} %")
-
-        with torch.no_grad():
-            merge_lora_weights(student)
-            merged_out = run(student)
-            unmerge_lora_weights(student)
-            exported = build_generator_from_rvc(load_rvc_file(merged_path)).eval()
-            exported_out = run(exported)
-        print(f"merged vs unmerged output, max |diff|: in memory (fp32) "
-              f"{(merged_out - unmerged_out).abs().max().item():.2e}; RVC export (fp16 weights, loaded as RVC "
-              f"does) {(exported_out - unmerged_out).abs().max().item():.2e}; output peak "
-              f"{unmerged_out.abs().max().item():.3f}")
-        if args.out_dir:
-            print(f"kept: {base_path}, {adapter_path}, {merged_path}")
-    print(f"done in {time.perf_counter() - started:.1f} s")
-    return 0
-
-
-def _speed_report(
-    cfg: Any, student: nn.Module, x: Tensor, f0: Tensor, g: Tensor, noise_seed: int, args: argparse.Namespace
-) -> str:
-    """Training steps/s, interleaved (base, LoRA, full per round), medians after one warm-up round."""
-    from .models.rvc import build_generator
-
-    frozen = build_generator(cfg, seed=args.seed).requires_grad_(False)
-    full = build_generator(cfg, seed=args.seed)
-    full_opt = torch.optim.AdamW(full.parameters(), lr=1e-9)
-    lora_params = [p for p in student.parameters() if p.requires_grad]
-    lora_opt = torch.optim.AdamW(lora_params, lr=1e-9)
-    student.train()
-
-    def frozen_step() -> None:
-        inp = x.clone().requires_grad_(True)
-        frozen(inp, f0, g, generator=_seeded(noise_seed)).square().mean().backward()
-
-    def trained_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            model(x, f0, g, generator=_seeded(noise_seed)).square().mean().backward()
-            opt.step()
-        return step
-
-    steps = {"frozen base": frozen_step, "LoRA": trained_step(student, lora_opt), "full": trained_step(full, full_opt)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for round_ in range(args.bench_rounds + 1):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - t0)
-    student.eval()
-    rate = {k: _median_rate(v) for k, v in times.items()}
-    base = rate["frozen base"]
-    return (
-        f"training speed (steps/s, median of {args.bench_rounds} interleaved rounds; frozen base = forward + "
-        f"backward w.r.t. the input only; LoRA/full include the AdamW step):\n"
-        f"  frozen base {base:.2f}   LoRA {rate['LoRA']:.2f} ({100 * (base / rate['LoRA'] - 1):+.0f} % time vs "
-        f"frozen)   full fine-tuning {rate['full']:.2f} ({100 * (base / rate['full'] - 1):+.0f} %)"
-    )
+    return run_demo(args)

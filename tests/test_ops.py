@@ -28,6 +28,7 @@ from rvclora.ops import dispatch
 
 BACKEND_DTYPES = {
     "torch": (torch.float64, torch.float32, torch.bfloat16),
+    "cpu": (torch.float64, torch.float32),  # other dtypes are declined: auto runs torch for them
     "triton": (torch.float32, torch.float16),
     "cuda": (torch.float64, torch.float32),
 }
@@ -75,7 +76,7 @@ def _dtypes(name):
 
 def _skip_big_for_interpreted(name, *channels):
     # Triton's interpreter and the CUDA CPU twin are slow; their own test files cover large shapes.
-    if name != "torch" and channels[0] * channels[1] > 1000:
+    if name not in ("torch", "cpu") and channels[0] * channels[1] > 1000:
         pytest.skip(f"{name} runs interpreted here: large shapes are covered by tests/test_{name}_*.py")
 
 
@@ -324,8 +325,10 @@ def test_bad_backend_name():
         ops.set_backend("cudnn")
 
 
-def test_auto_uses_torch_on_cpu():
-    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == "torch"
+def test_auto_on_cpu_uses_the_compiled_backend_else_torch():
+    expected = "cpu" if dispatch._unavailable("cpu") is None else "torch"
+    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == expected
+    assert dispatch.select_backend("lora_linear", torch.randn(2, 2).bfloat16()).NAME == "torch"
 
 
 @pytest.mark.parametrize("combo", list(itertools.product([1, 2], [0, 3])))

@@ -57,7 +57,7 @@ __all__ = [
     "sources",
 ]
 
-CPU_SOURCES = ["lora_convt_cpu.cpp"]
+CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp"]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
 HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h"]
 # What the kernels' tiles are sized for and what rvclora.ops.cuda_compile_check verifies.

@@ -48,18 +48,19 @@ __all__ = [
     "preload_backends",
 ]
 
-BACKENDS = ("reference", "torch", "triton", "cuda")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 OPS = ("lora_linear", "lora_conv1d", "lora_conv_transpose1d")
 
 _MODULES = {
     "reference": "rvclora.ops.reference_backend",
     "torch": "rvclora.ops.torch_backend",
+    "cpu": "rvclora.ops.cpu_backend",
     "triton": "rvclora.kernels.backend",
     "cuda": "rvclora.ops.cuda_backend",
 }
 
 # "auto" order per device type: fused GPU backends first, the torch path last.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 
@@ -214,7 +215,7 @@ def preload_backends() -> None:
     ``auto`` order when a CUDA device exists. Inside a trace :func:`load_backend` then only
     reads the cache.
     """
-    names = ["torch", "reference"]
+    names = ["torch", "reference", *_AUTO_ORDER["cpu"]]
     requested = os.environ.get("RVCLORA_BACKEND", "").strip().lower()
     if requested in BACKENDS:
         names.append(requested)

@@ -1,0 +1,947 @@
+// The `cpu` backend: the three LoRA ops as compiled CPU code (float32 and float64).
+//
+// What runs where:
+// * Base-sized work stays in the convolution/GEMM library (oneDNN/MKL through ATen): without
+//   dropout the forward and the input gradient use the merged weight W + s·ΔW (one base-sized
+//   op each, no r extra output channels); with dropout the base op uses W and the LoRA term is
+//   added by the loops below.
+// * The thin LoRA passes are hand-written loops over time blocks, parallel over
+//   (batch, group, block):
+//     forward   u = conv(D(x), A)                      one pass over x
+//     backward  g_u = s·Bᵀg and grad_B = s·Σ g uᵀ      one pass over g
+//               grad_A = Σ g_u ⊗ D(x)                  in the same block, over x
+//   g_u never leaves the block (except on the dropout path of Conv1d, whose input-gradient term
+//   needs it across blocks); weight-gradient partial sums are kept per thread and reduced once.
+// * Dropout masks are a counter-based hash of (seed, element index of x), regenerated in
+//   backward; nothing mask-sized is ever stored.
+//
+// Each op is one call per layer and direction; autograd and the fake kernels are registered
+// from Python (rvclora/ops/cpu_backend.py).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_pad_circular.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/reflection_pad1d.h>
+#include <ATen/ops/reflection_pad1d_backward.h>
+#include <ATen/ops/replication_pad1d.h>
+#include <ATen/ops/replication_pad1d_backward.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace rvclora_cpu {
+namespace {
+
+using at::Tensor;
+using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// --------------------------------------------------------------------------- ISA clones
+// The hot block loops are compiled twice: for AVX2+FMA and for the baseline ISA, picked at run
+// time (the extension is built without -march flags, so it runs on any x86-64 or other CPU).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define RVC_HAVE_AVX2_CLONE 1
+#define RVC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define RVC_HAVE_AVX2_CLONE 0
+#endif
+#if defined(__GNUC__)
+#define RVC_INLINE inline __attribute__((always_inline))
+#else
+#define RVC_INLINE inline
+#endif
+
+// --------------------------------------------------------------------------- dropout
+
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// keep(i) ⇔ the top 24 bits of hash(seed, i), as a uniform in [0, 1), are ≥ p.
+template <class T>
+struct Dropout {
+  bool on = false;
+  uint64_t key = 0;
+  uint32_t threshold = 0;
+  T scale = T(1);
+  RVC_INLINE T at(int64_t idx) const {
+    const uint32_t h = static_cast<uint32_t>(mix64(key + static_cast<uint64_t>(idx) * 0x9E3779B97F4A7C15ULL) >> 40);
+    return h >= threshold ? scale : T(0);
+  }
+};
+
+int64_t seed_of(const std::optional<Tensor>& seed, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "rvclora cpu: dropout_p must be in [0, 1), got ", p);
+  if (p == 0.0) return 0;
+  TORCH_CHECK(seed.has_value() && seed->defined(), "rvclora cpu: dropout_p = ", p, " > 0 needs a seed tensor");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+              "rvclora cpu: seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(), " on ",
+              seed->device(), " with ", seed->numel(), " elements");
+  return seed->item<int64_t>();
+}
+
+template <class T>
+Dropout<T> make_dropout(const std::optional<Tensor>& seed, double p) {
+  Dropout<T> d;
+  const int64_t s = seed_of(seed, p);
+  if (p == 0.0) return d;
+  d.on = true;
+  d.key = mix64(static_cast<uint64_t>(s) ^ 0x6A09E667F3BCC909ULL);
+  d.threshold = static_cast<uint32_t>(std::ceil(p * 16777216.0));
+  d.scale = static_cast<T>(1.0 / (1.0 - p));
+  return d;
+}
+
+// --------------------------------------------------------------------------- small helpers
+
+void check_common(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "rvclora cpu: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rvclora cpu: weight dtype ", weight.scalar_type(),
+              " must equal x's (", x.scalar_type(), ")");
+  for (const Tensor* t : {&x, &weight, &A, &B})
+    TORCH_CHECK(t->device().is_cpu(), "rvclora cpu: every tensor must be on the CPU, got ", t->device());
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2, "rvclora cpu: lora_A and lora_B must be 2-D, got ", A.sizes(), " and ",
+              B.sizes());
+}
+
+// The factors in x's dtype, contiguous (a copy only when they differ, e.g. fp32 factors with fp64 x).
+Tensor factor(const Tensor& t, const Tensor& x) { return t.to(x.scalar_type()).contiguous(); }
+
+// A gradient in the layout (and dtype) of the tensor it belongs to.
+Tensor like_input(Tensor g, const Tensor& input) {
+  if (g.scalar_type() != input.scalar_type()) g = g.to(input.scalar_type());
+  Tensor out = at::empty_like(input);
+  if (out.strides() == g.strides()) return g;
+  out.copy_(g);
+  return out;
+}
+
+Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
+
+// Time-block length: long enough for the vector loops, short enough that the per-block
+// accumulators stay in L1, and enough blocks for every thread.
+int64_t block_len(int64_t T, int64_t outer) {
+  int64_t tb = 256;
+  if (outer <= 0 || T <= 0) return std::max<int64_t>(1, std::min(tb, T));  // empty batch: nothing to split
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  if (outer * ((T + tb - 1) / tb) < want && T > 16) {
+    const int64_t per = std::max<int64_t>(1, (want + outer - 1) / outer);
+    tb = std::max<int64_t>(16, ((T + per - 1) / per + 15) / 16 * 16);
+  }
+  return std::max<int64_t>(1, std::min(tb, T));
+}
+
+template <class T>
+RVC_INLINE void axpy(T* __restrict y, const T* __restrict x, T a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+template <class T>
+RVC_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  // Eight independent partial sums: vectorisable without -ffast-math, and more accurate than one.
+  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int q = 0; q < 8; ++q) s[q] += a[i + q] * b[i + q];
+  T tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
+}
+
+// Per-thread partial sums of a weight gradient, reduced once at the end.
+template <class T>
+struct Partials {
+  int64_t size, nthreads;
+  std::vector<T> buf;
+  Partials(int64_t size_, bool need) : size(need ? size_ : 0), nthreads(at::get_num_threads()) {
+    buf.assign(static_cast<size_t>(size * nthreads), T(0));
+  }
+  T* mine() {
+    if (size == 0) return nullptr;
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < nthreads, "rvclora cpu: thread id ", tid, " outside the pool of ", nthreads);
+    return buf.data() + static_cast<size_t>(tid) * size;
+  }
+  void reduce_into(T* out, T alpha) const {
+    for (int64_t i = 0; i < size; ++i) {
+      T s = 0;
+      for (int64_t t = 0; t < nthreads; ++t) s += buf[static_cast<size_t>(t * size + i)];
+      out[i] = alpha * s;
+    }
+  }
+};
+
+// --------------------------------------------------------------------------- Conv1d geometry
+
+enum class PadMode { kZeros, kReflect, kReplicate, kCircular };
+
+PadMode pad_mode_of(c10::string_view m) {
+  if (m == "zeros") return PadMode::kZeros;
+  if (m == "reflect") return PadMode::kReflect;
+  if (m == "replicate") return PadMode::kReplicate;
+  if (m == "circular") return PadMode::kCircular;
+  TORCH_CHECK(false, "rvclora cpu: padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got '",
+              std::string(m), "'");
+}
+
+struct C1Geom {
+  int64_t N, Cin, T, Cout, K, r, stride, padl, padr, dil, G, Tout, cin_g, cout_g, rg;
+  PadMode mode;
+  // Index into x of padded position p, or -1 for a zero.
+  RVC_INLINE int64_t src(int64_t p) const {
+    int64_t q = p - padl;
+    if (q >= 0 && q < T) return q;
+    switch (mode) {
+      case PadMode::kZeros:
+        return -1;
+      case PadMode::kReflect:
+        return q < 0 ? -q : 2 * (T - 1) - q;
+      case PadMode::kReplicate:
+        return q < 0 ? 0 : T - 1;
+      case PadMode::kCircular:
+        return ((q % T) + T) % T;
+    }
+    return -1;
+  }
+};
+
+C1Geom conv1d_geom(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B, int64_t stride,
+                   at::IntArrayRef padding, int64_t dilation, int64_t groups, c10::string_view padding_mode) {
+  TORCH_CHECK(x.dim() == 3, "rvclora cpu: conv1d x must be (N, C_in, T), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "rvclora cpu: conv1d weight must be (C_out, C_in/groups, K), got ", weight.sizes());
+  TORCH_CHECK(padding.size() == 2, "rvclora cpu: padding must be (left, right), got ", padding);
+  C1Geom g{};
+  g.N = x.size(0), g.Cin = x.size(1), g.T = x.size(2);
+  g.Cout = weight.size(0), g.K = weight.size(2), g.r = A.size(0);
+  g.stride = stride, g.padl = padding[0], g.padr = padding[1], g.dil = dilation, g.G = groups;
+  g.mode = pad_mode_of(padding_mode);
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && groups >= 1 && g.padl >= 0 && g.padr >= 0,
+              "rvclora cpu: need stride, dilation, groups >= 1 and padding >= 0");
+  TORCH_CHECK(g.Cin % groups == 0 && g.Cout % groups == 0 && g.r % groups == 0,
+              "rvclora cpu: C_in, C_out and r must be divisible by groups=", groups);
+  g.cin_g = g.Cin / groups, g.cout_g = g.Cout / groups, g.rg = g.r / groups;
+  TORCH_CHECK(weight.size(1) == g.cin_g, "rvclora cpu: weight.shape[1] must be C_in/groups = ", g.cin_g);
+  TORCH_CHECK(A.size(1) == g.cin_g * g.K, "rvclora cpu: lora_A must be (r, C_in/groups*K) = (", g.r, ", ",
+              g.cin_g * g.K, "), got ", A.sizes());
+  TORCH_CHECK(B.size(0) == g.Cout && B.size(1) == g.rg, "rvclora cpu: lora_B must be (C_out, r/groups) = (", g.Cout,
+              ", ", g.rg, "), got ", B.sizes());
+  if (g.mode != PadMode::kZeros && (g.padl > 0 || g.padr > 0)) {
+    TORCH_CHECK(g.mode != PadMode::kReflect || (g.padl < g.T && g.padr < g.T),
+                "rvclora cpu: reflect padding must be smaller than the input length");
+    TORCH_CHECK(g.mode != PadMode::kCircular || (g.padl <= g.T && g.padr <= g.T),
+                "rvclora cpu: circular padding must not exceed the input length");
+  }
+  const int64_t span = g.T + g.padl + g.padr - dilation * (g.K - 1) - 1;
+  TORCH_CHECK(span >= 0, "rvclora cpu: input of length ", g.T, " is shorter than the kernel's reach");
+  g.Tout = span / stride + 1;
+  return g;
+}
+
+// (padded input, padding the convolution itself applies): nn.Conv1d's own padding when it can.
+std::pair<Tensor, int64_t> conv1d_input(const Tensor& x, const C1Geom& g) {
+  if (g.padl == 0 && g.padr == 0) return {x, 0};
+  if (g.mode == PadMode::kZeros && g.padl == g.padr) return {x, g.padl};
+  switch (g.mode) {
+    case PadMode::kZeros:
+      return {at::constant_pad_nd(x, {g.padl, g.padr}, 0), 0};
+    case PadMode::kReflect:
+      return {at::reflection_pad1d(x, {g.padl, g.padr}), 0};
+    case PadMode::kReplicate:
+      return {at::replication_pad1d(x, {g.padl, g.padr}), 0};
+    case PadMode::kCircular:
+      return {at::_pad_circular(x, {g.padl, g.padr}), 0};
+  }
+  return {x, 0};
+}
+
+// The adjoint of conv1d_input applied to the gradient of the padded input.
+Tensor conv1d_unpad(const Tensor& gxp, const Tensor& x, const C1Geom& g, int64_t conv_pad) {
+  if (conv_pad > 0 || (g.padl == 0 && g.padr == 0)) return gxp;
+  switch (g.mode) {
+    case PadMode::kZeros:
+      return gxp.narrow(2, g.padl, g.T);
+    case PadMode::kReflect:
+      return at::reflection_pad1d_backward(gxp, x, {g.padl, g.padr});
+    case PadMode::kReplicate:
+      return at::replication_pad1d_backward(gxp, x, {g.padl, g.padr});
+    case PadMode::kCircular: {
+      Tensor gx = gxp.narrow(2, g.padl, g.T).clone();
+      if (g.padl > 0) gx.narrow(2, g.T - g.padl, g.padl).add_(gxp.narrow(2, 0, g.padl));
+      if (g.padr > 0) gx.narrow(2, 0, g.padr).add_(gxp.narrow(2, g.padl + g.T, g.padr));
+      return gx;
+    }
+  }
+  return gxp;
+}
+
+// One row of the (padded, dropped-out, strided) LoRA input for a time block: values for output
+// positions t in [lo, hi) are row[t - lo]; positions of the block outside [lo, hi) read zeros.
+template <class T>
+struct RowView {
+  const T* row;
+  int64_t lo, hi;
+};
+
+template <class T>
+RVC_INLINE RowView<T> conv1d_row(const T* x, const C1Geom& g, const Dropout<T>& d, int64_t n, int64_t ci, int64_t tap,
+                                 int64_t t0, int64_t t1, T* buf) {
+  const int64_t base = (n * g.Cin + ci) * g.T;
+  const T* xrow = x + base;
+  if (g.stride == 1 && g.mode == PadMode::kZeros && !d.on) {
+    const int64_t off = tap * g.dil - g.padl;
+    const int64_t lo = std::max(t0, -off), hi = std::min(t1, g.T - off);
+    if (lo >= hi) return {xrow, 0, 0};
+    return {xrow + lo + off, lo, hi};
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t s = g.src(t * g.stride + tap * g.dil);
+    buf[t - t0] = s < 0 ? T(0) : (d.on ? xrow[s] * d.at(base + s) : xrow[s]);
+  }
+  return {buf, t0, t1};
+}
+
+template <class T>
+struct C1Fwd {
+  const T* x;
+  const T* A;  // (r, cin_g, K)
+  T* u;        // (N, r, Tout)
+  C1Geom g;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+// u for blocks [b0, b1) of (n, group, time block).
+template <class T>
+RVC_INLINE void conv1d_u_body(const C1Fwd<T>& p, int64_t b0, int64_t b1) {
+  const C1Geom& g = p.g;
+  std::vector<T> acc(static_cast<size_t>(g.rg * p.tb)), buf(static_cast<size_t>(p.tb));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+    const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.Tout), len = t1 - t0;
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int64_t i = 0; i < g.cin_g; ++i) {
+      const int64_t ci = grp * g.cin_g + i;
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const RowView<T> v = conv1d_row(p.x, g, p.d, n, ci, tap, t0, t1, buf.data());
+        if (v.lo >= v.hi) continue;
+        for (int64_t j = 0; j < g.rg; ++j) {
+          const T a = p.A[((grp * g.rg + j) * g.cin_g + i) * g.K + tap];
+          axpy(acc.data() + j * p.tb + (v.lo - t0), v.row, a, v.hi - v.lo);
+        }
+      }
+    }
+    for (int64_t j = 0; j < g.rg; ++j)
+      std::copy(acc.data() + j * p.tb, acc.data() + j * p.tb + len, p.u + (n * g.r + grp * g.rg + j) * g.Tout + t0);
+  }
+}
+
+template <class T>
+struct C1Bwd {
+  const T* g;   // grad_y (N, Cout, Tout)
+  const T* x;   // (N, Cin, T)
+  const T* u;   // (N, r, Tout)
+  const T* A;   // (r, cin_g, K)
+  const T* B;   // (Cout, rg)
+  T* gu;        // optional (N, r, Tout): s·Bᵀg, for the dropout path's input gradient
+  Partials<T>* pA;  // (r, cin_g, K)
+  Partials<T>* pB;  // (Cout, rg)
+  T scaling;
+  C1Geom geo;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+// One pass over g per block: g_u (kept in the block) and grad_B; then grad_A over x.
+template <class T>
+RVC_INLINE void conv1d_bwd_body(const C1Bwd<T>& p, int64_t b0, int64_t b1) {
+  const C1Geom& g = p.geo;
+  std::vector<T> acc(static_cast<size_t>(g.rg * p.tb)), buf(static_cast<size_t>(p.tb));
+  T* gA = p.pA->mine();
+  T* gB = p.pB->mine();
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+    const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.Tout), len = t1 - t0;
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int64_t o = 0; o < g.cout_g; ++o) {
+      const int64_t oc = grp * g.cout_g + o;
+      const T* grow = p.g + (n * g.Cout + oc) * g.Tout + t0;
+      for (int64_t j = 0; j < g.rg; ++j) axpy(acc.data() + j * p.tb, grow, p.B[oc * g.rg + j], len);
+      if (gB)
+        for (int64_t j = 0; j < g.rg; ++j)
+          gB[oc * g.rg + j] += dot(grow, p.u + (n * g.r + grp * g.rg + j) * g.Tout + t0, len);
+    }
+    if (!gA && !p.gu) continue;
+    for (auto& v : acc) v *= p.scaling;
+    if (p.gu)
+      for (int64_t j = 0; j < g.rg; ++j)
+        std::copy(acc.data() + j * p.tb, acc.data() + j * p.tb + len, p.gu + (n * g.r + grp * g.rg + j) * g.Tout + t0);
+    if (!gA) continue;
+    for (int64_t i = 0; i < g.cin_g; ++i) {
+      const int64_t ci = grp * g.cin_g + i;
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const RowView<T> v = conv1d_row(p.x, g, p.d, n, ci, tap, t0, t1, buf.data());
+        if (v.lo >= v.hi) continue;
+        for (int64_t j = 0; j < g.rg; ++j)
+          gA[((grp * g.rg + j) * g.cin_g + i) * g.K + tap] +=
+              dot(acc.data() + j * p.tb + (v.lo - t0), v.row, v.hi - v.lo);
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- ConvTranspose1d
+
+struct CTGeom {
+  int64_t N, Cin, T, Cout, K, r, stride, pad, opad, dil, G, L, cin_g, cout_g, rg;
+};
+
+CTGeom convt_geom(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B, int64_t stride,
+                  int64_t padding, int64_t output_padding, int64_t dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 3, "rvclora cpu: conv_transpose1d x must be (N, C_in, T), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "rvclora cpu: conv_transpose1d weight must be (C_in, C_out/groups, K), got ",
+              weight.sizes());
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && groups >= 1 && padding >= 0 && output_padding >= 0,
+              "rvclora cpu: need stride, dilation, groups >= 1 and padding, output_padding >= 0");
+  CTGeom g{};
+  g.N = x.size(0), g.Cin = x.size(1), g.T = x.size(2);
+  g.K = weight.size(2), g.G = groups, g.Cout = weight.size(1) * groups, g.r = A.size(0);
+  g.stride = stride, g.pad = padding, g.opad = output_padding, g.dil = dilation;
+  TORCH_CHECK(weight.size(0) == g.Cin, "rvclora cpu: weight.shape[0] must equal C_in = ", g.Cin);
+  TORCH_CHECK(g.Cin % groups == 0 && g.r % groups == 0, "rvclora cpu: C_in and r must be divisible by groups=",
+              groups);
+  g.cin_g = g.Cin / groups, g.cout_g = weight.size(1), g.rg = g.r / groups;
+  TORCH_CHECK(A.size(1) == g.cin_g, "rvclora cpu: lora_A must be (r, C_in/groups) = (", g.r, ", ", g.cin_g,
+              "), got ", A.sizes());
+  TORCH_CHECK(B.size(0) == g.r && B.size(1) == g.cout_g * g.K, "rvclora cpu: lora_B must be (r, C_out/groups*K) = (",
+              g.r, ", ", g.cout_g * g.K, "), got ", B.sizes());
+  g.L = (g.T - 1) * stride - 2 * padding + dilation * (g.K - 1) + output_padding + 1;
+  TORCH_CHECK(g.L >= 1, "rvclora cpu: conv_transpose1d output length ", g.L, " must be positive");
+  return g;
+}
+
+template <class T>
+RVC_INLINE const T* convt_row(const T* x, const CTGeom& g, const Dropout<T>& d, int64_t n, int64_t ci, int64_t t0,
+                              int64_t t1, T* buf) {
+  const int64_t base = (n * g.Cin + ci) * g.T;
+  if (!d.on) return x + base + t0;
+  for (int64_t t = t0; t < t1; ++t) buf[t - t0] = x[base + t] * d.at(base + t);
+  return buf;
+}
+
+template <class T>
+struct CTFwd {
+  const T* x;
+  const T* A;  // (r, cin_g)
+  T* u;        // (N, r, T)
+  CTGeom g;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+template <class T>
+RVC_INLINE void convt_u_body(const CTFwd<T>& p, int64_t b0, int64_t b1) {
+  const CTGeom& g = p.g;
+  std::vector<T> acc(static_cast<size_t>(g.rg * p.tb)), buf(static_cast<size_t>(p.tb));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+    const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.T), len = t1 - t0;
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int64_t i = 0; i < g.cin_g; ++i) {
+      const T* row = convt_row(p.x, g, p.d, n, grp * g.cin_g + i, t0, t1, buf.data());
+      for (int64_t j = 0; j < g.rg; ++j) axpy(acc.data() + j * p.tb, row, p.A[(grp * g.rg + j) * g.cin_g + i], len);
+    }
+    for (int64_t j = 0; j < g.rg; ++j)
+      std::copy(acc.data() + j * p.tb, acc.data() + j * p.tb + len, p.u + (n * g.r + grp * g.rg + j) * g.T + t0);
+  }
+}
+
+template <class T>
+struct CTBwd {
+  const T* g;   // (N, Cout, L)
+  const T* x;   // (N, Cin, T)
+  const T* u;   // (N, r, T)
+  const T* A;   // (r, cin_g)
+  const T* B;   // (r, cout_g, K)
+  T* gx;        // optional (N, Cin, T): the LoRA term of grad_x is added here (dropout path)
+  Partials<T>* pA;  // (r, cin_g)
+  Partials<T>* pB;  // (r, cout_g, K)
+  T scaling;
+  CTGeom geo;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+// Per block of input time: one pass over g (strided by the upsampling factor) gives g_u and
+// grad_B; then grad_A over x, and the 1×1 input-gradient term, all inside the block.
+template <class T>
+RVC_INLINE void convt_bwd_body(const CTBwd<T>& p, int64_t b0, int64_t b1) {
+  const CTGeom& g = p.geo;
+  std::vector<T> acc(static_cast<size_t>(g.rg * p.tb)), buf(static_cast<size_t>(p.tb)), gs(static_cast<size_t>(p.tb));
+  T* gA = p.pA->mine();
+  T* gB = p.pB->mine();
+  const int64_t ok = g.cout_g * g.K;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+    const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.T), len = t1 - t0;
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int64_t o = 0; o < g.cout_g; ++o) {
+      const T* grow = p.g + (n * g.Cout + grp * g.cout_g + o) * g.L;
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        // gs[t] = g[n, o, t·stride − pad + tap·dil] (zero outside the output)
+        const int64_t off = tap * g.dil - g.pad;
+        bool any = false;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t l = t * g.stride + off;
+          const bool in = l >= 0 && l < g.L;
+          gs[t - t0] = in ? grow[l] : T(0);
+          any |= in;
+        }
+        if (!any) continue;
+        for (int64_t j = 0; j < g.rg; ++j) {
+          const int64_t jb = (grp * g.rg + j) * ok + o * g.K + tap;
+          axpy(acc.data() + j * p.tb, gs.data(), p.B[jb], len);
+          if (gB) gB[jb] += dot(gs.data(), p.u + (n * g.r + grp * g.rg + j) * g.T + t0, len);
+        }
+      }
+    }
+    if (!gA && !p.gx) continue;
+    for (auto& v : acc) v *= p.scaling;
+    for (int64_t i = 0; i < g.cin_g; ++i) {
+      const int64_t ci = grp * g.cin_g + i;
+      if (gA) {
+        const T* row = convt_row(p.x, g, p.d, n, ci, t0, t1, buf.data());
+        for (int64_t j = 0; j < g.rg; ++j) gA[(grp * g.rg + j) * g.cin_g + i] += dot(acc.data() + j * p.tb, row, len);
+      }
+      if (p.gx) {
+        std::fill(buf.begin(), buf.end(), T(0));
+        for (int64_t j = 0; j < g.rg; ++j) axpy(buf.data(), acc.data() + j * p.tb, p.A[(grp * g.rg + j) * g.cin_g + i], len);
+        const int64_t base = (n * g.Cin + ci) * g.T;
+        T* gxr = p.gx + base;
+        for (int64_t t = t0; t < t1; ++t) gxr[t] += p.d.on ? buf[t - t0] * p.d.at(base + t) : buf[t - t0];
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- ISA dispatch
+
+#define RVC_CLONED(NAME, BODY, ARGS)                                                       \
+  template <class T>                                                                       \
+  void NAME##_base(const ARGS<T>& p, int64_t b0, int64_t b1) {                             \
+    BODY(p, b0, b1);                                                                       \
+  }                                                                                        \
+  RVC_AVX2_CLONE(NAME, BODY, ARGS)                                                         \
+  template <class T>                                                                       \
+  void NAME(const ARGS<T>& p, int64_t nblocks) {                                           \
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { NAME##_pick<T>(p, b0, b1); }); \
+  }
+
+#if RVC_HAVE_AVX2_CLONE
+#define RVC_AVX2_CLONE(NAME, BODY, ARGS)                                       \
+  template <class T>                                                           \
+  RVC_TARGET_AVX2 void NAME##_avx2(const ARGS<T>& p, int64_t b0, int64_t b1) { \
+    BODY(p, b0, b1);                                                           \
+  }                                                                            \
+  template <class T>                                                           \
+  void NAME##_pick(const ARGS<T>& p, int64_t b0, int64_t b1) {                 \
+    if (cpu_has_avx2())                                                        \
+      NAME##_avx2<T>(p, b0, b1);                                               \
+    else                                                                       \
+      NAME##_base<T>(p, b0, b1);                                               \
+  }
+#else
+#define RVC_AVX2_CLONE(NAME, BODY, ARGS)                       \
+  template <class T>                                           \
+  void NAME##_pick(const ARGS<T>& p, int64_t b0, int64_t b1) { \
+    NAME##_base<T>(p, b0, b1);                                 \
+  }
+#endif
+
+RVC_CLONED(run_conv1d_u, conv1d_u_body, C1Fwd)
+RVC_CLONED(run_conv1d_bwd, conv1d_bwd_body, C1Bwd)
+RVC_CLONED(run_convt_u, convt_u_body, CTFwd)
+RVC_CLONED(run_convt_bwd, convt_bwd_body, CTBwd)
+
+// --------------------------------------------------------------------------- merged weights
+
+// W + s·ΔW for Conv1d: W (Cout, cin_g, K), A (r, cin_g·K), B (Cout, rg).
+Tensor merged_conv1d_weight(const Tensor& W, const Tensor& A, const Tensor& B, double s, int64_t G) {
+  const int64_t out = W.size(0);
+  if (G == 1) return at::addmm(W.reshape({out, -1}), B, A, 1.0, s).view(W.sizes());
+  return at::baddbmm(W.reshape({G, out / G, -1}), B.reshape({G, out / G, -1}), A.reshape({G, A.size(0) / G, -1}), 1.0,
+                     s)
+      .view(W.sizes());
+}
+
+// W + s·ΔW for ConvTranspose1d: W (Cin, cout_g, K), A (r, cin_g), B (r, cout_g·K).
+Tensor merged_convt_weight(const Tensor& W, const Tensor& A, const Tensor& B, double s, int64_t G) {
+  const int64_t cin = W.size(0);
+  if (G == 1) return at::addmm(W.reshape({cin, -1}), A.t(), B, 1.0, s).view(W.sizes());
+  const int64_t rg = A.size(0) / G;
+  return at::baddbmm(W.reshape({G, cin / G, -1}), A.reshape({G, rg, cin / G}).transpose(1, 2),
+                     B.reshape({G, rg, -1}), 1.0, s)
+      .view(W.sizes());
+}
+
+// y (N, Cout, Tout) += s · grouped_1x1(B, u): the LoRA term of the dropout path.
+template <class T>
+void add_lora_1x1(T* y, const T* u, const T* B, const C1Geom& g, T s) {
+  at::parallel_for(0, g.N * g.Cout, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / g.Cout, oc = row % g.Cout, grp = oc / g.cout_g;
+      T* yr = y + row * g.Tout;
+      for (int64_t j = 0; j < g.rg; ++j)
+        axpy(yr, u + (n * g.r + grp * g.rg + j) * g.Tout, s * B[oc * g.rg + j], g.Tout);
+    }
+  });
+}
+
+// grad_x (N, Cin, T) += D(conv1dᵀ(g_u, A)): the LoRA term of the input gradient on the dropout path.
+template <class T>
+void add_conv1d_lora_grad_x(T* gx, const T* gu, const T* A, const C1Geom& g, const Dropout<T>& d) {
+  at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> lx(static_cast<size_t>(g.T));
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / g.Cin, ci = row % g.Cin, grp = ci / g.cin_g, i = ci % g.cin_g;
+      std::fill(lx.begin(), lx.end(), T(0));
+      for (int64_t tap = 0; tap < g.K; ++tap)
+        for (int64_t t = 0; t < g.Tout; ++t) {
+          const int64_t s = g.src(t * g.stride + tap * g.dil);
+          if (s < 0) continue;
+          T v = 0;
+          for (int64_t j = 0; j < g.rg; ++j)
+            v += A[((grp * g.rg + j) * g.cin_g + i) * g.K + tap] * gu[(n * g.r + grp * g.rg + j) * g.Tout + t];
+          lx[s] += v;
+        }
+      T* gr = gx + row * g.T;
+      for (int64_t t = 0; t < g.T; ++t) gr[t] += d.on ? lx[t] * d.at(row * g.T + t) : lx[t];
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- Conv1d ops
+
+std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                      const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,
+                                      at::IntArrayRef padding, int64_t dilation, int64_t groups,
+                                      c10::string_view padding_mode, double dropout_p,
+                                      const std::optional<Tensor>& seed) {
+  check_common(x, weight, lora_A, lora_B);
+  const C1Geom g = conv1d_geom(x, weight, lora_A, lora_B, stride, padding, dilation, groups, padding_mode);
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor xc = x.contiguous();
+  auto [xp, cpad] = conv1d_input(xc, g);
+  const bool merged = dropout_p == 0.0;
+  const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
+  Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
+  Tensor u = at::empty({g.N, g.r, g.Tout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_fwd", [&] {
+    C1Fwd<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(),
+                      g, make_dropout<scalar_t>(seed, dropout_p), 0, 0};
+    p.tb = block_len(g.Tout, g.N * g.G);
+    p.nblk = (g.Tout + p.tb - 1) / p.tb;
+    run_conv1d_u<scalar_t>(p, g.N * g.G * p.nblk);
+    if (!merged)
+      add_lora_1x1<scalar_t>(y.mutable_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                             B.const_data_ptr<scalar_t>(), g, static_cast<scalar_t>(scaling));
+  });
+  return {y, u};
+}
+
+Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const Tensor& weight, const Tensor& lora_A,
+                  const Tensor& lora_B, double scaling, int64_t stride, at::IntArrayRef padding, int64_t dilation,
+                  int64_t groups, c10::string_view padding_mode, double dropout_p, const std::optional<Tensor>& seed,
+                  std::array<bool, 5> needs) {
+  check_common(x, weight, lora_A, lora_B);
+  const C1Geom g = conv1d_geom(x, weight, lora_A, lora_B, stride, padding, dilation, groups, padding_mode);
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4];
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor xc = x.contiguous(), gy = grad_y.to(x.scalar_type()).contiguous(), uc = u.contiguous();
+  TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.N, g.Cout, g.Tout}), "rvclora cpu: grad_y must be ",
+              at::IntArrayRef({g.N, g.Cout, g.Tout}), ", got ", grad_y.sizes());
+  const bool merged = dropout_p == 0.0;
+  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  if (need_x || need_w || need_b) {
+    auto [xp, cpad] = conv1d_input(xc, g);
+    const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
+    std::optional<at::IntArrayRef> bias_sizes;
+    const std::vector<int64_t> bsz{g.Cout};
+    if (need_b) bias_sizes = at::IntArrayRef(bsz);
+    auto [gxp, gw_, gb_] = at::convolution_backward(gy, xp, w, bias_sizes, {stride}, {cpad}, {dilation}, false, {0},
+                                                    groups, {need_x, need_w, need_b});
+    if (need_x) gx = conv1d_unpad(gxp, xc, g, cpad).contiguous();
+    if (need_w) gw = like_input(gw_, weight);
+    if (need_b) gb = gb_;
+  }
+  const bool lora_x = need_x && !merged;
+  if (need_A || need_B || lora_x) {
+    Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {
+      Partials<scalar_t> pA(g.r * g.cin_g * g.K, need_A), pB(g.Cout * g.rg, need_B);
+      const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, dropout_p);
+      C1Bwd<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                        lora_x ? gu.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
+                        static_cast<scalar_t>(scaling), g, d, 0, 0};
+      p.tb = block_len(g.Tout, g.N * g.G);
+      p.nblk = (g.Tout + p.tb - 1) / p.tb;
+      run_conv1d_bwd<scalar_t>(p, g.N * g.G * p.nblk);
+      if (need_A) {
+        ga = at::empty({g.r, g.cin_g * g.K}, x.options());
+        pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+      }
+      if (need_B) {
+        gbb = at::empty({g.Cout, g.rg}, x.options());
+        pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+      }
+      if (lora_x)
+        add_conv1d_lora_grad_x<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
+                                         A.const_data_ptr<scalar_t>(), g, d);
+    });
+  }
+  if (need_x) gx = like_input(gx, x);
+  if (need_A) ga = like_input(ga, lora_A);
+  if (need_B) gbb = like_input(gbb, lora_B);
+  return {gx, gw, gb, ga, gbb};
+}
+
+// --------------------------------------------------------------------------- ConvTranspose1d ops
+
+// Merging costs a pass over the weight (in·out/g·k) per call; when the weight dwarfs the input
+// (RVC's first upsampler: 32 frames, a 512×256×16 weight) the separate LoRA term is cheaper.
+bool convt_merge_pays(const Tensor& x, const Tensor& weight) { return weight.numel() <= x.numel() * weight.size(2); }
+
+std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                     const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,
+                                     int64_t padding, int64_t output_padding, int64_t dilation, int64_t groups,
+                                     double dropout_p, const std::optional<Tensor>& seed) {
+  check_common(x, weight, lora_A, lora_B);
+  const CTGeom g = convt_geom(x, weight, lora_A, lora_B, stride, padding, output_padding, dilation, groups);
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor xc = x.contiguous();
+  Tensor u = at::empty({g.N, g.r, g.T}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_fwd", [&] {
+    CTFwd<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), g,
+                      make_dropout<scalar_t>(seed, dropout_p), 0, 0};
+    p.tb = block_len(g.T, g.N * g.G);
+    p.nblk = (g.T + p.tb - 1) / p.tb;
+    run_convt_u<scalar_t>(p, g.N * g.G * p.nblk);
+  });
+  const bool merged = dropout_p == 0.0 && convt_merge_pays(x, weight);
+  const Tensor w = merged ? merged_convt_weight(weight, A, B, scaling, groups) : weight;
+  Tensor y = at::convolution(xc, w, bias, {stride}, {padding}, {dilation}, true, {output_padding}, groups).contiguous();
+  if (!merged) {
+    const Tensor lora = at::convolution(u, B.view({g.r, g.cout_g, g.K}), std::nullopt, {stride}, {padding},
+                                        {dilation}, true, {output_padding}, groups);
+    y.add_(lora, scaling);
+  }
+  return {y, u};
+}
+
+Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const Tensor& weight, const Tensor& lora_A,
+                 const Tensor& lora_B, double scaling, int64_t stride, int64_t padding, int64_t output_padding,
+                 int64_t dilation, int64_t groups, double dropout_p, const std::optional<Tensor>& seed,
+                 std::array<bool, 5> needs) {
+  check_common(x, weight, lora_A, lora_B);
+  const CTGeom g = convt_geom(x, weight, lora_A, lora_B, stride, padding, output_padding, dilation, groups);
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4];
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor xc = x.contiguous(), gy = grad_y.to(x.scalar_type()).contiguous(), uc = u.contiguous();
+  TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.N, g.Cout, g.L}), "rvclora cpu: grad_y must be ",
+              at::IntArrayRef({g.N, g.Cout, g.L}), ", got ", grad_y.sizes());
+  const bool merged = dropout_p == 0.0 && convt_merge_pays(x, weight);
+  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  if (need_x || need_w || need_b) {
+    const Tensor w = merged ? merged_convt_weight(weight, A, B, scaling, groups) : weight;
+    std::optional<at::IntArrayRef> bias_sizes;
+    const std::vector<int64_t> bsz{g.Cout};
+    if (need_b) bias_sizes = at::IntArrayRef(bsz);
+    auto [gx_, gw_, gb_] = at::convolution_backward(gy, xc, w, bias_sizes, {stride}, {padding}, {dilation}, true,
+                                                    {output_padding}, groups, {need_x, need_w, need_b});
+    if (need_x) gx = gx_.contiguous();
+    if (need_w) gw = like_input(gw_, weight);
+    if (need_b) gb = gb_;
+  }
+  const bool lora_x = need_x && !merged;
+  if (need_A || need_B || lora_x) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_bwd", [&] {
+      Partials<scalar_t> pA(g.r * g.cin_g, need_A), pB(g.r * g.cout_g * g.K, need_B);
+      CTBwd<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                        lora_x ? gx.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
+                        static_cast<scalar_t>(scaling), g, make_dropout<scalar_t>(seed, dropout_p), 0, 0};
+      p.tb = block_len(g.T, g.N * g.G);
+      p.nblk = (g.T + p.tb - 1) / p.tb;
+      run_convt_bwd<scalar_t>(p, g.N * g.G * p.nblk);
+      if (need_A) {
+        ga = at::empty({g.r, g.cin_g}, x.options());
+        pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+      }
+      if (need_B) {
+        gbb = at::empty({g.r, g.cout_g * g.K}, x.options());
+        pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+      }
+    });
+  }
+  if (need_x) gx = like_input(gx, x);
+  if (need_A) ga = like_input(ga, lora_A);
+  if (need_B) gbb = like_input(gbb, lora_B);
+  return {gx, gw, gb, ga, gbb};
+}
+
+// --------------------------------------------------------------------------- Linear ops
+// Every LoRA pass of a Linear is a plain (thin) GEMM already; the gain here is one op call
+// per layer and direction and the merged weight.
+
+Tensor masked(const Tensor& x2, const std::optional<Tensor>& seed, double p) {
+  Tensor out = at::empty_like(x2, at::MemoryFormat::Contiguous);
+  const Tensor xc = x2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x2.scalar_type(), "rvclora_cpu_mask", [&] {
+    const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, p);
+    const scalar_t* xi = xc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, xc.numel(), 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = xi[i] * d.at(i);
+    });
+  });
+  return out;
+}
+
+void check_linear(const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "rvclora cpu: linear needs x (..., in) and weight (out, in)");
+  const int64_t in = x.size(-1), out = weight.size(0), r = A.size(0);
+  TORCH_CHECK(weight.size(1) == in, "rvclora cpu: weight must be (out, ", in, "), got ", weight.sizes());
+  TORCH_CHECK(A.size(1) == in && B.size(0) == out && B.size(1) == r, "rvclora cpu: lora_A must be (r, ", in,
+              ") and lora_B (", out, ", r), got ", A.sizes(), " and ", B.sizes());
+}
+
+std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                      const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                                      const std::optional<Tensor>& seed) {
+  check_common(x, weight, lora_A, lora_B);
+  check_linear(x, weight, lora_A, lora_B);
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor x2 = x.reshape({-1, x.size(-1)});
+  std::vector<int64_t> ysize(x.sizes().begin(), x.sizes().end());
+  ysize.back() = weight.size(0);
+  Tensor y, u;
+  if (dropout_p == 0.0) {
+    const Tensor w = at::addmm(weight, B, A, 1.0, scaling);
+    y = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
+    u = at::mm(x2, A.t());
+  } else {
+    u = at::mm(masked(x2, seed, dropout_p), A.t());
+    y = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    y.addmm_(u, B.t(), 1.0, scaling);
+  }
+  return {y.view(ysize), u};
+}
+
+Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const Tensor& weight, const Tensor& lora_A,
+                  const Tensor& lora_B, double scaling, double dropout_p, const std::optional<Tensor>& seed,
+                  std::array<bool, 5> needs) {
+  check_common(x, weight, lora_A, lora_B);
+  check_linear(x, weight, lora_A, lora_B);
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_A = needs[3], need_B = needs[4];
+  const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
+  const Tensor x2 = x.reshape({-1, x.size(-1)});
+  const Tensor g2 = grad_y.to(x.scalar_type()).reshape({-1, weight.size(0)});
+  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  const bool merged = dropout_p == 0.0;
+  Tensor gu;
+  if (need_A || (need_x && !merged)) gu = at::mm(g2, B).mul_(scaling);
+  if (need_x) {
+    Tensor gx2;
+    if (merged) {
+      gx2 = at::mm(g2, at::addmm(weight, B, A, 1.0, scaling));
+    } else {
+      gx2 = at::mm(g2, weight);
+      gx2.add_(masked(at::mm(gu, A), seed, dropout_p));
+    }
+    gx = like_input(gx2.view(x.sizes()), x);
+  }
+  if (need_w) gw = like_input(at::mm(g2.t(), x2), weight);
+  if (need_b) gb = g2.sum(0);
+  if (need_A) ga = like_input(at::mm(gu.t(), merged ? x2 : masked(x2, seed, dropout_p)), lora_A);
+  if (need_B) gbb = like_input(at::mm(g2.t(), u.to(x.scalar_type())).mul_(scaling), lora_B);
+  return {gx, gw, gb, ga, gbb};
+}
+
+// --------------------------------------------------------------------------- dropout mask op
+
+Tensor dropout_mask(const Tensor& like, const Tensor& seed, double p) {
+  TORCH_CHECK(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble,
+              "rvclora cpu: dropout_mask dtype must be float32 or float64, got ", like.scalar_type());
+  Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "rvclora_cpu_dropout_mask", [&] {
+    const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, p);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = d.on ? d.at(i) : scalar_t(1);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+// FRAGMENT: the same `rvclora` namespace holds the ConvTranspose1d kernels of lora_convt_cpu.cpp.
+TORCH_LIBRARY_FRAGMENT(rvclora, m) {
+  m.def(
+      "cpu_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_linear_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "int stride, int[2] padding, int dilation, int groups, str padding_mode, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cpu_conv1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scaling, int stride, int[2] padding, int dilation, int groups, str padding_mode, float dropout_p, "
+      "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_convt_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, Tensor? seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cpu_convt_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scaling, int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, "
+      "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
+  m.impl("cpu_linear_fwd", &linear_fwd);
+  m.impl("cpu_linear_bwd", &linear_bwd);
+  m.impl("cpu_conv1d_fwd", &conv1d_fwd);
+  m.impl("cpu_conv1d_bwd", &conv1d_bwd);
+  m.impl("cpu_convt_fwd", &convt_fwd);
+  m.impl("cpu_convt_bwd", &convt_bwd);
+  m.impl("cpu_dropout_mask", &dropout_mask);
+}
+
+}  // namespace rvclora_cpu

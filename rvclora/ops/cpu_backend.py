@@ -1,0 +1,273 @@
+"""The ``cpu`` backend: the three LoRA ops as compiled CPU code (csrc/lora_cpu.cpp, in ``rvclora._C``).
+
+Ops (``torch.ops.rvclora``; ``needs`` = which of ``(x, weight, bias, lora_A, lora_B)`` need a
+gradient, an unneeded one comes back as an empty ``(0,)`` tensor)::
+
+    cpu_linear_fwd(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, u)
+    cpu_conv1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding[2], dilation, groups,
+                   padding_mode, dropout_p, seed?) -> (y, u)
+    cpu_convt_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
+                  groups, dropout_p, seed?) -> (y, u)
+    cpu_*_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed?, needs[5])
+        -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)
+    cpu_dropout_mask(like, seed, dropout_p) -> mask
+
+One op call per layer and direction. Without dropout the base-sized forward and input gradient
+run in the convolution/GEMM library with the merged weight ``W + s·ΔW``; the thin LoRA passes
+(``u``; ``g_u = s·Bᵀg`` with ``grad_B``; ``grad_A``) are fused loops over time blocks in C++.
+Autograd keeps ``x``, ``u``, the parameters and the seed; the dropout mask is a hash of
+(seed, element index of ``x``), regenerated in backward.
+
+float32 and float64 only: half-precision inputs (CPU autocast's bfloat16) and factors of another
+dtype than ``x`` are declined in :func:`unsupported_reason`, so ``auto`` runs the torch backend for
+them. When the extension cannot be built (no compiler), the backend is unavailable and ``auto``
+falls back to the torch backend; ``rvclora info`` shows the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import cuda_ext
+
+NAME = "cpu"
+
+__all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"]
+
+_DTYPES = (torch.float32, torch.float64)
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+_registered = threading.Event()
+_register_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def _ops_present() -> bool:
+    return hasattr(torch.ops.rvclora, "cpu_conv1d_fwd")
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason() -> Optional[str]:
+    """``None`` once the extension is built and its ops registered (builds it on the first call).
+
+    A constant for ``torch.compile``: evaluated once at trace time, never traced (the first call
+    may run the compiler).
+    """
+    err = cuda_ext.load_error()
+    if err is not None:
+        return f"{err}; the torch backend runs instead"
+    if not _ops_present():
+        return ("the rvclora._C extension has no cpu_* ops (built ahead of time from older sources?); "
+                "rebuild it, or the torch backend runs instead")
+    _register_python_parts()
+    return None
+
+
+def status_note() -> str:
+    return (f"compiled C++ LoRA ops on {torch.get_num_threads()} thread(s), float32/float64 "
+            "(other dtypes run on the torch backend)")
+
+
+def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the cpu backend runs CPU tensors only, got device {x.device.type!r}"
+    if x.dtype not in _DTYPES:
+        return f"the cpu backend runs float32 and float64 only, got {x.dtype}"
+    weight, lora_A = params.get("weight"), params.get("lora_A")
+    if weight is not None and weight.dtype != x.dtype:
+        return f"weight dtype {weight.dtype} differs from x's {x.dtype}"
+    if lora_A is not None and lora_A.dtype != x.dtype:
+        return (f"LoRA factors in {lora_A.dtype} with x in {x.dtype} (autocast): the cpu backend computes in one "
+                "dtype; the torch backend keeps the LoRA path in float32")
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on: the torch backend handles its dtype policy"
+    mode = params.get("padding_mode", "zeros")
+    if op == "lora_conv1d" and mode not in _PADDING_MODES:
+        return f"padding_mode {mode!r} is not one of {_PADDING_MODES}"
+    groups = int(params.get("groups", 1))
+    if lora_A is not None and lora_A.shape[0] % groups != 0:
+        return f"rank r={lora_A.shape[0]} must be divisible by groups={groups}"
+    return None
+
+
+# --------------------------------------------------------------------------- fakes and autograd
+
+
+def _conv_out_len(t, k, stride, pad_total, dilation):
+    return (t + pad_total - dilation * (k - 1) - 1) // stride + 1
+
+
+def _convt_out_len(t, k, stride, padding, output_padding, dilation):
+    return (t - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
+
+
+def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]))
+
+
+def _conv1d_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
+                     dropout_p, seed):
+    t_out = _conv_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], t_out)), x.new_empty((x.shape[0], lora_A.shape[0], t_out))
+
+
+def _convt_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups,
+                    dropout_p, seed):
+    t_out = _convt_out_len(x.shape[-1], weight.shape[-1], stride, padding, output_padding, dilation)
+    return (x.new_empty((x.shape[0], weight.shape[1] * groups, t_out)),
+            x.new_empty((x.shape[0], lora_A.shape[0], x.shape[-1])))
+
+
+def _bwd_fake_for(bias_len):
+    """The backward's fake: gradients shaped (and laid out) like their inputs, empty where not needed."""
+
+    def fake(grad_y, x, u, weight, lora_A, lora_B, *args):
+        needs = args[-1]
+        likes = (x, weight, None, lora_A, lora_B)
+        out = []
+        for need, like in zip(needs, likes):
+            if not need:
+                out.append(x.new_empty((0,)))
+            elif like is None:
+                out.append(x.new_empty((bias_len(weight, args),)))
+            else:
+                out.append(torch.empty_like(like))
+        return tuple(out)
+
+    return fake
+
+
+_BIAS_LEN = {
+    "linear": lambda weight, args: weight.shape[0],
+    "conv1d": lambda weight, args: weight.shape[0],
+    "convt": lambda weight, args: weight.shape[1] * args[5],  # args[5]: groups
+}
+
+
+_NARGS = {"linear": 8, "conv1d": 13, "convt": 13}
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, *args, seed = inputs
+    # x and u are the LoRA's memory cost; the dropout mask is regenerated from the seed.
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.args = tuple(args)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _make_backward(bwd_op, nargs):
+    def backward(ctx, grad_y, _grad_u=None):
+        x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = [bool(n[0]), bool(n[1]), bool(n[2]), bool(n[3]), bool(n[4])]
+        if not any(needs):
+            return (None,) * nargs
+        grads = bwd_op(grad_y, x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (nargs - 5)
+
+    return backward
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
+    if _registered.is_set():
+        return
+    with _register_lock:
+        if _registered.is_set():
+            return
+        ops = torch.ops.rvclora
+        torch.library.register_fake("rvclora::cpu_linear_fwd")(_linear_fwd_fake)
+        torch.library.register_fake("rvclora::cpu_conv1d_fwd")(_conv1d_fwd_fake)
+        torch.library.register_fake("rvclora::cpu_convt_fwd")(_convt_fwd_fake)
+        for name in ("linear", "conv1d", "convt"):
+            torch.library.register_fake(f"rvclora::cpu_{name}_bwd")(_bwd_fake_for(_BIAS_LEN[name]))
+            bwd = getattr(ops, f"cpu_{name}_bwd").default
+            torch.library.register_autograd(
+                f"rvclora::cpu_{name}_fwd", _make_backward(bwd, _NARGS[name]), setup_context=_setup_context
+            )
+        torch.library.register_fake("rvclora::cpu_dropout_mask")(
+            lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
+        )
+        for name in ("linear", "conv1d", "convt"):
+            _EAGER[name] = _eager_function(name, getattr(ops, f"cpu_{name}_fwd").default,
+                                           getattr(ops, f"cpu_{name}_bwd").default, _NARGS[name])
+        _registered.set()
+
+
+_EAGER: dict = {}
+
+
+def _eager_function(name, fwd_op, bwd_op, nargs):
+    """A plain ``autograd.Function`` over the C++ ops, for eager calls.
+
+    The ops' own autograd registration (used under ``torch.compile``, where each layer is one
+    opaque node) costs a Python dispatch layer per call; eager calls go below it straight to
+    the C++ kernel.
+    """
+    backward = _make_backward(bwd_op, nargs)
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, u = fwd_op(*args)
+        _setup_context(ctx, args, (y, u))
+        return y
+
+    def eager_backward(ctx, grad_y):
+        with torch._C._AutoDispatchBelowAutograd():
+            return backward(ctx, grad_y)
+
+    return type(f"_Cpu_{name}_Function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
+
+
+# --------------------------------------------------------------------------- the ops
+
+
+def _run(name: str, args) -> Tensor:
+    why = unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)[0]
+    return _EAGER[name].apply(*args)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return _run("linear", (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                           seed if dropout_p > 0 else None))
+
+
+def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
+                dropout_p, seed):
+    return _run("conv1d", (x, weight, bias, lora_A, lora_B, float(scaling), int(stride),
+                           [int(padding[0]), int(padding[1])], int(dilation), int(groups), str(padding_mode),
+                           float(dropout_p), seed if dropout_p > 0 else None))
+
+
+def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
+                          groups, dropout_p, seed):
+    return _run("convt", (x, weight, bias, lora_A, lora_B, float(scaling), int(stride), int(padding),
+                          int(output_padding), int(dilation), int(groups), float(dropout_p),
+                          seed if dropout_p > 0 else None))
+
+
+def dropout_mask(seed: Optional[Tensor], shape: List[int], p: float, device, dtype) -> Tensor:
+    """The mask ``D`` applies to an ``x`` of ``shape``: 0 or ``1/(1-p)``, a hash of (seed, element index)."""
+    why = unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
+    if seed is None:
+        if p != 0.0:
+            raise ValueError(f"dropout_mask: p={p} > 0 needs a seed")
+        seed = torch.zeros((), dtype=torch.int64)
+    if dtype not in _DTYPES:
+        return dropout_mask(seed, shape, p, device, torch.float64).to(dtype)
+    like = torch.empty(tuple(shape), device="cpu", dtype=dtype)
+    return torch.ops.rvclora.cpu_dropout_mask(like, seed, float(p)).to(device)

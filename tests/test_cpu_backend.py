@@ -1,0 +1,137 @@
+"""The compiled ``cpu`` backend beyond the oracle matrix of test_ops.py: ``torch.library.opcheck`` on
+every op (batch 1, dropout on, each dtype), the drop-in layout of outputs and gradients, its dropout
+mask, and how ``auto`` falls back to the torch backend for what it declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rvclora import LoRAConv1d, LoRAConvTranspose1d, LoRALinear, ops
+from rvclora.ops import dispatch
+
+_WHY = dispatch._unavailable("cpu")
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend unavailable here: {_WHY}")
+
+
+@pytest.fixture
+def cpu_backend():
+    ops.set_backend("cpu")
+    yield dispatch.load_backend("cpu")
+    ops.set_backend(None)
+
+
+def _op_args(name, n, dtype, p):
+    d = dict(dtype=dtype, requires_grad=True)
+    seed = torch.tensor(11) if p else None
+    if name == "linear":
+        return (torch.randn(n, 3, 5, **d), torch.randn(4, 5, **d), torch.randn(4, **d), torch.randn(2, 5, **d),
+                torch.randn(4, 2, **d), 1.5, p, seed)
+    if name == "conv1d":
+        return (torch.randn(n, 4, 9, **d), torch.randn(6, 2, 3, **d), torch.randn(6, **d), torch.randn(2, 6, **d),
+                torch.randn(6, 1, **d), 1.5, 1, [1, 2], 2, 2, "reflect", p, seed)
+    return (torch.randn(n, 4, 5, **d), torch.randn(4, 3, 4, **d), torch.randn(3, **d), torch.randn(2, 4, **d),
+            torch.randn(2, 12, **d), 1.5, 2, 1, 1, 1, 1, p, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("name", ["linear", "conv1d", "convt"])
+def test_opcheck(cpu_backend, name, n, p, dtype):
+    torch.manual_seed(0)
+    args = _op_args(name, n, dtype, p)
+    torch.library.opcheck(getattr(torch.ops.rvclora, f"cpu_{name}_fwd").default, args)
+    x, w, _b, a, bb = args[:5]
+    y, u = getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)
+    needs = [True, True, True, True, True]
+    bwd = getattr(torch.ops.rvclora, f"cpu_{name}_bwd").default
+    torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), u, w.detach(), a.detach(), bb.detach(), *args[5:],
+                                needs), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "convt"])
+def test_layout_matches_base_layer(cpu_backend, kind, n):
+    torch.manual_seed(1)
+    if kind == "linear":
+        base, cls, x = nn.Linear(12, 10), LoRALinear, torch.randn(n, 7, 12)
+    elif kind == "conv1d":
+        base, cls, x = nn.Conv1d(8, 6, 3, padding=2, dilation=2), LoRAConv1d, torch.randn(n, 8, 20)
+    else:
+        base, cls, x = nn.ConvTranspose1d(8, 6, 4, 2, padding=1), LoRAConvTranspose1d, torch.randn(n, 8, 20)
+    lora = cls.from_base(base, r=4, lora_alpha=8)
+    nn.init.normal_(lora.lora_B)
+    for xin in (x, x.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        xin = xin.detach().requires_grad_(True)
+        y, yb = lora(xin), base(xin)
+        assert y.shape == yb.shape and y.dtype == yb.dtype
+        assert all(s == sb for s, sb, d in zip(y.stride(), yb.stride(), y.shape) if d > 1), (y.stride(), yb.stride())
+        if n:
+            y.sum().backward()
+            assert xin.grad.stride() == xin.stride() or not xin.is_contiguous()
+            assert lora.lora_A.grad.shape == lora.lora_A.shape
+
+
+def test_dropout_mask_is_seeded_and_scaled(cpu_backend):
+    s = torch.tensor(42)
+    m1 = cpu_backend.dropout_mask(s, (64, 64), 0.25, "cpu", torch.float32)
+    m2 = cpu_backend.dropout_mask(s, (64, 64), 0.25, "cpu", torch.float32)
+    m3 = cpu_backend.dropout_mask(torch.tensor(43), (64, 64), 0.25, "cpu", torch.float32)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    values = m1.unique().tolist()
+    assert values[0] == 0.0 and values[1] == pytest.approx(1 / 0.75) and len(values) == 2
+    assert abs((m1 == 0).float().mean().item() - 0.25) < 0.03
+
+
+def test_declines_half_and_mixed_factors_so_auto_falls_back():
+    be = dispatch.load_backend("cpu")
+    x = torch.randn(2, 4, 8)
+    assert be.unsupported_reason("lora_conv1d", x.bfloat16()) is not None
+    assert "autocast" in be.unsupported_reason("lora_conv1d", x.double(), lora_A=torch.randn(2, 12))
+    assert dispatch.select_backend("lora_conv1d", x.bfloat16()).NAME == "torch"
+    assert dispatch.select_backend("lora_conv1d", x).NAME == "cpu"
+
+
+def test_gradcheck_float64(cpu_backend):
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(5)
+    x, w, b = torch.randn(3, 5, **d), torch.randn(4, 5, **d), torch.randn(4, **d)
+    a, bb = torch.randn(2, 5, **d), torch.randn(4, 2, **d)
+    assert torch.autograd.gradcheck(lambda *t: ops.lora_linear(*t, 1.5, 0.3, seed), (x, w, b, a, bb))
+    x = torch.randn(2, 4, 6, **d)
+    w, a, bb, b = torch.randn(6, 2, 3, **d), torch.randn(2, 6, **d), torch.randn(6, 1, **d), torch.randn(6, **d)
+    for p in (0.0, 0.3):
+        assert torch.autograd.gradcheck(
+            lambda *t, p=p: ops.lora_conv1d(*t, 0.5, 2, (1, 2), 1, 2, "circular", p, seed), (x, w, b, a, bb))
+    w, a, bb, b = torch.randn(4, 3, 4, **d), torch.randn(2, 4, **d), torch.randn(2, 3 * 4, **d), torch.randn(3, **d)
+    for p in (0.0, 0.3):
+        assert torch.autograd.gradcheck(
+            lambda *t, p=p: ops.lora_conv_transpose1d(*t, 0.5, 2, 1, 1, 1, 1, p, seed), (x, w, b, a, bb))
+
+
+def test_long_sequences_cross_time_blocks(cpu_backend):
+    """Inputs longer than one time block, odd lengths, several threads' partial sums."""
+    from oracle import compare_with_oracle
+
+    from rvclora import reference as ref
+
+    torch.manual_seed(3)
+    t = {
+        "x": torch.randn(2, 9, 700, dtype=torch.float64),
+        "weight": torch.randn(11, 9, 5, dtype=torch.float64) / 7,
+        "bias": None,
+        "lora_A": torch.randn(4, 45, dtype=torch.float64) / 7,
+        "lora_B": torch.randn(11, 4, dtype=torch.float64),
+    }
+    for p in (0.0, 0.2):
+        t["mask"] = cpu_backend.dropout_mask(torch.tensor(9), t["x"].shape, p, "cpu", torch.float32) if p else None
+        compare_with_oracle(
+            lambda x, weight, bias, lora_A, lora_B, mask, p=p: ops.lora_conv1d(
+                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", p, torch.tensor(9)),
+            lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv1d_ref(
+                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", mask),
+            t, torch.float32, ["x", "lora_A", "lora_B"], f"long conv1d p={p}",
+        )
