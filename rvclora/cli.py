@@ -1,18 +1,22 @@
 """The ``rvclora`` command: ``demo``, ``merge``, ``info``.
 
 Errors print one line on stderr (``rvclora: error: …``) and exit with status 1; usage errors
-are argparse's (status 2).
+are argparse's (status 2). rvclora's own warnings print one line each (``rvclora: warning:
+…``); other libraries' warnings are kept out of the output. A closed output pipe (``… |
+head``) ends the command quietly with status 141, as a shell tool killed by SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -57,10 +61,13 @@ def _config_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``rvclora`` command."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="rvclora",
         description="Exact, fused LoRA for RVC voice models: fine-tune, merge, inspect.",
     )
+    parser.add_argument("--version", action="version", version=f"rvclora {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     configs = ", ".join(list(GENERATOR_CONFIGS) + list(CONFIG_ALIASES))
@@ -95,21 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Merge ADAPTER (written by save_lora_checkpoint) into BASE (an exported RVC model, "
             "assets/weights/*.pth) and write OUT: an RVC model with every field and key of BASE, the decoder "
-            "weights replaced by W + dW in RVC's weight_g/weight_v form and dtype, and 'info' noting the adapter."
+            "weights replaced by W + dW in RVC's weight_g/weight_v form and dtype, and 'info' noting the adapter. "
+            "Refused: an adapter trained on another base model (unless --force), and any merged tensor that is "
+            "not finite in the dtype written (NaN/Inf in the adapter or base, or an overflow of half)."
         ),
     )
     merge.add_argument("base", metavar="BASE.pth", help="exported RVC model")
     merge.add_argument("adapter", metavar="ADAPTER", help="rvclora adapter (.pth or .safetensors)")
     merge.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="where to write the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
+    merge.add_argument("--force", action="store_true",
+                       help="merge even if the adapter records a different base model's fingerprint")
     merge.set_defaults(func=_cmd_merge)
 
     info = sub.add_parser(
         "info",
         help="describe an adapter or RVC model file; without FILE, list the compute backends",
         description=(
-            "With FILE: describe an rvclora adapter (config, layers, ranks, parameter counts) or an RVC model "
-            "file (kind, fields, decoder config, parameter counts). Without FILE: list the backends and why "
+            "With FILE: describe an rvclora adapter (config, base fingerprint, layers, ranks, parameter counts) "
+            "or an RVC model file (kind, fields, decoder config, parameter counts, base fingerprint). Tensors "
+            "holding NaN or Inf are flagged and make the exit status 1. Without FILE: list the backends and why "
             "any is unavailable here."
         ),
     )
@@ -118,19 +130,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .io import RVCLoRAWarning
+
+    if issubclass(category, RVCLoRAWarning):
+        print(f"rvclora: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``rvclora`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            status = int(args.func(args) or 0)
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            return _closed_pipe()
+        except KeyboardInterrupt:
+            print("rvclora: interrupted", file=sys.stderr)
+            return 130
+        except _ERRORS as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            msg = " ".join(str(msg).split()) or type(e).__name__
+            print(f"rvclora: error: {msg}", file=sys.stderr)
+            return 1
+
+
+def _closed_pipe() -> int:
+    """The reader went away: say nothing, and keep Python from complaining at exit."""
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("rvclora: interrupted", file=sys.stderr)
-        return 130
-    except _ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        msg = " ".join(str(msg).split()) or type(e).__name__
-        print(f"rvclora: error: {msg}", file=sys.stderr)
-        return 1
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 # --------------------------------------------------------------------------- info
@@ -159,6 +195,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return _info_adapter(path, read_lora_file(path))
 
 
+def _report_nonfinite(tensors: dict[str, Tensor]) -> int:
+    """Flag every tensor holding NaN or Inf (first few by name); returns the exit status."""
+    from .io import first_nonfinite
+
+    bad = [hit for k, t in tensors.items() if (hit := first_nonfinite([(k, t)])) is not None]
+    if not bad:
+        print("  all tensors finite")
+        return 0
+    print(f"  NOT FINITE: {len(bad)} tensors hold NaN or Inf: "
+          + "; ".join(f"{k}: {why}" for k, why in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    print(f"rvclora: error: {len(bad)} tensors are not finite (first: {bad[0][0]})", file=sys.stderr)
+    return 1
+
+
 def _info_backends() -> int:
     from .ops import backend_status, get_backend
 
@@ -182,6 +232,12 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
     print(f"{path}: rvclora adapter (format {adapter['format_version']}, {_fmt_bytes(os.path.getsize(path))})")
     print(f"  config: r={cfg.r} lora_alpha={cfg.lora_alpha:g} (scaling {cfg.scaling:g}) "
           f"dropout={cfg.lora_dropout:g} bias={cfg.bias} targets={cfg.target_modules}")
+    fp = adapter.get("base_fingerprint")
+    print(f"  base fingerprint: {fp if fp is not None else 'none (written by an older rvclora: not checked)'}")
+    if adapter.get("metadata"):
+        print(f"  metadata: {json.dumps(adapter['metadata'])[:300]}")
+    if adapter.get("optimizer_error"):
+        print(f"  optimizer state: damaged ({adapter['optimizer_error']}); the weights are unaffected")
     if adapter.get("epoch") is not None:
         print(f"  epoch: {adapter['epoch']}")
     layers: dict[str, dict[str, Tensor]] = {}
@@ -204,7 +260,7 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
     print(f"  LoRA layers: {len(layers)}   LoRA parameters: {total:,}")
     if other:
         print(f"  trained biases: {len(other)} tensors, {sum(t.numel() for t in other.values()):,} parameters")
-    return 0
+    return _report_nonfinite(weights)
 
 
 def _info_rvc(model_file: Any) -> int:
@@ -236,7 +292,11 @@ def _info_rvc(model_file: Any) -> int:
     lora_keys = [k for k in sd if k.endswith((".lora_A", ".lora_B"))]
     if lora_keys:
         print(f"  LoRA factors present: {len(lora_keys)} tensors (an unmerged training state)")
-    return 0
+    else:
+        from .fingerprint import base_fingerprint
+
+        print(f"  base fingerprint: {base_fingerprint(sd)}")
+    return _report_nonfinite(dict(sd))
 
 
 # --------------------------------------------------------------------------- merge
@@ -245,7 +305,7 @@ def _info_rvc(model_file: Any) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .rvc_files import merge_adapter
 
-    result = merge_adapter(args.base, args.adapter, args.output, overwrite=args.overwrite)
+    result = merge_adapter(args.base, args.adapter, args.output, overwrite=args.overwrite, force=args.force)
     print(f"wrote {result.path}: {result.merged_layers} LoRA layers merged into {result.decoder_keys} decoder "
           f"tensors; info: {result.info!r}")
     return 0

@@ -51,8 +51,11 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        else:
+        elif isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
+        else:
+            raise TypeError(f"LoRAConfig.target_modules must be a list of module names (or one name), got "
+                            f"{self.target_modules!r} ({type(self.target_modules).__name__})")
         self.validate()
 
     def validate(self) -> None:

@@ -66,13 +66,23 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
 
     weight_norm (legacy or parametrizations) on a replaced layer is folded into its weight
     exactly, so the injected model equals the original at step 0; the layer remembers the
-    weight_norm kind and dim for :func:`merged_state_dict`. With ``freeze_base`` (the
-    default) only the LoRA factors, and the biases ``config.bias`` names, stay trainable.
+    weight_norm kind and dim for :func:`merged_state_dict`. The base's fingerprint
+    (:func:`rvclora.fingerprint.base_fingerprint`, taken before any layer is replaced) is
+    recorded as ``model.rvclora_base_fingerprint``. A model is injected once: a second call
+    raises ``ValueError`` (inject a fresh base with one config naming every target). With
+    ``freeze_base`` (the default) only the LoRA factors, and the biases ``config.bias`` names,
+    stay trainable.
     Returns ``model``.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject_lora: config must be a LoRAConfig, got {type(config).__name__}")
     config.validate()
+    injected = [name for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    if injected or isinstance(getattr(model, "rvclora_config", None), LoRAConfig):
+        raise ValueError(
+            f"inject_lora: the model is already injected ({len(injected)} LoRA layers, e.g. "
+            f"{injected[:3]}); inject a fresh copy of the base model, with one config covering every target"
+        )
     chosen: List[Tuple[str, nn.Module, type]] = []
     candidates: List[str] = []
     for name, module in model.named_modules():
@@ -90,6 +100,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
             f"inject_lora: target_modules={config.target_modules} match no Linear/Conv1d/ConvTranspose1d "
             f"module; adaptable modules are: {sample or 'none'}"
         )
+    from .fingerprint import base_fingerprint
+
+    fingerprint = base_fingerprint(model)  # before any layer is replaced: the weights as stored
     for name, module, base in chosen:
         new = _LORA_CLASS[base].from_base(
             module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -99,6 +112,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     model.rvclora_config = config
+    model.rvclora_base_fingerprint = fingerprint
     if freeze_base:
         mark_only_lora_as_trainable(model, config.bias)
     return model
@@ -151,8 +165,23 @@ def randomize_lora_(model: nn.Module, relative_norm: float, seed: int) -> nn.Mod
     return model
 
 
-def merge_lora_weights(model: nn.Module) -> nn.Module:
-    """Fold ΔW into every LoRA layer's weight (exactly reversible with :func:`unmerge_lora_weights`)."""
+def merge_lora_weights(model: nn.Module, safe_merge: bool = True) -> nn.Module:
+    """Fold ΔW into every LoRA layer's weight (exactly reversible with :func:`unmerge_lora_weights`).
+
+    With ``safe_merge`` (the default) every merged weight is computed and checked first: if
+    any is not finite in the weight's dtype, ``ValueError`` names the first such layer and
+    nothing is merged.
+    """
+    if safe_merge:
+        from .io import first_nonfinite
+
+        with torch.no_grad():
+            for name, m in lora_modules(model):
+                if m.r > 0 and not m.merged:
+                    bad = first_nonfinite([(name + ".weight", m.weight + m.get_delta_weight().to(m.weight.dtype))])
+                    if bad is not None:
+                        raise ValueError(f"merge_lora_weights: merged {bad[0]!r} would not be finite ({bad[1]}); "
+                                         "nothing was merged")
     for _, m in lora_modules(model):
         m.merge()
     return model
@@ -165,14 +194,15 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> "OrderedDict[str, torch.Tensor]":
     """``model``'s state dict with ΔW merged into each base weight and the LoRA keys removed.
 
     Each adapted weight is re-expressed in its layer's original weight_norm form
     (legacy: ``weight_g``/``weight_v``; parametrizations: ``parametrizations.weight.original0/1``;
     with ``v = W_merged`` and ``g = ‖W_merged‖`` over every dim but the weight_norm dim), so the
     result loads strictly into a fresh, un-injected model of the original class. The model is
-    not changed.
+    not changed. With ``safe_merge`` (the default) a result that is not finite in its dtype
+    raises ``ValueError`` naming the first such key.
     """
     state = model.state_dict()
     layers = dict(lora_modules(model))
@@ -202,6 +232,12 @@ def merged_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
             else:
                 out[prefix + "parametrizations.weight.original0"] = g
                 out[prefix + "parametrizations.weight.original1"] = w
+    if safe_merge:
+        from .io import first_nonfinite
+
+        bad = first_nonfinite(out.items())
+        if bad is not None:
+            raise ValueError(f"merged_state_dict: merged {bad[0]!r} is not finite ({bad[1]})")
     return out
 
 

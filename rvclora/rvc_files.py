@@ -20,7 +20,6 @@ would load silently wrong; here the merged key set must equal the base's key set
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .io import atomic_write, check_output_path, describe_format, detect_format, first_nonfinite, torch_load_error
 from .models.rvc import GENERATOR_CONFIGS, Generator, GeneratorConfig, GeneratorNSF, generator_from_config
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "RVCFileError",
     "RVCModelFile",
     "build_generator_from_rvc",
+    "check_exported_model",
     "generator_config_from_rvc",
     "load_rvc_file",
     "merge_adapter",
@@ -56,6 +57,13 @@ _SPEC_CHANNELS = {32000: 513, 40000: 1025, 48000: 1025}
 # The synthesizer arguments around the decoder's, identical in every shipped config.
 _TEXT_ENCODER = {"hidden": 192, "filter": 768, "heads": 2, "layers": 6, "kernel": 3, "p_dropout": 0}
 _SPK_EMBED_DIM = 109
+
+
+def _torch_output(path: PathLike) -> None:
+    """RVC loads models with ``torch.load``: a model is never written under a safetensors name."""
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".safetensors"):
+        raise ValueError(f"output {os.fspath(path)!r}: an RVC model file is a torch.save file, which RVC loads "
+                         "with torch.load; name it .pth, not .safetensors")
 
 
 class RVCFileError(ValueError):
@@ -106,21 +114,29 @@ def _fail(path: str, why: str) -> RVCFileError:
     return RVCFileError(f"{path}: {why}")
 
 
-def load_rvc_file(path: PathLike) -> RVCModelFile:
+def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
     """Read an RVC training checkpoint or exported model safely (``weights_only=True``).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`RVCFileError` saying what the
-    file is instead (not a torch file, an rvclora adapter, a dict without the expected keys).
+    The format is judged by content. Raises ``FileNotFoundError`` for a missing file and
+    :class:`RVCFileError` saying what the file is instead (a safetensors file or an rvclora
+    adapter, text, a pickle holding code, a dict without the expected keys). With ``validate``
+    (the default) an export must also agree with itself: :func:`check_exported_model`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"RVC model file {path!r} does not exist")
-    if path.lower().endswith(".safetensors"):
-        raise AdapterFileError(f"{path}: a safetensors file (an rvclora adapter?), not an RVC model file (.pth)")
+    if not os.path.isfile(path):
+        raise _fail(path, "not a regular file; expected an RVC model file (.pth)")
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        raise AdapterFileError(f"{path}: a safetensors file (an rvclora adapter?), not an RVC model file "
+                               "(a torch.save .pth)")
+    if fmt not in ("torch-zip", "pickle"):
+        raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
-        raise _fail(path, f"not readable as a torch file with weights_only=True ({_load_error(e)})") from None
+        raise _fail(path, f"not readable as a torch file with weights_only=True: {torch_load_error(e)}") from None
     if not isinstance(obj, dict):
         raise _fail(path, f"expected a dict (an RVC export or G_*.pth checkpoint), got {type(obj).__name__}")
     if "lora_weights" in obj and "format_version" in obj:
@@ -136,24 +152,61 @@ def load_rvc_file(path: PathLike) -> RVCModelFile:
     else:
         raise _fail(path, f"neither an exported RVC model (keys {list(EXPORTED_FIELDS)}) nor a training "
                           f"checkpoint (key 'model'); its keys are {sorted(map(str, obj))[:10]}")
-    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
-        field = "weight" if kind == "exported" else "model"
+    field = "weight" if kind == "exported" else "model"
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                   for k, v in weights.items()):
         raise _fail(path, f"field {field!r} must be a state dict (str -> tensor)")
     if not any(str(k).startswith(_DEC) for k in weights):
         raise _fail(path, "its state dict has no decoder ('dec.' keys)")
-    return RVCModelFile(path, kind, obj)
+    model_file = RVCModelFile(path, kind, obj)
+    if validate and kind == "exported":
+        check_exported_model(model_file)
+    return model_file
 
 
-def _load_error(e: Exception) -> str:
-    """The informative part of a ``torch.load`` error (its messages run to many lines of advice)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "WeightsUnpickler error:" in ln:
-            detail = ln.split("WeightsUnpickler error:", 1)[1].strip()
-            return detail.split(". Please")[0] if detail else "not a pickle file"
-    if isinstance(e, (EOFError, KeyError)) or not lines:
-        return f"{type(e).__name__}: truncated, empty or not a torch file"
-    return f"{type(e).__name__}: {lines[0][:200]}"
+_VERSIONS = ("v1", "v2")
+
+
+def check_exported_model(model_file: RVCModelFile) -> GeneratorConfig:
+    """An export must agree with itself; returns its decoder config.
+
+    ``version`` is ``"v1"``/``"v2"``, ``f0`` is 0/1 and matches whether the decoder has the
+    harmonic source (``m_source``), ``sr`` names the config's sampling rate, and the decoder's
+    keys and shapes are exactly those its config builds. Raises :class:`RVCFileError` naming
+    the path and the first contradiction.
+    """
+    path, d = model_file.path, model_file.data
+    if d["version"] not in _VERSIONS:
+        raise _fail(path, f"version {d['version']!r}; expected one of {list(_VERSIONS)}")
+    if isinstance(d["f0"], bool) or d["f0"] not in (0, 1):
+        raise _fail(path, f"f0 {d['f0']!r}; expected 0 or 1")
+    try:
+        cfg = generator_config_from_rvc(d["config"], d["version"])
+        sr = _sr_to_int(d["sr"])
+    except RVCFileError as e:
+        raise _fail(path, str(e)) from None
+    if sr != cfg.sampling_rate:
+        raise _fail(path, f"sr {d['sr']!r} but its config's sampling rate is {cfg.sampling_rate}")
+    dec = model_file.decoder_state_dict()
+    has_source = any(k.startswith("m_source.") for k in dec)
+    if bool(d["f0"]) != has_source:
+        raise _fail(path, f"f0={d['f0']} but the decoder {'has' if has_source else 'lacks'} the harmonic source "
+                          "(m_source) of an f0 model")
+    lora = [k for k in dec if k.endswith((".lora_A", ".lora_B"))]
+    if lora:
+        raise _fail(path, f"its decoder holds LoRA factors ({_DEC + lora[0]!r}, an unmerged training state); "
+                          "RVC would ignore them: merge the adapter with rvclora merge")
+    with torch.device("meta"):
+        expected = generator_from_config(cfg, f0=bool(d["f0"]), weight_norm=model_file.weight_norm).state_dict()
+    extra, missing = sorted(set(dec) - set(expected)), sorted(set(expected) - set(dec))
+    if extra or missing:
+        raise _fail(path, f"its decoder keys do not fit its config ({cfg.name}, f0={d['f0']}): unexpected "
+                          f"{[_DEC + k for k in extra[:3]]}, missing {[_DEC + k for k in missing[:3]]}")
+    for k, t in expected.items():
+        if tuple(dec[k].shape) != tuple(t.shape):
+            raise _fail(path, f"{_DEC + k!r} has shape {tuple(dec[k].shape)} but its config ({cfg.name}, "
+                              f"sampling rate {cfg.sampling_rate}) gives {tuple(t.shape)}")
+    return cfg
 
 
 def _sr_to_int(sr: Any) -> int:
@@ -249,41 +302,14 @@ def build_generator_from_rvc(
     return model
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
+def _write_torch(obj: Any, path: str, overwrite: bool) -> None:
+    """``torch.save`` through the package's atomic writer, checked to read back as a torch file."""
 
+    def verify(tmp: str) -> None:
+        if detect_format(tmp) != "torch-zip":
+            raise OSError(f"{path}: the written file does not read back as a torch.save file")
 
-def _atomic_torch_save(obj: Any, path: str, overwrite: bool) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then move it into place.
-
-    Without ``overwrite`` the move is a hard link, which fails if ``path`` appeared meanwhile.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"output directory {directory!r} does not exist")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"output {path!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"output {path!r} already exists; pass overwrite=True to replace it") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=overwrite, verify=verify)
 
 
 def write_exported_model(
@@ -305,7 +331,8 @@ def write_exported_model(
     """
     from .inject import lora_modules, merged_state_dict
 
-    path = os.fspath(path)
+    _torch_output(path)
+    path = check_output_path(path, overwrite=overwrite)
     if not isinstance(config, GeneratorConfig):
         raise TypeError(f"config must be a GeneratorConfig, got {type(config).__name__}")
     is_nsf = hasattr(generator, "m_source")
@@ -326,7 +353,10 @@ def write_exported_model(
         "f0": 1 if is_nsf else 0,
         "version": version or config.version,
     }
-    _atomic_torch_save(cpt, path, overwrite)
+    bad = first_nonfinite(weight.items())
+    if bad is not None:
+        raise ValueError(f"{path}: refusing to write {bad[0]!r}: not finite in float16 ({bad[1]})")
+    _write_torch(cpt, path, overwrite)
     return path
 
 
@@ -349,7 +379,7 @@ class _Synthesizer(nn.Module):
 
 
 def merge_adapter(
-    base_path: PathLike, adapter_path: PathLike, out_path: PathLike, *, overwrite: bool = False
+    base_path: PathLike, adapter_path: PathLike, out_path: PathLike, *, overwrite: bool = False, force: bool = False
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter_path`` into the exported model at ``base_path``; write ``out_path``.
 
@@ -357,18 +387,23 @@ def merge_adapter(
     kept as is, the decoder weights replaced by ``W + ΔW`` in the base's own weight_norm form
     (``weight_g``/``weight_v``) and dtype, and ``info`` noting the adapter. Adapter keys may be
     relative to the decoder (``ups.0.lora_A``) or to RVC's synthesizer (``dec.ups.0.lora_A``).
-    ``out_path`` is never one of the inputs; an existing ``out_path`` is replaced only with
-    ``overwrite=True``. The write is atomic.
+
+    Refused before any work: an ``out_path`` that is one of the inputs, a directory, not a
+    regular file, in a missing or read-only directory, named ``.safetensors`` (RVC loads
+    ``torch.save`` files), or existing without ``overwrite``. Refused after reading: an
+    adapter trained on another base (its fingerprint; ``force=True`` merges anyway), and any
+    tensor of the output that is not finite in the dtype it is written in, naming the first
+    key and why (NaN or Inf in the adapter, in the base, or an overflow of half). The write is
+    atomic.
     """
-    from .checkpoint import load_lora_weights, read_lora_file
+    from .checkpoint import check_base_fingerprint, load_lora_weights, read_lora_file
+    from .fingerprint import base_fingerprint
     from .inject import inject_lora, lora_modules, merged_state_dict
 
-    base_path, adapter_path, out_path = os.fspath(base_path), os.fspath(adapter_path), os.fspath(out_path)
-    for name, p in (("base model", base_path), ("adapter", adapter_path)):
-        if _same_file(out_path, p):
-            raise ValueError(f"output {out_path!r} is the {name} file; write the merged model to a new path")
-    if os.path.exists(out_path) and not overwrite:
-        raise FileExistsError(f"output {out_path!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    base_path, adapter_path = os.fspath(base_path), os.fspath(adapter_path)
+    _torch_output(out_path)
+    out_path = check_output_path(out_path, overwrite=overwrite,
+                                 inputs=(("base model", base_path), ("adapter", adapter_path)))
     base = load_rvc_file(base_path)
     if base.kind != "exported":
         raise RVCFileError(f"{base_path}: is an RVC training checkpoint (G_*.pth); merge needs an exported model, "
@@ -376,6 +411,14 @@ def merge_adapter(
     adapter = read_lora_file(adapter_path)
     weights: dict[str, Tensor] = adapter["weights"]
     lora_config = adapter["config"]
+    bad = first_nonfinite(weights.items())
+    if bad is not None:
+        raise RVCFileError(f"{adapter_path}: refusing to merge: the adapter's {bad[0]!r} is not finite ({bad[1]})")
+    base_weights = base.state_dict
+    bad = first_nonfinite(base_weights.items())
+    if bad is not None:
+        raise RVCFileError(f"{base_path}: refusing to merge: the base model's {bad[0]!r} is already not finite "
+                           f"({bad[1]})")
 
     generator = build_generator_from_rvc(base, dtype=torch.float32)
     on_synth = bool(weights) and all(k.startswith(_DEC) for k in weights)
@@ -388,20 +431,31 @@ def merge_adapter(
         inject_lora(model, lora_config)
         load_lora_weights(model, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     except (KeyError, ValueError) as e:
-        msg = e.args[0] if e.args else str(e)
+        msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
         raise RVCFileError(f"{adapter_path}: adapter does not fit the decoder of {base_path}: {msg}") from None
+    try:
+        check_base_fingerprint(adapter_path, adapter["base_fingerprint"], base_fingerprint(base_weights), force,
+                               base_name=f"base model {base_path}", stacklevel=2)
+    except ValueError as e:
+        raise RVCFileError(str(e)) from None
 
-    merged = merged_state_dict(model)
+    merged = merged_state_dict(model, safe_merge=False)  # checked below, in the dtype written
     if not on_synth:
         merged = OrderedDict((_DEC + k, v) for k, v in merged.items())
-    base_weights = base.state_dict
     base_dec = {k for k in base_weights if k.startswith(_DEC)}
     if set(merged) != base_dec:
         extra, missing = sorted(set(merged) - base_dec), sorted(base_dec - set(merged))
         raise RVCFileError(f"merged decoder keys differ from the base's: new {extra[:3]}, missing {missing[:3]}")
     new_weights: OrderedDict[str, Tensor] = OrderedDict()
     for k, v in base_weights.items():
-        new_weights[k] = merged[k].to(v.dtype).contiguous() if k in merged else v
+        if k in merged:
+            bad = first_nonfinite([(k, merged[k])], dtype=v.dtype)
+            if bad is not None:
+                raise RVCFileError(f"{adapter_path}: refusing to write a broken model: merged {k!r} "
+                                   f"{bad[1]} (the adapter's update is too large for this base)")
+            new_weights[k] = merged[k].to(v.dtype).contiguous()
+        else:
+            new_weights[k] = v
 
     n_layers = sum(1 for _ in lora_modules(model))
     note = (f"rvclora adapter {os.path.basename(adapter_path)} merged (r={lora_config.r}, "
@@ -411,5 +465,5 @@ def merge_adapter(
     out = dict(base.data)
     out["weight"] = new_weights
     out["info"] = info
-    _atomic_torch_save(out, out_path, overwrite)
+    _write_torch(out, out_path, overwrite)
     return MergeResult(out_path, n_layers, len(base_dec), info)

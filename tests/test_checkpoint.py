@@ -17,11 +17,13 @@ from rvclora import (
     read_lora_config,
     save_lora_checkpoint,
 )
-from rvclora.checkpoint import atomic_write, read_lora_file
+from rvclora.checkpoint import atomic_write, read_lora_file, write_lora_file
+from rvclora.io import RVCLoRAWarning
 
 
-def make_model(r=2, bias="none", seed=0):
-    torch.manual_seed(seed)
+def make_model(r=2, bias="none", seed=0, base_seed=0):
+    """A small injected model: base weights from ``base_seed``, LoRA factors (and LoRA A init) from ``seed``."""
+    torch.manual_seed(base_seed)
     model = nn.Sequential(
         nn.Conv1d(4, 8, 3, padding=1),
         nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
@@ -29,6 +31,7 @@ def make_model(r=2, bias="none", seed=0):
         nn.Linear(7, 5),
     )
     cfg = LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["1", "2", "3"], bias=bias)
+    torch.manual_seed(seed)
     inject_lora(model, cfg)
     with torch.no_grad():
         for m in model.modules():
@@ -75,7 +78,7 @@ def test_file_holds_only_what_training_changed(tmp_path, suffix):
     save_lora_checkpoint(model, path, cfg)
     data = read_lora_file(path)
     assert set(data["weights"]) == {f"{i}.lora_{ab}" for i in (1, 2, 3) for ab in "AB"}
-    assert data["format_version"] == 1 and data["epoch"] is None
+    assert data["format_version"] == 2 and data["epoch"] is None
 
 
 def test_bias_modes_in_extract():
@@ -102,10 +105,14 @@ def test_errors_name_the_first_mismatch(tmp_path):
     path = tmp_path / "a.pth"
     save_lora_checkpoint(model, path, cfg)
     bigger, _ = make_model(r=4)
-    with pytest.raises(ValueError, match=r"'1.lora_A' has shape \(2, 8\), the model expects \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"the file has r=2, lora_alpha=4, but the model's layer '1' was injected "
+                                         r"with r=4, lora_alpha=8"):
         load_lora_checkpoint(bigger, path)
+    weights = extract_lora_weights(model)
+    with pytest.raises(ValueError, match=r"'1.lora_A' has shape \(2, 8\), the model expects \(4, 8\)"):
+        load_lora_weights(bigger, weights)
     partial = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ConvTranspose1d(8, 6, 4, 2, padding=1))
-    inject_lora(partial, LoRAConfig(r=2, target_modules=["1"]))
+    inject_lora(partial, LoRAConfig(r=2, lora_alpha=4, target_modules=["1"]))
     with pytest.raises(KeyError, match="'2.lora_A' is not a parameter of the model"):
         load_lora_checkpoint(partial, path)
     weights = extract_lora_weights(model)
@@ -156,3 +163,69 @@ def test_loading_into_a_merged_model(tmp_path):
     other[1].unmerge()
     assert torch.equal(other[1].weight, w)
     assert torch.equal(other[1].lora_B, model[1].lora_B)
+
+
+# --------------------------------------------------------------------------- base fingerprint and low-level writer
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_write_lora_file_needs_no_model_and_round_trips_metadata(tmp_path, suffix):
+    model, cfg = make_model()
+    weights = extract_lora_weights(model)
+    meta = {"sources": [{"path": "a.pth", "weight": 0.25}, {"path": "b.pth", "weight": 0.75}], "note": "blend"}
+    path = tmp_path / f"blend{suffix}"
+    assert write_lora_file(path, weights, cfg, base_fingerprint=model.rvclora_base_fingerprint,
+                           metadata=meta) == str(path)
+    data = read_lora_file(path)
+    assert data["metadata"] == meta and data["base_fingerprint"] == model.rvclora_base_fingerprint
+    assert data["config"] == cfg and set(data["weights"]) == set(weights)
+    assert all(torch.equal(data["weights"][k], v) for k, v in weights.items())
+    write_lora_file(path, weights, cfg, base_fingerprint=None)  # an adapter of unknown base
+    assert read_lora_file(path)["base_fingerprint"] is None and read_lora_file(path)["metadata"] is None
+    for bad, pattern in [((1, 2), "survive a round trip"), ({"x": float("nan")}, "JSON-safe"),
+                         ({"x": object()}, "JSON-safe"), ([1], "must be a dict")]:
+        with pytest.raises(TypeError, match=pattern):
+            write_lora_file(path, weights, cfg, base_fingerprint=None, metadata={"k": bad} if bad != [1] else bad)
+    with pytest.raises(ValueError, match="base_fingerprint must be a string from"):
+        write_lora_file(path, weights, cfg, base_fingerprint="abc")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_adapter_of_another_base_is_refused_unless_forced(tmp_path, suffix):
+    model, cfg = make_model()
+    path = tmp_path / f"a{suffix}"
+    save_lora_checkpoint(model, path, cfg)
+    assert read_lora_file(path)["base_fingerprint"] == model.rvclora_base_fingerprint
+    other_base, _ = make_model(base_seed=5)
+    before = other_base[1].lora_B.detach().clone()
+    with pytest.raises(ValueError, match="trained on another base model .* pass force=True"):
+        load_lora_checkpoint(other_base, path)
+    assert torch.equal(other_base[1].lora_B, before)  # nothing loaded
+    with pytest.warns(RVCLoRAWarning, match="mismatch"):
+        load_lora_checkpoint(other_base, path, force=True)
+    assert torch.equal(other_base[1].lora_B, model[1].lora_B)
+
+
+def test_old_files_without_fingerprint_load_with_a_warning(tmp_path):
+    model, cfg = make_model()
+    path = tmp_path / "v1.pth"
+    torch.save({"format_version": 1, "config": cfg.to_dict(), "lora_weights": extract_lora_weights(model),
+                "epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, path)
+    data = read_lora_file(path)
+    assert data["base_fingerprint"] is None and data["format_version"] == 1 and data["optimizer"]["state"] == {}
+    fresh, _ = make_model(seed=2)
+    with pytest.warns(RVCLoRAWarning, match="records no base fingerprint"):
+        _, _, epoch, _ = load_lora_checkpoint(fresh, path)
+    assert epoch == 3 and torch.equal(fresh[3].lora_A, model[3].lora_A)
+
+
+def test_loading_into_a_plain_model_injects_the_files_config(tmp_path):
+    model, cfg = make_model(r=3)
+    path = tmp_path / "a.safetensors"
+    save_lora_checkpoint(model, path)  # config defaults to the one injected
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
+                          nn.Conv1d(6, 6, 3, padding=1), nn.Linear(7, 5))
+    _, _, _, got = load_lora_checkpoint(plain, path)
+    assert got == cfg and plain.rvclora_config == cfg and plain[1].r == 3 and plain[1].lora_alpha == 6
+    assert torch.equal(plain[2].lora_B, model[2].lora_B)

@@ -87,7 +87,7 @@ def test_demo_merge_info_end_to_end(tmp_path: Path) -> None:
 def test_errors_are_one_line(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
-    assert_one_line_error(rvclora("info", str(junk)), r"junk\.pth: not readable as a torch file")
+    assert_one_line_error(rvclora("info", str(junk)), r"junk\.pth: an unrecognised binary file, not an RVC model file")
     assert_one_line_error(rvclora("info", str(tmp_path / "missing.pth")), r"'.*missing\.pth' does not exist")
     assert_one_line_error(rvclora("demo", "--out-dir", str(tmp_path / "nope")), r"--out-dir .* not an existing")
     usage = rvclora("demo", "--rank", "0")

@@ -173,12 +173,12 @@ def test_refuses_to_overwrite(files: dict, tmp_path: Path) -> None:
         merge_adapter(d / "base.pth", d / "adapter.pth", out)
     assert out.read_bytes() == b"keep me"
     for target in (d / "base.pth", d / "adapter.pth"):
-        with pytest.raises(ValueError, match="write the merged model to a new path"):
+        with pytest.raises(ValueError, match="is the (base model|adapter) file; write to a new path"):
             merge_adapter(d / "base.pth", d / "adapter.pth", target, overwrite=True)
     merge_adapter(d / "base.pth", d / "adapter.pth", out, overwrite=True)
     assert load_rvc_file(out).kind == "exported"
     assert sorted(os.listdir(tmp_path)) == ["exists.pth"]  # no temporary file left behind
-    with pytest.raises(FileNotFoundError, match="output directory"):
+    with pytest.raises(FileNotFoundError, match=r"directory .* does not exist"):
         merge_adapter(d / "base.pth", d / "adapter.pth", tmp_path / "no" / "such" / "dir.pth")
 
 
@@ -224,18 +224,19 @@ def test_bad_files_give_clear_errors(files: dict, tmp_path: Path) -> None:
     torch.save({"model": {"enc_p.x": torch.zeros(1)}}, tmp_path / "nodec.pth")
 
     cases = {
-        "noise.pth": r"not readable as a torch file with weights_only=True",
-        "empty.pth": r"not readable as a torch file .*empty",
-        "text.pth": r"not readable as a torch file",
-        "evil.pth": r"Unsupported global",
+        "noise.pth": r"an unrecognised binary file, not an RVC model file",
+        "empty.pth": r"an empty file, not an RVC model file",
+        "text.pth": r"a text file, not an RVC model file",
+        "evil.pth": r"contains pickled code \(getattr\) that the safe loader refused to run",
         "other.pth": r"neither an exported RVC model .* nor a training checkpoint .*'hello'",
         "list.pth": r"expected a dict .* got list",
         "partial.pth": r"lacks the field\(s\) \['config', 'sr'\]",
         "nodec.pth": r"no decoder \('dec\.' keys\)",
     }
     for name, pattern in cases.items():
-        with pytest.raises(RVCFileError, match=pattern):
+        with pytest.raises(RVCFileError, match=pattern) as info:
             load_rvc_file(tmp_path / name)
+        assert "\n" not in str(info.value) and "weights_only` set to `False" not in str(info.value)
     assert not marker.exists()  # the pickled call never ran
     with pytest.raises(AdapterFileError, match="rvclora adapter, not an RVC model"):
         load_rvc_file(d / "adapter.pth")
@@ -259,5 +260,19 @@ def test_decoder_not_fitting_its_config(files: dict, tmp_path: Path) -> None:
     cpt["config"][12] = [10, 8, 2, 2]  # v2-32k's upsampling in a 40k file: kernel and noise-conv shapes differ
     cpt["config"][14] = [20, 16, 4, 4]
     torch.save(cpt, tmp_path / "wrong.pth")
+    with pytest.raises(RVCFileError, match=r"wrong\.pth: 'dec\.\S+' has shape .* but its config \(custom"):
+        load_rvc_file(tmp_path / "wrong.pth")
     with pytest.raises(RVCFileError, match=r"do not fit the file's own config \(custom, f0=True\).*ups\.0\.weight_v"):
-        build_generator_from_rvc(load_rvc_file(tmp_path / "wrong.pth"))
+        build_generator_from_rvc(load_rvc_file(tmp_path / "wrong.pth", validate=False))
+
+
+def test_merge_refuses_an_adapter_of_another_base_unless_forced(files: dict, tmp_path: Path) -> None:
+    d: Path = files["dir"]
+    other = build_generator("40k", seed=3)  # another voice's model, same config
+    write_exported_model(other, tmp_path / "other.pth", CFG, extra_weights=files["extra"])
+    with pytest.raises(RVCFileError, match=r"adapter\.pth: the adapter was trained on another base model .*--force"):
+        merge_adapter(tmp_path / "other.pth", d / "adapter.pth", tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()
+    with pytest.warns(UserWarning, match="used anyway"):
+        merge_adapter(tmp_path / "other.pth", d / "adapter.pth", tmp_path / "out.pth", force=True)
+    assert load_rvc_file(tmp_path / "out.pth").kind == "exported"
