@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import BIAS_MODES, LoRAConfig
-from .fingerprint import FINGERPRINT_PREFIX, short_fingerprint
+from .fingerprint import FINGERPRINT_PREFIX, base_fingerprint, short_fingerprint
 from .inject import lora_modules, target_matches
 from .io import (
     RVCLoRAWarning,
@@ -377,6 +377,11 @@ def save_lora_checkpoint(
     _check_config_matches_model(where, model, config)
     fingerprint = getattr(model, "rvclora_base_fingerprint", None)
     if fingerprint is None:
+        try:
+            fingerprint = base_fingerprint(model)
+        except ValueError:
+            pass
+    if fingerprint is None:
         warnings.warn(f"{where}: the model has no recorded base fingerprint (it was not injected with "
                       "rvclora.inject_lora); the adapter cannot be checked against its base later",
                       RVCLoRAWarning, stacklevel=2)
@@ -413,7 +418,8 @@ def _read_safetensors(path: str) -> Dict[str, Any]:
 
 def _read_torch(path: str) -> Dict[str, Any]:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
+            raw = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
         raise ValueError(torch_load_error(e)) from None
     if not isinstance(raw, dict) or "lora_weights" not in raw or "format_version" not in raw:
@@ -473,9 +479,9 @@ def read_lora_file(path: PathLike) -> Dict[str, Any]:
     if data["metadata"] is not None and not isinstance(data["metadata"], dict):
         raise ValueError(f"{prefix}: metadata is a {type(data['metadata']).__name__}, expected a dict")
     try:
-        _check_adapter_content("it", data["weights"], data["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{prefix}: {e}") from None
+        _check_adapter_content(prefix, data["weights"], data["config"])
+    except TypeError as e:
+        raise ValueError(str(e)) from None
     return data
 
 

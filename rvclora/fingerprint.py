@@ -70,7 +70,8 @@ def base_fingerprint(model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]]
 
     Accepts a module or a state dict (an RVC export's ``weight``, a checkpoint's ``model``, a
     generator's own). A model :func:`rvclora.inject_lora` adapted returns the fingerprint it
-    recorded then; an injected model without one raises ``ValueError``.
+    recorded then. A model with LoRA layers and no record (converted from PEFT, say) is
+    fingerprinted from its state dict when none of them folded a weight_norm, else raises ``ValueError``.
     """
     if isinstance(model_or_state_dict, nn.Module):
         recorded = getattr(model_or_state_dict, "rvclora_base_fingerprint", None)
@@ -78,10 +79,11 @@ def base_fingerprint(model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]]
             return recorded
         from .layers import LoRALayer
 
-        if any(isinstance(m, LoRALayer) for m in model_or_state_dict.modules()):
-            raise ValueError("base_fingerprint: this model already has LoRA layers and no recorded "
+        if any(isinstance(m, LoRALayer) and m.weight_norm_kind is not None for m in model_or_state_dict.modules()):
+            raise ValueError("base_fingerprint: this model has LoRA layers with folded weight_norm and no recorded "
                              "rvclora_base_fingerprint (it is recorded by inject_lora); fingerprint the base "
                              "model or its exported file instead")
+        # LoRA layers without weight_norm keep the base weight, unmerged, under the base's own key
         state: Mapping[str, Tensor] = model_or_state_dict.state_dict()
     elif isinstance(model_or_state_dict, Mapping):
         state = model_or_state_dict

@@ -257,10 +257,14 @@ def torch_load_error(e: BaseException) -> str:
         return (f"it contains pickled code ({name}) that the safe loader refused to run; "
                 "a weights file needs none")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
+    for i, ln in enumerate(lines):
         if "WeightsUnpickler error:" in ln:
             detail = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            if not detail and i + 1 < len(lines) and not lines[i + 1].startswith("Check the documentation"):
+                detail = lines[i + 1]
             detail = detail.split(". Please")[0].split("Re-running")[0].strip().rstrip(".")
+            if detail.startswith("Unsupported operand"):
+                return f"the safe loader cannot read this pickle ({detail}: written with a newer pickle protocol?)"
             return detail or "not a pickle file"
     if isinstance(e, (EOFError, KeyError)) or not lines:
         return f"{type(e).__name__}: truncated, empty or not a torch file"

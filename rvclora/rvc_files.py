@@ -134,7 +134,8 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
     if fmt not in ("torch-zip", "pickle"):
         raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load raises many types; each means "not a safe torch file"
         raise _fail(path, f"not readable as a torch file with weights_only=True: {torch_load_error(e)}") from None
     if not isinstance(obj, dict):
@@ -178,7 +179,7 @@ def check_exported_model(model_file: RVCModelFile) -> GeneratorConfig:
     path, d = model_file.path, model_file.data
     if d["version"] not in _VERSIONS:
         raise _fail(path, f"version {d['version']!r}; expected one of {list(_VERSIONS)}")
-    if isinstance(d["f0"], bool) or d["f0"] not in (0, 1):
+    if not isinstance(d["f0"], (int, bool)) or d["f0"] not in (0, 1):
         raise _fail(path, f"f0 {d['f0']!r}; expected 0 or 1")
     try:
         cfg = generator_config_from_rvc(d["config"], d["version"])
@@ -337,6 +338,10 @@ def write_exported_model(
         raise TypeError(f"config must be a GeneratorConfig, got {type(config).__name__}")
     is_nsf = hasattr(generator, "m_source")
     state = merged_state_dict(generator) if any(True for _ in lora_modules(generator)) else generator.state_dict()
+    bad = first_nonfinite([(_DEC + k, v) for k, v in state.items()] + list((extra_weights or {}).items()),
+                          dtype=torch.half)
+    if bad is not None:
+        raise ValueError(f"{path}: refusing to write {bad[0]!r}: {bad[1]}")
     weight: OrderedDict[str, Tensor] = OrderedDict()
     for k, v in state.items():
         weight[_DEC + k] = v.detach().to("cpu", torch.half).clone()
@@ -353,9 +358,6 @@ def write_exported_model(
         "f0": 1 if is_nsf else 0,
         "version": version or config.version,
     }
-    bad = first_nonfinite(weight.items())
-    if bad is not None:
-        raise ValueError(f"{path}: refusing to write {bad[0]!r}: not finite in float16 ({bad[1]})")
     _write_torch(cpt, path, overwrite)
     return path
 

@@ -18,7 +18,7 @@ from rvclora import (
     save_lora_checkpoint,
 )
 from rvclora.checkpoint import atomic_write, read_lora_file, write_lora_file
-from rvclora.io import RVCLoRAWarning
+from rvclora.io import RVCLoRAWarning, detect_format
 
 
 def make_model(r=2, bias="none", seed=0, base_seed=0):
@@ -224,8 +224,109 @@ def test_loading_into_a_plain_model_injects_the_files_config(tmp_path):
     path = tmp_path / "a.safetensors"
     save_lora_checkpoint(model, path)  # config defaults to the one injected
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
+    plain = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1),
+                          nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
                           nn.Conv1d(6, 6, 3, padding=1), nn.Linear(7, 5))
     _, _, _, got = load_lora_checkpoint(plain, path)
     assert got == cfg and plain.rvclora_config == cfg and plain[1].r == 3 and plain[1].lora_alpha == 6
     assert torch.equal(plain[2].lora_B, model[2].lora_B)
+
+
+# --------------------------------------------------------------------------- files on disk
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_follow_the_umask_and_overwrites_keep_the_mode(tmp_path, umask):
+    model, cfg = make_model()
+    old = os.umask(umask)
+    try:
+        save_lora_checkpoint(model, tmp_path / "a.pth")
+        save_lora_checkpoint(model, tmp_path / "a.safetensors")
+        for name in ("a.pth", "a.safetensors"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+        os.chmod(tmp_path / "a.pth", 0o640)
+        save_lora_checkpoint(model, tmp_path / "a.pth")  # replacing a file keeps its mode
+        assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_killed_write_leaves_a_recognisable_temporary_that_the_next_write_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "a.pth"
+    script = (
+        "import sys, time\n"
+        "from rvclora.io import atomic_write\n"
+        "def write(tmp):\n"
+        "    open(tmp, 'wb').write(b'x' * 100000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        f"atomic_write({str(target)!r}, write)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".a.pth.rvclora-tmp-{proc.pid}-"), left
+    assert not target.exists()
+    # a live writer's temporary (ours, here) is never touched; a dead one's is
+    live = tmp_path / f".a.pth.rvclora-tmp-{os.getpid()}-00000000"
+    live.write_bytes(b"busy")
+    time.sleep(0.01)
+    model, cfg = make_model()
+    save_lora_checkpoint(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.pth", live.name])
+    assert read_lora_file(target)["config"] == cfg
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_stay_readable_when_the_optimizer_section_is_damaged(tmp_path, suffix):
+    model, cfg = make_model()
+    opt = _train_step(model)
+    path = tmp_path / f"a{suffix}"
+    save_lora_checkpoint(model, path, cfg, optimizer_state=opt.state_dict())
+    if suffix == ".pth":
+        raw = torch.load(path, weights_only=True)
+        raw["optimizer"] = torch.frombuffer(bytearray(b"PK\x03\x04 damaged"), dtype=torch.uint8)
+        torch.save(raw, path)
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta["optimizer"] = meta["optimizer"][: len(meta["optimizer"]) // 2]  # cut JSON
+        save_file(tensors, str(path), metadata=meta)
+    data = read_lora_file(path)
+    assert data["optimizer"] is None and data["optimizer_error"]
+    fresh, _ = make_model(seed=4)
+    load_lora_checkpoint(fresh, path)  # the weights load
+    assert torch.equal(fresh[1].lora_A, model[1].lora_A)
+    with pytest.raises(ValueError, match=r"the optimizer state is damaged .* load with load_optimizer=False"):
+        load_lora_checkpoint(fresh, path, load_optimizer=True)
+
+
+def test_format_is_judged_by_content(tmp_path):
+    model, cfg = make_model()
+    save_lora_checkpoint(model, tmp_path / "a.safetensors")
+    save_lora_checkpoint(model, tmp_path / "a.pth")
+    assert detect_format(tmp_path / "a.safetensors") == "safetensors"
+    assert detect_format(tmp_path / "a.pth") == "torch-zip"
+    os.rename(tmp_path / "a.safetensors", tmp_path / "named.pth")  # safetensors content, .pth name
+    os.rename(tmp_path / "a.pth", tmp_path / "named.safetensors")  # and the other way round
+    for name in ("named.pth", "named.safetensors"):
+        assert read_lora_file(tmp_path / name)["config"] == cfg
+    with open(tmp_path / "named.safetensors", "rb") as f:
+        raw = torch.load(f, weights_only=True)
+    torch.save(raw, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert detect_format(tmp_path / "legacy.pt") == "pickle"
+    assert read_lora_file(tmp_path / "legacy.pt")["config"] == cfg
+    write_lora_file(tmp_path / "w.ckpt", extract_lora_weights(model), cfg, base_fingerprint=None)
+    assert detect_format(tmp_path / "w.ckpt") == "torch-zip"

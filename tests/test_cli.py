@@ -96,3 +96,91 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     usage = rvclora("demo", "--config", "44k")
     assert usage.returncode == 2 and "unknown RVC generator config '44k'" in usage.stderr
     assert rvclora().returncode == 2  # a command is required
+
+
+def test_version() -> None:
+    from rvclora import __version__
+
+    proc = rvclora("--version")
+    assert proc.returncode == 0 and proc.stdout.strip().startswith(f"rvclora {__version__} (torch "), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+
+    from rvclora import LoRAConfig, inject_lora, save_lora_checkpoint
+    from rvclora.inject import randomize_lora_
+    from rvclora.models.rvc import build_generator, get_generator_config
+    from rvclora.rvc_files import write_exported_model
+
+    d = tmp_path_factory.mktemp("cli")
+    cfg = get_generator_config("40k")
+    emb = {"emb_g.weight": torch.zeros(1, 256)}
+    write_exported_model(build_generator(cfg, seed=0), d / "base.pth", cfg, extra_weights=emb)
+    write_exported_model(build_generator(cfg, seed=1), d / "other.pth", cfg, extra_weights=emb)
+    lora = LoRAConfig(r=2, lora_alpha=4, target_modules=["ups.0"])
+    model = inject_lora(build_generator(cfg, seed=0), lora)
+    randomize_lora_(model, relative_norm=0.1, seed=3)
+    save_lora_checkpoint(model, d / "adapter.safetensors")
+    from rvclora.checkpoint import read_lora_file
+
+    data = read_lora_file(d / "adapter.safetensors")
+    raw = {"format_version": 2, "config": lora.to_dict(), "lora_weights": data["weights"], "epoch": None,
+           "base_fingerprint": data["base_fingerprint"], "metadata": None, "optimizer": None}
+    torch.save(raw, d / "proto3.pth", pickle_protocol=3)  # loads, with a torch warning about the protocol
+    nan = {k: v.clone() for k, v in data["weights"].items()}
+    nan["ups.0.lora_B"][0, 0] = float("nan")
+    torch.save({**raw, "lora_weights": nan}, d / "nan.pth")
+    with open(d / "base.pth", "rb") as f:
+        cpt = torch.load(f, weights_only=True)
+    cpt["weight"]["dec.conv_post.weight"][0, 0, 0] = float("inf")
+    torch.save(cpt, d / "inf_model.pth")
+    return {"dir": d}
+
+
+def test_info_shows_fingerprints_and_keeps_library_warnings_out(files: dict) -> None:
+    d = files["dir"]
+    base = rvclora("info", str(d / "base.pth"))
+    adapter = rvclora("info", str(d / "proto3.pth"))
+    for proc in (base, adapter):
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # torch's protocol warning stays out
+        assert "all tensors finite" in proc.stdout
+    fp = re.search(r"base fingerprint: (fp16-sha256:\w+)", base.stdout).group(1)
+    assert f"base fingerprint: {fp}" in adapter.stdout  # the adapter belongs to this base
+
+
+def test_info_flags_non_finite_tensors(files: dict) -> None:
+    d = files["dir"]
+    for name, key in (("nan.pth", "ups.0.lora_B: 1 NaN"), ("inf_model.pth", "dec.conv_post.weight: 1 Inf")):
+        proc = rvclora("info", str(d / name))
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert re.search(rf"NOT FINITE: 1 tensors hold NaN or Inf: {re.escape(key)}", proc.stdout), proc.stdout
+        assert proc.stderr.startswith("rvclora: error: 1 tensors are not finite"), proc.stderr
+
+
+def test_merge_refuses_another_base_and_force_warns_in_one_line(files: dict) -> None:
+    d = files["dir"]
+    out = d / "merged.pth"
+    assert_one_line_error(rvclora("merge", str(d / "other.pth"), str(d / "adapter.safetensors"), "-o", str(out)),
+                          r"adapter\.safetensors: the adapter was trained on another base model .*--force")
+    assert not out.exists()
+    forced = rvclora("merge", str(d / "other.pth"), str(d / "adapter.safetensors"), "-o", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.startswith("rvclora: warning: ") and len(forced.stderr.strip().splitlines()) == 1
+    assert "used anyway" in forced.stderr and out.exists()
+    assert_one_line_error(rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m2.pth")),
+                          r"nan\.pth: refusing to merge: the adapter's 'ups\.0\.lora_B' is not finite")
+    assert_one_line_error(rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m.safetensors")),
+                          r"name it \.pth, not \.safetensors")
+    assert not (d / "m2.pth").exists() and not (d / "m.safetensors").exists()
+
+
+def test_a_closed_pipe_is_quiet(files: dict) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "rvclora", "info", str(files["dir"] / "base.pth")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc.stdout.close()  # the reader goes away before the first line (as `| head -0` would)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err

@@ -76,7 +76,16 @@ def test_bad_arguments() -> None:
         base_fingerprint({"x": "y"})
     with pytest.raises(ValueError, match="no floating-point weights"):
         base_fingerprint({"n": torch.zeros(2, dtype=torch.long)})
-    injected = inject_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoRAConfig(r=1, target_modules=["0"]))
+    normed = torch.nn.Sequential(torch.nn.utils.weight_norm(torch.nn.Conv1d(2, 2, 3)))
+    injected = inject_lora(normed, LoRAConfig(r=1, target_modules=["0"]))
     del injected.rvclora_base_fingerprint
-    with pytest.raises(ValueError, match="already has LoRA layers and no recorded"):
+    with pytest.raises(ValueError, match="LoRA layers with folded weight_norm and no recorded"):
         base_fingerprint(injected)
+
+
+def test_lora_layers_without_weight_norm_fingerprint_from_their_state_dict() -> None:
+    base = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Conv1d(2, 2, 3))
+    expected = base_fingerprint(base)
+    injected = inject_lora(base, LoRAConfig(r=1, target_modules=["0", "1"]))
+    del injected.rvclora_base_fingerprint  # as for a model converted from PEFT
+    assert base_fingerprint(injected) == expected
