@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .config import LoRAConfig
+from .io import RVCLoRAWarning
 
 __all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "parse_weighted"]
 
@@ -227,10 +228,11 @@ def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
         if not force:
             raise BlendError(f"the adapters were trained on different base models ({detail}); a blend is only "
                              "meaningful on one shared base (force=True / --force to blend anyway)")
-        warnings.warn(f"blending adapters of different base models ({detail}) because force=True", stacklevel=3)
+        warnings.warn(f"blending adapters of different base models ({detail}) because force=True",
+                      RVCLoRAWarning, stacklevel=3)
     if missing:
         warnings.warn(f"{', '.join(missing)}: no base fingerprint recorded (written by an older rvclora); "
-                      "cannot check that the adapters share a base", stacklevel=3)
+                      "cannot check that the adapters share a base", RVCLoRAWarning, stacklevel=3)
 
 
 def _check_rank(rank: Any, sources: Sequence[_Source]) -> None:
