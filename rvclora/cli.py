@@ -1,4 +1,4 @@
-"""The ``rvclora`` command: ``demo``, ``merge``, ``info``.
+"""The ``rvclora`` command: ``demo``, ``merge``, ``mix``, ``info``.
 
 Errors print one line on stderr (``rvclora: error: …``) and exit with status 1; usage errors
 are argparse's (status 2). rvclora's own warnings print one line each (``rvclora: warning:
@@ -104,12 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     merge.add_argument("base", metavar="BASE.pth", help="exported RVC model")
-    merge.add_argument("adapter", metavar="ADAPTER", help="rvclora adapter (.pth or .safetensors)")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
+                       help="rvclora adapter (.pth or .safetensors); several, each with an optional weight "
+                            "(a bare ADAPTER means weight 1), are blended exactly first: dW = sum of w_i dW_i")
     merge.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="where to write the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
     merge.add_argument("--force", action="store_true",
                        help="merge even if the adapter records a different base model's fingerprint")
     merge.set_defaults(func=_cmd_merge)
+
+    mix = sub.add_parser(
+        "mix",
+        help="blend several adapters of one base into one adapter file (voice blending)",
+        description=(
+            "Blend adapters trained on the same base model with weights w_i (negative allowed, any sum): the "
+            "result's update is exactly dW = sum of w_i dW_i, at rank sum r_i; with --rank R each layer's blended "
+            "dW is truncated to rank R by SVD and its relative error is printed. Refused: adapters of different "
+            "base models (unless --force), of different layer sets or shapes, or trained biases whose weights "
+            "do not sum to 1. The output is a normal adapter file."
+        ),
+    )
+    mix.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
+                     help="adapter file with an optional weight (default 1), e.g. alto.safetensors:0.6")
+    mix.add_argument("--rank", type=_positive_int, default=None, help="truncate every layer to rank R by SVD")
+    mix.add_argument("-o", "--output", required=True, metavar="MIX.safetensors", help="where to write the blend")
+    mix.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    mix.add_argument("--force", action="store_true", help="blend adapters recorded against different base models")
+    mix.set_defaults(func=_cmd_mix)
 
     info = sub.add_parser(
         "info",
@@ -256,8 +277,21 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
           f"dropout={cfg.lora_dropout:g} bias={cfg.bias} targets={cfg.target_modules}")
     fp = adapter.get("base_fingerprint")
     print(f"  base fingerprint: {fp if fp is not None else 'none (written by an older rvclora: not checked)'}")
-    if adapter.get("metadata"):
-        print(f"  metadata: {json.dumps(adapter['metadata'])[:300]}")
+    meta = dict(adapter.get("metadata") or {})
+    blend = meta.pop("blend", None)
+    meta.pop("layers", None)
+    if isinstance(blend, dict):
+        kind = "exact" if blend.get("rank") is None else f"rank {blend['rank']} by SVD"
+        print(f"  blend ({kind}) of:")
+        for src in blend.get("sources", []):
+            print(f"    {src.get('weight', float('nan')):+g} x {src.get('name')} (r={src.get('r')}, "
+                  f"lora_alpha={src.get('lora_alpha')})")
+        errors = blend.get("errors") or {}
+        if errors:
+            print(f"  truncation error per layer: max {max(errors.values()):.3g}, "
+                  f"mean {sum(errors.values()) / len(errors):.3g}")
+    if meta:
+        print(f"  metadata: {json.dumps(meta)[:300]}")
     if adapter.get("optimizer_error"):
         print(f"  optimizer state: damaged ({adapter['optimizer_error']}); the weights are unaffected")
     if adapter.get("epoch") is not None:
@@ -324,12 +358,42 @@ def _info_rvc(model_file: Any) -> int:
 # --------------------------------------------------------------------------- merge
 
 
+def _weighted_adapters(items: Sequence[str]) -> list[tuple[str, float]]:
+    from .blend import parse_weighted
+
+    return [parse_weighted(item) for item in items]
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .rvc_files import merge_adapter
 
-    result = merge_adapter(args.base, args.adapter, args.output, overwrite=args.overwrite, force=args.force)
+    sources = _weighted_adapters(args.adapters)
+    adapter = sources[0][0] if len(sources) == 1 and sources[0][1] == 1.0 else sources
+    result = merge_adapter(args.base, adapter, args.output, overwrite=args.overwrite, force=args.force)
     print(f"wrote {result.path}: {result.merged_layers} LoRA layers merged into {result.decoder_keys} decoder "
           f"tensors; info: {result.info!r}")
+    return 0
+
+
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from .blend import blend_adapters
+    from .checkpoint import write_lora_file
+    from .io import check_output_path
+
+    sources = _weighted_adapters(args.adapters)
+    out = check_output_path(args.output, what="adapter", overwrite=args.overwrite,
+                            inputs=tuple(("adapter", p) for p, _ in sources))
+    mix = blend_adapters([p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force)
+    write_lora_file(out, mix["weights"], mix["config"], base_fingerprint=mix["base_fingerprint"],
+                    metadata=mix["metadata"], overwrite=args.overwrite)
+    kind = "exact" if args.rank is None else f"rank {args.rank} by SVD"
+    print(f"wrote {out}: blend of {len(sources)} adapters ({kind}), r={mix['config'].r}, "
+          f"{len(mix['metadata']['layers'])} layers")
+    errors = mix["metadata"]["blend"]["errors"]
+    if errors:
+        worst = max(errors, key=errors.get)
+        print(f"  relative error per layer (discarded singular energy): max {errors[worst]:.3g} ({worst}), "
+              f"mean {sum(errors.values()) / len(errors):.3g}")
     return 0
 
 

@@ -380,10 +380,31 @@ class _Synthesizer(nn.Module):
         self.dec = dec
 
 
+def _adapter_sources(adapter_path: Any) -> list[tuple[str, float]]:
+    """``adapter_path`` as ``[(path, weight), ...]``: one path (weight 1) or a list of paths / (path, weight) pairs."""
+    if isinstance(adapter_path, (str, os.PathLike)):
+        return [(os.fspath(adapter_path), 1.0)]
+    if isinstance(adapter_path, (list, tuple)) and adapter_path:
+        out = []
+        for item in adapter_path:
+            if isinstance(item, (str, os.PathLike)):
+                out.append((os.fspath(item), 1.0))
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
+                out.append((os.fspath(item[0]), item[1]))
+            else:
+                raise TypeError(f"merge_adapter: each adapter must be a path or a (path, weight) pair, got {item!r}")
+        return out
+    raise TypeError(f"merge_adapter: adapter_path must be a path or a non-empty list of (path, weight) pairs, "
+                    f"got {adapter_path!r}")
+
+
 def merge_adapter(
-    base_path: PathLike, adapter_path: PathLike, out_path: PathLike, *, overwrite: bool = False, force: bool = False
+    base_path: PathLike, adapter_path: Any, out_path: PathLike, *, overwrite: bool = False, force: bool = False
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter_path`` into the exported model at ``base_path``; write ``out_path``.
+
+    ``adapter_path`` may also be a list of ``(path, weight)`` pairs: the adapters are blended
+    exactly first (:func:`rvclora.blend.blend_adapters`, ``ΔW = Σ wᵢ·ΔWᵢ``), then merged in one pass.
 
     The output is an RVC exported model: every field and every non-decoder key of the base
     kept as is, the decoder weights replaced by ``W + ΔW`` in the base's own weight_norm form
@@ -402,15 +423,28 @@ def merge_adapter(
     from .fingerprint import base_fingerprint
     from .inject import inject_lora, lora_modules, merged_state_dict
 
-    base_path, adapter_path = os.fspath(base_path), os.fspath(adapter_path)
+    base_path = os.fspath(base_path)
+    sources = _adapter_sources(adapter_path)
     _torch_output(out_path)
     out_path = check_output_path(out_path, overwrite=overwrite,
-                                 inputs=(("base model", base_path), ("adapter", adapter_path)))
+                                 inputs=(("base model", base_path),) + tuple(("adapter", p) for p, _ in sources))
     base = load_rvc_file(base_path)
     if base.kind != "exported":
         raise RVCFileError(f"{base_path}: is an RVC training checkpoint (G_*.pth); merge needs an exported model, "
                            "which stores the config")
-    adapter = read_lora_file(adapter_path)
+    if len(sources) == 1 and sources[0][1] == 1.0:
+        adapter_path = sources[0][0]
+        adapter = read_lora_file(adapter_path)
+        adapter_label = os.path.basename(adapter_path)
+    else:
+        from .blend import BlendError, blend_adapters
+
+        adapter_path = " + ".join(f"{p}:{w:g}" for p, w in sources)
+        adapter_label = "blend " + " + ".join(f"{os.path.basename(p)}:{w:g}" for p, w in sources)
+        try:
+            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force)
+        except BlendError as e:
+            raise RVCFileError(f"cannot blend {adapter_path}: {e}") from None
     weights: dict[str, Tensor] = adapter["weights"]
     lora_config = adapter["config"]
     bad = first_nonfinite(weights.items())
@@ -460,7 +494,7 @@ def merge_adapter(
             new_weights[k] = v
 
     n_layers = sum(1 for _ in lora_modules(model))
-    note = (f"rvclora adapter {os.path.basename(adapter_path)} merged (r={lora_config.r}, "
+    note = (f"rvclora adapter {adapter_label} merged (r={lora_config.r}, "
             f"alpha={lora_config.lora_alpha:g}, targets={','.join(lora_config.target_modules)}, {n_layers} layers)")
     base_info = str(base.data.get("info", ""))
     info = f"{base_info} + {note}" if base_info else note

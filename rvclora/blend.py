@@ -1,0 +1,350 @@
+"""Voice blending: mix LoRA adapters of one base model, exactly or at a chosen rank.
+
+Adapters trained on the same base combine without approximation: per adapted layer the blend
+with weights ``wᵢ`` is ``ΔW = Σ wᵢ·ΔWᵢ``, and since every ``ΔWᵢ = sᵢ·Lᵢ·Rᵢ`` is a product of its
+two factors, concatenating the factors along the rank axis (scaling the left one by ``wᵢ·sᵢ``)
+gives a LoRA of rank ``Σ rᵢ`` whose update is that sum exactly. With ``rank=R`` each layer's
+blended ``ΔW`` is truncated to rank ``R`` by SVD instead (the best rank-``R`` approximation in the
+Frobenius norm), and the relative error ``‖ΔW − ΔW_R‖ / ‖ΔW‖`` — the square root of the discarded
+singular energy's share — is reported per layer.
+
+Per group ``j`` of a layer with ``groups = g`` (rank ``r/g`` per group), the two factors are
+
+* Linear and Conv1d: ``L = B[j]: (out/g, r/g)``, ``R = A[j]: (r/g, in/g·k)``;
+* ConvTranspose1d: ``L = A[j]ᵀ: (in/g, r/g)``, ``R = B[j]: (r/g, out/g·k)``;
+
+and ``ΔW[j] = s·L·R`` in the layout of :mod:`rvclora.reference`'s ``delta_weight_*`` functions.
+The result is an ordinary adapter (``lora_alpha = r``, so its scaling is 1, every ``wᵢ·sᵢ``
+folded into the factors), usable everywhere an adapter is.
+
+Weights may be negative and need not sum to 1. Biases that an adapter's bias mode trains are
+stored whole (not as a difference from the base), so they blend exactly only when the weights
+sum to 1; otherwise the blend is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import LoRAConfig
+from .io import RVCLoRAWarning
+
+__all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "parse_weighted"]
+
+KINDS = ("linear", "conv1d", "conv_transpose1d")
+
+
+class BlendError(ValueError):
+    """Adapters that cannot be blended (different bases or layers, bad weights or rank)."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What a blend needs to know of an adapted layer: its kind and its groups."""
+
+    kind: str
+    groups: int = 1
+
+
+def layer_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: {"kind", "groups"}}`` for every LoRA layer of ``model`` (saved in adapter metadata)."""
+    from .inject import lora_modules
+    from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in lora_modules(model):
+        if m.r <= 0:
+            continue
+        if isinstance(m, LoRAConvTranspose1d):
+            out[name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
+        elif isinstance(m, LoRAConv1d):
+            out[name] = {"kind": "conv1d", "groups": int(m.groups)}
+        elif isinstance(m, LoRALinear):
+            out[name] = {"kind": "linear", "groups": 1}
+    return out
+
+
+def parse_weighted(text: str) -> tuple[str, float]:
+    """``"PATH:WEIGHT"`` → ``(PATH, WEIGHT)``; a bare ``PATH`` means weight 1.
+
+    Only the text after the last ``:`` is read as the weight, and only if it is a number, so
+    paths containing ``:`` still work when they end in a weight (``C:/voices/a.safetensors:0.5``).
+    """
+    if not isinstance(text, str) or not text:
+        raise BlendError(f"an adapter must be given as PATH or PATH:WEIGHT, got {text!r}")
+    path, sep, tail = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    if not path:
+        raise BlendError(f"adapter {text!r}: the path before ':' is empty (expected PATH:WEIGHT)")
+    try:
+        w = float(tail)
+    except ValueError:
+        if os.path.exists(text):
+            return text, 1.0
+        raise BlendError(f"adapter {text!r}: the weight after ':' must be a number, got {tail!r} "
+                         "(expected PATH:WEIGHT, e.g. voice.safetensors:0.5)") from None
+    if not math.isfinite(w):
+        raise BlendError(f"adapter {text!r}: the weight must be a finite number, got {tail!r}")
+    return path, w
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class _Source:
+    label: str
+    weights: dict[str, Tensor]
+    config: LoRAConfig
+    fingerprint: str | None
+    records: dict[str, LayerRecord]
+
+
+def _load(adapter: Any, index: int) -> _Source:
+    if isinstance(adapter, (str, os.PathLike)):
+        from .checkpoint import read_lora_file
+
+        data = read_lora_file(adapter)
+        label = os.fspath(adapter)
+    elif isinstance(adapter, Mapping) and "weights" in adapter and "config" in adapter:
+        data = adapter
+        label = str((adapter.get("metadata") or {}).get("name", f"adapter #{index}"))
+    else:
+        raise BlendError(f"adapters[{index}] must be a path or an adapter read by read_lora_file, "
+                         f"got {type(adapter).__name__}")
+    config = data["config"]
+    if isinstance(config, Mapping):
+        config = LoRAConfig.from_dict(dict(config))
+    weights = dict(data["weights"])
+    records = _records(label, weights, (data.get("metadata") or {}).get("layers"))
+    return _Source(label, weights, config, data.get("base_fingerprint"), records)
+
+
+def _records(label: str, weights: Mapping[str, Tensor], saved: Any) -> dict[str, LayerRecord]:
+    """Each layer's kind and groups: from the file's layer records, else from the factor shapes."""
+    out: dict[str, LayerRecord] = {}
+    for key in weights:
+        if not key.endswith(".lora_A"):
+            continue
+        name = key[: -len(".lora_A")]
+        if f"{name}.lora_B" not in weights:
+            raise BlendError(f"{label}: {name}.lora_A has no matching {name}.lora_B")
+        if isinstance(saved, Mapping) and name in saved:
+            rec = saved[name]
+            kind, groups = rec.get("kind"), rec.get("groups", 1)
+            if kind not in KINDS or not isinstance(groups, int) or groups < 1:
+                raise BlendError(f"{label}: layer record of {name} is {rec!r}; "
+                                 f"expected kind in {KINDS} and groups >= 1")
+            out[name] = LayerRecord(kind, groups)
+        else:
+            out[name] = _infer(label, name, weights[key], weights[f"{name}.lora_B"])
+    if not out:
+        raise BlendError(f"{label}: holds no LoRA factors (no '*.lora_A' keys)")
+    return out
+
+
+def _infer(label: str, name: str, A: Tensor, B: Tensor) -> LayerRecord:
+    """Files without layer records: Linear/Conv1d have ``B: (out, r/g)``, ConvTranspose1d ``B: (r, out/g·k)``."""
+    if A.dim() != 2 or B.dim() != 2:
+        raise BlendError(f"{label}: {name}'s factors must be 2-D, got {tuple(A.shape)} and {tuple(B.shape)}")
+    r = A.shape[0]
+    cols_ok = B.shape[1] > 0 and r % B.shape[1] == 0
+    rows_ok = B.shape[0] == r
+    if cols_ok and rows_ok:
+        raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} fit both a Linear/Conv1d "
+                         "and a ConvTranspose1d, and the file has no layer records; re-save it with this rvclora")
+    if cols_ok:
+        return LayerRecord("conv1d", r // B.shape[1])  # Linear is Conv1d with k = 1, groups = 1: same maths
+    if rows_ok:
+        return LayerRecord("conv_transpose1d", 1)  # no record: RVC's upsamplers are ungrouped
+    raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} are not LoRA factors")
+
+
+def _factors(rec: LayerRecord, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L, R)``: ``(g, m, r/g)`` and ``(g, r/g, n)`` with ``ΔW[j] = s·L[j]·R[j]``."""
+    g = rec.groups
+    r = A.shape[0]
+    if r % g:
+        raise BlendError(f"rank {r} is not a multiple of groups={g}")
+    if rec.kind == "conv_transpose1d":
+        return A.reshape(g, r // g, -1).transpose(1, 2), B.reshape(g, r // g, -1)
+    return B.reshape(g, -1, r // g), A.reshape(g, r // g, -1)
+
+
+def _unfactors(rec: LayerRecord, L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`_factors`: ``(lora_A, lora_B)``."""
+    g, m, rg = L.shape
+    n = R.shape[-1]
+    if rec.kind == "conv_transpose1d":
+        return L.transpose(1, 2).reshape(g * rg, m).contiguous(), R.reshape(g * rg, n).contiguous()
+    return R.reshape(g * rg, n).contiguous(), L.reshape(g * m, rg).contiguous()
+
+
+def adapter_delta_weights(adapter: Any) -> dict[str, Tensor]:
+    """``{layer name: ΔW}`` of an adapter (float64), each as the per-group matrices ``(g, m, n)``."""
+    src = _load(adapter, 0)
+    out = {}
+    for name, rec in src.records.items():
+        L, R = _factors(rec, src.weights[f"{name}.lora_A"].double(), src.weights[f"{name}.lora_B"].double())
+        out[name] = src.config.scaling * torch.bmm(L, R)
+    return out
+
+
+# --------------------------------------------------------------------------- blending
+
+
+def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
+    first = sources[0]
+    for src in sources[1:]:
+        if set(src.records) != set(first.records):
+            only_a = sorted(set(first.records) - set(src.records))[:3]
+            only_b = sorted(set(src.records) - set(first.records))[:3]
+            raise BlendError(f"{src.label} adapts other layers than {first.label} (only in the first: {only_a}; "
+                             f"only in the second: {only_b}); blended adapters must share their layer set")
+        for name, rec in first.records.items():
+            if src.records[name] != rec:
+                raise BlendError(f"{name} is a {rec} in {first.label} but a {src.records[name]} in {src.label}")
+            L0, R0 = _factors(rec, first.weights[f"{name}.lora_A"], first.weights[f"{name}.lora_B"])
+            L1, R1 = _factors(rec, src.weights[f"{name}.lora_A"], src.weights[f"{name}.lora_B"])
+            if L0.shape[:2] != L1.shape[:2] or R0.shape[::2] != R1.shape[::2]:
+                shape0, shape1 = tuple(L0.shape[:2]) + (R0.shape[2],), tuple(L1.shape[:2]) + (R1.shape[2],)
+                raise BlendError(f"{name}: {src.label} is for a layer of another shape than {first.label} "
+                                 f"(ΔW per group {shape1} vs {shape0})")
+        if src.config.bias != first.config.bias:
+            raise BlendError(f"{src.label} trains biases {src.config.bias!r} but {first.label} {first.config.bias!r}")
+    prints = {s.fingerprint for s in sources}
+    missing = [s.label for s in sources if s.fingerprint is None]
+    known = prints - {None}
+    if len(known) > 1:
+        detail = ", ".join(f"{s.label}: {s.fingerprint}" for s in sources)
+        if not force:
+            raise BlendError(f"the adapters were trained on different base models ({detail}); a blend is only "
+                             "meaningful on one shared base (force=True / --force to blend anyway)")
+        warnings.warn(f"blending adapters of different base models ({detail}) because force=True",
+                      RVCLoRAWarning, stacklevel=3)
+    if missing:
+        warnings.warn(f"{', '.join(missing)}: no base fingerprint recorded (written by an older rvclora); "
+                      "cannot check that the adapters share a base", RVCLoRAWarning, stacklevel=3)
+
+
+def _check_rank(rank: Any, sources: Sequence[_Source]) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise BlendError(f"rank must be None (exact blend) or an int >= 1, got {rank!r}")
+    for name, rec in sources[0].records.items():
+        L, R = _factors(rec, sources[0].weights[f"{name}.lora_A"], sources[0].weights[f"{name}.lora_B"])
+        if rank % rec.groups:
+            raise BlendError(f"rank={rank} is not a multiple of {name}'s groups={rec.groups}")
+        most = min(L.shape[1], R.shape[2])
+        if rank // rec.groups > most:
+            raise BlendError(f"rank={rank} exceeds what {name} can hold (at most {most * rec.groups}: its ΔW is "
+                             f"{L.shape[1]}×{R.shape[2]} per group)")
+
+
+def _truncate(L: Tensor, R: Tensor, rg: int) -> tuple[Tensor, Tensor, float, float]:
+    """Best rank-``rg`` factors of each ``L[j]·R[j]`` (QR of both factors, SVD of the small core).
+
+    Returns the new ``(L, R)``, the discarded and the total singular energy (``Σσ²``)."""
+    q1, r1 = torch.linalg.qr(L)  # (g, m, k), (g, k, k)
+    q2, r2 = torch.linalg.qr(R.transpose(1, 2))  # (g, n, k), (g, k, k)
+    u, s, vh = torch.linalg.svd(r1 @ r2.transpose(1, 2))
+    energy = s.square()
+    total = float(energy.sum())
+    kept_n = min(rg, s.shape[-1])
+    discarded = float(energy[:, kept_n:].sum())
+    root = s[:, :kept_n].sqrt()
+    new_L = (q1 @ u[:, :, :kept_n]) * root.unsqueeze(1)
+    new_R = root.unsqueeze(2) * (vh[:, :kept_n, :] @ q2.transpose(1, 2))
+    if kept_n < rg:  # the blend's exact rank is below R: pad with zero directions
+        g, m, _ = new_L.shape
+        new_L = torch.cat([new_L, new_L.new_zeros(g, m, rg - kept_n)], dim=2)
+        new_R = torch.cat([new_R, new_R.new_zeros(g, rg - kept_n, new_R.shape[2])], dim=1)
+    return new_L, new_R, discarded, total
+
+
+def blend_adapters(
+    adapters: Sequence[Any],
+    weights: Sequence[float],
+    rank: int | None = None,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Blend ``adapters`` (paths, or dicts from :func:`rvclora.checkpoint.read_lora_file`) with ``weights``.
+
+    ``rank=None`` is exact: rank ``Σ rᵢ`` (adapters with weight 0 are left out). ``rank=R`` truncates
+    each layer's blended ``ΔW`` by SVD; ``metadata["blend"]["errors"]`` then holds each layer's relative
+    error. The adapters must share layer set, layer shapes, bias mode and base (their recorded base
+    fingerprints; ``force=True`` blends different bases with a warning). Ranks and alphas may differ.
+
+    Returns an adapter in :func:`read_lora_file`'s form (``weights``, ``config``, ``base_fingerprint``,
+    ``metadata``), ready for :func:`rvclora.checkpoint.write_lora_file` or a merge.
+    """
+    if isinstance(adapters, (str, os.PathLike, Mapping)) or not isinstance(adapters, Sequence):
+        raise BlendError(f"adapters must be a list of paths or adapters, got {type(adapters).__name__}")
+    if len(adapters) == 0:
+        raise BlendError("adapters is empty: give at least one adapter to blend")
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(adapters):
+        raise BlendError(f"weights must be a list of {len(adapters)} numbers (one per adapter), got {weights!r}")
+    ws = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise BlendError(f"weights[{i}] must be a finite number, got {w!r}")
+        ws.append(float(w))
+    sources = [_load(a, i) for i, a in enumerate(adapters)]
+    _check_compatible(sources, force)
+    _check_rank(rank, sources)
+    first = sources[0]
+    bias_mode = first.config.bias
+    if bias_mode != "none" and abs(sum(ws) - 1.0) > 1e-6:
+        raise BlendError(f"the adapters train biases (bias={bias_mode!r}) and store them whole, so they blend exactly "
+                         f"only with weights summing to 1; these sum to {sum(ws):g}")
+    active = [(s, w) for s, w in zip(sources, ws) if w != 0.0] or [(first, 0.0)]
+
+    out_w: dict[str, Tensor] = {}
+    errors: dict[str, float] = {}
+    for name, rec in first.records.items():
+        dtype = first.weights[f"{name}.lora_A"].dtype
+        Ls, Rs = [], []
+        for src, w in active:
+            L, R = _factors(rec, src.weights[f"{name}.lora_A"].double(), src.weights[f"{name}.lora_B"].double())
+            Ls.append(L * (w * src.config.scaling))
+            Rs.append(R)
+        L, R = torch.cat(Ls, dim=2), torch.cat(Rs, dim=1)
+        if rank is not None:
+            L, R, discarded, total = _truncate(L, R, rank // rec.groups)
+            errors[name] = math.sqrt(discarded / total) if total > 0 else 0.0
+        A, B = _unfactors(rec, L, R)
+        out_w[f"{name}.lora_A"], out_w[f"{name}.lora_B"] = A.to(dtype), B.to(dtype)
+    if bias_mode != "none":
+        bias_keys = [k for k in first.weights if k.endswith(".bias")]
+        for src in sources[1:]:
+            if sorted(k for k in src.weights if k.endswith(".bias")) != sorted(bias_keys):
+                raise BlendError(f"{src.label} trains other biases than {first.label}")
+        for key in bias_keys:
+            acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
+            out_w[key] = acc.to(first.weights[key].dtype)
+
+    total_rank = rank if rank is not None else sum(s.config.r for s, _ in active)
+    config = LoRAConfig(r=total_rank, lora_alpha=float(total_rank), lora_dropout=0.0,
+                        target_modules=list(first.config.target_modules), merge_weights=first.config.merge_weights,
+                        bias=bias_mode)
+    known = [s.fingerprint for s in sources if s.fingerprint is not None]
+    fingerprint = known[0] if known and len(set(known)) == 1 else None
+    blend_meta = {
+        "sources": [{"name": s.label, "weight": w, "r": s.config.r, "lora_alpha": s.config.lora_alpha,
+                     "base_fingerprint": s.fingerprint} for s, w in zip(sources, ws)],
+        "rank": rank,
+        "errors": errors,
+    }
+    layers = {name: {"kind": rec.kind, "groups": rec.groups} for name, rec in first.records.items()}
+    return {"weights": out_w, "config": config, "base_fingerprint": fingerprint,
+            "metadata": {"blend": blend_meta, "layers": layers}, "epoch": None, "optimizer": None}
