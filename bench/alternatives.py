@@ -1,8 +1,8 @@
 """What users would otherwise train with, built so the benchmarks can time them against rvclora.
 
-* **plain**: the brief's unfused LoRA module, ``base(x) + scaling · B(A(dropout(x)))`` with
+* **plain**: the textbook unfused LoRA module, ``base(x) + scaling · B(A(dropout(x)))`` with
   ``nn.Linear`` / ``nn.Conv1d`` submodules. For ``ConvTranspose1d`` it is the *exact*
-  factorisation of DESIGN.md §1 done unfused: a 1×1 ``Conv1d`` A at the input rate, then a
+  factorisation of docs/maths.md done unfused: a 1×1 ``Conv1d`` A at the input rate, then a
   ``ConvTranspose1d`` B with the base's stride, padding, output_padding, dilation and groups.
 * **peft**: Hugging Face PEFT's LoRA, where PEFT accepts the layer.
 * **loralib**: Microsoft's ``loralib.Linear`` / ``loralib.Conv1d``, where they apply.

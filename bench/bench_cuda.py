@@ -3,7 +3,7 @@
 One training step of one RVC 40k-generator upsampler stage (batch 4, 32 input frames at the
 first stage), forward + backward, for
 
-* ``base``:  the frozen base layer, ``conv_transpose1d`` + grad w.r.t. x (the baseline, DESIGN.md §3);
+* ``base``:  the frozen base layer, ``conv_transpose1d`` + grad w.r.t. x (the baseline, docs/maths.md);
 * ``torch``: the LoRA layer through the ``torch`` backend (grads for x, A, B);
 * ``cuda``:  the same through the fused kernel (grads for x, A, B).
 

@@ -13,13 +13,13 @@ Variants (the names used everywhere):
 ``base`` the frozen base (the baseline: weights ``requires_grad=False``, gradient w.r.t. the input
 only), ``rvclora`` (``RVCLORA_BACKEND``, default ``auto``: the compiled cpu backend on CPU, else the
 torch path), ``plain`` (the
-brief's unfused module, ``alternatives.py``), ``peft``, ``loralib``, ``full`` (full fine-tuning:
+textbook unfused module, ``alternatives.py``), ``peft``, ``loralib``, ``full`` (full fine-tuning:
 every weight trains).
 
 Memory: the activation bytes autograd saves for backward, counted with
 ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during the first warm-up step
 (deterministic: no timing involved). Parameters are not counted (the model holds them anyway;
-saving one costs nothing). rvclora's count is checked against the bound of issue #6: the frozen
+saving one costs nothing). rvclora's count is checked against the memory bound of docs/maths.md: the frozen
 base's count plus ``x`` and ``u`` of every adapted layer (``bound`` column: ``ok`` or ``OVER``).
 
 Options (or environment variables): ``--bench-quick`` (``RVCLORA_BENCH_QUICK=1``) tiny shapes and
@@ -536,7 +536,7 @@ def format_table(results: List[dict], info: dict) -> List[str]:
         f"mode {info.get('mode')} · {info.get('date')}",
         "ms = median per training step (forward + backward) over interleaved rounds after warm-up; "
         "ovh = vs the frozen base (median over rounds of the ratio within each round); "
-        "floor = flop floor (DESIGN.md §3); rv/x = rvclora time / x time, paired the same way (< 1: rvclora "
+        "floor = flop floor (docs/maths.md); rv/x = rvclora time / x time, paired the same way (< 1: rvclora "
         "faster); saved MiB = activation bytes autograd saves for backward; bound = rvclora's within the base's "
         "+ x + u per adapted layer; '-' = not run in this case",
         rule, fmt(head), rule,

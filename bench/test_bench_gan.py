@@ -6,7 +6,7 @@ LoRA's share of the step is smaller than in the generator-only benchmark. Setups
 * ``base``: frozen generator (weight_norm folded, frozen after folding); the latent input
   requires grad (the posterior encoder before the decoder trains in RVC);
 * ``rvclora``: LoRA on ``ups`` + ``resblocks``, r = 8, alpha 16 (``RVCLORA_BACKEND``, default auto);
-* ``plain``: the brief's unfused LoRA modules on the same layers (weight-normed bases as they are);
+* ``plain``: the textbook unfused LoRA modules on the same layers (weight-normed bases as they are);
 * ``full``: RVC's usual fine-tuning of every generator parameter (legacy weight_norm, as RVC trains).
 
 Each step: decoder forward, D step on (real, generated.detach()), G step with adversarial +

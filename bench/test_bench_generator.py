@@ -15,7 +15,7 @@ unsupported with their reason (PEFT has no ConvTranspose1d; loralib neither, and
 fails for kernels > 1). Before timing, the plain variant must reproduce rvclora's output with
 the same factors (a non-zero ``B``).
 
-The flop floor of a row is DESIGN.md §3's per-layer floor weighted by each layer's share of the
+The flop floor of a row is the per-layer floor of docs/maths.md weighted by each layer's share of the
 frozen base step's flops (forward, plus the input gradient where the layer's input needs one),
 measured on the model with forward hooks.
 """
@@ -58,7 +58,7 @@ _LAYERS = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
 
 
 def _layer_floor(m: nn.Module, r: int) -> float:
-    """DESIGN.md §3: LoRA's least extra flops as a fraction of the layer's frozen step."""
+    """docs/maths.md: LoRA's least extra flops as a fraction of the layer's frozen step."""
     if isinstance(m, nn.ConvTranspose1d):
         return r / m.in_channels + r / (m.out_channels * m.kernel_size[0])
     if isinstance(m, nn.Conv1d):

@@ -1,6 +1,6 @@
 // Fused ConvTranspose1d + exact LoRA: the kernel bodies, written once.
 //
-//   y = convT(concat[x, s·A·D(x)], concat[W, B]) + b          (DESIGN.md §1, single-pass form)
+//   y = convT(concat[x, s·A·D(x)], concat[W, B]) + b          (docs/maths.md, single-pass form)
 //
 //   x: (N, Cin, T)   W: (Cin, Cout/g, K)   A: (r, Cin/g)   B: (r, Cout/g·K)   y: (N, Cout, L)
 //   L = (T-1)·S − 2P + D·(K−1) + OP + 1,   output l = t'·S − P + t·D for input t', tap t.

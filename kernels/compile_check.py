@@ -1,7 +1,7 @@
 """Compile every fused kernel and autotune config for sm_80 and sm_90, without a GPU.
 
 For each (architecture, kernel variant, config) this runs ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 80|90, 32))`` and checks (VERIFY.md, "Kernels without a GPU"):
+target=GPUTarget("cuda", 80|90, 32))`` and checks (docs/verification.md):
 
 * tensor-core instructions in the PTX of every variant whose dots run in fp16/bf16, or whose
   base dots run in TF32 (``BASE_PRECISION="tf32"``, where PyTorch would use TF32 for the base

@@ -1,4 +1,4 @@
-"""Fused LoRA kernels (Triton) for Linear and Conv1d, as implicit GEMMs (DESIGN.md §4).
+"""Fused LoRA kernels (Triton) for Linear and Conv1d, as implicit GEMMs (docs/maths.md).
 
 One set of kernels serves both layer kinds. A Linear ``x: (M, in)`` is the Conv1d case
 ``N = M, C = in, T = T_out = 1, k = 1`` (``IS_LINEAR`` compiles the index arithmetic away).

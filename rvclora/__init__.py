@@ -1,6 +1,6 @@
 """rvclora: exact, fused LoRA layers for RVC voice models (Linear, Conv1d, ConvTranspose1d).
 
-The public API of the product brief; see README.md.
+The public API; see README.md and docs/.
 """
 
 from .checkpoint import (

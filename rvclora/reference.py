@@ -1,4 +1,4 @@
-"""The oracle: the unfused maths of every LoRA layer kind (DESIGN.md §1).
+"""The oracle: the unfused maths of every LoRA layer kind (docs/maths.md).
 
 Readable, float64-capable, differentiable through plain autograd. Every backend
 (``torch``, ``triton``, ``cuda``) is held to these functions in the tests.

@@ -1,6 +1,6 @@
 """RVC's model files: read them safely, build their decoder, merge an adapter into an export.
 
-Two kinds of file (``shared/RVC.md``):
+Two kinds of file (``docs/rvc.md``):
 
 * **training checkpoints** ``G_<step>.pth``: ``{"model": state_dict, "iteration", "optimizer",
   "learning_rate"}``;

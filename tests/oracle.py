@@ -1,4 +1,4 @@
-"""Shared test helpers: the oracle comparison with dtype-adaptive tolerances (VERIFY.md)."""
+"""Shared test helpers: the oracle comparison with dtype-adaptive tolerances (docs/verification.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Mixed precision: the layers under ``torch.autocast`` and a GradScaler training loop.
 
 RVC trains with CUDA fp16 autocast + ``GradScaler`` and computes its losses outside autocast
-(RVC.md). The layers are built for that: under autocast they cast input, weight and bias like
+(docs/rvc.md). The layers are built for that: under autocast they cast input, weight and bias like
 ``nn.Linear``/``nn.Conv1d`` do (same output dtype), while the LoRA factors stay float32 and
 the LoRA path is accumulated in float32 and added to the base output once. So the optimizer
 updates float32 factors with float32 gradients, and a ``ΔW`` smaller than the low-precision

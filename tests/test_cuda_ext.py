@@ -66,7 +66,7 @@ def _make(N, cin, cout, T, K, r, groups, bias, gen):
 
 
 def _assert_close(cand, ref64, same, what, tiny):
-    """VERIFY.md: max|cand − ref64| ≤ 2·max|plain torch in cand's dtype − ref64| + tiny·scale."""
+    """docs/verification.md: max|cand − ref64| ≤ 2·max|plain torch in cand's dtype − ref64| + tiny·scale."""
     assert cand.shape == ref64.shape, f"{what}: shape {tuple(cand.shape)} != {tuple(ref64.shape)}"
     assert not torch.isnan(cand).any(), f"{what}: NaN left in the output (an element no kernel thread wrote)"
     err = (cand.double() - ref64).abs().max().item()

@@ -18,7 +18,7 @@ def test_presets():
     assert FAST_CONFIG.r == 4
     assert BALANCED_CONFIG.r == 8 and BALANCED_CONFIG.lora_dropout == 0.05
     for c in (DEFAULT_CONFIG, HIGH_QUALITY_CONFIG, FAST_CONFIG, BALANCED_CONFIG):
-        assert c.scaling == 2.0  # lora_alpha = 2r, as the brief recommends
+        assert c.scaling == 2.0  # lora_alpha = 2r, the usual choice
 
 
 def test_dict_round_trip_is_json_safe():

@@ -1,4 +1,4 @@
-"""Layer behaviour: the brief's tests, exactness against W + ΔW for every base option,
+"""Layer behaviour: the basic API tests, exactness against W + ΔW for every base option,
 merging without drift, r=0, from_base, autocast and every bad-input error."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from rvclora import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
 
-# --------------------------------------------------------------------------- the brief's tests
+# ------------------------------------------------- basic API: factor shapes, forward, merge_weights
 
 
 def test_lora_linear_init():

@@ -1,5 +1,5 @@
 """What autograd keeps for backward: a LoRA layer may save at most the frozen base's activations plus
-``x`` and ``u`` (issue #6), with dropout on or off, at batch 1 and 2 and for every layer kind.
+``x`` and ``u`` (the memory bound of docs/maths.md), with dropout on or off, at batch 1 and 2 and for every layer kind.
 
 Counted with ``saved_tensors_hooks`` over unique storages (parameters excluded: saving one costs no
 memory). A view of an activation-sized buffer saved as ``u`` keeps the whole buffer alive, so the

@@ -118,7 +118,7 @@ def test_bf16_autocast_training_keeps_the_lora_update() -> None:
     """
     narrow = dataclasses.replace(get_generator_config(CONFIG), name="40k-narrow", upsample_initial_channel=128)
     student, inputs, target = _setup(seed=0, config=narrow, relative_norm=0.5)
-    # Gradient agreement with fp32, held to what plain PyTorch ops cost at bf16 (VERIFY.md): the same
+    # Gradient agreement with fp32, held to what plain PyTorch ops cost at bf16 (docs/verification.md): the same
     # LoRA model computed by the unfused reference backend.
     cosines = {}
     for backend in ("reference", None):

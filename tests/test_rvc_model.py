@@ -1,6 +1,6 @@
 """RVC's generator: exact parameter layout per shipped config, state-dict round trips, forward shapes.
 
-The expected layout is derived here from the facts in ``shared/RVC.md`` (the table below is
+The expected layout is derived here from RVC's shipped configs (``docs/rvc.md``) (the table below is
 that document's table), independently of :mod:`rvclora.models.rvc`.
 """
 
@@ -20,7 +20,7 @@ from rvclora.models.rvc import (
     get_generator_config,
 )
 
-# RVC.md: config -> (sr, hop, segment frames, upsample_rates, upsample_kernel_sizes)
+# RVC's shipped configs (docs/rvc.md): config -> (sr, hop, segment frames, upsample_rates, upsample_kernel_sizes)
 RVC_TABLE = {
     "v1-32k": (32000, 320, 40, [10, 4, 2, 2, 2], [16, 16, 4, 4, 4]),
     "40k": (40000, 400, 32, [10, 10, 2, 2], [16, 16, 4, 4]),
@@ -33,7 +33,7 @@ RES_KERNELS = [3, 7, 11]
 
 
 def expected_layout(rates: list[int], kernels: list[int], f0: bool) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of RVC's decoder state dict (legacy weight_norm), from RVC.md."""
+    """Key -> shape of RVC's decoder state dict (legacy weight_norm), from docs/rvc.md."""
     out: dict[str, tuple[int, ...]] = {}
     if f0:
         out["m_source.l_linear.weight"] = (1, 1)

@@ -5,7 +5,7 @@ set by ``tests/conftest.py`` before Triton is imported); with a GPU they run on 
 Every call goes through the public ops (``rvclora.ops.lora_linear`` / ``lora_conv1d``) with the
 backend forced to ``triton``.
 
-Tolerances (VERIFY.md): the candidate's max error against a float64 oracle must stay within
+Tolerances (docs/verification.md, tests/oracle.py): the candidate's max error against a float64 oracle must stay within
 2 × the error of plain PyTorch doing the same maths in the candidate's dtype, plus one ulp of
 the largest reference value. bf16 is not run in the interpreter (numpy has no bf16, the
 interpreter's bf16 results are garbage; the backend refuses it there): the dtype-generic code

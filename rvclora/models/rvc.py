@@ -1,6 +1,7 @@
 """RVC's NSF-HiFiGAN generator (the decoder ``dec`` of RVC's ``SynthesizerTrn…`` models).
 
-Written from the facts in ``shared/RVC.md``. The parameter names and shapes are RVC's own,
+Written from RVC's published code; the facts it relies on are in ``docs/rvc.md``.
+The parameter names and shapes are RVC's own,
 so a state dict of RVC's decoder (the ``dec.`` keys, prefix stripped) loads strictly into
 :class:`GeneratorNSF` (f0 models) or :class:`Generator` (no-f0 models), and back.
 
@@ -95,7 +96,7 @@ def _cfg(
     return GeneratorConfig(name, version, sr, tuple(rates), tuple(kernels), frames)
 
 
-#: The shipped RVC configs (RVC.md). 40k uses the v1 config for v1 and v2 models.
+#: The shipped RVC configs (docs/rvc.md). 40k uses the v1 config for v1 and v2 models.
 GENERATOR_CONFIGS: dict[str, GeneratorConfig] = {
     c.name: c
     for c in (

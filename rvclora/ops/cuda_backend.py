@@ -92,7 +92,7 @@ def _setup_context(ctx, inputs, output):
         inputs
     )
     _, u = output
-    # x and u are the LoRA's memory cost (DESIGN.md §3); the dropout mask is regenerated from seed.
+    # x and u are the LoRA's memory cost (docs/maths.md, memory); the dropout mask is regenerated from seed.
     ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
     ctx.conv = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
     ctx.mark_non_differentiable(u)

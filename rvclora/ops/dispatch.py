@@ -1,4 +1,4 @@
-"""Backend selection for the functional ops (DESIGN.md §2).
+"""Backend selection for the functional ops (docs/architecture.md).
 
 A backend is a module that defines::
 

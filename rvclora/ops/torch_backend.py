@@ -1,6 +1,6 @@
 """The ``torch`` backend: pure PyTorch, the CPU path and the fallback everywhere.
 
-Fast, not naive (DESIGN.md §3):
+Fast, not naive (the performance model: docs/maths.md):
 
 * **Merged weight** when the maths is true fp32/fp64 and dropout is off: ``W_eff = W + ΔW``
   costs ``in·out·k·r`` flops once per call, then the forward and the input gradient are one
