@@ -3,6 +3,7 @@
 The public API; see README.md and docs/.
 """
 
+from .blend import blend_adapters
 from .checkpoint import (
     extract_lora_weights,
     load_lora_checkpoint,
@@ -55,6 +56,9 @@ __all__ = [
     "merged_state_dict",
     "print_lora_info",
     "save_lora_checkpoint",
+    "write_lora_file",
+    "read_lora_file",
+    "blend_adapters",
     "load_lora_checkpoint",
     "read_lora_config",
     "convert",
