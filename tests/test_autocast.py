@@ -72,7 +72,7 @@ def test_layers_follow_autocast_and_keep_fp32_factors(kind, dtype):
     assert lora.lora_A.dtype == lora.lora_B.dtype == torch.float32
 
     # the oracle on what autocast hands the layer: x, W, b rounded to `dtype`, factors in float32
-    r64 = lambda t: t.detach().to(dtype).double()  # noqa: E731
+    r64 = lambda t: t.detach().to(dtype).double()
     A64 = lora.lora_A.detach().double().requires_grad_(True)
     B64 = lora.lora_B.detach().double().requires_grad_(True)
     y_ref = _reference(kind, lora, r64(x), r64(lora.weight), r64(lora.bias), A64, B64)
