@@ -140,6 +140,23 @@ Tensor like_input(Tensor g, const Tensor& input) {
 
 Tensor empty0(const Tensor& x) { return at::empty({0}, x.options()); }
 
+// grad_x in the layout the base layer's autograd gives it: contiguous, except for a transposed 2-D
+// Linear input (x.t() of a contiguous matrix), whose gradient nn.Linear returns transposed too.
+bool transposed_2d(const Tensor& x) {
+  return x.dim() == 2 && x.size(0) > 1 && x.size(1) > 1 && x.stride(0) == 1 && x.stride(1) == x.size(0);
+}
+
+Tensor grad_input_layout(Tensor g, const Tensor& x, bool linear) {
+  if (g.scalar_type() != x.scalar_type()) g = g.to(x.scalar_type());
+  if (linear && transposed_2d(x)) {
+    if (g.strides() == x.strides()) return g;
+    Tensor out = at::empty({x.size(1), x.size(0)}, g.options()).t();
+    out.copy_(g);
+    return out;
+  }
+  return g.contiguous();
+}
+
 // Time-block length: long enough for the vector loops, short enough that the per-block
 // accumulators stay in L1, and enough blocks for every thread.
 int64_t block_len(int64_t T, int64_t outer) {
@@ -721,7 +738,7 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
                                          A.const_data_ptr<scalar_t>(), g, d);
     });
   }
-  if (need_x) gx = like_input(gx, x);
+  if (need_x) gx = grad_input_layout(gx, x, false);
   if (need_A) ga = like_input(ga, lora_A);
   if (need_B) gbb = like_input(gbb, lora_B);
   return {gx, gw, gb, ga, gbb};
@@ -805,7 +822,7 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
       }
     });
   }
-  if (need_x) gx = like_input(gx, x);
+  if (need_x) gx = grad_input_layout(gx, x, false);
   if (need_A) ga = like_input(ga, lora_A);
   if (need_B) gbb = like_input(gbb, lora_B);
   return {gx, gw, gb, ga, gbb};
@@ -880,7 +897,7 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
       gx2 = at::mm(g2, weight);
       gx2.add_(masked(at::mm(gu, A), seed, dropout_p));
     }
-    gx = like_input(gx2.view(x.sizes()), x);
+    gx = grad_input_layout(gx2.view(x.sizes()), x, true);
   }
   if (need_w) gw = like_input(at::mm(g2.t(), x2), weight);
   if (need_b) gb = g2.sum(0);

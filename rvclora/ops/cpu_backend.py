@@ -132,11 +132,14 @@ def _bwd_fake_for(bias_len):
         needs = args[-1]
         likes = (x, weight, None, lora_A, lora_B)
         out = []
-        for need, like in zip(needs, likes):
+        for i, (need, like) in enumerate(zip(needs, likes)):
             if not need:
                 out.append(x.new_empty((0,)))
             elif like is None:
                 out.append(x.new_empty((bias_len(weight, args),)))
+            elif i == 0:  # grad_x: contiguous, like the base layers' (transposed for a transposed 2-D Linear x)
+                out.append(x.new_empty((x.shape[1], x.shape[0])).t() if _transposed_2d(x) and x.dim() == 2
+                           and bias_len is _BIAS_LEN_LINEAR else x.new_empty(x.shape))
             else:
                 out.append(torch.empty_like(like))
         return tuple(out)
@@ -144,8 +147,17 @@ def _bwd_fake_for(bias_len):
     return fake
 
 
+def _transposed_2d(x) -> bool:
+    """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1 (see csrc/lora_cpu.cpp)."""
+    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
+
+
+def _BIAS_LEN_LINEAR(weight, args):
+    return weight.shape[0]
+
+
 _BIAS_LEN = {
-    "linear": lambda weight, args: weight.shape[0],
+    "linear": _BIAS_LEN_LINEAR,
     "conv1d": lambda weight, args: weight.shape[0],
     "convt": lambda weight, args: weight.shape[1] * args[5],  # args[5]: groups
 }
