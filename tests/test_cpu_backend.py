@@ -90,8 +90,12 @@ def test_declines_half_and_mixed_factors_so_auto_falls_back():
     x = torch.randn(2, 4, 8)
     assert be.unsupported_reason("lora_conv1d", x.bfloat16()) is not None
     assert "autocast" in be.unsupported_reason("lora_conv1d", x.double(), lora_A=torch.randn(2, 12))
-    assert dispatch.select_backend("lora_conv1d", x.bfloat16()).NAME == "torch"
+    ops.set_backend("cpu")
+    with pytest.raises(dispatch.BackendUnavailableError, match="bfloat16"):
+        dispatch.select_backend("lora_conv1d", x.bfloat16())
     assert dispatch.select_backend("lora_conv1d", x).NAME == "cpu"
+    ops.set_backend(None)
+    assert dispatch.select_backend("lora_conv1d", x).NAME == "torch"  # auto: the cpu backend is opt-in
 
 
 def test_gradcheck_float64(cpu_backend):

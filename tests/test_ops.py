@@ -324,9 +324,9 @@ def test_bad_backend_name():
         ops.set_backend("cudnn")
 
 
-def test_auto_on_cpu_uses_the_compiled_backend_else_torch():
-    expected = "cpu" if dispatch._unavailable("cpu") is None else "torch"
-    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == expected
+def test_auto_on_cpu_uses_the_torch_path():
+    # the compiled cpu backend is opt-in: it measured slower than the torch path (pytest bench/)
+    assert dispatch.select_backend("lora_linear", torch.randn(2, 2)).NAME == "torch"
     assert dispatch.select_backend("lora_linear", torch.randn(2, 2).bfloat16()).NAME == "torch"
 
 

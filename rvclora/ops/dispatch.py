@@ -60,7 +60,10 @@ _MODULES = {
 }
 
 # "auto" order per device type: fused GPU backends first, the torch path last.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# The compiled ``cpu`` backend is opt-in (RVCLORA_BACKEND=cpu): in ``pytest bench/`` it measured slower
+# than the torch path on the 40k generator (bench/results/2026-12-01-quiet-generator-gan*.json), so
+# ``auto`` does not pick it on CPU.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
 
 
@@ -215,7 +218,7 @@ def preload_backends() -> None:
     ``auto`` order when a CUDA device exists. Inside a trace :func:`load_backend` then only
     reads the cache.
     """
-    names = ["torch", "reference", *_AUTO_ORDER["cpu"]]
+    names = ["torch", "reference", "cpu", *_AUTO_ORDER["cpu"]]
     requested = os.environ.get("RVCLORA_BACKEND", "").strip().lower()
     if requested in BACKENDS:
         names.append(requested)
