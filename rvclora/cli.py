@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import LoRAConfig
+from .io import format_bytes as _fmt_bytes
 from .models.rvc import CONFIG_ALIASES, GENERATOR_CONFIGS, get_generator_config
 
 __all__ = ["build_parser", "main"]
@@ -197,14 +198,6 @@ def _closed_pipe() -> int:
 
 
 # --------------------------------------------------------------------------- info
-
-
-def _fmt_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024**2:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 1024**2:.1f} MiB"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

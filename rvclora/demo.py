@@ -25,17 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoRAConfig
+from .io import format_bytes as _fmt_bytes
 from .models.rvc import get_generator_config
 
 __all__ = ["run_demo"]
-
-
-def _fmt_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024**2:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 1024**2:.1f} MiB"
 
 
 def _seeded(seed: int) -> torch.Generator:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "RVCLoRAWarning",
+    "format_bytes",
     "atomic_write",
     "check_output_path",
     "detect_format",
@@ -298,3 +299,12 @@ def first_nonfinite(
         parts = ([f"{n_nan} NaN"] if n_nan else []) + ([f"{n_inf} Inf"] if n_inf else [])
         return key, " and ".join(parts) + f" of {t.numel()} values"
     return None
+
+
+def format_bytes(n: int) -> str:
+    """A file size for people: ``512 B``, ``2.4 KiB``, ``27.7 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.1f} MiB"
