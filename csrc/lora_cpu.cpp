@@ -37,6 +37,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -209,6 +211,60 @@ struct Partials {
     }
   }
 };
+
+
+// --------------------------------------------------------------------------- BLAS
+// The thin LoRA GEMMs call the BLAS that torch itself links (MKL's sgemm_/dgemm_ in the x86
+// wheels), on raw pointers with leading dimensions: a tap of a dilated convolution is a view of
+// x with an offset, so no im2col and no copies. Weak symbols: a torch built without an exported
+// BLAS leaves them null, and the hand-written loops below run instead.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+template <class T>
+bool blas_present();
+template <>
+bool blas_present<float>() { return sgemm_ != nullptr; }
+template <>
+bool blas_present<double>() { return dgemm_ != nullptr; }
+
+// Whether the BLAS path runs: the symbol is there, RVCLORA_CPU_BLAS is not 0 (a switch to compare
+// against the loops), and every dimension fits BLAS's 32-bit ints.
+template <class T>
+bool use_blas(int64_t largest) {
+  static const bool off = [] {
+    const char* v = std::getenv("RVCLORA_CPU_BLAS");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  return !off && blas_present<T>() && largest < (int64_t(1) << 31) - 1;
+}
+
+// Row-major C (M×N, ldc) = alpha·op(A)·op(B) + beta·C, op(A) M×K, op(B) K×N (column-major BLAS
+// computing Cᵀ = op(B)ᵀ·op(A)ᵀ). Single-threaded when called from a parallel region.
+template <class T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(1, ldb)), lb = static_cast<int>(std::max<int64_t>(1, lda)),
+            lc = static_cast<int>(std::max<int64_t>(1, ldc));
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  else
+    dgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
 
 // --------------------------------------------------------------------------- Conv1d geometry
 
@@ -428,6 +484,206 @@ RVC_INLINE void conv1d_bwd_body(const C1Bwd<T>& p, int64_t b0, int64_t b1) {
   }
 }
 
+
+// --------------------------------------------------------------------------- Conv1d through BLAS
+// The same passes as above, each a handful of BLAS calls per time block: per tap j the LoRA input
+// is x shifted by j·dilation (a view with x's row stride when stride is 1, zero padding and no
+// dropout; gathered into a block buffer otherwise), and A is taken tap-major, At (K, r, C_in/g).
+//   forward   u_blk = Σ_j At_j · x_j                          (+ y_blk += s·B·u_blk unmerged)
+//   backward  g_u_blk = s·Bᵀ·g_blk;  grad_B += g_blk·u_blkᵀ;  grad_A_j += g_u_blk·x_jᵀ
+//             grad_x += Σ_j At_jᵀ·g_u, shifted (unmerged input gradient, a second pass)
+
+template <class T>
+struct TapView {
+  const T* p;  // column lo of the tap's rows
+  int64_t ld, lo, hi;
+};
+
+// Stride 1 and nothing to pad but zeros: a tap is a view of x (with dropout it is still gathered).
+bool conv1d_views(const C1Geom& g) { return g.stride == 1 && (g.mode == PadMode::kZeros || (g.padl == 0 && g.padr == 0)); }
+
+template <class T>
+TapView<T> conv1d_tap(const T* x, const C1Geom& g, const Dropout<T>& d, bool view, int64_t n, int64_t grp,
+                      int64_t tap, int64_t t0, int64_t t1, int64_t ldb, T* buf) {
+  const int64_t row0 = n * g.Cin + grp * g.cin_g;
+  if (view) {
+    const int64_t off = tap * g.dil - g.padl;
+    const int64_t lo = std::max(t0, -off), hi = std::min(t1, g.T - off);
+    if (lo >= hi) return {x, g.T, 0, 0};
+    return {x + row0 * g.T + lo + off, g.T, lo, hi};
+  }
+  for (int64_t i = 0; i < g.cin_g; ++i) {
+    const int64_t base = (row0 + i) * g.T;
+    const T* xrow = x + base;
+    T* b = buf + i * ldb;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = g.src(t * g.stride + tap * g.dil);
+      b[t - t0] = s < 0 ? T(0) : (d.on ? xrow[s] * d.at(base + s) : xrow[s]);
+    }
+  }
+  return {buf, ldb, t0, t1};
+}
+
+// Block length: rows × length near RVCLORA_CPU_BLOCK elements (default 2^17: 512 KiB of fp32, well
+// inside a core's L2), then split evenly so every thread gets the same number of blocks.
+int64_t blas_block_len(int64_t T, int64_t outer, int64_t rows) {
+  static const int64_t elems = [] {
+    const char* v = std::getenv("RVCLORA_CPU_BLOCK");
+    const int64_t e = v ? std::atoll(v) : 0;
+    return e > 0 ? e : (int64_t(1) << 17);
+  }();
+  if (outer <= 0 || T <= 16) return std::max<int64_t>(1, T);
+  const int64_t tb = std::clamp<int64_t>(elems / std::max<int64_t>(1, rows), 64, 8192);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = (T + tb - 1) / tb;
+  const int64_t total = outer * nblk;
+  if (total % threads != 0 || total < 2 * threads) {
+    // more blocks per sample, up to a multiple of the thread count (and at least two per thread)
+    const int64_t want = std::max<int64_t>(2 * threads, (total + threads - 1) / threads * threads);
+    nblk = std::max<int64_t>(nblk, (want + outer - 1) / outer);
+  }
+  const int64_t len = ((T + nblk - 1) / nblk + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min(len, T));
+}
+
+template <class T>
+struct C1FwdB {
+  const T* x;
+  const T* At;  // (K, r, cin_g)
+  T* u;         // (N, r, Tout)
+  T* y;         // (N, Cout, Tout) += s·B·u when not merged, else null
+  const T* B;   // (Cout, rg)
+  T s;
+  C1Geom g;
+  Dropout<T> d;
+  bool view;
+  int64_t tb, nblk;
+};
+
+template <class T>
+void conv1d_fwd_blas(const C1FwdB<T>& p) {
+  const C1Geom& g = p.g;
+  at::parallel_for(0, g.N * g.G * p.nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(p.view ? 0 : static_cast<size_t>(g.cin_g * p.tb));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+      const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.Tout), len = t1 - t0;
+      T* ub = p.u + (n * g.r + grp * g.rg) * g.Tout + t0;
+      for (int64_t j = 0; j < g.rg; ++j) std::fill(ub + j * g.Tout, ub + j * g.Tout + len, T(0));
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const TapView<T> v = conv1d_tap(p.x, g, p.d, p.view, n, grp, tap, t0, t1, p.tb, buf.data());
+        if (v.lo >= v.hi) continue;
+        gemm_rm<T>(false, false, g.rg, v.hi - v.lo, g.cin_g, T(1), p.At + (tap * g.r + grp * g.rg) * g.cin_g, g.cin_g,
+                   v.p, v.ld, T(1), ub + (v.lo - t0), g.Tout);
+      }
+      if (p.y)
+        gemm_rm<T>(false, false, g.cout_g, len, g.rg, p.s, p.B + grp * g.cout_g * g.rg, g.rg, ub, g.Tout, T(1),
+                   p.y + (n * g.Cout + grp * g.cout_g) * g.Tout + t0, g.Tout);
+    }
+  });
+}
+
+template <class T>
+struct C1BwdB {
+  const T* gy;  // (N, Cout, Tout)
+  const T* x;   // (N, Cin, T)
+  const T* u;   // (N, r, Tout)
+  const T* At;  // (K, r, cin_g)
+  const T* B;   // (Cout, rg)
+  T* gu;        // (N, r, Tout) when the unmerged input gradient needs all of g_u, else null
+  Partials<T>* pA;  // (K, r, cin_g)
+  Partials<T>* pB;  // (Cout, rg), without the factor s
+  T s;
+  C1Geom g;
+  Dropout<T> d;
+  bool view;
+  int64_t tb, nblk;
+};
+
+template <class T>
+void conv1d_bwd_blas(const C1BwdB<T>& p) {
+  const C1Geom& g = p.g;
+  at::parallel_for(0, g.N * g.G * p.nblk, 1, [&](int64_t b0, int64_t b1) {
+    T* gA = p.pA->mine();
+    T* gB = p.pB->mine();
+    std::vector<T> buf(p.view || !gA ? 0 : static_cast<size_t>(g.cin_g * p.tb));
+    std::vector<T> local(p.gu ? 0 : static_cast<size_t>(g.rg * p.tb));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+      const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.Tout), len = t1 - t0;
+      const T* gb = p.gy + (n * g.Cout + grp * g.cout_g) * g.Tout + t0;
+      T* gub = p.gu ? p.gu + (n * g.r + grp * g.rg) * g.Tout + t0 : local.data();
+      const int64_t ldgu = p.gu ? g.Tout : p.tb;
+      if (gA || p.gu)
+        gemm_rm<T>(true, false, g.rg, len, g.cout_g, p.s, p.B + grp * g.cout_g * g.rg, g.rg, gb, g.Tout, T(0), gub,
+                   ldgu);
+      if (gB)
+        gemm_rm<T>(false, true, g.cout_g, g.rg, len, T(1), gb, g.Tout, p.u + (n * g.r + grp * g.rg) * g.Tout + t0,
+                   g.Tout, T(1), gB + grp * g.cout_g * g.rg, g.rg);
+      if (!gA) continue;
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const TapView<T> v = conv1d_tap(p.x, g, p.d, p.view, n, grp, tap, t0, t1, p.tb, buf.data());
+        if (v.lo >= v.hi) continue;
+        gemm_rm<T>(false, true, g.rg, g.cin_g, v.hi - v.lo, T(1), gub + (v.lo - t0), ldgu, v.p, v.ld, T(1),
+                   gA + (tap * g.r + grp * g.rg) * g.cin_g, g.cin_g);
+      }
+    }
+  });
+}
+
+// grad_x (N, Cin, T) += D(Σ_j At_jᵀ·g_u shifted by the tap): the unmerged input gradient's LoRA
+// term, parallel over blocks of input time (needs conv1d_views' geometry; g_u already has s).
+template <class T>
+void conv1d_grad_x_blas(T* gx, const T* gu, const T* At, const C1Geom& g, const Dropout<T>& d) {
+  const int64_t tb = blas_block_len(g.T, g.N * g.G, g.cin_g);
+  const int64_t nblk = (g.T + tb - 1) / tb;
+  at::parallel_for(0, g.N * g.G * nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc(d.on ? static_cast<size_t>(g.cin_g * tb) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t blk = b % nblk, grp = (b / nblk) % g.G, n = b / (nblk * g.G);
+      const int64_t c0 = blk * tb, c1 = std::min(c0 + tb, g.T), len = c1 - c0;
+      const int64_t row0 = n * g.Cin + grp * g.cin_g;
+      T* dst = d.on ? acc.data() : gx + row0 * g.T + c0;
+      const int64_t ld = d.on ? tb : g.T;
+      if (d.on) std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const int64_t off = tap * g.dil - g.padl;
+        const int64_t tlo = std::max<int64_t>(c0 - off, 0), thi = std::min<int64_t>(c1 - off, g.Tout);
+        if (tlo >= thi) continue;
+        gemm_rm<T>(true, false, g.cin_g, thi - tlo, g.rg, T(1), At + (tap * g.r + grp * g.rg) * g.cin_g, g.cin_g,
+                   gu + (n * g.r + grp * g.rg) * g.Tout + tlo, g.Tout, T(1), dst + (tlo + off - c0), ld);
+      }
+      if (d.on)
+        for (int64_t i = 0; i < g.cin_g; ++i) {
+          const int64_t base = (row0 + i) * g.T;
+          for (int64_t c = c0; c < c1; ++c) gx[base + c] += acc[i * tb + c - c0] * d.at(base + c);
+        }
+      (void)len;
+    }
+  });
+}
+
+// ga (r, cin_g·K) = Σ over threads of the tap-major partials (K, r, cin_g).
+template <class T>
+void reduce_tap_major(const Partials<T>& pA, T* ga, const C1Geom& g) {
+  for (int64_t tap = 0; tap < g.K; ++tap)
+    for (int64_t j = 0; j < g.r; ++j)
+      for (int64_t i = 0; i < g.cin_g; ++i) {
+        const int64_t src = (tap * g.r + j) * g.cin_g + i;
+        T s = 0;
+        for (int64_t t = 0; t < pA.nthreads; ++t) s += pA.buf[static_cast<size_t>(t * pA.size + src)];
+        ga[(j * g.cin_g + i) * g.K + tap] = s;
+      }
+}
+
+bool blas_for(const Tensor& x, int64_t largest) {
+  return x.scalar_type() == at::kFloat ? use_blas<float>(largest) : use_blas<double>(largest);
+}
+
+int64_t c1_largest(const C1Geom& g) {
+  return std::max({g.N * g.Cout * g.Tout, g.N * g.Cin * g.T, g.Cout * g.cin_g * g.K});
+}
+
 // --------------------------------------------------------------------------- ConvTranspose1d
 
 struct CTGeom {
@@ -562,6 +818,143 @@ RVC_INLINE void convt_bwd_body(const CTBwd<T>& p, int64_t b0, int64_t b1) {
   }
 }
 
+
+// --------------------------------------------------------------------------- ConvTranspose1d through BLAS
+// u = A·D(x) at the input's rate; g_u = s·Σ_tap Bt_tap·g_tap and grad_B_tap += u·g_tapᵀ, where
+// g_tap[o, t] = g[o, t·stride + tap·dil − pad] is gathered per block (a view when stride is 1);
+// grad_A += g_u·D(x)ᵀ and the unmerged input gradient's term D(Aᵀ·g_u) stay inside the block.
+
+template <class T>
+struct CTFwdB {
+  const T* x;
+  const T* A;  // (r, cin_g)
+  T* u;        // (N, r, T)
+  CTGeom g;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+// D(x) rows of group grp for input time [t0, t1): a view of x without dropout, else masked into buf.
+template <class T>
+std::pair<const T*, int64_t> convt_x_block(const T* x, const CTGeom& g, const Dropout<T>& d, int64_t n, int64_t grp,
+                                           int64_t t0, int64_t t1, int64_t ldb, T* buf) {
+  const int64_t row0 = n * g.Cin + grp * g.cin_g;
+  if (!d.on) return {x + row0 * g.T + t0, g.T};
+  for (int64_t i = 0; i < g.cin_g; ++i) {
+    const int64_t base = (row0 + i) * g.T;
+    for (int64_t t = t0; t < t1; ++t) buf[i * ldb + t - t0] = x[base + t] * d.at(base + t);
+  }
+  return {buf, ldb};
+}
+
+template <class T>
+void convt_fwd_blas(const CTFwdB<T>& p) {
+  const CTGeom& g = p.g;
+  at::parallel_for(0, g.N * g.G * p.nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(p.d.on ? static_cast<size_t>(g.cin_g * p.tb) : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+      const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.T), len = t1 - t0;
+      auto [xv, ldx] = convt_x_block(p.x, g, p.d, n, grp, t0, t1, p.tb, buf.data());
+      gemm_rm<T>(false, false, g.rg, len, g.cin_g, T(1), p.A + grp * g.rg * g.cin_g, g.cin_g, xv, ldx, T(0),
+                 p.u + (n * g.r + grp * g.rg) * g.T + t0, g.T);
+    }
+  });
+}
+
+template <class T>
+struct CTBwdB {
+  const T* gy;  // (N, Cout, L)
+  const T* x;   // (N, Cin, T)
+  const T* u;   // (N, r, T)
+  const T* A;   // (r, cin_g)
+  const T* Bt;  // (K, r, cout_g)
+  T* gx;        // (N, Cin, T) += D(Aᵀ·g_u) when not merged, else null
+  Partials<T>* pA;  // (r, cin_g)
+  Partials<T>* pB;  // (K, r, cout_g), without the factor s
+  T s;
+  CTGeom g;
+  Dropout<T> d;
+  int64_t tb, nblk;
+};
+
+template <class T>
+void convt_bwd_blas(const CTBwdB<T>& p) {
+  const CTGeom& g = p.g;
+  at::parallel_for(0, g.N * g.G * p.nblk, 1, [&](int64_t b0, int64_t b1) {
+    T* gA = p.pA->mine();
+    T* gB = p.pB->mine();
+    std::vector<T> gub(static_cast<size_t>(g.rg * p.tb)), gs(static_cast<size_t>(g.cout_g * p.tb));
+    std::vector<T> buf(static_cast<size_t>(g.cin_g * p.tb));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
+      const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.T), len = t1 - t0;
+      const int64_t grow0 = n * g.Cout + grp * g.cout_g;
+      std::fill(gub.begin(), gub.end(), T(0));
+      for (int64_t tap = 0; tap < g.K; ++tap) {
+        const int64_t off = tap * g.dil - g.pad;
+        // t·stride + off in [0, L)
+        const int64_t lo = std::max(t0, off >= 0 ? 0 : (-off + g.stride - 1) / g.stride);
+        const int64_t hi = std::min(t1, g.L - 1 - off < 0 ? 0 : (g.L - 1 - off) / g.stride + 1);
+        if (lo >= hi) continue;
+        const T* gv;
+        int64_t ldg;
+        if (g.stride == 1) {
+          gv = p.gy + grow0 * g.L + lo + off, ldg = g.L;
+        } else {
+          for (int64_t o = 0; o < g.cout_g; ++o) {
+            const T* row = p.gy + (grow0 + o) * g.L + off;
+            T* dst = gs.data() + o * p.tb;
+            for (int64_t t = lo; t < hi; ++t) dst[t - lo] = row[t * g.stride];
+          }
+          gv = gs.data(), ldg = p.tb;
+        }
+        gemm_rm<T>(false, false, g.rg, hi - lo, g.cout_g, p.s, p.Bt + (tap * g.r + grp * g.rg) * g.cout_g, g.cout_g,
+                   gv, ldg, T(1), gub.data() + (lo - t0), p.tb);
+        if (gB)
+          gemm_rm<T>(false, true, g.rg, g.cout_g, hi - lo, T(1), p.u + (n * g.r + grp * g.rg) * g.T + lo, g.T, gv, ldg,
+                     T(1), gB + (tap * g.r + grp * g.rg) * g.cout_g, g.cout_g);
+      }
+      if (gA) {
+        auto [xv, ldx] = convt_x_block(p.x, g, p.d, n, grp, t0, t1, p.tb, buf.data());
+        gemm_rm<T>(false, true, g.rg, g.cin_g, len, T(1), gub.data(), p.tb, xv, ldx, T(1), gA + grp * g.rg * g.cin_g,
+                   g.cin_g);
+      }
+      if (p.gx) {
+        const int64_t row0 = n * g.Cin + grp * g.cin_g;
+        if (!p.d.on) {
+          gemm_rm<T>(true, false, g.cin_g, len, g.rg, T(1), p.A + grp * g.rg * g.cin_g, g.cin_g, gub.data(), p.tb, T(1),
+                     p.gx + row0 * g.T + t0, g.T);
+        } else {
+          gemm_rm<T>(true, false, g.cin_g, len, g.rg, T(1), p.A + grp * g.rg * g.cin_g, g.cin_g, gub.data(), p.tb, T(0),
+                     buf.data(), p.tb);
+          for (int64_t i = 0; i < g.cin_g; ++i) {
+            const int64_t base = (row0 + i) * g.T;
+            for (int64_t t = t0; t < t1; ++t) p.gx[base + t] += buf[i * p.tb + t - t0] * p.d.at(base + t);
+          }
+        }
+      }
+    }
+  });
+}
+
+// gB (r, cout_g·K) = s · Σ over threads of the tap-major partials (K, r, cout_g).
+template <class T>
+void reduce_convt_B(const Partials<T>& pB, T* out, const CTGeom& g, T s) {
+  for (int64_t tap = 0; tap < g.K; ++tap)
+    for (int64_t j = 0; j < g.r; ++j)
+      for (int64_t o = 0; o < g.cout_g; ++o) {
+        const int64_t src = (tap * g.r + j) * g.cout_g + o;
+        T acc = 0;
+        for (int64_t t = 0; t < pB.nthreads; ++t) acc += pB.buf[static_cast<size_t>(t * pB.size + src)];
+        out[(j * g.cout_g + o) * g.K + tap] = s * acc;
+      }
+}
+
+int64_t ct_largest(const CTGeom& g) {
+  return std::max({g.N * g.Cout * g.L, g.N * g.Cin * g.T, g.Cin * g.cout_g * g.K});
+}
+
 // --------------------------------------------------------------------------- ISA dispatch
 
 #define RVC_CLONED(NAME, BODY, ARGS)                                                       \
@@ -670,11 +1063,25 @@ std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, con
   const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
   const Tensor xc = x.contiguous();
   auto [xp, cpad] = conv1d_input(xc, g);
-  const bool merged = dropout_p == 0.0;
+  // BLAS path: merge only when the weight is no larger than y (merging costs a pass over the
+  // weight, the separate LoRA term a pass over y); the loops always merge without dropout.
+  const bool blas = blas_for(x, c1_largest(g));
+  const bool merged = dropout_p == 0.0 && (!blas || weight.numel() <= g.N * g.Cout * g.Tout);
   const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
   Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
   Tensor u = at::empty({g.N, g.r, g.Tout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_fwd", [&] {
+    if (blas) {
+      const Tensor At = A.view({g.r, g.cin_g, g.K}).permute({2, 0, 1}).contiguous();
+      C1FwdB<scalar_t> p{xc.const_data_ptr<scalar_t>(), At.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(),
+                         merged ? nullptr : y.mutable_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                         static_cast<scalar_t>(scaling), g, make_dropout<scalar_t>(seed, dropout_p),
+                         conv1d_views(g) && dropout_p == 0.0, 0, 0};
+      p.tb = blas_block_len(g.Tout, g.N * g.G, std::max(g.cin_g, g.cout_g));
+      p.nblk = (g.Tout + p.tb - 1) / p.tb;
+      conv1d_fwd_blas<scalar_t>(p);
+      return;
+    }
     C1Fwd<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(),
                       g, make_dropout<scalar_t>(seed, dropout_p), 0, 0};
     p.tb = block_len(g.Tout, g.N * g.G);
@@ -698,7 +1105,10 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   const Tensor xc = x.contiguous(), gy = grad_y.to(x.scalar_type()).contiguous(), uc = u.contiguous();
   TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.N, g.Cout, g.Tout}), "rvclora cpu: grad_y must be ",
               at::IntArrayRef({g.N, g.Cout, g.Tout}), ", got ", grad_y.sizes());
-  const bool merged = dropout_p == 0.0;
+  // BLAS path: the unmerged input gradient (a thin pass over grad_x) when the weight is larger
+  // than x and the taps are views; the loops always merge without dropout.
+  const bool blas = blas_for(x, c1_largest(g));
+  const bool merged = dropout_p == 0.0 && (!blas || !conv1d_views(g) || weight.numel() <= x.numel());
   Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
   if (need_x || need_w || need_b) {
     auto [xp, cpad] = conv1d_input(xc, g);
@@ -716,6 +1126,35 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   if (need_A || need_B || lora_x) {
     Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {
+      if (blas) {
+        const Tensor At = A.view({g.r, g.cin_g, g.K}).permute({2, 0, 1}).contiguous();
+        Partials<scalar_t> pA(g.K * g.r * g.cin_g, need_A), pB(g.Cout * g.rg, need_B);
+        const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, dropout_p);
+        C1BwdB<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                           At.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                           lora_x ? gu.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
+                           static_cast<scalar_t>(scaling), g, d, conv1d_views(g) && !d.on, 0, 0};
+        p.tb = blas_block_len(g.Tout, g.N * g.G, std::max(g.cin_g, g.cout_g));
+        p.nblk = (g.Tout + p.tb - 1) / p.tb;
+        conv1d_bwd_blas<scalar_t>(p);
+        if (need_A) {
+          ga = at::empty({g.r, g.cin_g * g.K}, x.options());
+          reduce_tap_major(pA, ga.mutable_data_ptr<scalar_t>(), g);
+        }
+        if (need_B) {
+          gbb = at::empty({g.Cout, g.rg}, x.options());
+          pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+        }
+        if (lora_x) {
+          if (conv1d_views(g))
+            conv1d_grad_x_blas<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
+                                         At.const_data_ptr<scalar_t>(), g, d);
+          else
+            add_conv1d_lora_grad_x<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
+                                             A.const_data_ptr<scalar_t>(), g, d);
+        }
+        return;
+      }
       Partials<scalar_t> pA(g.r * g.cin_g * g.K, need_A), pB(g.Cout * g.rg, need_B);
       const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, dropout_p);
       C1Bwd<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
@@ -759,7 +1198,16 @@ std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, cons
   const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
   const Tensor xc = x.contiguous();
   Tensor u = at::empty({g.N, g.r, g.T}, x.options());
+  const bool blas = blas_for(x, ct_largest(g));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_fwd", [&] {
+    if (blas) {
+      CTFwdB<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), g,
+                         make_dropout<scalar_t>(seed, dropout_p), 0, 0};
+      p.tb = blas_block_len(g.T, g.N * g.G, g.cin_g);
+      p.nblk = (g.T + p.tb - 1) / p.tb;
+      convt_fwd_blas<scalar_t>(p);
+      return;
+    }
     CTFwd<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), g,
                       make_dropout<scalar_t>(seed, dropout_p), 0, 0};
     p.tb = block_len(g.T, g.N * g.G);
@@ -803,7 +1251,29 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
   }
   const bool lora_x = need_x && !merged;
   if (need_A || need_B || lora_x) {
+    const bool blas = blas_for(x, ct_largest(g));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_bwd", [&] {
+      if (blas) {
+        const Tensor Bt = B.view({g.r, g.cout_g, g.K}).permute({2, 0, 1}).contiguous();
+        Partials<scalar_t> pA(g.r * g.cin_g, need_A), pB(g.K * g.r * g.cout_g, need_B);
+        CTBwdB<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                           A.const_data_ptr<scalar_t>(), Bt.const_data_ptr<scalar_t>(),
+                           lora_x ? gx.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
+                           static_cast<scalar_t>(scaling), g, make_dropout<scalar_t>(seed, dropout_p), 0, 0};
+        // a block holds g's gathered taps (C_out/groups rows, stride× the input block's span)
+        p.tb = blas_block_len(g.T, g.N * g.G, std::max(g.cin_g, g.cout_g * g.stride));
+        p.nblk = (g.T + p.tb - 1) / p.tb;
+        convt_bwd_blas<scalar_t>(p);
+        if (need_A) {
+          ga = at::empty({g.r, g.cin_g}, x.options());
+          pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+        }
+        if (need_B) {
+          gbb = at::empty({g.r, g.cout_g * g.K}, x.options());
+          reduce_convt_B(pB, gbb.mutable_data_ptr<scalar_t>(), g, static_cast<scalar_t>(scaling));
+        }
+        return;
+      }
       Partials<scalar_t> pA(g.r * g.cin_g, need_A), pB(g.r * g.cout_g * g.K, need_B);
       CTBwd<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
                         A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
