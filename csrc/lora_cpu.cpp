@@ -1376,6 +1376,18 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   return {gx, gw, gb, ga, gbb};
 }
 
+// What runs the thin passes here (shown by `rvclora info`).
+std::string cpu_info() {
+  const bool off = [] {
+    const char* v = std::getenv("RVCLORA_CPU_BLAS");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  if (off) return "thin LoRA passes: hand-written loops (RVCLORA_CPU_BLAS=0)";
+  if (!blas_present<float>() || !blas_present<double>())
+    return "thin LoRA passes: hand-written loops (this torch exports no sgemm_/dgemm_)";
+  return "thin LoRA passes: BLAS (torch's sgemm_/dgemm_)";
+}
+
 // --------------------------------------------------------------------------- dropout mask op
 
 Tensor dropout_mask(const Tensor& like, const Tensor& seed, double p) {
@@ -1419,6 +1431,7 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
       "float scaling, int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, "
       "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
+  m.def("cpu_info() -> str");
 }
 
 TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
@@ -1430,5 +1443,8 @@ TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
   m.impl("cpu_convt_bwd", &convt_bwd);
   m.impl("cpu_dropout_mask", &dropout_mask);
 }
+
+// No tensor arguments: registered for every backend (CompositeExplicitAutograd would need one).
+TORCH_LIBRARY_IMPL(rvclora, CatchAll, m) { m.impl("cpu_info", &cpu_info); }
 
 }  // namespace rvclora_cpu

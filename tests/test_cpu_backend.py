@@ -95,7 +95,8 @@ def test_declines_half_and_mixed_factors_so_auto_falls_back():
         dispatch.select_backend("lora_conv1d", x.bfloat16())
     assert dispatch.select_backend("lora_conv1d", x).NAME == "cpu"
     ops.set_backend(None)
-    assert dispatch.select_backend("lora_conv1d", x).NAME == "torch"  # auto: the cpu backend is opt-in
+    assert dispatch.select_backend("lora_conv1d", x).NAME == "cpu"  # auto runs it where it can
+    assert dispatch.select_backend("lora_conv1d", x.bfloat16()).NAME == "torch"  # and falls back where not
 
 
 def test_gradcheck_float64(cpu_backend):
@@ -139,3 +140,27 @@ def test_long_sequences_cross_time_blocks(cpu_backend):
                 x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", mask),
             t, torch.float32, ["x", "lora_A", "lora_B"], f"long conv1d p={p}",
         )
+
+
+def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
+    """The thin passes run through torch's BLAS when it exports sgemm_/dgemm_ (every x86 wheel), else
+    through hand-written loops: RVCLORA_CPU_BLAS=0 forces the loops, and the oracle matrix of
+    test_ops.py must pass on them too (a fresh process: the switch is read once)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    info = torch.ops.rvclora.cpu_info()  # this process: what the rest of the suite tests
+    assert info.startswith("thin LoRA passes: BLAS") or "exports no sgemm_" in info, info
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, RVCLORA_CPU_BLAS="0")
+    probe = subprocess.run([sys.executable, "-c", "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+                            "import torch; print(torch.ops.rvclora.cpu_info())"],
+                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert "hand-written loops (RVCLORA_CPU_BLAS=0)" in probe.stdout, probe.stdout + probe.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_ops.py",
+                          "-k", "cpu and matches_oracle"], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout

@@ -70,8 +70,9 @@ def unavailable_reason() -> Optional[str]:
 
 
 def status_note() -> str:
+    passes = torch.ops.rvclora.cpu_info() if hasattr(torch.ops.rvclora, "cpu_info") else "thin LoRA passes: unknown"
     return (f"compiled C++ LoRA ops on {torch.get_num_threads()} thread(s), float32/float64 "
-            "(other dtypes run on the torch backend)")
+            f"(other dtypes run on the torch backend); {passes}")
 
 
 def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
