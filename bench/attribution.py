@@ -1,160 +1,123 @@
-"""Where rvclora's CPU overhead on the RVC generator goes: a timing-only attribution (not a test).
+"""Where rvclora's CPU overhead on the RVC generator goes, layer by layer (timing only, not a test).
 
-    python bench/attribution.py [--rounds 25] [--rank 8] [--batch 1] [--threads N]
+    python bench/attribution.py [--rank 8] [--batch 1] [--rounds 7] [--backends cpu,torch] [--threads 2]
 
-Times one training step of the frozen 40k generator (the baseline) and of the same model with LoRA
-on ``ups`` + ``resblocks``, interleaved, with pieces of the torch backend's Conv1d path switched off
-one at a time by monkeypatching (their gradients become zeros: the numbers of those variants are
-wrong on purpose, only their time matters):
-
-* ``no u (forward)``  — the forward is the merged convolution only (``u`` is zeros);
-* ``no grad_A``       — the tap-stacked GEMM for ``grad_A`` (and its ``g_u = Bᵀg``) skipped;
-* ``no grad_B``       — the ``grad_B = s·g·uᵀ`` GEMM skipped;
-* ``no LoRA maths``   — all three: what is left is the per-layer structure (autograd Function,
-  Python, the merged weight, ConvTranspose1d's LoRA).
-
-Each cost is the difference from the full rvclora step, as a percentage of the base step (paired:
-the median over rounds of each round's ratio). It also measures the fixed per-layer cost of the
-LoRA op at a tiny shape (dispatch and Python, no arithmetic to speak of).
+For every distinct adapted layer shape of the 40k generator (``ups`` + ``resblocks``: kind, channels,
+kernel, dilation, input length at 32 frames), one training step of that layer alone (forward and
+backward, the input needs a gradient, only the LoRA factors train) is timed against the same layer of
+the frozen base with weight_norm folded, interleaved round by round; the overhead is the difference
+of the medians. Each row is weighted by how many layers share the shape, and the sum is set against
+the sum of the base layers' times, with the flop floor of docs/maths.md per row. The rows' sum leaves
+out what is not a layer (activations, the source module, residual adds), so it reads higher than the
+whole-model overhead of ``pytest bench/``; it shows which layers carry the cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import statistics
 import time
 
 import torch
 import torch.nn as nn
+from gan import fold_weight_norm
 
-from rvclora import LoRAConfig, LoRAConv1d, inject_lora
-from rvclora.models import build_generator
-from rvclora.ops import autotune
-from rvclora.ops import torch_backend as tb
-
-
-@contextlib.contextmanager
-def patched(**repl):
-    old = {name: getattr(tb, name) for name in repl}
-    for name, fn in repl.items():
-        setattr(tb, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in old.items():
-            setattr(tb, name, fn)
+from rvclora import LoRAConfig, inject_lora, lora_modules
+from rvclora.models import GENERATOR_CONFIGS, build_generator
+from rvclora.ops import set_backend
 
 
-def _zero_u(xp, a3, stride, conv_pad, dilation, groups, t_out):
-    return xp.new_zeros(xp.shape[0], a3.shape[0], t_out)
+def _floor(m: nn.Module, r: int) -> float:
+    if isinstance(m, nn.ConvTranspose1d):
+        return r / m.in_channels + r / (m.out_channels * m.kernel_size[0])
+    return r / m.out_channels + r / (m.in_channels * m.kernel_size[0])
 
 
-def _zero_grad_A(g2, x, B, scaling, pad, dilation, k):
-    return g2.new_zeros(B.shape[1], x.shape[1] * k)
+def attribution(r: int, batch: int, rounds: int, backends) -> None:
+    cfg = GENERATOR_CONFIGS["40k"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.inter_channels, 32, generator=gen)
+    f0 = 100 + 200 * torch.rand(batch, 32, generator=gen)
+    g = torch.randn(batch, cfg.gin_channels, 1, generator=gen)
+    base = fold_weight_norm(build_generator(cfg, seed=0)).requires_grad_(False)
+    lora = inject_lora(build_generator(cfg, seed=0),
+                       LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["ups", "resblocks"]))
+    for n, p in lora.named_parameters():
+        p.requires_grad_("lora_" in n)
+    with torch.no_grad():
+        for _, m in lora_modules(lora):
+            m.lora_B.normal_(0, 0.01)
+    lora.train()
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
+             for n, m in base.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    with torch.no_grad():
+        base(x, f0, g, generator=torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+    groups = collections.defaultdict(list)
+    for n, _ in lora_modules(lora):
+        bm = base.get_submodule(n)
+        kind = "ConvT" if isinstance(bm, nn.ConvTranspose1d) else "Conv1d"
+        groups[(kind, bm.in_channels, bm.out_channels, bm.kernel_size[0], bm.dilation[0], shapes[n][-1])].append(n)
 
+    print(f"40k generator layers, batch {batch}, r={r}, {torch.get_num_threads()} threads, {rounds} rounds; "
+          "ms per step of one layer, overhead over the frozen folded base layer")
+    head = f"{'kind':<7}{'in':>5}{'out':>5}{'k':>4}{'dil':>4}{'T':>7}{'n':>4}{'base':>9}{'floor':>8}"
+    print(head + "".join(f"{be:>18}" for be in backends))
+    total = collections.Counter()
+    for key, names in sorted(groups.items(), key=lambda kv: -kv[0][5]):
+        bm, lm = base.get_submodule(names[0]), lora.get_submodule(names[0])
+        xi = torch.randn(shapes[names[0]], generator=gen).requires_grad_(True)
+        with torch.no_grad():
+            gy = torch.randn_like(bm(xi))
 
-def _zero_thin_weight_grad(g_u, xdp, stride, conv_pad, dilation, groups, k):
-    return g_u.new_zeros(g_u.shape[1], xdp.shape[1] // groups * k)
+        def run_base(bm=bm, xi=xi, gy=gy):
+            bm(xi).backward(gy)
 
+        def run(be, lm=lm, xi=xi, gy=gy):
+            set_backend(be)
+            lm(xi).backward(gy)
 
-def _zero_grad_B(g2, u, scaling):
-    return g2.new_zeros(g2.shape[0], u.shape[1])
-
-
-class _SplitOnly:
-    """Stands in for the tuner: always the forward's 'split' candidate (so _zero_u removes all of u's cost)."""
-
-    def __getattr__(self, name):
-        return getattr(autotune, name)
-
-    @staticmethod
-    def choose_and_run(key, candidates, default):
-        return candidates["split"]() if "split" in candidates else candidates[default]()
-
-
-NO_U = dict(_thin_conv1d=_zero_u, autotune=_SplitOnly())
-NO_GA = dict(_lean_grad_A=_zero_grad_A, _thin_conv1d_weight_grad=_zero_thin_weight_grad)
-NO_GB = dict(_lean_grad_B=_zero_grad_B)
-VARIANTS = {
-    "rvclora": {},
-    "no u (forward)": NO_U,
-    "no grad_A": NO_GA,
-    "no grad_B": NO_GB,
-    "no LoRA maths": {**NO_U, **NO_GA, **NO_GB},
-}
-
-
-def generator_attribution(rounds: int, r: int, batch: int) -> None:
-    torch.manual_seed(0)
-    base = build_generator("40k", seed=0).requires_grad_(False)
-    lora = inject_lora(build_generator("40k", seed=0), LoRAConfig(r=r, lora_alpha=2 * r,
-                                                                  target_modules=["ups", "resblocks"]))
-    x = torch.randn(batch, 192, 32)
-    f0 = torch.full((batch, 32), 220.0)
-    g = torch.randn(batch, 256, 1)
-
-    def step(model):
-        xi = x.clone().requires_grad_(True)
-        model(xi, f0, g, generator=torch.Generator().manual_seed(0)).pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    configs = [("base", base, {})] + [(name, lora, repl) for name, repl in VARIANTS.items()]
-    for _ in range(2):
-        for _, model, repl in configs:
-            with patched(**repl):
-                step(model)
-    while autotune.pending():
-        step(lora)
-    times = {name: [] for name, _, _ in configs}
-    for i in range(rounds):
-        order = configs[i % len(configs):] + configs[:i % len(configs)]
-        for name, model, repl in order:
-            with patched(**repl):
+        fns = {"base": run_base, **{be: (lambda be=be: run(be)) for be in backends}}
+        for f in fns.values():
+            f()
+            f()
+        times = collections.defaultdict(list)
+        for _ in range(rounds):
+            for name, f in fns.items():
                 t0 = time.perf_counter()
-                step(model)
+                f()
                 times[name].append(time.perf_counter() - t0)
-    ratio = {name: statistics.median(a / b for a, b in zip(times[name], times["base"])) for name in times}
-    print(f"40k generator, batch {batch}, r={r}, {torch.get_num_threads()} threads, {rounds} interleaved rounds; "
-          f"base step {statistics.median(times['base']) * 1e3:.0f} ms")
-    print(f"  {'variant':<18} {'overhead vs base':>16} {'cost of the piece':>18}")
-    for name in VARIANTS:
-        cost = "" if name == "rvclora" else f"{(ratio['rvclora'] - ratio[name]) * 100:+.1f} %"
-        print(f"  {name:<18} {(ratio[name] - 1) * 100:>+15.1f}% {cost:>18}")
-
-
-def fixed_cost(reps: int = 2000) -> None:
-    torch.manual_seed(0)
-    conv = nn.Conv1d(32, 32, 7, padding=3)
-    lora = LoRAConv1d.from_base(conv, r=8, lora_alpha=16)
-    base = nn.Conv1d(32, 32, 7, padding=3).requires_grad_(False)
-    x = torch.randn(1, 32, 16, requires_grad=True)
-    gy = torch.randn(1, 32, 16)
-
-    def per_step(m):
-        for _ in range(50):
-            m(x).backward(gy)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            m(x).backward(gy)
-        return (time.perf_counter() - t0) / reps
-
-    b, lo = per_step(base), per_step(lora)
-    print(f"fixed cost per adapted layer (Conv1d 32->32 k7 at T=16: dispatch and Python): "
-          f"{(lo - b) * 1e6:.0f} us per training step (base {b * 1e6:.0f} us, rvclora {lo * 1e6:.0f} us)")
+        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+        floor = _floor(bm, r)
+        line = f"{key[0]:<7}{key[1]:>5}{key[2]:>5}{key[3]:>4}{key[4]:>4}{key[5]:>7}{len(names):>4}"
+        line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%"
+        for be in backends:
+            over = med[be] - med["base"]
+            total[be] += over * len(names)
+            line += f"{over:>+9.3f} ({over / med['base'] * 100:>4.0f}%)"
+        total["base"] += med["base"] * len(names)
+        total["floor"] += floor * med["base"] * len(names)
+        print(line, flush=True)
+    set_backend(None)
+    print(f"sum of the layers: base {total['base']:.1f} ms, floor +{total['floor']:.1f} ms "
+          f"({total['floor'] / total['base'] * 100:.1f} %); "
+          + "; ".join(f"{be} +{total[be]:.1f} ms ({total[be] / total['base'] * 100:.1f} %)" for be in backends))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--backends", default="cpu,torch")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fixed_cost()
-    generator_attribution(args.rounds, args.rank, args.batch)
+    attribution(args.rank, args.batch, args.rounds, [b.strip() for b in args.backends.split(",") if b.strip()])
 
 
 if __name__ == "__main__":

@@ -2,9 +2,7 @@
 
 Every case times one *training step* (forward + backward) of several variants of the same
 layer or model, interleaved inside one pytest-benchmark run: each round runs every variant once
-(the order rotates from round to round), after warm-up rounds (and, when ``RVCLORA_CPU_AUTOTUNE=1``
-turns rvclora's opt-in CPU tuner on, the steps it needs to settle every shape:
-``rvclora/ops/autotune.py``), and the per-variant medians over
+(the order rotates from round to round), after warm-up rounds, and the per-variant medians over
 the rounds are what the table reports (they are also kept in ``benchmark.extra_info``;
 pytest-benchmark's own statistics are those of whole rounds, so its table is left out for these
 cases). Ratios are therefore always taken between numbers measured in the same run, close in time.
@@ -49,15 +47,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import pytest
 import torch
 
-from rvclora.ops import autotune
-
 BENCH_DIR = Path(__file__).resolve().parent
 # The test modules import alternatives.py as a top-level module, whatever pytest's import mode.
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-#: The most extra warm-up steps a case runs while rvclora's CPU autotuner is still measuring.
-MAX_TUNING_STEPS = 20
 #: Column order of the table and the JSON.
 VARIANTS = ("base", "rvclora", "plain", "peft", "loralib", "full")
 ALTERNATIVES = ("plain", "peft", "loralib", "full")
@@ -269,16 +263,6 @@ class Harness:
                 else:
                     runnable[k].step()
             round_s = time.perf_counter() - t_round
-        # With RVCLORA_CPU_AUTOTUNE=1, rvclora's CPU path times equivalent strategies on the first calls of
-        # each shape (rvclora/ops/autotune.py): finish that before timing, as a training run does in its
-        # first steps. (Off by default: then nothing is pending.)
-        rv_keys = [row.roles["rvclora"] for row in rows if row.roles.get("rvclora") in runnable]
-        for _ in range(MAX_TUNING_STEPS):
-            if not autotune.pending():
-                break
-            for k in rv_keys:
-                _clear_grads(runnable[k].params)
-                runnable[k].step()
         if self.quick:
             rounds = plan.min_rounds
         else:

@@ -1,22 +1,28 @@
 // The `cpu` backend: the three LoRA ops as compiled CPU code (float32 and float64).
 //
 // What runs where:
-// * Base-sized work stays in the convolution/GEMM library (oneDNN/MKL through ATen): without
-//   dropout the forward and the input gradient use the merged weight W + s·ΔW (one base-sized
-//   op each, no r extra output channels); with dropout the base op uses W and the LoRA term is
-//   added by the loops below.
-// * The thin LoRA passes are hand-written loops over time blocks, parallel over
-//   (batch, group, block):
-//     forward   u = conv(D(x), A)                      one pass over x
-//     backward  g_u = s·Bᵀg and grad_B = s·Σ g uᵀ      one pass over g
-//               grad_A = Σ g_u ⊗ D(x)                  in the same block, over x
-//   g_u never leaves the block (except on the dropout path of Conv1d, whose input-gradient term
-//   needs it across blocks); weight-gradient partial sums are kept per thread and reduced once.
+// * Base-sized work stays in the convolution/GEMM library (oneDNN/MKL through ATen). Without
+//   dropout the forward and the input gradient can use the merged weight W + s·ΔW (one base-sized
+//   op each, no r extra output channels). Merging costs a pass over the weight, the separate LoRA
+//   term a thin pass over the activation: Conv1d merges where the weight is no larger than y
+//   (forward) or x (input gradient), ConvTranspose1d where the weight is small against x.
+// * The thin LoRA passes go through the BLAS that torch links (sgemm_/dgemm_, MKL in the x86
+//   wheels), a few calls per time block, parallel over (batch, group, block), single-threaded
+//   BLAS inside each block:
+//     forward   u = conv(D(x), A)                 per tap j: u_blk += At_j · x_j   (x_j: x shifted
+//                                                 by j·dilation, a view with x's row stride)
+//     backward  g_u = s·Bᵀg, grad_B += g·uᵀ       on the same block of g (one pass over g)
+//               grad_A_j += g_u · x_jᵀ            on the same block of x
+//   A tap is a view of x when the stride is 1, the padding zeros and there is no dropout; else it
+//   is gathered (padded, masked, strided) into a block buffer. Weight-gradient partial sums are
+//   kept per thread and reduced once. Where this torch exports no BLAS symbol (or
+//   RVCLORA_CPU_BLAS=0), hand-written loops over the same blocks run instead.
 // * Dropout masks are a counter-based hash of (seed, element index of x), regenerated in
 //   backward; nothing mask-sized is ever stored.
 //
 // Each op is one call per layer and direction; autograd and the fake kernels are registered
 // from Python (rvclora/ops/cpu_backend.py).
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

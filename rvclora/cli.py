@@ -238,10 +238,6 @@ def _info_backends() -> int:
         print(f"  {row['backend']:<10} {'available' if reason is None else 'unavailable: ' + reason}")
         if reason is None and row["note"]:  # what it runs here, e.g. the cuda backend built without its CUDA part
             print(f"  {'':<10} note: {row['note']}")
-    from .ops import autotune
-
-    print(f"CPU strategy tuner: {'on' if autotune.enabled() else 'off'} "
-          "(opt-in: RVCLORA_CPU_AUTOTUNE=1; off under torch.use_deterministic_algorithms(True))")
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
           f"CPU threads: {torch.get_num_threads()}")

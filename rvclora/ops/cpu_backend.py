@@ -12,9 +12,11 @@ gradient, an unneeded one comes back as an empty ``(0,)`` tensor)::
         -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)
     cpu_dropout_mask(like, seed, dropout_p) -> mask
 
-One op call per layer and direction. Without dropout the base-sized forward and input gradient
-run in the convolution/GEMM library with the merged weight ``W + s·ΔW``; the thin LoRA passes
-(``u``; ``g_u = s·Bᵀg`` with ``grad_B``; ``grad_A``) are fused loops over time blocks in C++.
+One op call per layer and direction. The base-sized forward and input gradient run in the
+convolution/GEMM library (with the merged weight ``W + s·ΔW`` where merging is cheaper than a thin
+pass over the activation); the thin LoRA passes (``u``; ``g_u = s·Bᵀg`` with ``grad_B``; ``grad_A``)
+are BLAS calls on time blocks, a dilated tap being a view of ``x`` (see csrc/lora_cpu.cpp).
+``auto`` runs this backend on CPU for what it supports.
 Autograd keeps ``x``, ``u``, the parameters and the seed; the dropout mask is a hash of
 (seed, element index of ``x``), regenerated in backward.
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
-from . import autotune
 
 NAME = "torch"
 
@@ -569,14 +568,8 @@ def _conv1d_fwd_impl(
             # at batch > 1 the joint output's y would be strided (channels out of out + r per sample):
             # the base convolution writes y in nn.Conv1d's layout directly instead
             y, u = split()
-        elif x.device.type != "cpu" or not autotune.enabled():
-            y, u = joint()
         else:
-            # The convolution library's speed jumps with the channel count (out + r can be much slower,
-            # or faster, than out): measure both on the first calls of this shape (autotune.py).
-            key = ("conv1d_fwd", tuple(xp.shape), tuple(weight.shape), r, stride, cpad, dilation, x.dtype,
-                   bias is not None, torch.get_num_threads())
-            y, u = autotune.choose_and_run(key, {"joint": joint, "split": split}, default="joint")
+            y, u = joint()
     else:
         y = F.conv1d(xp, weight, bias, stride, cpad, dilation, groups)
         xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
