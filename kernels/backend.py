@@ -21,6 +21,8 @@ import os
 import torch
 from torch import Tensor
 
+from rvclora.ops.geometry import conv1d_out_len
+
 from . import ops as _ops
 from .lora_kernels import PAD_MODES
 
@@ -89,8 +91,7 @@ def _rows(op: str, x: Tensor, **params) -> int:
     weight = params.get("weight")
     k = weight.shape[-1] if weight is not None else 1
     left, right = params.get("padding", (0, 0))
-    t_out = _ops.conv1d_output_length(x.shape[-1], left, right, int(params.get("dilation", 1)), k,
-                                      int(params.get("stride", 1)))
+    t_out = conv1d_out_len(x.shape[-1], k, int(params.get("stride", 1)), left + right, int(params.get("dilation", 1)))
     return x.shape[0] * max(t_out, 0)
 
 

@@ -33,6 +33,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from rvclora.ops.geometry import conv1d_out_len
+
 from .lora_kernels import (
     INTERPRET,
     PAD_MODES,
@@ -43,7 +45,7 @@ from .lora_kernels import (
     lora_weight_grad_kernel,
 )
 
-__all__ = ["MAX_RANK_PER_GROUP", "conv1d_output_length", "dropout_mask", "lora_conv1d", "lora_linear"]
+__all__ = ["MAX_RANK_PER_GROUP", "dropout_mask", "lora_conv1d", "lora_linear"]
 
 #: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
 #: registers beside the base tile; 32 keeps every config spill-free (kernels/compile_check.py).
@@ -77,10 +79,6 @@ def _split_count(rows: int, out_tiles: int, device: torch.device) -> int:
         target = triton.cdiv(2 * _sm_count(device.index or 0), max(out_tiles, 1))
     split = min(target, 64, max(rows // 256, 1)) if not INTERPRET else min(target, max(rows // 32, 1))
     return 1 << (max(split, 1).bit_length() - 1)
-
-
-def conv1d_output_length(T: int, pad_left: int, pad_right: int, dilation: int, kernel_size: int, stride: int) -> int:
-    return (T + pad_left + pad_right - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
 def _is_traced(t: Tensor) -> bool:
@@ -153,7 +151,7 @@ class _Geometry:
             self.N, self.C, self.T = x.shape
             self.x_strides = x.stride()
             self.ks = weight.shape[-1]
-            self.T_out = conv1d_output_length(self.T, pad_left, pad_right, dilation, self.ks, stride)
+            self.T_out = conv1d_out_len(self.T, self.ks, stride, pad_left + pad_right, dilation)
         self.O = weight.shape[0]
         self.R = lora_A.shape[0]
         self.G = groups

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_ext
+from .geometry import conv1d_out_len, conv_transpose1d_out_len
 
 NAME = "cpu"
 
@@ -102,14 +103,6 @@ def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
 # --------------------------------------------------------------------------- fakes and autograd
 
 
-def _conv_out_len(t, k, stride, pad_total, dilation):
-    return (t + pad_total - dilation * (k - 1) - 1) // stride + 1
-
-
-def _convt_out_len(t, k, stride, padding, output_padding, dilation):
-    return (t - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
-
-
 def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     m = x.numel() // x.shape[-1]
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]))
@@ -117,13 +110,13 @@ def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def _conv1d_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
                      dropout_p, seed):
-    t_out = _conv_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
+    t_out = conv1d_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
     return x.new_empty((x.shape[0], weight.shape[0], t_out)), x.new_empty((x.shape[0], lora_A.shape[0], t_out))
 
 
 def _convt_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups,
                     dropout_p, seed):
-    t_out = _convt_out_len(x.shape[-1], weight.shape[-1], stride, padding, output_padding, dilation)
+    t_out = conv_transpose1d_out_len(x.shape[-1], weight.shape[-1], stride, padding, output_padding, dilation)
     return (x.new_empty((x.shape[0], weight.shape[1] * groups, t_out)),
             x.new_empty((x.shape[0], lora_A.shape[0], x.shape[-1])))
 

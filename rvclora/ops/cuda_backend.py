@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_ext
+from .geometry import conv_transpose1d_out_len
 
 NAME = "cuda"
 
@@ -39,10 +40,6 @@ _registered = threading.Event()
 _register_lock = threading.Lock()
 
 
-def _output_length(T, stride, padding, output_padding, dilation, k):
-    return (T - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -51,7 +48,7 @@ def _fwd_fake(
     x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
 ):
     N, _, T = x.shape
-    L = _output_length(T, stride, padding, output_padding, dilation, weight.shape[2])
+    L = conv_transpose1d_out_len(T, weight.shape[2], stride, padding, output_padding, dilation)
     y = x.new_empty((N, weight.shape[1] * groups, L))
     u = x.new_empty((N, lora_A.shape[0], T), dtype=_acc_dtype(x.dtype))
     return y, u

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
+from .geometry import conv1d_out_len, conv_transpose1d_out_len
 
 NAME = "torch"
 
@@ -174,14 +175,6 @@ def _eager_function(name, fwd_impl, bwd_impl):
 
     return type(f"_Torch_{name}_Function", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
-def _conv_out_len(t: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
-    return (t + pad_total - dilation * (k - 1) - 1) // stride + 1
-
-
-def _convt_out_len(t: int, k: int, stride: int, padding: int, output_padding: int, dilation: int) -> int:
-    return (t - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
 
 
 # --------------------------------------------------------------------------- Linear
@@ -536,7 +529,7 @@ def _conv1d_fwd_impl(
     a3 = _cast(lora_A, ldt).reshape(r, -1, k)
     B = _cast(lora_B, ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
-    t_out = _conv_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
+    t_out = conv1d_out_len(x.shape[-1], k, stride, padding[0] + padding[1], dilation)
     mask = _mask(x, dropout_p, seed)
     if _merge_ok(x, dropout_p, conv=True):
         a2 = a3.reshape(r, -1)
@@ -587,7 +580,7 @@ _conv1d_fwd = torch.library.custom_op("rvclora::torch_lora_conv1d_fwd", mutates_
 
 @_conv1d_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed):
-    t_out = _conv_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
+    t_out = conv1d_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
     return (x.new_empty(x.shape[0], weight.shape[0], t_out),
             x.new_empty(x.shape[0], lora_A.shape[0], t_out, dtype=_lora_dtype(x)))
 
@@ -732,7 +725,7 @@ _convt_fwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_fwd",
 @_convt_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed):
     k = weight.shape[-1]
-    t_out = _convt_out_len(x.shape[-1], k, stride, padding, output_padding, dilation)
+    t_out = conv_transpose1d_out_len(x.shape[-1], k, stride, padding, output_padding, dilation)
     out = weight.shape[1] * groups
     return (x.new_empty(x.shape[0], out, t_out),
             x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1], dtype=_lora_dtype(x)))
