@@ -617,14 +617,14 @@ void conv1d_bwd_blas(const C1BwdB<T>& p) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t blk = b % p.nblk, grp = (b / p.nblk) % g.G, n = b / (p.nblk * g.G);
       const int64_t t0 = blk * p.tb, t1 = std::min(t0 + p.tb, g.Tout), len = t1 - t0;
-      const T* gb = p.gy + (n * g.Cout + grp * g.cout_g) * g.Tout + t0;
+      const T* gblk = p.gy + (n * g.Cout + grp * g.cout_g) * g.Tout + t0;
       T* gub = p.gu ? p.gu + (n * g.r + grp * g.rg) * g.Tout + t0 : local.data();
       const int64_t ldgu = p.gu ? g.Tout : p.tb;
       if (gA || p.gu)
-        gemm_rm<T>(true, false, g.rg, len, g.cout_g, p.s, p.B + grp * g.cout_g * g.rg, g.rg, gb, g.Tout, T(0), gub,
+        gemm_rm<T>(true, false, g.rg, len, g.cout_g, p.s, p.B + grp * g.cout_g * g.rg, g.rg, gblk, g.Tout, T(0), gub,
                    ldgu);
       if (gB)
-        gemm_rm<T>(false, true, g.cout_g, g.rg, len, T(1), gb, g.Tout, p.u + (n * g.r + grp * g.rg) * g.Tout + t0,
+        gemm_rm<T>(false, true, g.cout_g, g.rg, len, T(1), gblk, g.Tout, p.u + (n * g.r + grp * g.rg) * g.Tout + t0,
                    g.Tout, T(1), gB + grp * g.cout_g * g.rg, g.rg);
       if (!gA) continue;
       for (int64_t tap = 0; tap < g.K; ++tap) {
@@ -669,16 +669,16 @@ void conv1d_grad_x_blas(T* gx, const T* gu, const T* At, const C1Geom& g, const 
   });
 }
 
-// ga (r, cin_g·K) = Σ over threads of the tap-major partials (K, r, cin_g).
+// gA_ (r, cin_g·K) = Σ over threads of the tap-major partials (K, r, cin_g).
 template <class T>
-void reduce_tap_major(const Partials<T>& pA, T* ga, const C1Geom& g) {
+void reduce_tap_major(const Partials<T>& pA, T* gA_, const C1Geom& g) {
   for (int64_t tap = 0; tap < g.K; ++tap)
     for (int64_t j = 0; j < g.r; ++j)
       for (int64_t i = 0; i < g.cin_g; ++i) {
         const int64_t src = (tap * g.r + j) * g.cin_g + i;
         T s = 0;
         for (int64_t t = 0; t < pA.nthreads; ++t) s += pA.buf[static_cast<size_t>(t * pA.size + src)];
-        ga[(j * g.cin_g + i) * g.K + tap] = s;
+        gA_[(j * g.cin_g + i) * g.K + tap] = s;
       }
 }
 
@@ -1115,18 +1115,18 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   // than x and the taps are views; the loops always merge without dropout.
   const bool blas = blas_for(x, c1_largest(g));
   const bool merged = dropout_p == 0.0 && (!blas || !conv1d_views(g) || weight.numel() <= x.numel());
-  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
   if (need_x || need_w || need_b) {
     auto [xp, cpad] = conv1d_input(xc, g);
     const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
     std::optional<at::IntArrayRef> bias_sizes;
     const std::vector<int64_t> bsz{g.Cout};
     if (need_b) bias_sizes = at::IntArrayRef(bsz);
-    auto [gxp, gw_, gb_] = at::convolution_backward(gy, xp, w, bias_sizes, {stride}, {cpad}, {dilation}, false, {0},
+    auto [gxp, gw_, gbias_] = at::convolution_backward(gy, xp, w, bias_sizes, {stride}, {cpad}, {dilation}, false, {0},
                                                     groups, {need_x, need_w, need_b});
     if (need_x) gx = conv1d_unpad(gxp, xc, g, cpad).contiguous();
     if (need_w) gw = like_input(gw_, weight);
-    if (need_b) gb = gb_;
+    if (need_b) gbias = gbias_;
   }
   const bool lora_x = need_x && !merged;
   if (need_A || need_B || lora_x) {
@@ -1144,12 +1144,12 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
         p.nblk = (g.Tout + p.tb - 1) / p.tb;
         conv1d_bwd_blas<scalar_t>(p);
         if (need_A) {
-          ga = at::empty({g.r, g.cin_g * g.K}, x.options());
-          reduce_tap_major(pA, ga.mutable_data_ptr<scalar_t>(), g);
+          gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
+          reduce_tap_major(pA, gA_.mutable_data_ptr<scalar_t>(), g);
         }
         if (need_B) {
-          gbb = at::empty({g.Cout, g.rg}, x.options());
-          pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+          gB_ = at::empty({g.Cout, g.rg}, x.options());
+          pB.reduce_into(gB_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
         }
         if (lora_x) {
           if (conv1d_views(g))
@@ -1171,12 +1171,12 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
       p.nblk = (g.Tout + p.tb - 1) / p.tb;
       run_conv1d_bwd<scalar_t>(p, g.N * g.G * p.nblk);
       if (need_A) {
-        ga = at::empty({g.r, g.cin_g * g.K}, x.options());
-        pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+        gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
+        pA.reduce_into(gA_.mutable_data_ptr<scalar_t>(), scalar_t(1));
       }
       if (need_B) {
-        gbb = at::empty({g.Cout, g.rg}, x.options());
-        pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+        gB_ = at::empty({g.Cout, g.rg}, x.options());
+        pB.reduce_into(gB_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
       }
       if (lora_x)
         add_conv1d_lora_grad_x<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
@@ -1184,9 +1184,9 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
     });
   }
   if (need_x) gx = grad_input_layout(gx, x, false);
-  if (need_A) ga = like_input(ga, lora_A);
-  if (need_B) gbb = like_input(gbb, lora_B);
-  return {gx, gw, gb, ga, gbb};
+  if (need_A) gA_ = like_input(gA_, lora_A);
+  if (need_B) gB_ = like_input(gB_, lora_B);
+  return {gx, gw, gbias, gA_, gB_};
 }
 
 // --------------------------------------------------------------------------- ConvTranspose1d ops
@@ -1243,17 +1243,17 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
   TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.N, g.Cout, g.L}), "rvclora cpu: grad_y must be ",
               at::IntArrayRef({g.N, g.Cout, g.L}), ", got ", grad_y.sizes());
   const bool merged = dropout_p == 0.0 && convt_merge_pays(x, weight);
-  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
   if (need_x || need_w || need_b) {
     const Tensor w = merged ? merged_convt_weight(weight, A, B, scaling, groups) : weight;
     std::optional<at::IntArrayRef> bias_sizes;
     const std::vector<int64_t> bsz{g.Cout};
     if (need_b) bias_sizes = at::IntArrayRef(bsz);
-    auto [gx_, gw_, gb_] = at::convolution_backward(gy, xc, w, bias_sizes, {stride}, {padding}, {dilation}, true,
+    auto [gx_, gw_, gbias_] = at::convolution_backward(gy, xc, w, bias_sizes, {stride}, {padding}, {dilation}, true,
                                                     {output_padding}, groups, {need_x, need_w, need_b});
     if (need_x) gx = gx_.contiguous();
     if (need_w) gw = like_input(gw_, weight);
-    if (need_b) gb = gb_;
+    if (need_b) gbias = gbias_;
   }
   const bool lora_x = need_x && !merged;
   if (need_A || need_B || lora_x) {
@@ -1271,12 +1271,12 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
         p.nblk = (g.T + p.tb - 1) / p.tb;
         convt_bwd_blas<scalar_t>(p);
         if (need_A) {
-          ga = at::empty({g.r, g.cin_g}, x.options());
-          pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+          gA_ = at::empty({g.r, g.cin_g}, x.options());
+          pA.reduce_into(gA_.mutable_data_ptr<scalar_t>(), scalar_t(1));
         }
         if (need_B) {
-          gbb = at::empty({g.r, g.cout_g * g.K}, x.options());
-          reduce_convt_B(pB, gbb.mutable_data_ptr<scalar_t>(), g, static_cast<scalar_t>(scaling));
+          gB_ = at::empty({g.r, g.cout_g * g.K}, x.options());
+          reduce_convt_B(pB, gB_.mutable_data_ptr<scalar_t>(), g, static_cast<scalar_t>(scaling));
         }
         return;
       }
@@ -1289,19 +1289,19 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
       p.nblk = (g.T + p.tb - 1) / p.tb;
       run_convt_bwd<scalar_t>(p, g.N * g.G * p.nblk);
       if (need_A) {
-        ga = at::empty({g.r, g.cin_g}, x.options());
-        pA.reduce_into(ga.mutable_data_ptr<scalar_t>(), scalar_t(1));
+        gA_ = at::empty({g.r, g.cin_g}, x.options());
+        pA.reduce_into(gA_.mutable_data_ptr<scalar_t>(), scalar_t(1));
       }
       if (need_B) {
-        gbb = at::empty({g.r, g.cout_g * g.K}, x.options());
-        pB.reduce_into(gbb.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+        gB_ = at::empty({g.r, g.cout_g * g.K}, x.options());
+        pB.reduce_into(gB_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
       }
     });
   }
   if (need_x) gx = grad_input_layout(gx, x, false);
-  if (need_A) ga = like_input(ga, lora_A);
-  if (need_B) gbb = like_input(gbb, lora_B);
-  return {gx, gw, gb, ga, gbb};
+  if (need_A) gA_ = like_input(gA_, lora_A);
+  if (need_B) gB_ = like_input(gB_, lora_B);
+  return {gx, gw, gbias, gA_, gB_};
 }
 
 // --------------------------------------------------------------------------- Linear ops
@@ -1361,7 +1361,7 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
   const Tensor x2 = x.reshape({-1, x.size(-1)});
   const Tensor g2 = grad_y.to(x.scalar_type()).reshape({-1, weight.size(0)});
-  Tensor gx = empty0(x), gw = empty0(x), gb = empty0(x), ga = empty0(x), gbb = empty0(x);
+  Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
   const bool merged = dropout_p == 0.0;
   Tensor gu;
   if (need_A || (need_x && !merged)) gu = at::mm(g2, B).mul_(scaling);
@@ -1376,10 +1376,10 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
     gx = grad_input_layout(gx2.view(x.sizes()), x, true);
   }
   if (need_w) gw = like_input(at::mm(g2.t(), x2), weight);
-  if (need_b) gb = g2.sum(0);
-  if (need_A) ga = like_input(at::mm(gu.t(), merged ? x2 : masked(x2, seed, dropout_p)), lora_A);
-  if (need_B) gbb = like_input(at::mm(g2.t(), u.to(x.scalar_type())).mul_(scaling), lora_B);
-  return {gx, gw, gb, ga, gbb};
+  if (need_b) gbias = g2.sum(0);
+  if (need_A) gA_ = like_input(at::mm(gu.t(), merged ? x2 : masked(x2, seed, dropout_p)), lora_A);
+  if (need_B) gB_ = like_input(at::mm(g2.t(), u.to(x.scalar_type())).mul_(scaling), lora_B);
+  return {gx, gw, gbias, gA_, gB_};
 }
 
 // What runs the thin passes here (shown by `rvclora info`).

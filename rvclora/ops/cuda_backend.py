@@ -100,13 +100,13 @@ def _backward(ctx, grad_y, _grad_u):
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     grads = [None] * 13
     if need_x or need_w or need_A or need_B:
-        gx, gw, ga, gb = torch.ops.rvclora.lora_convt_bwd(
+        gx, gw, gA, gB = torch.ops.rvclora.lora_convt_bwd(
             grad_y, x, weight, lora_A, lora_B, u, *ctx.conv, seed, need_x, need_w, need_A, need_B
         )
         grads[0] = gx if need_x else None
         grads[1] = gw if need_w else None
-        grads[3] = ga if need_A else None
-        grads[4] = gb if need_B else None
+        grads[3] = gA if need_A else None
+        grads[4] = gB if need_B else None
     if need_b:
         grads[2] = grad_y.sum((0, 2))
     return tuple(grads)

@@ -234,7 +234,7 @@ def _linear_bwd_impl(
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` in each input's dtype, in the layout nn.Linear's autograd
     gives (contiguous; ``grad_x`` transposed for a transposed 2-D ``x``); an unneeded gradient is ``None``.
     The base-sized GEMMs run in the activation dtype."""
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
@@ -243,8 +243,8 @@ def _linear_bwd_impl(
     mask = _mask(x2, dropout_p, seed)
     mask = _cast(mask, ldt) if mask is not None else None
     merged = _merge_ok(x, dropout_p, conv=False)
-    gx = gw = gb = ga = gbb = None
-    g_u = torch.mm(gl, B * scaling) if need_a or (need_x and not merged) else None  # (M, r)
+    gx = gw = gbias = gA = gB = None
+    g_u = torch.mm(gl, B * scaling) if need_A or (need_x and not merged) else None  # (M, r)
     if need_x:
         w_x = torch.addmm(weight, B, A, alpha=scaling) if merged else weight
         # nn.Linear's grad_x of a transposed 2-D input is transposed too (autograd's mm backward)
@@ -259,14 +259,14 @@ def _linear_bwd_impl(
     if need_w:
         gw = torch.mm(g.t(), x2)
     if need_b:
-        gb = g.sum(0)
-    if need_a:
+        gbias = g.sum(0)
+    if need_A:
         xl = _cast(x2, ldt)
-        ga = torch.mm(g_u.t(), xl if mask is None else xl * mask).to(lora_A.dtype)
-    if need_bb:
+        gA = torch.mm(g_u.t(), xl if mask is None else xl * mask).to(lora_A.dtype)
+    if need_B:
         # the thin operand first (several times faster on CPU), then a parameter-sized transpose copy
-        gbb = torch.mm(u.t(), gl).mul_(scaling).t().contiguous().to(lora_B.dtype)
-    return gx, gw, gb, ga, gbb
+        gB = torch.mm(u.t(), gl).mul_(scaling).t().contiguous().to(lora_B.dtype)
+    return gx, gw, gbias, gA, gB
 
 
 _linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())(
@@ -476,14 +476,14 @@ def _convt_lora_grads(
     bg = b3.reshape(groups, rg, og, k)
     ug = u.reshape(n, groups, rg, t_in)
     g_u = u.new_zeros(n, groups, rg, t_in)
-    gb = u.new_empty(groups, rg, og, k) if need_b else None
+    gB = u.new_empty(groups, rg, og, k) if need_b else None
     for tap in range(k):
         gs = view(tap).reshape(n, groups, og, t_in)
         g_u += torch.matmul(bg[..., tap], gs)
         if need_b:
             prod = torch.matmul(ug, gs.transpose(-1, -2))  # (n, g, r/g, out/g)
-            gb[..., tap] = prod[0] if n == 1 else prod.sum(0)
-    return g_u.reshape(n, r, t_in), (gb.reshape(r, og, k) if need_b else None)
+            gB[..., tap] = prod[0] if n == 1 else prod.sum(0)
+    return g_u.reshape(n, r, t_in), (gB.reshape(r, og, k) if need_b else None)
 
 
 def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:
@@ -592,17 +592,17 @@ def _conv1d_bwd_lean(
     """The general backward below, specialised to RVC's case (batch 1, groups 1, stride 1, symmetric zero
     padding, merged maths on CPU) with as few ops as possible: each op costs microseconds of dispatch,
     times every adapted layer of a model (tests/test_ops.py checks it against the oracle like the rest)."""
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_w, need_b, need_A, need_B = needs
     out, cin, k = weight.shape
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     g2 = grad[0]
     w_eff = torch.addmm(weight.reshape(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
+    gx, gw, gbias = torch.ops.aten.convolution_backward(
         grad, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
     )
-    ga = _lean_grad_A(g2, x, B, scaling, pad, dilation, k).to(lora_A.dtype) if need_a else None
-    gbb = _lean_grad_B(g2, u, scaling).to(lora_B.dtype) if need_bb else None
-    return gx, gw, gb, ga, gbb
+    gA = _lean_grad_A(g2, x, B, scaling, pad, dilation, k).to(lora_A.dtype) if need_A else None
+    gB = _lean_grad_B(g2, u, scaling).to(lora_B.dtype) if need_B else None
+    return gx, gw, gbias, gA, gB
 
 
 def _lean_grad_A(g2: Tensor, x: Tensor, B: Tensor, scaling: float, pad: int, dilation: int, k: int) -> Tensor:
@@ -612,8 +612,8 @@ def _lean_grad_A(g2: Tensor, x: Tensor, B: Tensor, scaling: float, pad: int, dil
     t_p = t_in + 2 * pad
     stacked = g2.new_zeros(k * r, t_p)
     stacked.as_strided((k, r, t_out), (r * t_p + dilation, t_p, 1)).copy_(torch.mm(B.t(), g2).expand(k, r, t_out))
-    ga = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
-    return ga.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling)
+    gA = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
+    return gA.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling)
 
 
 def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
@@ -627,7 +627,7 @@ def _conv1d_bwd_impl(
     stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
@@ -644,13 +644,13 @@ def _conv1d_bwd_impl(
     g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1) * scaling, gl, groups)
     w_base = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[0]] if need_b else None
-    gxp, gw, gb = torch.ops.aten.convolution_backward(
+    gxp, gw, gbias = torch.ops.aten.convolution_backward(
         grad, xp, w_base, bias_sizes, [stride], [cpad], [dilation], False, [0], groups, [need_x, need_w, need_b]
     )
-    gx = ga = gbb = None
+    gx = gA = gB = None
     need_thin_x = need_x and not merged
-    if need_a:
-        ga = _thin_conv1d_weight_grad(g_u, xdp, stride, cpad, dilation, groups, k).to(lora_A.dtype)
+    if need_A:
+        gA = _thin_conv1d_weight_grad(g_u, xdp, stride, cpad, dilation, groups, k).to(lora_A.dtype)
     if need_thin_x:
         gxp_lora = torch.ops.aten.convolution_backward(
             g_u, xdp, a3, None, [stride], [cpad], [dilation], False, [0], groups, [True, False, False]
@@ -663,9 +663,9 @@ def _conv1d_bwd_impl(
         gx = _unpad_grad(x, gxp, padding, padding_mode, cpad)
         if need_thin_x and mask is not None:
             gx = gx.add_(gx_lora)
-    if need_bb:
-        gbb = (_grouped_outer(gl, u, groups) * scaling).to(lora_B.dtype)
-    return gx, gw, gb, ga, gbb
+    if need_B:
+        gB = (_grouped_outer(gl, u, groups) * scaling).to(lora_B.dtype)
+    return gx, gw, gbias, gA, gB
 
 
 _conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())(
@@ -737,7 +737,7 @@ def _convt_bwd_impl(
     stride: int, padding: int, output_padding: int, dilation: int, groups: int,
     dropout_p: float, seed: Optional[Tensor], needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
@@ -749,29 +749,29 @@ def _convt_bwd_impl(
     w_base = _merged_convt_weight(weight, A, B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[1] * groups] if need_b else None
     conv_args = ([stride], [padding], [dilation], True, [output_padding], groups)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
+    gx, gw, gbias = torch.ops.aten.convolution_backward(
         grad, x, w_base, bias_sizes, *conv_args, [need_x, need_w, need_b]
     )
-    ga = gbb = None
-    if need_a or need_bb or (need_x and not merged):
+    gA = gB = None
+    if need_A or need_B or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
         if grad.device.type == "cpu" and u.shape[0] * u.shape[-1] >= 256:
-            g_u, gb3 = _convt_lora_grads(_cast(grad, ldt), u, b3, stride, padding, dilation, groups, need_bb)
+            g_u, gb3 = _convt_lora_grads(_cast(grad, ldt), u, b3, stride, padding, dilation, groups, need_B)
         else:
             g_u, gb3, _ = torch.ops.aten.convolution_backward(
-                _cast(grad, ldt), u, b3, None, *conv_args, [True, need_bb, False]
+                _cast(grad, ldt), u, b3, None, *conv_args, [True, need_B, False]
             )
         g_u = g_u * scaling
-        if need_bb:
-            gbb = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
-        if need_a:
+        if need_B:
+            gB = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
+        if need_A:
             xl = _cast(x, ldt)
-            ga = _grouped_outer(g_u, xl if mask is None else xl * mask, groups).to(lora_A.dtype)
+            gA = _grouped_outer(g_u, xl if mask is None else xl * mask, groups).to(lora_A.dtype)
         if need_x and not merged:
             at = A.reshape(groups, r // groups, -1).transpose(1, 2).reshape(-1, r // groups)
             lx = _grouped_1x1(at, g_u, groups)
             gx.add_(lx if mask is None else lx.mul_(mask))  # in place: the base part stays in x's dtype
-    return gx, gw, gb, ga, gbb
+    return gx, gw, gbias, gA, gB
 
 
 _convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())(
