@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from typing import Dict, Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ class Unsupported(Exception):
     """A library cannot (correctly) adapt this layer; ``str(e)`` is the reason shown in the table."""
 
 
-def library_version(dist: str) -> Optional[str]:
+def library_version(dist: str) -> str | None:
     """The installed version of ``dist`` without importing it, or ``None``."""
     try:
         return importlib.metadata.version(dist)
@@ -170,7 +170,7 @@ def loralib_lora(base: nn.Module, r: int, lora_alpha: float) -> nn.Module:
     return layer
 
 
-def lora_factors(module: nn.Module) -> Dict[str, Tensor]:
+def lora_factors(module: nn.Module) -> dict[str, Tensor]:
     """``{"A": ..., "B": ...}`` of one LoRA layer of any variant, reshaped to rvclora's 2-D layout.
 
     rvclora: ``lora_A``/``lora_B`` parameters; plain: ``lora_A``/``lora_B`` submodules; PEFT:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,7 @@ class DiscriminatorS(nn.Module):
                                    for i, o, k, s, g, p in spec)
         self.conv_post = _wn(nn.Conv1d(n(1024), 1, 3, 1, padding=1))
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         fmap = []
         for c in self.convs:
             x = F.leaky_relu(c(x), LRELU)
@@ -72,7 +72,7 @@ class DiscriminatorP(nn.Module):
         self.convs.append(_wn(nn.Conv2d(n(1024), n(1024), (5, 1), 1, padding=(2, 0))))
         self.conv_post = _wn(nn.Conv2d(n(1024), 1, (3, 1), 1, padding=(1, 0)))
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         b, c, t = x.shape
         if t % self.period:
             pad = self.period - t % self.period
@@ -146,11 +146,11 @@ class MelSpectrogram(nn.Module):
         return torch.log(torch.clamp(self.fb @ mag, min=1e-5))
 
 
-def discriminator_loss(real: List[Tensor], fake: List[Tensor]) -> Tensor:
+def discriminator_loss(real: list[Tensor], fake: list[Tensor]) -> Tensor:
     return sum(torch.mean((1 - r) ** 2) + torch.mean(g**2) for r, g in zip(real, fake))
 
 
-def generator_loss(fake: List[Tensor]) -> Tensor:
+def generator_loss(fake: list[Tensor]) -> Tensor:
     return sum(torch.mean((1 - g) ** 2) for g in fake)
 
 
@@ -158,7 +158,7 @@ def feature_loss(fmap_r, fmap_g) -> Tensor:
     return 2 * sum(torch.mean(torch.abs(r.detach() - g)) for dr, dg in zip(fmap_r, fmap_g) for r, g in zip(dr, dg))
 
 
-def adamw(params) -> Optional[torch.optim.Optimizer]:
+def adamw(params) -> torch.optim.Optimizer | None:
     params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.8, 0.99), eps=1e-9) if params else None
 

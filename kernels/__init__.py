@@ -2,6 +2,6 @@
 
 :mod:`.lora_kernels` holds the ``@triton.jit`` kernels, :mod:`.ops` their launchers and the
 ``torch.library`` ops, :mod:`.backend` the ``triton`` backend the dispatcher of
-:mod:`rvclora.ops` loads, :mod:`.compile_check` the sm_80/sm_90 compile and resource check.
+:mod:`rvclora.ops` loads (its sm_80/sm_90 compile and resource check is :mod:`rvclora.checks.triton_compile`).
 Nothing here queries a GPU at import time.
 """

@@ -77,7 +77,7 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 
 # Tile shapes for which every config compiles without spills and within shared memory on sm_80
 # and sm_90 under each Triton release the supported torch range brings (3.6, 3.8, 3.9:
-# kernels/compile_check.py); the last tuple is the interpreter's. fp32 configs use 4 warps: with
+# rvclora/checks/triton_compile.py); the last tuple is the interpreter's. fp32 configs use 4 warps: with
 # 8, some releases cap the registers per thread on sm_90 (128 or 80) and spill.
 FORWARD_CONFIGS = _configs(
     [(64, 128, 32, 8, 2), (64, 64, 32, 8, 2)],
@@ -110,7 +110,7 @@ _PRUNE = {"early_config_prune": _prune_by_dtype}
 # pattern of its int arguments, so variable-length audio would recompile the kernels call after
 # call; none of these values changes the generated code's structure (masks handle every size).
 # Channel counts, strides of contiguous tensors and the conv options stay specialised: they are
-# fixed per layer, and a unit stride lets Triton vectorise the loads. (kernels/compile_check.py
+# fixed per layer, and a unit stride lets Triton vectorise the loads. (rvclora/checks/triton_compile.py
 # compiles exactly this form: sizes as plain i32, unit strides as constants.)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -48,7 +49,7 @@ from .lora_kernels import (
 __all__ = ["MAX_RANK_PER_GROUP", "dropout_mask", "lora_conv1d", "lora_linear"]
 
 #: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
-#: registers beside the base tile; 32 keeps every config spill-free (kernels/compile_check.py).
+#: registers beside the base tile; 32 keeps every config spill-free (rvclora/checks/triton_compile.py).
 MAX_RANK_PER_GROUP = 32
 
 
@@ -133,35 +134,54 @@ def _empty() -> Tensor:
     return torch.empty(0)
 
 
+@dataclass(frozen=True)
 class _Geometry:
-    """The implicit-GEMM view of a call: ``x`` as ``(N, C, T)`` with strides, and the conv options."""
+    """The implicit-GEMM view of a call: ``x`` as ``(N, C, T)`` with strides, and the conv options.
 
-    def __init__(self, x: Tensor, weight: Tensor, lora_A: Tensor, is_linear: bool, stride: int = 1,
-                 pad_left: int = 0, pad_right: int = 0, dilation: int = 1, groups: int = 1,
-                 padding_mode: str = "zeros"):
-        self.is_linear = is_linear
+    Built once per call by :meth:`of`; flattened into scalars only at the kernel launch.
+    """
+
+    is_linear: bool
+    x: Tensor
+    N: int
+    C: int
+    T: int
+    x_strides: Tuple[int, int, int]
+    ks: int
+    T_out: int
+    O: int  # noqa: E741 (output channels: the name the kernels and docs use)
+    R: int
+    G: int
+    C_g: int
+    O_g: int
+    R_g: int
+    K: int
+    M: int
+    stride: int
+    dilation: int
+    pad_left: int
+    pad_right: int
+    pad_mode: int
+    w2: Tensor
+
+    @classmethod
+    def of(cls, x: Tensor, weight: Tensor, lora_A: Tensor, *, is_linear: bool, stride: int = 1, pad_left: int = 0,
+           pad_right: int = 0, dilation: int = 1, groups: int = 1, padding_mode: str = "zeros") -> _Geometry:
         if is_linear:
-            x2 = x.reshape(-1, x.shape[-1])
-            self.x = x2
-            self.N, self.C, self.T = x2.shape[0], x2.shape[1], 1
-            self.x_strides = (x2.stride(0), x2.stride(1), 0)
-            self.ks, self.T_out = 1, 1
+            x = x.reshape(-1, x.shape[-1])
+            n, c, t = x.shape[0], x.shape[1], 1
+            x_strides = (x.stride(0), x.stride(1), 0)
+            ks, t_out = 1, 1
         else:
-            self.x = x
-            self.N, self.C, self.T = x.shape
-            self.x_strides = x.stride()
-            self.ks = weight.shape[-1]
-            self.T_out = conv1d_out_len(self.T, self.ks, stride, pad_left + pad_right, dilation)
-        self.O = weight.shape[0]
-        self.R = lora_A.shape[0]
-        self.G = groups
-        self.C_g, self.O_g, self.R_g = self.C // groups, self.O // groups, self.R // groups
-        self.K = self.C_g * self.ks
-        self.M = self.N * self.T_out
-        self.stride, self.dilation = stride, dilation
-        self.pad_left, self.pad_right = pad_left, pad_right
-        self.pad_mode = PAD_MODES[padding_mode]
-        self.w2 = weight.reshape(self.O, -1)
+            n, c, t = x.shape
+            x_strides = tuple(x.stride())
+            ks = weight.shape[-1]
+            t_out = conv1d_out_len(t, ks, stride, pad_left + pad_right, dilation)
+        o, r = weight.shape[0], lora_A.shape[0]
+        return cls(is_linear=is_linear, x=x, N=n, C=c, T=t, x_strides=x_strides, ks=ks, T_out=t_out, O=o, R=r,
+                   G=groups, C_g=c // groups, O_g=o // groups, R_g=r // groups, K=c // groups * ks, M=n * t_out,
+                   stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
+                   pad_mode=PAD_MODES[padding_mode], w2=weight.reshape(o, -1))
 
     def out_strides(self, t: Tensor) -> Tuple[int, int, int]:
         """``(n, channel, t)`` strides of an ``(N·T_out, ch)`` (linear) or ``(N, ch, T_out)`` tensor."""
@@ -270,7 +290,7 @@ def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, d
     return dx.to(dtype)
 
 
-def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is_x: bool, alpha: float,
+def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, *, q_is_x: bool, alpha: float,
                  seed_t, dropout_p: float, dot_from_q: bool, out_rows: int, j: int, precision: str = "ieee") -> Tensor:
     """``Σ_rows P[row, i]·Q[row, j]`` per group (fp32, ``(G·I_g, J)``); ``Q`` is ``x``'s patches or ``u``."""
     split = _split_count(geo.M, triton.cdiv(i_g, 64) * triton.cdiv(j, 64) * geo.G, p.device)
@@ -302,28 +322,29 @@ def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, q_is
 def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
               scaling: float, dropout_p: float, seed: Optional[Tensor], padding_mode: str,
               needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_w, need_b, need_A, need_B = needs
     seed_t = _seed_arg(seed, dropout_p, g)
     g_strides = geo.out_strides(g)
-    grad_x, grad_w, grad_b, grad_a, grad_bb = (_empty() for _ in range(5))
-    gu = _grad_u(geo, g, lora_B, scaling) if (need_x or need_a) and geo.M > 0 else None
+    grad_x, grad_w, grad_bias, grad_A, grad_B = (_empty() for _ in range(5))
+    gu = _grad_u(geo, g, lora_B, scaling) if (need_x or need_A) and geo.M > 0 else None
     if gu is None:
         gu = torch.zeros((geo.M, geo.R), device=g.device, dtype=torch.float32)
     if need_x:
         grad_x = _grad_input(geo, g, gu, lora_A, seed_t, dropout_p, padding_mode, geo.x.dtype)
     if need_w:
-        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, True, 1.0, seed_t, 0.0, True, geo.O, geo.K,
-                              base_precision(g, geo.is_linear)).reshape(weight.shape).to(weight.dtype)
-    if need_a:
+        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, q_is_x=True, alpha=1.0, seed_t=seed_t, dropout_p=0.0,
+                              dot_from_q=True, out_rows=geo.O, j=geo.K,
+                              precision=base_precision(g, geo.is_linear)).reshape(weight.shape).to(weight.dtype)
+    if need_A:
         gu_strides = (gu.stride(0), gu.stride(1), 0) if geo.is_linear else geo.rows_view_strides(gu)
-        grad_a = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, True, 1.0, seed_t, dropout_p, True,
-                              geo.R, geo.K).to(lora_A.dtype)
-    if need_bb:
-        grad_bb = _weight_grad(geo, g, g_strides, geo.O_g, u, False, scaling, seed_t, 0.0, False,
-                               geo.O, geo.R_g).to(lora_B.dtype)
+        grad_A = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, q_is_x=True, alpha=1.0, seed_t=seed_t,
+                              dropout_p=dropout_p, dot_from_q=True, out_rows=geo.R, j=geo.K).to(lora_A.dtype)
+    if need_B:
+        grad_B = _weight_grad(geo, g, g_strides, geo.O_g, u, q_is_x=False, alpha=scaling, seed_t=seed_t,
+                              dropout_p=0.0, dot_from_q=False, out_rows=geo.O, j=geo.R_g).to(lora_B.dtype)
     if need_b:
-        grad_b = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
-    return grad_x, grad_w, grad_b, grad_a, grad_bb
+        grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
+    return grad_x, grad_w, grad_bias, grad_A, grad_B
 
 
 # --------------------------------------------------------------------------- Linear op
@@ -333,7 +354,7 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
 def triton_lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                            scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``y = x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` and ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``)."""
-    geo = _Geometry(x, weight, lora_A, True)
+    geo = _Geometry.of(x, weight, lora_A, is_linear=True)
     y = torch.empty((geo.M, geo.O), device=x.device, dtype=x.dtype)
     with _device_guard(x):
         u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
@@ -345,7 +366,7 @@ def triton_lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Te
                            scaling: float, dropout_p: float, seed: Optional[Tensor],
                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
-    geo = _Geometry(x, weight, lora_A, True)
+    geo = _Geometry.of(x, weight, lora_A, is_linear=True)
     g = grad_y.reshape(-1, geo.O)
     with _device_guard(x):
         grads = _backward(geo, g, weight, lora_A, lora_B, u, scaling, dropout_p, seed, "zeros", needs)
@@ -392,7 +413,8 @@ def triton_lora_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
                            scaling: float, stride: int, pad_left: int, pad_right: int, dilation: int, groups: int,
                            padding_mode: str, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``y = conv(x, W) + b + s·conv1x1(conv(D(x), A), B)`` and ``u`` (fp32, ``(N·T_out, r)``)."""
-    geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
+    geo = _Geometry.of(x, weight, lora_A, is_linear=False, stride=stride, pad_left=pad_left, pad_right=pad_right,
+                       dilation=dilation, groups=groups, padding_mode=padding_mode)
     y = torch.empty((geo.N, geo.O, geo.T_out), device=x.device, dtype=x.dtype)
     with _device_guard(x):
         u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
@@ -405,7 +427,8 @@ def triton_lora_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Te
                            padding_mode: str, dropout_p: float, seed: Optional[Tensor],
                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
-    geo = _Geometry(x, weight, lora_A, False, stride, pad_left, pad_right, dilation, groups, padding_mode)
+    geo = _Geometry.of(x, weight, lora_A, is_linear=False, stride=stride, pad_left=pad_left, pad_right=pad_right,
+                       dilation=dilation, groups=groups, padding_mode=padding_mode)
     with _device_guard(x):
         return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
 

@@ -25,7 +25,7 @@ import io as _io
 import json
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -67,7 +67,7 @@ _OPT_PREFIX = "__optimizer__."
 _FACTORS = ("lora_A", "lora_B")
 
 
-def _bias_mode(model: nn.Module, bias: Optional[str]) -> str:
+def _bias_mode(model: nn.Module, bias: str | None) -> str:
     if bias is None:
         cfg = getattr(model, "rvclora_config", None)
         bias = cfg.bias if isinstance(cfg, LoRAConfig) else "none"
@@ -76,7 +76,7 @@ def _bias_mode(model: nn.Module, bias: Optional[str]) -> str:
     return bias
 
 
-def extract_lora_weights(model: nn.Module, bias: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def extract_lora_weights(model: nn.Module, bias: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter: every ``lora_A``/``lora_B`` plus the biases that ``bias`` trains.
 
     ``bias`` defaults to the mode of the config :func:`rvclora.inject_lora` used. Tensors are
@@ -84,7 +84,7 @@ def extract_lora_weights(model: nn.Module, bias: Optional[str] = None) -> Dict[s
     """
     bias = _bias_mode(model, bias)
     lora_owners = {name for name, m in lora_modules(model) if m.r > 0}
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
         if leaf in _FACTORS or (
@@ -94,7 +94,7 @@ def extract_lora_weights(model: nn.Module, bias: Optional[str] = None) -> Dict[s
     return out
 
 
-def _check_tensor_values(where: str, weights: Dict[str, Any]) -> None:
+def _check_tensor_values(where: str, weights: dict[str, Any]) -> None:
     """Keys are strings, values floating-point tensors (integer factors would be cast silently)."""
     for key, value in weights.items():
         if not isinstance(key, str):
@@ -106,7 +106,7 @@ def _check_tensor_values(where: str, weights: Dict[str, Any]) -> None:
                             "and biases must be floating point")
 
 
-def _validate_lora_weights(model: nn.Module, weights: Dict[str, torch.Tensor], strict: bool) -> None:
+def _validate_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool) -> None:
     if not isinstance(weights, dict):
         raise TypeError(f"load_lora_weights: weights must be a dict of tensors, got {type(weights).__name__}")
     _check_tensor_values("load_lora_weights", weights)
@@ -131,7 +131,7 @@ def _validate_lora_weights(model: nn.Module, weights: Dict[str, torch.Tensor], s
                                "(pass strict=False to load a partial adapter)")
 
 
-def load_lora_weights(model: nn.Module, weights: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
     """Copy adapter ``weights`` into ``model``.
 
     Every key must name a LoRA factor or a bias of ``model``, with the same shape, as a finite
@@ -144,10 +144,10 @@ def load_lora_weights(model: nn.Module, weights: Dict[str, torch.Tensor], strict
     return model
 
 
-def _check_adapter_content(where: str, weights: Dict[str, Tensor], config: LoRAConfig) -> None:
+def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAConfig) -> None:
     """An adapter holds LoRA factor pairs of rank ``config.r`` plus the biases ``config.bias`` trains, nothing else."""
     _check_tensor_values(where, weights)
-    factors: Dict[str, Dict[str, Tensor]] = {}
+    factors: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")
         if leaf in _FACTORS:
@@ -173,7 +173,7 @@ def _check_adapter_content(where: str, weights: Dict[str, Tensor], config: LoRAC
                              f"says r={config.r}")
 
 
-def _check_metadata(where: str, metadata: Any) -> Optional[Dict[str, Any]]:
+def _check_metadata(where: str, metadata: Any) -> dict[str, Any] | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
@@ -189,13 +189,13 @@ def _check_metadata(where: str, metadata: Any) -> Optional[Dict[str, Any]]:
     return metadata
 
 
-def _flatten_optimizer(where: str, state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], str]:
+def _flatten_optimizer(where: str, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     """Split an optimizer state dict into tensors and a JSON skeleton.
 
     Raises ``TypeError`` for anything ``torch.load(weights_only=True)`` (or JSON) could not give
     back as it was: only tensors, dicts, lists, tuples, str, int, float, bool and None pass.
     """
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
 
     def walk(obj, path):
         if isinstance(obj, torch.Tensor):
@@ -219,7 +219,7 @@ def _flatten_optimizer(where: str, state: Dict[str, Any]) -> Tuple[Dict[str, tor
     return tensors, json.dumps(walk(state, "s"))
 
 
-def _unflatten_optimizer(skeleton: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+def _unflatten_optimizer(skeleton: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     def build(obj):
         if isinstance(obj, dict):
             if "__tensor__" in obj:
@@ -249,13 +249,13 @@ def _verify_format(expected: str, where: str):
 
 def write_lora_file(
     path: PathLike,
-    weights: Dict[str, Tensor],
+    weights: dict[str, Tensor],
     config: LoRAConfig,
     *,
-    base_fingerprint: Optional[str],
-    metadata: Optional[Dict[str, Any]] = None,
-    optimizer_state: Optional[Dict[str, Any]] = None,
-    epoch: Optional[int] = None,
+    base_fingerprint: str | None,
+    metadata: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    epoch: int | None = None,
     overwrite: bool = True,
 ) -> str:
     """Write an adapter file from its parts, no model needed; returns the path.
@@ -285,7 +285,7 @@ def write_lora_file(
     metadata = _check_metadata(where, metadata)
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise TypeError(f"{where}: epoch must be an int or None, got {epoch!r}")
-    opt_tensors: Dict[str, Tensor] = {}
+    opt_tensors: dict[str, Tensor] = {}
     skeleton = None
     if optimizer_state is not None:
         opt_tensors, skeleton = _flatten_optimizer(where, optimizer_state)
@@ -351,11 +351,11 @@ def _check_config_matches_model(where: str, model: nn.Module, config: LoRAConfig
 def save_lora_checkpoint(
     model: nn.Module,
     path: PathLike,
-    config: Optional[LoRAConfig] = None,
-    optimizer_state: Optional[Dict[str, Any]] = None,
-    epoch: Optional[int] = None,
+    config: LoRAConfig | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    epoch: int | None = None,
     *,
-    metadata: Optional[Dict[str, Any]] = None,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write the adapter of ``model`` (with ``config``, and optionally optimizer state and epoch) to ``path``.
 
@@ -393,7 +393,7 @@ def save_lora_checkpoint(
                     metadata=metadata, optimizer_state=optimizer_state, epoch=epoch)
 
 
-def _read_safetensors(path: str) -> Dict[str, Any]:
+def _read_safetensors(path: str) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -420,7 +420,7 @@ def _read_safetensors(path: str) -> Dict[str, Any]:
             "optimizer_error": opt_error, "base_fingerprint": meta.get("base_fingerprint"), "metadata": metadata}
 
 
-def _read_torch(path: str) -> Dict[str, Any]:
+def _read_torch(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             raw = torch.load(f, map_location="cpu", weights_only=True)
@@ -442,7 +442,7 @@ def _read_torch(path: str) -> Dict[str, Any]:
             "base_fingerprint": raw.get("base_fingerprint"), "metadata": raw.get("metadata")}
 
 
-def read_lora_file(path: PathLike) -> Dict[str, Any]:
+def read_lora_file(path: PathLike) -> dict[str, Any]:
     """Read an adapter file safely.
 
     Returns ``{"weights", "config", "epoch", "optimizer", "optimizer_error", "format_version",
@@ -494,7 +494,7 @@ def read_lora_config(path: PathLike) -> LoRAConfig:
     return read_lora_file(path)["config"]
 
 
-def check_base_fingerprint(where: str, adapter_fp: Optional[str], base_fp: Optional[str], force: bool,
+def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | None, force: bool,
                            base_name: str = "this model", stacklevel: int = 3) -> None:
     """Refuse an adapter recorded against another base (unless ``force``); warn when either side is unknown."""
     if adapter_fp is None:
@@ -514,7 +514,7 @@ def check_base_fingerprint(where: str, adapter_fp: Optional[str], base_fp: Optio
 
 def load_lora_checkpoint(
     model: nn.Module, path: PathLike, load_optimizer: bool = False, *, force: bool = False
-) -> Tuple[nn.Module, Optional[Dict[str, Any]], Optional[int], LoRAConfig]:
+) -> tuple[nn.Module, dict[str, Any] | None, int | None, LoRAConfig]:
     """Load an adapter into ``model``: returns ``(model, optimizer_state, epoch, config)``.
 
     A model without LoRA layers is first injected with the file's config. An injected model

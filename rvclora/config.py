@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any
 
 __all__ = [
     "LoRAConfig",
@@ -44,7 +44,7 @@ class LoRAConfig:
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
     merge_weights: bool = False
     bias: str = "none"
 
@@ -92,12 +92,12 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (plain ints, floats, strings, lists)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "LoRAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
         if not isinstance(d, dict):
             raise TypeError(f"LoRAConfig.from_dict expects a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -27,7 +27,7 @@ The on-disk PEFT adapter format lives in :mod:`rvclora.peft_format` and is re-ex
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from .peft_format import export_peft_adapter, import_peft_adapter
 __all__ = ["convert", "export_peft_adapter", "import_peft_adapter"]
 
 
-def _peft_classes() -> Optional[dict]:
+def _peft_classes() -> dict | None:
     try:
         from peft import PeftModel
         from peft.tuners.lora import layer as peft_lora
@@ -51,7 +51,7 @@ def _peft_classes() -> Optional[dict]:
             "Linear": peft_lora.Linear, "Conv1d": peft_lora.Conv1d}
 
 
-def _loralib_classes() -> Optional[dict]:
+def _loralib_classes() -> dict | None:
     try:
         import loralib
     except ImportError:
@@ -231,7 +231,7 @@ def _convert_loralib(name: str, m: nn.Module, lib: dict) -> LoRALayer:
 # --------------------------------------------------------------------------- driver
 
 
-def _unwrap_peft(model: nn.Module, peft: Optional[dict]) -> nn.Module:
+def _unwrap_peft(model: nn.Module, peft: dict | None) -> nn.Module:
     """The user's model inside a ``PeftModel`` / ``LoraModel`` wrapper (or ``model`` itself)."""
     if peft is None:
         return model
@@ -242,7 +242,7 @@ def _unwrap_peft(model: nn.Module, peft: Optional[dict]) -> nn.Module:
     return model
 
 
-def _single_config(model: nn.Module, names: List[str]) -> Optional[LoRAConfig]:
+def _single_config(model: nn.Module, names: list[str]) -> LoRAConfig | None:
     layers = [m for n, m in lora_modules(model) if n in set(names) and m.r > 0]
     if not layers:
         return None
@@ -272,14 +272,14 @@ def convert(model: nn.Module) -> nn.Module:
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     peft, lib = _peft_classes(), _loralib_classes()
     root = _unwrap_peft(model, peft)
-    converters: List[Tuple[Tuple[type, ...], Callable[[str, nn.Module], LoRALayer]]] = []
+    converters: list[tuple[tuple[type, ...], Callable[[str, nn.Module], LoRALayer]]] = []
     if peft is not None:
         converters.append(((peft["Linear"], peft["Conv1d"]), lambda n, m: _convert_peft(n, m, peft)))
     if lib is not None:
         converters.append(((lib["Linear"], lib["Conv1d"]), lambda n, m: _convert_loralib(n, m, lib)))
     foreign = tuple(c[k] for c, k in ((peft, "LoraLayer"), (lib, "LoRALayer")) if c is not None)
 
-    replaced: Dict[str, LoRALayer] = {}
+    replaced: dict[str, LoRALayer] = {}
     for kinds, fn in converters:
         if isinstance(root, kinds):
             return fn("<root>", root)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +64,7 @@ def _selected(state: Mapping[str, Tensor]) -> dict:
     return out
 
 
-def base_fingerprint(model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]]) -> str:
+def base_fingerprint(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> str:
     """The fingerprint of a base model's decoder weights (see the module docstring), as ``"fp16-sha256:<hex>"``.
 
     Accepts a module or a state dict (an RVC export's ``weight``, a checkpoint's ``model``, a

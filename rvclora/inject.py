@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ def target_matches(target: str, name: str) -> bool:
     return re.fullmatch(target, name) is not None
 
 
-def _base_kind(module: nn.Module) -> Optional[type]:
+def _base_kind(module: nn.Module) -> type | None:
     if isinstance(module, LoRALayer):
         return None
     for base in _LORA_CLASS:
@@ -83,8 +83,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
             f"inject_lora: the model is already injected ({len(injected)} LoRA layers, e.g. "
             f"{injected[:3]}); inject a fresh copy of the base model, with one config covering every target"
         )
-    chosen: List[Tuple[str, nn.Module, type]] = []
-    candidates: List[str] = []
+    chosen: list[tuple[str, nn.Module, type]] = []
+    candidates: list[str] = []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -119,7 +119,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     return model
 
 
-def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """``(qualified name, layer)`` for every LoRA layer of ``model`` (``r > 0`` or not)."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
@@ -140,7 +140,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
     return model
 
 
-def get_lora_parameters(model: nn.Module) -> List[nn.Parameter]:
+def get_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every ``lora_A`` and ``lora_B`` parameter of ``model``."""
     return [p for n, p in model.named_parameters() if n.rpartition(".")[2] in ("lora_A", "lora_B")]
 
@@ -195,7 +195,7 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> "OrderedDict[str, torch.Tensor]":
+def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> OrderedDict[str, torch.Tensor]:
     """``model``'s state dict with ΔW merged into each base weight and the LoRA keys removed.
 
     Each adapted weight is re-expressed in its layer's original weight_norm form
@@ -207,7 +207,7 @@ def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> "OrderedDict
     """
     state = model.state_dict()
     layers = dict(lora_modules(model))
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
         layer = layers.get(owner)
@@ -248,7 +248,7 @@ def _kind(m: LoRALayer) -> str:
     )
 
 
-def lora_summary(model: nn.Module) -> List[Dict[str, object]]:
+def lora_summary(model: nn.Module) -> list[dict[str, object]]:
     """One row per LoRA layer: name, kind, weight/A/B shapes, rank, LoRA params, merged, weight_norm."""
     rows = []
     for name, m in lora_modules(model):

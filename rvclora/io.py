@@ -24,7 +24,8 @@ import re
 import secrets
 import stat
 import struct
-from typing import Callable, Iterable, Optional, Tuple, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ def stale_temporaries(path: PathLike) -> list:
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = True,
-                 verify: Optional[Callable[[str], None]] = None) -> None:
+                 verify: Callable[[str], None] | None = None) -> None:
     """Call ``write(tmp_path)``, fsync, then move ``tmp_path`` to ``path`` atomically.
 
     The new file gets the mode ``0o666 & ~umask`` (as ``open()`` would give it), or the mode of
@@ -141,8 +142,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
 
 
 def check_output_path(
-    path: PathLike, *, what: str = "output", overwrite: bool = False, inputs: Iterable[Tuple[str, PathLike]] = (),
-    suffixes: Optional[Tuple[str, ...]] = None,
+    path: PathLike, *, what: str = "output", overwrite: bool = False, inputs: Iterable[tuple[str, PathLike]] = (),
+    suffixes: tuple[str, ...] | None = None,
 ) -> str:
     """Validate an output path before any work is done; returns it as a ``str``.
 
@@ -277,8 +278,8 @@ def torch_load_error(e: BaseException) -> str:
 
 
 def first_nonfinite(
-    items: Iterable[Tuple[str, Tensor]], dtype: Optional[torch.dtype] = None
-) -> Optional[Tuple[str, str]]:
+    items: Iterable[tuple[str, Tensor]], dtype: torch.dtype | None = None
+) -> tuple[str, str] | None:
     """The first ``(key, why)`` whose tensor is not finite, cast to ``dtype`` if given (else as is).
 
     ``why`` counts the NaN and Inf elements, and says when the tensor is finite as it is but

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import List, Optional, Tuple, Type, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ def _check_lora_args(r: int, lora_alpha: float, lora_dropout: float, merge_weigh
         raise ValueError(f"merge_weights must be a bool, got {merge_weights!r}")
 
 
-def _weight_norm_info(layer: nn.Module) -> Tuple[Optional[str], Optional[int], Optional[Tensor], bool]:
+def _weight_norm_info(layer: nn.Module) -> tuple[str | None, int | None, Tensor | None, bool]:
     """Detect weight_norm on ``layer``: (kind, dim, folded weight, requires_grad)."""
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -113,18 +113,18 @@ class LoRALayer:
         weight_norm_dim: the ``dim`` of that weight_norm (``None`` without one).
     """
 
-    base_class: Type[nn.Module]
+    base_class: type[nn.Module]
     r: int
     lora_alpha: float
     scaling: float
     lora_dropout: float
     merge_weights: bool
     merged: bool
-    weight_norm_kind: Optional[str]
-    weight_norm_dim: Optional[int]
+    weight_norm_kind: str | None
+    weight_norm_dim: int | None
 
     # subclass hooks ------------------------------------------------------------------
-    def _lora_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
         raise NotImplementedError(f"{type(self).__name__} must define _lora_shapes")
 
     def get_delta_weight(self) -> Tensor:
@@ -140,7 +140,7 @@ class LoRALayer:
         self.lora_dropout = float(lora_dropout)
         self.merge_weights = merge_weights
         self.merged = False
-        self._unmerged_weight: Optional[Tensor] = None
+        self._unmerged_weight: Tensor | None = None
         if not hasattr(self, "weight_norm_kind"):
             self.weight_norm_kind = None
             self.weight_norm_dim = None
@@ -163,7 +163,7 @@ class LoRALayer:
     def _dropout_p(self) -> float:
         return self.lora_dropout if self.training else 0.0
 
-    def _versions(self) -> Tuple[int, int, int]:
+    def _versions(self) -> tuple[int, int, int]:
         # In-place updates (optimizer steps, copy_, load) bump a tensor's version counter; .to()/.half() keep it.
         return (self.weight._version, self.lora_A._version, self.lora_B._version)
 
@@ -257,7 +257,7 @@ class LoRALayer:
 
     @classmethod
     def from_base(
-        cls: Type[T],
+        cls: type[T],
         layer: nn.Module,
         r: int = 8,
         lora_alpha: float = 16,
@@ -337,7 +337,7 @@ class LoRALinear(LoRALayer, nn.Linear):
         return ops.lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, self._dropout_p())
 
 
-def _conv1d_padding(layer: nn.Conv1d) -> Tuple[int, int]:
+def _conv1d_padding(layer: nn.Conv1d) -> tuple[int, int]:
     k, d = layer.kernel_size[0], layer.dilation[0]
     if layer.padding == "valid":
         return (0, 0)
@@ -432,7 +432,7 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
             self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0]
         )
 
-    def forward(self, input: Tensor, output_size: Optional[List[int]] = None) -> Tensor:
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if not self._lora_active():
             if self.merged:
                 self._check_not_training_merged()
@@ -454,7 +454,7 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
 # --------------------------------------------------------------------------- helpers
 
 
-def _autocast(x: Tensor, w: Tensor, b: Optional[Tensor]):
+def _autocast(x: Tensor, w: Tensor, b: Tensor | None):
     """Follow autocast the way ``nn.Linear``/``nn.Conv1d`` do: cast input, weight and bias.
 
     The LoRA factors stay in their own dtype; the ops cast them per call, so the optimizer
@@ -473,7 +473,7 @@ def _check_dtype(name: str, x: Tensor, w: Tensor) -> None:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match weight dtype {w.dtype}")
 
 
-def _batch(name: str, x: Tensor, in_channels: int) -> Tuple[Tensor, bool]:
+def _batch(name: str, x: Tensor, in_channels: int) -> tuple[Tensor, bool]:
     if x.dim() not in (2, 3) or x.shape[-2] != in_channels:
         raise ValueError(
             f"{name}: input must be (N, C_in={in_channels}, T) or (C_in={in_channels}, T), got {tuple(x.shape)}"

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -71,7 +71,7 @@ def _exportable(name: str, m: LoRALayer) -> None:
                          "Linear and Conv1d LoRA layers only")
 
 
-def _peft_tensors(m: LoRALayer) -> Tuple[torch.Tensor, torch.Tensor]:
+def _peft_tensors(m: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     """rvclora factors → PEFT's ``lora_A.weight``, ``lora_B.weight`` (exact)."""
     A, B = m.lora_A.detach(), m.lora_B.detach()
     if isinstance(m, LoRALinear):
@@ -83,7 +83,7 @@ def _peft_tensors(m: LoRALayer) -> Tuple[torch.Tensor, torch.Tensor]:
     return full.reshape(r, m.in_channels, k), B.unsqueeze(-1)
 
 
-def _rvclora_tensors(name: str, m: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rvclora_tensors(name: str, m: LoRALayer, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``lora_A.weight``, ``lora_B.weight`` → rvclora factors (exact, or a ``ValueError``)."""
     if isinstance(m, LoRALinear):
         want_a, want_b = tuple(m.lora_A.shape), tuple(m.lora_B.shape)
@@ -142,7 +142,7 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
     # PEFT resolves a pattern key by the first key matching "(.*\.)?(key)$": longer names first, so
     # every layer finds its own entry
     ordered = sorted(names, key=lambda n: -n.count("."))
-    config: Dict[str, Any] = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
         "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
@@ -172,7 +172,7 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
         config["peft_version"] = peft.__version__
     except ImportError:
         pass
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, m in layers:
         a, b = _peft_tensors(m)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.to("cpu", copy=True).contiguous()
@@ -188,7 +188,7 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
     atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
 
 
-def _pattern_value(patterns: Dict[str, Any], name: str, default: Any) -> Any:
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     """PEFT's rule (``get_pattern_key``): the first key matching ``(.*\\.)?(key)$``."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -218,7 +218,7 @@ def import_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
             raise ValueError(f"import_peft_adapter: {CONFIG_NAME} has {key}={config[key]!r}; rvclora imports "
                              f"plain LoRA factors only ({key}={plain!r})")
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = re.fullmatch(re.escape(_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
         if m is None:

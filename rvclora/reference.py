@@ -21,8 +21,6 @@ mask so that tests compare against this oracle.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,11 +36,11 @@ __all__ = [
 ]
 
 
-def _drop(x: Tensor, dropout_mask: Optional[Tensor]) -> Tensor:
+def _drop(x: Tensor, dropout_mask: Tensor | None) -> Tensor:
     return x if dropout_mask is None else x * dropout_mask
 
 
-def pad1d(x: Tensor, padding: Tuple[int, int], padding_mode: str) -> Tensor:
+def pad1d(x: Tensor, padding: tuple[int, int], padding_mode: str) -> Tensor:
     """Pad the last dim of ``x`` by ``(left, right)`` the way ``nn.Conv1d`` does for ``padding_mode``."""
     if padding == (0, 0):
         return x
@@ -61,11 +59,11 @@ def delta_weight_linear(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tenso
 def lora_linear_ref(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
-    dropout_mask: Optional[Tensor] = None,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """``y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ``.  ``x: (..., in)`` → ``y: (..., out)``."""
     base = F.linear(x, weight, bias)
@@ -90,16 +88,16 @@ def delta_weight_conv1d(lora_A: Tensor, lora_B: Tensor, scaling: float, groups: 
 def lora_conv1d_ref(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     stride: int = 1,
-    padding: Tuple[int, int] = (0, 0),
+    padding: tuple[int, int] = (0, 0),
     dilation: int = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
-    dropout_mask: Optional[Tensor] = None,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """``y = conv(x, W) + b + s · conv1x1(conv(D(x), A), B)``.
 
@@ -137,7 +135,7 @@ def delta_weight_conv_transpose1d(
 def lora_conv_transpose1d_ref(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
@@ -146,7 +144,7 @@ def lora_conv_transpose1d_ref(
     output_padding: int = 0,
     dilation: int = 1,
     groups: int = 1,
-    dropout_mask: Optional[Tensor] = None,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
     """``y = convT(x, W) + b + s · convT(A · D(x), B)``.  ``x: (N, in, T)``.
 

@@ -34,7 +34,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def _case_tensors(op: str, n: int, device, act: torch.dtype, fac: torch.dtype, g
         cin, cout, rank = 37, 29, 4
         t = {"x": r(n, 3, cin), "weight": r(cout, cin, scale=cin ** -0.5), "bias": r(cout),
              "lora_A": r(rank, cin, scale=cin ** -0.5), "lora_B": r(cout, rank)}
-        kw: Dict[str, Any] = {}
+        kw: dict[str, Any] = {}
     elif op == "lora_conv1d":
         cin, cout, k, rank, g = 12, 10, 3, 4, 2
         t = {"x": r(n, cin, 41), "weight": r(cout, cin // g, k, scale=(cin // g * k) ** -0.5), "bias": r(cout),
@@ -94,7 +95,7 @@ def _case_tensors(op: str, n: int, device, act: torch.dtype, fac: torch.dtype, g
     return t, dtypes, kw
 
 
-def _oracle(op: str, t: Dict[str, torch.Tensor], kw: Dict[str, Any], mask, scaling: float):
+def _oracle(op: str, t: dict[str, torch.Tensor], kw: dict[str, Any], mask, scaling: float):
     from . import reference as ref
 
     args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling)
@@ -103,7 +104,7 @@ def _oracle(op: str, t: Dict[str, torch.Tensor], kw: Dict[str, Any], mask, scali
     return fn(*args, dropout_mask=mask, **kw)
 
 
-def _forward_and_grads(fn, t: Dict[str, torch.Tensor], dtypes, grad_out):
+def _forward_and_grads(fn, t: dict[str, torch.Tensor], dtypes, grad_out):
     leaves = {k: v.detach().to(dtypes[k]).requires_grad_(True) for k, v in t.items()}
     y = fn(leaves)
     gs = torch.autograd.grad(y, list(leaves.values()), grad_out.to(y.dtype))
@@ -111,7 +112,7 @@ def _forward_and_grads(fn, t: Dict[str, torch.Tensor], dtypes, grad_out):
 
 
 def check_case(backend: str, op: str, device, act: torch.dtype, fac: torch.dtype, p: float, n: int = 2,
-               seed: int = 0) -> Dict[str, Any]:
+               seed: int = 0) -> dict[str, Any]:
     """One oracle check; returns ``{"ok": bool, "worst": ratio of error to tolerance, ...}``."""
     from . import ops
     from .ops import dispatch
@@ -166,7 +167,7 @@ def _dtype_plan(device_type: str):
     return plan
 
 
-def run_checks(device: torch.device, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def run_checks(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from .ops import dispatch
 
     results = []
@@ -199,7 +200,7 @@ def run_checks(device: torch.device, log: Callable[[str], None]) -> List[Dict[st
 # --------------------------------------------------------------------------- torch.compile
 
 
-def run_compile_check(device: torch.device) -> Dict[str, Any]:
+def run_compile_check(device: torch.device) -> dict[str, Any]:
     from . import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
 
     torch.manual_seed(0)
@@ -252,7 +253,7 @@ def _rvc_cases(batches=(1, 4)):
     return cases
 
 
-def _timed_inputs(op: str, sh: Dict[str, int], device, dtype, r: int = 8):
+def _timed_inputs(op: str, sh: dict[str, int], device, dtype, r: int = 8):
     def rnd(*shape, scale=1.0, grad=False):
         return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(grad)
 
@@ -262,7 +263,7 @@ def _timed_inputs(op: str, sh: Dict[str, int], device, dtype, r: int = 8):
         w, b = rnd(sh["o"], sh["c"], scale=sh["c"] ** -0.5), rnd(sh["o"])
         a = rnd(r, sh["c"], scale=sh["c"] ** -0.5).to(fp32).requires_grad_(True)
         bb = rnd(sh["o"], r, scale=0.1).to(fp32).requires_grad_(True)
-        kw: Dict[str, Any] = {}
+        kw: dict[str, Any] = {}
         flops_base = 2 * sh["m"] * sh["c"] * sh["o"]
         rows, k_dim = sh["m"], sh["c"]
     elif op == "lora_conv1d":
@@ -303,7 +304,7 @@ def _unfused(op, x, w, b, a, bb, s, kw):
     return base + s * F.conv_transpose1d(h, bw, stride=kw["stride"], padding=kw["padding"])
 
 
-def _time_case(op: str, sh: Dict[str, int], device, dtype, rounds: int) -> Dict[str, Any]:
+def _time_case(op: str, sh: dict[str, int], device, dtype, rounds: int) -> dict[str, Any]:
     """Median seconds of one training step per implementation, plus the step's flops and minimum bytes."""
     from . import ops
     from .ops import dispatch
@@ -311,7 +312,7 @@ def _time_case(op: str, sh: Dict[str, int], device, dtype, rounds: int) -> Dict[
     x, w, b, a, bb, kw, flops_base, rows, k_dim = _timed_inputs(op, sh, device, dtype)
     s = 2.0
     fused_name = "cuda" if op == "lora_conv_transpose1d" else "triton"
-    impls: Dict[str, Callable[[], torch.Tensor]] = {}
+    impls: dict[str, Callable[[], torch.Tensor]] = {}
     for be in (fused_name, "torch"):
         if dispatch._unavailable(be) is not None:
             continue
@@ -340,7 +341,7 @@ def _time_case(op: str, sh: Dict[str, int], device, dtype, rounds: int) -> Dict[
     for fn in steps.values():
         fn()  # warm-up: compilation, autotuning, cuDNN's algorithm search
         fn()
-    times: Dict[str, List[float]] = {k: [] for k in steps}
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for k, fn in steps.items():
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -369,7 +370,7 @@ def run_timing(device: torch.device, dtypes: Sequence[torch.dtype], rounds: int,
         for label, op, sh in _rvc_cases(batches):
             res = _time_case(op, sh, device, dtype, rounds)
             flops, nbytes = res["flops"], res["bytes"]
-            row: Dict[str, Any] = {"case": label, "dtype": str(dtype), "op": op, "flops": flops, "bytes": nbytes}
+            row: dict[str, Any] = {"case": label, "dtype": str(dtype), "op": op, "flops": flops, "bytes": nbytes}
             for k, t_med in res["seconds"].items():
                 entry = {"seconds": t_med, "tflops": flops / t_med / 1e12, "gbps": nbytes / t_med / 1e9}
                 if peaks is not None:
@@ -397,11 +398,11 @@ def _default_out() -> str:
     return os.path.join(bench if os.path.isdir(bench) else os.getcwd(), "results")
 
 
-def run(out_dir: Optional[str] = None, rounds: int = 10, timing: bool = True, log=print) -> Dict[str, Any]:
+def run(out_dir: str | None = None, rounds: int = 10, timing: bool = True, log=print) -> dict[str, Any]:
     from . import __version__
     from .ops import backend_status
 
-    report: Dict[str, Any] = {
+    report: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "rvclora": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "backends": backend_status(), "not_run": [],
@@ -472,7 +473,7 @@ def run(out_dir: Optional[str] = None, rounds: int = 10, timing: bool = True, lo
     return report
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m rvclora.selftest", description=__doc__.split("\n")[0])
     parser.add_argument("--out", metavar="DIR", help="directory of the JSON report (default: bench/results)")
     parser.add_argument("--rounds", type=int, default=10, help="timing rounds per case (default 10)")
@@ -480,7 +481,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return cmd(args)
 

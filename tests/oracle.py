@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ def grads(out: Tensor, inputs: Sequence[Tensor], grad_out: Tensor):
 def compare_with_oracle(
     run: Callable[..., Tensor],
     oracle: Callable[..., Tensor],
-    tensors: Dict[str, Tensor],
+    tensors: dict[str, Tensor],
     dtype: torch.dtype,
     grad_names: Sequence[str],
     label: str,

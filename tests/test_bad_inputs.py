@@ -19,8 +19,9 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from rvclora.ops import cuda_compile_check as cc
+from rvclora.checks import cuda_compile as cc
 
 _SPILLING = """\
 ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'

@@ -23,7 +23,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (type(f).__mod
 sys.path[:] = [p for p in sys.path if "__editable__" not in p]
 sys.path.insert(0, ".")
 import rvclora, rvclora.ops
-import rvclora.kernels.compile_check as cc
+import rvclora.checks.triton_compile as cc
 print("RESOLVED", rvclora.__file__, cc.__file__)
 sys.argv = ["rvclora.selftest"] + sys.argv[1:]
 runpy.run_module("rvclora.selftest", run_name="__main__")

@@ -8,8 +8,6 @@ the mask is regenerated from that seed in backward, never stored.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -39,7 +37,7 @@ __all__ = [
 ]
 
 
-def draw_seed(dropout_p: float) -> Optional[Tensor]:
+def draw_seed(dropout_p: float) -> Tensor | None:
     """A 0-dim int64 CPU tensor seed for a dropout mask, or ``None`` when ``dropout_p == 0``."""
     if dropout_p == 0.0:
         return None
@@ -49,12 +47,12 @@ def draw_seed(dropout_p: float) -> Optional[Tensor]:
 def lora_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ``; ``x: (..., in)``, ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``."""
     if dropout_p > 0 and seed is None:
@@ -66,17 +64,17 @@ def lora_linear(
 def lora_conv1d(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     stride: int = 1,
-    padding: Tuple[int, int] = (0, 0),
+    padding: tuple[int, int] = (0, 0),
     dilation: int = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
     dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """Conv1d + LoRA; ``padding`` is explicit ``(left, right)``. Shapes: :mod:`rvclora.reference`."""
     if dropout_p > 0 and seed is None:
@@ -95,7 +93,7 @@ def lora_conv1d(
 def lora_conv_transpose1d(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
@@ -105,7 +103,7 @@ def lora_conv_transpose1d(
     dilation: int = 1,
     groups: int = 1,
     dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
+    seed: Tensor | None = None,
 ) -> Tensor:
     """ConvTranspose1d + exact LoRA. Shapes: :mod:`rvclora.reference`."""
     if dropout_p > 0 and seed is None:

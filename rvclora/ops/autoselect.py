@@ -34,7 +34,8 @@ import threading
 import time
 import types
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,7 +67,7 @@ def mode() -> str:
     return value
 
 
-def cache_path() -> Optional[str]:
+def cache_path() -> str | None:
     """The decisions file: ``$RVCLORA_AUTOSELECT_CACHE``, else ``$XDG_CACHE_HOME/rvclora/autoselect.json``
     (``~/.cache`` by default); ``None`` when ``$RVCLORA_AUTOSELECT_CACHE`` is set empty."""
     explicit = os.environ.get("RVCLORA_AUTOSELECT_CACHE")
@@ -86,7 +87,7 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}.get(dtype, 6e-2)
 
 
-def _versions() -> Dict[str, str]:
+def _versions() -> dict[str, str]:
     from .. import __version__
 
     out = {"torch": torch.__version__, "rvclora": __version__}
@@ -99,12 +100,12 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-def _cuda_device_info(device: torch.device) -> Dict[str, str]:
+def _cuda_device_info(device: torch.device) -> dict[str, str]:
     props = torch.cuda.get_device_properties(device)
     return {"name": props.name, "capability": f"{props.major}.{props.minor}"}
 
 
-def environment_key(info: Dict[str, str], versions: Dict[str, str]) -> str:
+def environment_key(info: dict[str, str], versions: dict[str, str]) -> str:
     """The cache section of one machine and software stack."""
     return (f"{info['name']} sm{info['capability']} torch {versions['torch']} triton {versions['triton']} "
             f"rvclora {versions['rvclora']}")
@@ -114,14 +115,14 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def rows_of(op: str, x: Tensor, weight: Tensor, params: Dict[str, Any]) -> int:
+def rows_of(op: str, x: Tensor, weight: Tensor, params: dict[str, Any]) -> int:
     """The GEMM rows of a call: the leading elements of a Linear, ``N·T_out`` of a convolution."""
     if op == "lora_linear":
         return x.numel() // max(x.shape[-1], 1)
     return x.shape[0] * x.shape[-1]
 
 
-def shape_class(op: str, x: Tensor, params: Dict[str, Any], training: bool) -> str:
+def shape_class(op: str, x: Tensor, params: dict[str, Any], training: bool) -> str:
     """A readable key: everything that changes the kernels' code or tiling, rows rounded up to a power of two."""
     weight, lora_A = params["weight"], params["lora_A"]
     p = float(params.get("dropout_p", 0.0))
@@ -148,8 +149,8 @@ class ClockTimer:
     def __init__(self, clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None):
         self.clock, self.sync = clock, sync
 
-    def __call__(self, fns: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
-        times: Dict[str, List[float]] = {name: [] for name in fns}
+    def __call__(self, fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+        times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
                 self.sync()
@@ -163,7 +164,7 @@ class ClockTimer:
 class CudaEventTimer:
     """Median seconds per call from CUDA events, candidates interleaved round by round."""
 
-    def __call__(self, fns: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+    def __call__(self, fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
         events = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
@@ -179,7 +180,7 @@ class CudaEventTimer:
 # --------------------------------------------------------------------------- inputs of a shape class
 
 
-def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> Tuple[int, ...]:
+def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> tuple[int, ...]:
     r = lora_A.shape[0]
     if op == "lora_linear":
         return (weight.shape[0], r)
@@ -188,7 +189,7 @@ def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> Tuple
     return (r, weight.shape[1] * weight.shape[2])
 
 
-def _synthetic_call(op: str, x: Tensor, params: Dict[str, Any], training: bool, seed: int = 1234):
+def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, seed: int = 1234):
     """Fresh random inputs with the call's shapes, dtypes and device, and the op's keyword options."""
     weight, lora_A = params["weight"], params["lora_A"]
     groups = int(params.get("groups", 1))
@@ -216,7 +217,7 @@ def _synthetic_call(op: str, x: Tensor, params: Dict[str, Any], training: bool, 
     return tensors, kw
 
 
-def _run(backend, op: str, tensors: Dict[str, Tensor], kw: Dict[str, Any], grad_out: Optional[Tensor]):
+def _run(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None):
     """One call of ``backend``'s ``op``; returns the output and, when ``grad_out`` is given, the gradients."""
     t = {k: (v.detach().requires_grad_(v.requires_grad) if v is not None else None) for k, v in tensors.items()}
     args = [t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75]
@@ -254,16 +255,16 @@ class AutoSelector:
     without a GPU (a fake clock, a fake device).
     """
 
-    def __init__(self, path: Optional[str] = None, timer: Optional[Callable] = None,
-                 device_info: Callable[[torch.device], Dict[str, str]] = _cuda_device_info,
-                 versions: Optional[Dict[str, str]] = None, rounds: int = 7):
+    def __init__(self, path: str | None = None, timer: Callable | None = None,
+                 device_info: Callable[[torch.device], dict[str, str]] = _cuda_device_info,
+                 versions: dict[str, str] | None = None, rounds: int = 7):
         self.path = path
         self.timer = timer
         self.device_info = device_info
         self.versions = versions or _versions()
         self.rounds = rounds
         self._lock = threading.RLock()
-        self._memory: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self._memory: dict[str, dict[str, dict[str, Any]]] = {}
         self._file_loaded = False
         self._warned: set = set()
 
@@ -298,12 +299,12 @@ class AutoSelector:
         except OSError as e:
             warnings.warn(f"rvclora: cannot write the autoselect cache {self.path}: {e}", stacklevel=3)
 
-    def cached(self, env: str, key: str) -> Optional[Dict[str, Any]]:
+    def cached(self, env: str, key: str) -> dict[str, Any] | None:
         with self._lock:
             self._load_file()
             return self._memory.get(env, {}).get(key)
 
-    def entries(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    def entries(self) -> dict[str, dict[str, dict[str, Any]]]:
         with self._lock:
             self._load_file()
             return {env: dict(table) for env, table in self._memory.items()}
@@ -313,7 +314,7 @@ class AutoSelector:
     def env_key(self, device: torch.device) -> str:
         return environment_key(self.device_info(device), self.versions)
 
-    def choose(self, op: str, x: Tensor, params: Dict[str, Any], fused: Sequence, torch_backend,
+    def choose(self, op: str, x: Tensor, params: dict[str, Any], fused: Sequence, torch_backend,
                fixed_choice, can_measure: bool = True):
         """The backend module to run ``op``: one of ``fused`` (capable fused backends) or ``torch_backend``.
 
@@ -348,7 +349,7 @@ class AutoSelector:
                               f"for it ({why}); using {hit['choice']}", RuntimeWarning, stacklevel=4)
         return by_name[hit["choice"]]
 
-    def _measure(self, op, x, params, training, fused, torch_backend) -> Dict[str, Any]:
+    def _measure(self, op, x, params, training, fused, torch_backend) -> dict[str, Any]:
         tensors, kw = _synthetic_call(op, x, params, training)
         with torch.autocast(x.device.type, enabled=False), torch.enable_grad() if training else torch.no_grad():
             grad_out = None
@@ -359,7 +360,7 @@ class AutoSelector:
             # the torch path's own distance to the oracle widens the tolerance where it must (TF32)
             torch_err = _validate(torch_backend, op, tensors, kw, grad_out)
             tol = max(tolerance(x.dtype), 4 * torch_err) if torch_err == torch_err else tolerance(x.dtype)
-            failed: Dict[str, str] = {}
+            failed: dict[str, str] = {}
             good = [torch_backend]
             for be in fused:
                 try:
@@ -384,7 +385,7 @@ class AutoSelector:
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _oracle(op: str, args: Sequence, kw: Dict[str, Any], mask: Optional[Tensor]):
+def _oracle(op: str, args: Sequence, kw: dict[str, Any], mask: Tensor | None):
     """The oracle (rvclora.reference) on ``args = (x, weight, bias, lora_A, lora_B, scaling)``."""
     from .. import reference as ref
 
@@ -399,7 +400,7 @@ def _oracle(op: str, args: Sequence, kw: Dict[str, Any], mask: Optional[Tensor])
                                          groups=int(kw["groups"]), dropout_mask=mask)
 
 
-def _validate(backend, op: str, tensors: Dict[str, Tensor], kw: Dict[str, Any], grad_out: Optional[Tensor]) -> float:
+def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None) -> float:
     """Worst relative error of ``backend``'s output (and gradients) against the oracle, evaluated in
     fp32 (fp64 for fp64 inputs) on the same inputs with the backend's own dropout mask."""
     got = _run(backend, op, tensors, kw, grad_out)
@@ -416,7 +417,7 @@ def _validate(backend, op: str, tensors: Dict[str, Tensor], kw: Dict[str, Any], 
     return max(_rel_err(a, b) for a, b in zip(got, expect))
 
 
-_selector: Optional[AutoSelector] = None
+_selector: AutoSelector | None = None
 _selector_lock = threading.Lock()
 
 
@@ -429,7 +430,7 @@ def get_selector() -> AutoSelector:
         return _selector
 
 
-def decisions() -> List[Tuple[str, str, Dict[str, Any]]]:
+def decisions() -> list[tuple[str, str, dict[str, Any]]]:
     """``(environment, shape class, decision)`` for every cached decision, for ``rvclora info``."""
     out = []
     for env, table in sorted(get_selector().entries().items()):

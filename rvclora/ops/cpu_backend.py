@@ -29,7 +29,6 @@ falls back to the torch backend; ``rvclora info`` shows the reason.
 from __future__ import annotations
 
 import threading
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -56,7 +55,7 @@ def _ops_present() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     """``None`` once the extension is built and its ops registered (builds it on the first call).
 
     A constant for ``torch.compile``: evaluated once at trace time, never traced (the first call
@@ -78,7 +77,7 @@ def status_note() -> str:
             f"(other dtypes run on the torch backend); {passes}")
 
 
-def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
+def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     if x.device.type != "cpu":
         return f"the cpu backend runs CPU tensors only, got device {x.device.type!r}"
     if x.dtype not in _DTYPES:
@@ -266,7 +265,7 @@ def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padd
                           seed if dropout_p > 0 else None))
 
 
-def dropout_mask(seed: Optional[Tensor], shape: List[int], p: float, device, dtype) -> Tensor:
+def dropout_mask(seed: Tensor | None, shape: list[int], p: float, device, dtype) -> Tensor:
     """The mask ``D`` applies to an ``x`` of ``shape``: 0 or ``1/(1-p)``, a hash of (seed, element index)."""
     why = unavailable_reason()
     if why is not None:

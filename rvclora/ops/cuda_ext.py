@@ -60,7 +60,7 @@ __all__ = [
 CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp"]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
 HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h"]
-# What the kernels' tiles are sized for and what rvclora.ops.cuda_compile_check verifies.
+# What the kernels' tiles are sized for and what rvclora.checks.cuda_compile verifies.
 CUDA_ARCHS = ("8.0", "9.0")
 # One op the CPU sources define: its registration tells whether the library is loaded.
 _PROBE_OP = "rvclora::lora_convt_fwd"

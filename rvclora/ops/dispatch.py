@@ -34,7 +34,6 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Dict, List, Optional
 
 __all__ = [
     "BACKENDS",
@@ -99,9 +98,9 @@ def _alias_checkout_kernels() -> None:
 
 _alias_checkout_kernels()
 
-_override: Optional[str] = None
-_loaded: Dict[str, Optional[ModuleType]] = {}
-_import_errors: Dict[str, str] = {}
+_override: str | None = None
+_loaded: dict[str, ModuleType | None] = {}
+_import_errors: dict[str, str] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -121,7 +120,7 @@ def get_backend() -> str:
     return _check_name(os.environ.get("RVCLORA_BACKEND", "auto").strip().lower() or "auto", "RVCLORA_BACKEND")
 
 
-def set_backend(name: Optional[str]) -> None:
+def set_backend(name: str | None) -> None:
     """Force a backend for this process (``None`` returns control to ``$RVCLORA_BACKEND``)."""
     global _override
     _override = None if name is None else _check_name(name, "backend")
@@ -129,7 +128,7 @@ def set_backend(name: Optional[str]) -> None:
         load_backend(_override)  # now, not inside a torch.compile trace (see preload_backends)
 
 
-def load_backend(name: str) -> Optional[ModuleType]:
+def load_backend(name: str) -> ModuleType | None:
     """Import a backend module once; ``None`` (with the reason kept) if it cannot be imported."""
     if name not in _loaded:
         try:
@@ -140,7 +139,7 @@ def load_backend(name: str) -> Optional[ModuleType]:
     return _loaded[name]
 
 
-def _unavailable(name: str) -> Optional[str]:
+def _unavailable(name: str) -> str | None:
     mod = load_backend(name)
     if mod is None:
         return f"cannot import {_MODULES[name]} ({_import_errors[name]})"
@@ -174,7 +173,7 @@ def select_backend(op: str, x, **params) -> ModuleType:
     return autoselect.get_selector().choose(op, x, params, fused, torch_mod, fixed, _can_measure())
 
 
-def _fixed_choice(op: str, x, params, capable: List[ModuleType]) -> ModuleType:
+def _fixed_choice(op: str, x, params, capable: list[ModuleType]) -> ModuleType:
     """The rule without measurement: the first capable backend whose ``prefer`` agrees, the torch path
     last; on CUDA never a fused kernel for the ops whose speed is unmeasured (autoselect.FIXED_TORCH_OPS)."""
     for mod in capable:
@@ -230,7 +229,7 @@ def preload_backends() -> None:
         load_backend(name)
 
 
-def backend_status() -> List[Dict[str, Optional[str]]]:
+def backend_status() -> list[dict[str, str | None]]:
     """One row per backend: its name, why it is unavailable here (``None`` if available) and, for an
     available backend that says so, what it runs here (``note``)."""
     rows = []

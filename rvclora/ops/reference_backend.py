@@ -6,8 +6,6 @@ so ``reference`` and ``torch`` give the same result for the same seed.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor
 
 from .. import reference as ref
@@ -16,15 +14,15 @@ from .torch_backend import dropout_mask
 NAME = "reference"
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     return None
 
 
-def unsupported_reason(op: str, x: Tensor, **params) -> Optional[str]:
+def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     return None
 
 
-def _mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]):
+def _mask(x: Tensor, dropout_p: float, seed: Tensor | None):
     if dropout_p == 0.0:
         return None
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)

@@ -4,7 +4,7 @@ No GPU needed: ``nvcc -Xptxas -v`` reports registers, shared memory, stack frame
 of each kernel per architecture. The check fails on a compile error, on any register spill
 (non-zero "bytes spill stores/loads") or on more than 255 registers, and prints a table::
 
-    python -m rvclora.ops.cuda_compile_check [--arch 80 90] [--nvcc PATH]
+    python -m rvclora.checks.cuda_compile [--arch 80 90] [--nvcc PATH]
 
 Dynamic shared memory is chosen at launch (the launchers refuse more than 48 KiB); the table
 shows the static part.
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cuda_ext import source_dir
+from rvclora.ops.cuda_ext import source_dir
 
 ARCHS = (80, 90)
 MAX_REGISTERS = 255

@@ -20,7 +20,7 @@ minutes on two cores (one compile takes 2-4 s): bf16 (it emits the same MMA shap
 layout as fp16), fp16 activations with fp32 factors (one more cast per factor tile), and the
 Linear backward (a subset of the Conv1d index arithmetic).
 
-Run ``python -m kernels.compile_check`` (or ``rvclora.kernels.compile_check``) without
+Run ``python -m rvclora.checks.triton_compile`` without
 ``TRITON_INTERPRET``: it prints the resource table and exits non-zero on any violation.
 """
 
@@ -134,7 +134,10 @@ def _compile_one(job) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import lora_kernels
+    from rvclora.ops.dispatch import _alias_checkout_kernels
+
+    _alias_checkout_kernels()  # kernels/ as rvclora.kernels, in a plain checkout too
+    from rvclora.kernels import lora_kernels
 
     fn = getattr(lora_kernels, kernel_name).fn
     # Eager launches pass the dropout seed by value (an int64 scalar), not through a pointer.
@@ -201,7 +204,10 @@ def _compile_one(job) -> Result:
 
 
 def _jobs(archs):
-    from . import lora_kernels
+    from rvclora.ops.dispatch import _alias_checkout_kernels
+
+    _alias_checkout_kernels()  # kernels/ as rvclora.kernels, in a plain checkout too
+    from rvclora.kernels import lora_kernels
 
     jobs = []
     for arch in archs:
@@ -217,7 +223,7 @@ def _jobs(archs):
 def check_all(archs=(80, 90), workers: int = 0) -> list:
     """Compile every variant × config for ``archs``; returns one :class:`Result` per compile."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
+        raise RuntimeError("the Triton compile check needs TRITON_INTERPRET unset (the interpreter compiles nothing)")
     jobs = _jobs(archs)
     workers = workers or max(os.cpu_count() or 1, 1)
     with ProcessPoolExecutor(max_workers=workers) as pool:
