@@ -24,7 +24,8 @@ sys.path[:] = [p for p in sys.path if "__editable__" not in p]
 sys.path.insert(0, ".")
 import rvclora, rvclora.ops
 import rvclora.checks.triton_compile as cc
-print("RESOLVED", rvclora.__file__, cc.__file__)
+import rvclora.kernels.ops as kops
+print("RESOLVED", rvclora.__file__, kops.__file__, cc.__file__)
 sys.argv = ["rvclora.selftest"] + sys.argv[1:]
 runpy.run_module("rvclora.selftest", run_name="__main__")
 """
@@ -44,6 +45,7 @@ def test_selftest_runs_from_a_plain_checkout_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     resolved = next(line for line in proc.stdout.splitlines() if line.startswith("RESOLVED")).split()
     assert resolved[1].startswith(str(tree)) and resolved[2].startswith(str(tree / "kernels")), resolved
+    assert resolved[3].startswith(str(tree / "rvclora" / "checks")), resolved
     if not torch.cuda.is_available():
         assert "NOT RUN: timing table (no CUDA device" in proc.stdout
         assert "NOT RUN: inductor fullgraph compile on a GPU" in proc.stdout
