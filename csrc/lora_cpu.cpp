@@ -240,15 +240,45 @@ bool blas_present<float>() { return sgemm_ != nullptr; }
 template <>
 bool blas_present<double>() { return dgemm_ != nullptr; }
 
-// Whether the BLAS path runs: the symbol is there, RVCLORA_CPU_BLAS is not 0 (a switch to compare
-// against the loops), and every dimension fits BLAS's 32-bit ints.
 template <class T>
-bool use_blas(int64_t largest) {
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc);
+
+// The symbol's calling convention is assumed (Fortran BLAS, 32-bit ints): check it once on a small
+// product with transposes and leading dimensions before trusting it; a BLAS that disagrees (an ILP64
+// build, say) leaves the loops in charge and `rvclora info` says so.
+template <class T>
+bool blas_agrees() {
+  static const bool ok = [] {
+    if (!blas_present<T>()) return false;
+    // C (2×3, ldc 4) = 2·Aᵀ·B + C with A stored 2×2 (lda 3), B 2×3 (ldb 5)
+    const T A[6] = {1, 2, 0, 3, 4, 0};
+    const T B[10] = {1, 0, 2, 0, 0, -1, 1, 0, 0, 0};
+    T C[8] = {1, 1, 1, 0, 1, 1, 1, 0};
+    gemm_rm<T>(true, false, 2, 3, 2, T(2), A, 3, B, 5, T(1), C, 4);
+    // Aᵀ = [[1, 3], [2, 4]];  Aᵀ·B = [[-2, 3, 2], [-2, 4, 4]]
+    const T want[8] = {-3, 7, 5, 0, -3, 9, 9, 0};
+    for (int i = 0; i < 8; ++i)
+      if (C[i] != want[i]) return false;
+    return true;
+  }();
+  return ok;
+}
+
+// Whether the BLAS path runs: the symbol is there and agrees with blas_agrees' check,
+// RVCLORA_CPU_BLAS is not 0 (a switch to compare against the loops), and every dimension fits
+// BLAS's 32-bit ints.
+bool blas_switched_off() {
   static const bool off = [] {
     const char* v = std::getenv("RVCLORA_CPU_BLAS");
     return v != nullptr && std::string(v) == "0";
   }();
-  return !off && blas_present<T>() && largest < (int64_t(1) << 31) - 1;
+  return off;
+}
+
+template <class T>
+bool use_blas(int64_t largest) {
+  return !blas_switched_off() && blas_agrees<T>() && largest < (int64_t(1) << 31) - 1;
 }
 
 // Row-major C (M×N, ldc) = alpha·op(A)·op(B) + beta·C, op(A) M×K, op(B) K×N (column-major BLAS
@@ -1384,13 +1414,11 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 
 // What runs the thin passes here (shown by `rvclora info`).
 std::string cpu_info() {
-  const bool off = [] {
-    const char* v = std::getenv("RVCLORA_CPU_BLAS");
-    return v != nullptr && std::string(v) == "0";
-  }();
-  if (off) return "thin LoRA passes: hand-written loops (RVCLORA_CPU_BLAS=0)";
+  if (blas_switched_off()) return "thin LoRA passes: hand-written loops (RVCLORA_CPU_BLAS=0)";
   if (!blas_present<float>() || !blas_present<double>())
     return "thin LoRA passes: hand-written loops (this torch exports no sgemm_/dgemm_)";
+  if (!blas_agrees<float>() || !blas_agrees<double>())
+    return "thin LoRA passes: hand-written loops (torch's sgemm_/dgemm_ failed rvclora's calling-convention check)";
   return "thin LoRA passes: BLAS (torch's sgemm_/dgemm_)";
 }
 
