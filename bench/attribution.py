@@ -21,33 +21,16 @@ import time
 
 import torch
 import torch.nn as nn
-from gan import fold_weight_norm
+from compare_backends import generator_pair
+from harness import layer_floor
 
-from rvclora import LoRAConfig, inject_lora, lora_modules
-from rvclora.models import GENERATOR_CONFIGS, build_generator
+from rvclora import lora_modules
 from rvclora.ops import set_backend
 
 
-def _floor(m: nn.Module, r: int) -> float:
-    if isinstance(m, nn.ConvTranspose1d):
-        return r / m.in_channels + r / (m.out_channels * m.kernel_size[0])
-    return r / m.out_channels + r / (m.in_channels * m.kernel_size[0])
-
-
 def attribution(r: int, batch: int, rounds: int, backends) -> None:
-    cfg = GENERATOR_CONFIGS["40k"]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cfg.inter_channels, 32, generator=gen)
-    f0 = 100 + 200 * torch.rand(batch, 32, generator=gen)
-    g = torch.randn(batch, cfg.gin_channels, 1, generator=gen)
-    base = fold_weight_norm(build_generator(cfg, seed=0)).requires_grad_(False)
-    lora = inject_lora(build_generator(cfg, seed=0),
-                       LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["ups", "resblocks"]))
-    for n, p in lora.named_parameters():
-        p.requires_grad_("lora_" in n)
-    with torch.no_grad():
-        for _, m in lora_modules(lora):
-            m.lora_B.normal_(0, 0.01)
+    base, lora, (x, f0, g) = generator_pair(r, batch)
+    gen = torch.Generator().manual_seed(1)
     lora.train()
     shapes = {}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
@@ -91,7 +74,7 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
                 f()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-        floor = _floor(bm, r)
+        floor = layer_floor(bm, r)
         line = f"{key[0]:<7}{key[1]:>5}{key[2]:>5}{key[3]:>4}{key[4]:>4}{key[5]:>7}{len(names):>4}"
         line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%"
         for be in backends:

@@ -23,7 +23,8 @@ from rvclora.models import GENERATOR_CONFIGS, build_generator
 from rvclora.ops import set_backend
 
 
-def compare(r: int, batch: int, rounds: int, backends) -> None:
+def generator_pair(r: int, batch: int):
+    """(frozen folded base, LoRA model on ups + resblocks with a non-zero B, (x, f0, g)) at 32 frames."""
     cfg = GENERATOR_CONFIGS["40k"]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.inter_channels, 32, generator=gen)
@@ -37,6 +38,11 @@ def compare(r: int, batch: int, rounds: int, backends) -> None:
     with torch.no_grad():
         for _, m in lora_modules(lora):
             m.lora_B.normal_(0, 0.01)
+    return base, lora, (x, f0, g)
+
+
+def compare(r: int, batch: int, rounds: int, backends) -> None:
+    base, lora, (x, f0, g) = generator_pair(r, batch)
     xi = x.clone().requires_grad_(True)
     with torch.no_grad():
         gy = torch.randn_like(base(x, f0, g, generator=torch.Generator().manual_seed(0)))

@@ -18,11 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 #: Column order of the table and the JSON.
 VARIANTS = ("base", "rvclora", "plain", "peft", "loralib", "full")
 
 BENCH_DIR = Path(__file__).resolve().parent
+
+
+def layer_floor(m: nn.Module, r: int) -> float:
+    """docs/maths.md: LoRA's least extra flops as a fraction of the layer's frozen step."""
+    if isinstance(m, nn.ConvTranspose1d):
+        return r / m.in_channels + r / (m.out_channels * m.kernel_size[0])
+    if isinstance(m, nn.Conv1d):
+        return r / m.out_channels + r / (m.in_channels * m.kernel_size[0])
+    return r / m.in_features + r / m.out_features
+
 
 
 def _available_cpus() -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from alternatives import Unsupported, copy_factors, inject_plain_lora, loralib_lora, peft_lora
 from gan import fold_weight_norm
+from harness import layer_floor
 
 from rvclora import LoRAConfig, inject_lora, lora_modules
 from rvclora.inject import target_matches
@@ -57,15 +58,6 @@ BENCH_PARAMS = {"batch": ([1, 4], [1], lambda b: f"b{b}")}
 _LAYERS = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
 
 
-def _layer_floor(m: nn.Module, r: int) -> float:
-    """docs/maths.md: LoRA's least extra flops as a fraction of the layer's frozen step."""
-    if isinstance(m, nn.ConvTranspose1d):
-        return r / m.in_channels + r / (m.out_channels * m.kernel_size[0])
-    if isinstance(m, nn.Conv1d):
-        return r / m.out_channels + r / (m.in_channels * m.kernel_size[0])
-    return r / m.in_features + r / m.out_features
-
-
 def _forward_flops(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     if isinstance(m, nn.ConvTranspose1d):
         return 2.0 * x.numel() * (m.out_channels // m.groups) * m.kernel_size[0]
@@ -92,7 +84,7 @@ def generator_floor(model: nn.Module, inputs, targets, r: int) -> float:
         for h in hooks:
             h.remove()
     total = sum(f for _, f in layers.values())
-    extra = sum(_layer_floor(m, r) * f for name, (m, f) in layers.items()
+    extra = sum(layer_floor(m, r) * f for name, (m, f) in layers.items()
                 if any(target_matches(t, name) for t in targets))
     return extra / total
 

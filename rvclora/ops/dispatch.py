@@ -217,7 +217,7 @@ def preload_backends() -> None:
     ``auto`` order when a CUDA device exists. Inside a trace :func:`load_backend` then only
     reads the cache.
     """
-    names = ["torch", "reference", "cpu", *_AUTO_ORDER["cpu"]]
+    names = ["torch", "reference", *_AUTO_ORDER["cpu"]]
     requested = os.environ.get("RVCLORA_BACKEND", "").strip().lower()
     if requested in BACKENDS:
         names.append(requested)
