@@ -9,7 +9,9 @@ from .checkpoint import (
     load_lora_checkpoint,
     load_lora_weights,
     read_lora_config,
+    read_lora_file,
     save_lora_checkpoint,
+    write_lora_file,
 )
 from .config import (
     BALANCED_CONFIG,
