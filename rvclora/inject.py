@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -11,6 +10,7 @@ import torch.nn as nn
 
 from .config import BIAS_MODES, LoRAConfig
 from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear, check_no_foreign_weight_hooks
+from .targets import target_matches
 
 __all__ = [
     "inject_lora",
@@ -27,22 +27,6 @@ __all__ = [
 ]
 
 _LORA_CLASS = {nn.Linear: LoRALinear, nn.Conv1d: LoRAConv1d, nn.ConvTranspose1d: LoRAConvTranspose1d}
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-def target_matches(target: str, name: str) -> bool:
-    """Does ``target`` select the module with qualified name ``name``?
-
-    A plain dotted name matches when its components appear as a contiguous run of the
-    name's components (``"ups"`` matches ``dec.ups.0``; ``"convs1.0"`` matches
-    ``resblocks.2.convs1.0``). Anything else is a regular expression that must
-    ``re.fullmatch`` the qualified name.
-    """
-    if _PLAIN_NAME.fullmatch(target):
-        want = target.split(".")
-        have = name.split(".")
-        return any(have[i: i + len(want)] == want for i in range(len(have) - len(want) + 1))
-    return re.fullmatch(target, name) is not None
 
 
 def _base_kind(module: nn.Module) -> type | None:
