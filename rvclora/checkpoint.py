@@ -274,7 +274,9 @@ def write_lora_file(
     config.validate()
     if not isinstance(weights, dict):
         raise TypeError(f"{where}: weights must be a dict of tensors, got {type(weights).__name__}")
-    _check_adapter_content(where, weights, config)
+    from .validate import check_adapter
+
+    check_adapter(where, weights, config, _check_metadata(where, metadata))
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise ValueError(f"{where}: refusing to save {bad[0]!r}: not finite ({bad[1]})")
@@ -480,10 +482,10 @@ def read_lora_file(path: PathLike) -> dict[str, Any]:
     fp = data["base_fingerprint"]
     if fp is not None and (not isinstance(fp, str) or not fp.startswith(FINGERPRINT_PREFIX)):
         raise ValueError(f"{prefix}: base_fingerprint {fp!r} is not an rvclora fingerprint")
-    if data["metadata"] is not None and not isinstance(data["metadata"], dict):
-        raise ValueError(f"{prefix}: metadata is a {type(data['metadata']).__name__}, expected a dict")
+    from .validate import check_adapter
+
     try:
-        _check_adapter_content(prefix, data["weights"], data["config"])
+        check_adapter(prefix, data["weights"], data["config"], data["metadata"])
     except TypeError as e:
         raise ValueError(str(e)) from None
     return data
