@@ -322,7 +322,14 @@ def write_lora_file(
     config.validate()
     if not isinstance(weights, dict):
         raise TypeError(f"{where}: weights must be a dict of tensors, got {type(weights).__name__}")
-    _check_adapter_content(where, weights, config)
+    from .validate import check_adapter
+
+    metadata = _check_metadata(where, metadata)
+    if config.modules_to_save:  # the file records each saved tensor's shape; reading checks them
+        saved = {k: list(getattr(v, "shape", ())) for k, v in weights.items() if isinstance(k, str)
+                 and k.rpartition(".")[2] not in _FACTORS and _saved_owner(k, config.modules_to_save) is not None}
+        metadata = {**(metadata or {}), "modules_to_save": saved}
+    check_adapter(where, weights, config, metadata)
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise ValueError(f"{where}: refusing to save {bad[0]!r}: not finite ({bad[1]})")
@@ -330,11 +337,6 @@ def write_lora_file(
                                          or not base_fingerprint.startswith(FINGERPRINT_PREFIX)):
         raise ValueError(f"{where}: base_fingerprint must be a string from rvclora.fingerprint.base_fingerprint "
                          f"or None, got {base_fingerprint!r}")
-    metadata = _check_metadata(where, metadata)
-    if config.modules_to_save:  # the file records each saved tensor's shape; reading checks them
-        saved = {k: list(v.shape) for k, v in weights.items()
-                 if k.rpartition(".")[2] not in _FACTORS and _saved_owner(k, config.modules_to_save) is not None}
-        metadata = {**(metadata or {}), "modules_to_save": saved}
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise TypeError(f"{where}: epoch must be an int or None, got {epoch!r}")
     opt_tensors: dict[str, Tensor] = {}
@@ -536,14 +538,14 @@ def read_lora_file(path: PathLike) -> dict[str, Any]:
     fp = data["base_fingerprint"]
     if fp is not None and (not isinstance(fp, str) or not fp.startswith(FINGERPRINT_PREFIX)):
         raise ValueError(f"{prefix}: base_fingerprint {fp!r} is not an rvclora fingerprint")
-    if data["metadata"] is not None and not isinstance(data["metadata"], dict):
-        raise ValueError(f"{prefix}: metadata is a {type(data['metadata']).__name__}, expected a dict")
+    from .validate import check_adapter
+
     try:
-        record = (data["metadata"] or {}).get("modules_to_save")
+        record = data["metadata"].get("modules_to_save") if isinstance(data["metadata"], dict) else None
         if data["config"].modules_to_save and record is None:
             raise ValueError(f"{prefix}: its config names modules_to_save {data['config'].modules_to_save} but the "
                              "file has no record of their tensors (metadata 'modules_to_save')")
-        _check_adapter_content(prefix, data["weights"], data["config"], saved_shapes=record)
+        check_adapter(prefix, data["weights"], data["config"], data["metadata"])
     except TypeError as e:
         raise ValueError(str(e)) from None
     return data
