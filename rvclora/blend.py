@@ -17,9 +17,13 @@ and ``ΔW[j] = s·L·R`` in the layout of :mod:`rvclora.reference`'s ``delta_wei
 The result is an ordinary adapter (``lora_alpha = r``, so its scaling is 1, every ``wᵢ·sᵢ``
 folded into the factors), usable everywhere an adapter is.
 
-Weights may be negative and need not sum to 1. Biases that an adapter's bias mode trains are
-stored whole (not as a difference from the base), so they blend exactly only when the weights
-sum to 1; otherwise the blend is refused.
+Weights may be negative and need not sum to 1. Biases that an adapter's bias mode trains, and the
+tensors of its ``modules_to_save``, are stored whole (not as a difference from the base). They are
+blended weighted against the base: ``T = base + Σ wᵢ·(Tᵢ − base) = Σ wᵢ·Tᵢ + (1 − Σ wᵢ)·base``, in
+float64, exactly. When the weights sum to 1 the base drops out and no base is needed; otherwise
+the base's tensors must be given (``base=``, a state dict in RVC's key form, as ``rvclora merge``
+does), or the blend is refused. A weight-normed saved module blends its ``weight_g`` and
+``weight_v`` each so (as RVC's model fusion does), which is not the blend of the effective weights.
 """
 
 from __future__ import annotations
@@ -262,6 +266,9 @@ def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
                                  f"(ΔW per group {shape1} vs {shape0})")
         if src.config.bias != first.config.bias:
             raise BlendError(f"{src.label} trains biases {src.config.bias!r} but {first.label} {first.config.bias!r}")
+        if sorted(src.config.modules_to_save) != sorted(first.config.modules_to_save):
+            raise BlendError(f"{src.label} saves modules {src.config.modules_to_save} but {first.label} "
+                             f"{first.config.modules_to_save}; blended adapters must save the same modules")
     prints = {s.fingerprint for s in sources}
     missing = [s.label for s in sources if s.fingerprint is None]
     known = prints - {None}
@@ -320,6 +327,7 @@ def blend_adapters(
     *,
     force: bool = False,
     layers: Any = None,
+    base: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Blend ``adapters`` (paths, or dicts from :func:`rvclora.checkpoint.read_lora_file`) with ``weights``.
 
@@ -327,6 +335,8 @@ def blend_adapters(
     each layer's blended ``ΔW`` by SVD; ``metadata["blend"]["errors"]`` then holds each layer's relative
     error. The adapters must share layer set, layer shapes, bias mode and base (their recorded base
     fingerprints; ``force=True`` blends different bases with a warning). Ranks and alphas may differ.
+    Whole tensors (trained biases, ``modules_to_save``) blend as ``base + Σ wᵢ·(Tᵢ − base)``; ``base``
+    (the base model's state dict, RVC's key form) is needed only when the weights do not sum to 1.
 
     Each layer's kind and groups come from the files' layer records. For files without them
     (format 1, or written without metadata), ``layers`` gives them: the model (base or
@@ -359,9 +369,30 @@ def blend_adapters(
     _check_rank(rank, sources)
     first = sources[0]
     bias_mode = first.config.bias
-    if bias_mode != "none" and abs(sum(ws) - 1.0) > 1e-6:
-        raise BlendError(f"the adapters train biases (bias={bias_mode!r}) and store them whole, so they blend exactly "
-                         f"only with weights summing to 1; these sum to {sum(ws):g}")
+    whole_keys = [k for k in first.weights if not k.endswith((".lora_A", ".lora_B"))]
+    for src in sources[1:]:
+        if sorted(k for k in src.weights if not k.endswith((".lora_A", ".lora_B"))) != sorted(whole_keys):
+            raise BlendError(f"{src.label} stores other whole tensors (biases, modules_to_save) than {first.label}")
+        for k in whole_keys:
+            if src.weights[k].shape != first.weights[k].shape:
+                raise BlendError(f"{k}: {tuple(src.weights[k].shape)} in {src.label} but "
+                                 f"{tuple(first.weights[k].shape)} in {first.label}")
+    sums_to_one = abs(sum(ws) - 1.0) <= 1e-6
+    if whole_keys and not sums_to_one:
+        what = (f"modules {first.config.modules_to_save}" if first.config.modules_to_save else "") + \
+            (" and " if first.config.modules_to_save and bias_mode != "none" else "") + \
+            (f"biases (bias={bias_mode!r})" if bias_mode != "none" else "")
+        if base is None:
+            raise BlendError(f"the adapters store {what} whole, and these weights sum to {sum(ws):g}, not 1: the blend "
+                             "base + sum w_i (T_i - base) needs the base model's tensors (pass base=, as rvclora "
+                             "merge does)")
+        missing = [k for k in whole_keys if k not in base]
+        if missing:
+            raise BlendError(f"base has no tensor {missing[0]!r} to blend the adapters' {what} against")
+        for k in whole_keys:
+            if tuple(base[k].shape) != tuple(first.weights[k].shape):
+                raise BlendError(f"base's {k!r} has shape {tuple(base[k].shape)}, the adapters' "
+                                 f"{tuple(first.weights[k].shape)}")
     active = [(s, w) for s, w in zip(sources, ws) if w != 0.0] or [(first, 0.0)]
 
     out_w: dict[str, Tensor] = {}
@@ -395,19 +426,16 @@ def blend_adapters(
                           f"{str(first.weights[f'{worst}.lora_A'].dtype).replace('torch.', '')} changes {worst}'s "
                           f"update by {cast_errors[worst]:.3g} (relative); metadata['blend']['cast_errors'] has every "
                           "layer's", RVCLoRAWarning, stacklevel=2)
-    if bias_mode != "none":
-        bias_keys = [k for k in first.weights if k.endswith(".bias")]
-        for src in sources[1:]:
-            if sorted(k for k in src.weights if k.endswith(".bias")) != sorted(bias_keys):
-                raise BlendError(f"{src.label} trains other biases than {first.label}")
-        for key in bias_keys:
-            acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
-            out_w[key] = acc.to(first.weights[key].dtype)
+    for key in whole_keys:  # biases and modules_to_save: base + sum w_i (T_i - base), exactly
+        acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
+        if not sums_to_one:
+            acc = acc + (1.0 - sum(ws)) * base[key].double()
+        out_w[key] = acc.to(first.weights[key].dtype)
 
     total_rank = rank if rank is not None else sum(s.config.r for s, _ in active)
     config = LoRAConfig(r=total_rank, lora_alpha=float(total_rank), lora_dropout=0.0,
                         target_modules=list(first.config.target_modules), merge_weights=first.config.merge_weights,
-                        bias=bias_mode)
+                        bias=bias_mode, modules_to_save=list(first.config.modules_to_save))
     known = [s.fingerprint for s in sources if s.fingerprint is not None]
     fingerprint = known[0] if known and len(set(known)) == 1 else None
     blend_meta = {
@@ -417,6 +445,9 @@ def blend_adapters(
         "errors": errors,
         "cast_errors": cast_errors,
     }
+    if whole_keys:
+        blend_meta["whole_tensors"] = ("sum w_i T_i (weights sum to 1)" if sums_to_one
+                                       else "base + sum w_i (T_i - base)")
     layers = {name: {"kind": rec.kind, "groups": rec.groups} for name, rec in first.records.items()}
     return {"weights": out_w, "config": config, "base_fingerprint": fingerprint,
             "metadata": {"blend": blend_meta, "layers": layers}, "epoch": None, "optimizer": None}

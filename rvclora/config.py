@@ -42,6 +42,11 @@ class LoRAConfig:
         merge_weights: if True, ``eval()`` merges ΔW into the base weight and ``train()``
             unmerges it (the loralib convention).
         bias: ``"none"``, ``"all"`` or ``"lora_only"`` (see :data:`BIAS_MODES`).
+        modules_to_save: modules trained in full and stored whole in the adapter (PEFT's name),
+            matched like ``target_modules`` (``"emb_g"``): layers LoRA cannot express exactly
+            (``nn.Embedding``) or too small to be worth factoring. A module may not be both a LoRA
+            target and saved. Empty (the default) for a pure LoRA adapter; the file then records
+            no such field, as earlier releases wrote it.
     """
 
     r: int = 8
@@ -50,8 +55,18 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
     merge_weights: bool = False
     bias: str = "none"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.modules_to_save is None:
+            self.modules_to_save = []
+        elif isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        elif isinstance(self.modules_to_save, (list, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        else:
+            raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names (or one name, or None), "
+                            f"got {self.modules_to_save!r} ({type(self.modules_to_save).__name__})")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         elif isinstance(self.target_modules, (list, tuple)):
@@ -89,14 +104,24 @@ class LoRAConfig:
             raise TypeError(f"LoRAConfig.merge_weights must be a bool, got {self.merge_weights!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if not isinstance(self.modules_to_save, list):
+            raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.modules_to_save:
+            try:
+                check_targets(self.modules_to_save)
+            except ValueError as e:
+                raise ValueError("LoRAConfig." + str(e).replace("target_modules", "modules_to_save")) from None
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict (plain ints, floats, strings, lists)."""
-        return dataclasses.asdict(self)
+        """A JSON-safe dict (plain ints, floats, strings, lists); ``modules_to_save`` only when non-empty."""
+        d = dataclasses.asdict(self)
+        if not d["modules_to_save"]:
+            del d["modules_to_save"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:

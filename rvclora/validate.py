@@ -155,7 +155,8 @@ def check_adapter(where: str, weights: Any, config: Any, metadata: Any) -> dict[
                          "(MAX_TENSORS)")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(f"{where}: metadata is a {type(metadata).__name__}, expected a dict")
-    _check_adapter_content(where, dict(weights), config)
+    record = metadata.get("modules_to_save") if isinstance(metadata, Mapping) else None
+    _check_adapter_content(where, dict(weights), config, saved_shapes=record)
     layers: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")

@@ -214,7 +214,7 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
     # content: an adapter holds only LoRA factors and its bias mode's biases, as floats
     ("content", "base-weight-in-adapter", lambda e: _call(read_lora_file, _adapter_with(
         e, "post", lambda w: w.__setitem__("conv_post.weight", torch.full((1, 32, 7), 7.0)))),
-     ValueError, r"post\.pth' is not a readable .*'conv_post\.weight' is not a LoRA factor or a bias that bias='none'"),
+     ValueError, r"post\.pth' is not a readable .*'conv_post\.weight' is not a LoRA factor, a bias that bias='none'"),
     ("content", "base-weight-merge", lambda e: _merge(e, adapter=_adapter_with(
         e, "post2", lambda w: w.__setitem__("conv_post.weight", torch.full((1, 32, 7), 7.0)))),
      ValueError, r"'conv_post\.weight' is not a LoRA factor"),
