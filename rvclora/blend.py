@@ -17,9 +17,13 @@ and ``ΔW[j] = s·L·R`` in the layout of :mod:`rvclora.reference`'s ``delta_wei
 The result is an ordinary adapter (``lora_alpha = r``, so its scaling is 1, every ``wᵢ·sᵢ``
 folded into the factors), usable everywhere an adapter is.
 
-Weights may be negative and need not sum to 1. Biases that an adapter's bias mode trains are
-stored whole (not as a difference from the base), so they blend exactly only when the weights
-sum to 1; otherwise the blend is refused.
+Weights may be negative and need not sum to 1. Biases that an adapter's bias mode trains, and the
+tensors of its ``modules_to_save``, are stored whole (not as a difference from the base). They are
+blended weighted against the base: ``T = base + Σ wᵢ·(Tᵢ − base) = Σ wᵢ·Tᵢ + (1 − Σ wᵢ)·base``, in
+float64, exactly. When the weights sum to 1 the base drops out and no base is needed; otherwise
+the base's tensors must be given (``base=``, a state dict in RVC's key form, as ``rvclora merge``
+does), or the blend is refused. A weight-normed saved module blends its ``weight_g`` and
+``weight_v`` each so (as RVC's model fusion does), which is not the blend of the effective weights.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from torch import Tensor
 from .config import LoRAConfig
 from .io import RVCLoRAWarning
 
-__all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "parse_weighted"]
+__all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "model_layer_records",
+           "parse_weighted"]
 
 KINDS = ("linear", "conv1d", "conv_transpose1d")
 
@@ -109,7 +114,40 @@ class _Source:
     records: dict[str, LayerRecord]
 
 
-def _load(adapter: Any, index: int) -> _Source:
+def model_layer_records(model: torch.nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """``{prefix + name: {"kind", "groups"}}`` for every Linear / Conv1d / ConvTranspose1d of ``model``, adapted or not.
+
+    What ``layers=`` of :func:`blend_adapters` takes for adapters saved without layer records.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ConvTranspose1d):
+            out[prefix + name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
+        elif isinstance(m, torch.nn.Conv1d):
+            out[prefix + name] = {"kind": "conv1d", "groups": int(m.groups)}
+        elif isinstance(m, torch.nn.Linear):
+            out[prefix + name] = {"kind": "linear", "groups": 1}
+    return out
+
+
+def _given_records(layers: Any) -> dict[str, LayerRecord] | None:
+    """``layers=`` of :func:`blend_adapters`: ``None``, a model, or ``{name: {"kind", "groups"}}``."""
+    if layers is None:
+        return None
+    if isinstance(layers, torch.nn.Module):
+        layers = model_layer_records(layers)
+    if not isinstance(layers, Mapping):
+        raise BlendError(f"layers must be None, a model or {{name: {{'kind', 'groups'}}}}, got {type(layers).__name__}")
+    from .validate import layer_records_of
+
+    try:
+        recs = layer_records_of("layers", {"layers": layers}, layers)
+    except ValueError as e:
+        raise BlendError(str(e)) from None
+    return {name: LayerRecord(kind, groups) for name, (kind, groups) in (recs or {}).items()}
+
+
+def _load(adapter: Any, index: int, given: dict[str, LayerRecord] | None = None) -> _Source:
     if isinstance(adapter, (str, os.PathLike)):
         from .checkpoint import read_lora_file
 
@@ -117,7 +155,8 @@ def _load(adapter: Any, index: int) -> _Source:
         label = os.fspath(adapter)
     elif isinstance(adapter, Mapping) and "weights" in adapter and "config" in adapter:
         data = adapter
-        label = str((adapter.get("metadata") or {}).get("name", f"adapter #{index}"))
+        meta = adapter.get("metadata")
+        label = str(meta.get("name", f"adapter #{index}")) if isinstance(meta, Mapping) else f"adapter #{index}"
     else:
         raise BlendError(f"adapters[{index}] must be a path or an adapter read by read_lora_file, "
                          f"got {type(adapter).__name__}")
@@ -125,26 +164,33 @@ def _load(adapter: Any, index: int) -> _Source:
     if isinstance(config, Mapping):
         config = LoRAConfig.from_dict(dict(config))
     weights = dict(data["weights"])
-    records = _records(label, weights, (data.get("metadata") or {}).get("layers"))
+    from .validate import check_adapter
+
+    try:
+        saved = check_adapter(label, weights, config, data.get("metadata"))
+    except (TypeError, ValueError) as e:
+        raise BlendError(str(e)) from None
+    records = _records(label, weights, saved, given)
     return _Source(label, weights, config, data.get("base_fingerprint"), records)
 
 
-def _records(label: str, weights: Mapping[str, Tensor], saved: Any) -> dict[str, LayerRecord]:
-    """Each layer's kind and groups: from the file's layer records, else from the factor shapes."""
+def _records(label: str, weights: Mapping[str, Tensor], saved: dict[str, tuple[str, int]] | None,
+             given: dict[str, LayerRecord] | None) -> dict[str, LayerRecord]:
+    """Each layer's kind and groups: the file's layer records, else ``layers=``, else what the shapes tell for sure."""
     out: dict[str, LayerRecord] = {}
     for key in weights:
         if not key.endswith(".lora_A"):
             continue
         name = key[: -len(".lora_A")]
-        if f"{name}.lora_B" not in weights:
-            raise BlendError(f"{label}: {name}.lora_A has no matching {name}.lora_B")
-        if isinstance(saved, Mapping) and name in saved:
-            rec = saved[name]
-            kind, groups = rec.get("kind"), rec.get("groups", 1)
-            if kind not in KINDS or not isinstance(groups, int) or groups < 1:
-                raise BlendError(f"{label}: layer record of {name} is {rec!r}; "
-                                 f"expected kind in {KINDS} and groups >= 1")
-            out[name] = LayerRecord(kind, groups)
+        if saved is not None:
+            out[name] = LayerRecord(*saved[name])
+            if given is not None and name in given and given[name] != out[name]:
+                raise BlendError(f"{label}: {name} is a {out[name]} in the file's layer records but a {given[name]} "
+                                 "in layers=")
+        elif given is not None:
+            if name not in given:
+                raise BlendError(f"{label}: layers= has no layer {name!r} (the file has no layer records)")
+            out[name] = given[name]
         else:
             out[name] = _infer(label, name, weights[key], weights[f"{name}.lora_B"])
     if not out:
@@ -153,20 +199,19 @@ def _records(label: str, weights: Mapping[str, Tensor], saved: Any) -> dict[str,
 
 
 def _infer(label: str, name: str, A: Tensor, B: Tensor) -> LayerRecord:
-    """Files without layer records: Linear/Conv1d have ``B: (out, r/g)``, ConvTranspose1d ``B: (r, out/g·k)``."""
-    if A.dim() != 2 or B.dim() != 2:
-        raise BlendError(f"{label}: {name}'s factors must be 2-D, got {tuple(A.shape)} and {tuple(B.shape)}")
+    """Files without layer records: only a Linear/Conv1d's ``B: (out, r/g)`` tells its groups for sure.
+
+    A ConvTranspose1d's ``B: (r, out/g·k)`` does not (neither does its ``A: (r, in/g)``), and
+    a ``B`` that fits both kinds tells nothing: those are refused rather than guessed.
+    """
     r = A.shape[0]
-    cols_ok = B.shape[1] > 0 and r % B.shape[1] == 0
-    rows_ok = B.shape[0] == r
-    if cols_ok and rows_ok:
-        raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} fit both a Linear/Conv1d "
-                         "and a ConvTranspose1d, and the file has no layer records; re-save it with this rvclora")
-    if cols_ok:
-        return LayerRecord("conv1d", r // B.shape[1])  # Linear is Conv1d with k = 1, groups = 1: same maths
-    if rows_ok:
-        return LayerRecord("conv_transpose1d", 1)  # no record: RVC's upsamplers are ungrouped
-    raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} are not LoRA factors")
+    if B.shape[0] == r:
+        fits = "fit both a Linear/Conv1d and a ConvTranspose1d" if r % B.shape[1] == 0 else \
+            "are a ConvTranspose1d's, whose groups cannot be read off its factors"
+        raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} {fits}, and the file has "
+                         "no layer records; re-save it with this rvclora, or pass layers= (the model, or "
+                         "{name: {'kind', 'groups'}}; rvclora mix --layers-from BASE.pth)")
+    return LayerRecord("conv1d", r // B.shape[1])  # Linear is Conv1d with k = 1, groups = 1: same maths
 
 
 def _factors(rec: LayerRecord, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,6 +266,9 @@ def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
                                  f"(ΔW per group {shape1} vs {shape0})")
         if src.config.bias != first.config.bias:
             raise BlendError(f"{src.label} trains biases {src.config.bias!r} but {first.label} {first.config.bias!r}")
+        if sorted(src.config.modules_to_save) != sorted(first.config.modules_to_save):
+            raise BlendError(f"{src.label} saves modules {src.config.modules_to_save} but {first.label} "
+                             f"{first.config.modules_to_save}; blended adapters must save the same modules")
     prints = {s.fingerprint for s in sources}
     missing = [s.label for s in sources if s.fingerprint is None]
     known = prints - {None}
@@ -278,6 +326,8 @@ def blend_adapters(
     rank: int | None = None,
     *,
     force: bool = False,
+    layers: Any = None,
+    base: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Blend ``adapters`` (paths, or dicts from :func:`rvclora.checkpoint.read_lora_file`) with ``weights``.
 
@@ -285,6 +335,19 @@ def blend_adapters(
     each layer's blended ``ΔW`` by SVD; ``metadata["blend"]["errors"]`` then holds each layer's relative
     error. The adapters must share layer set, layer shapes, bias mode and base (their recorded base
     fingerprints; ``force=True`` blends different bases with a warning). Ranks and alphas may differ.
+    Whole tensors (trained biases, ``modules_to_save``) blend as ``base + Σ wᵢ·(Tᵢ − base)``; ``base``
+    (the base model's state dict, RVC's key form) is needed only when the weights do not sum to 1.
+
+    Each layer's kind and groups come from the files' layer records. For files without them
+    (format 1, or written without metadata), ``layers`` gives them: the model (base or
+    injected) or ``{name: {"kind", "groups"}}``; without it only layers whose factors tell for
+    sure (Linear, Conv1d) are accepted and any other is refused.
+
+    The blend is computed in float64 (the concatenated factors re-factored by QR and SVD into
+    balanced ones, so weights that nearly cancel lose nothing to the cast), then cast back to
+    the first adapter's dtype: ``metadata["blend"]["cast_errors"]`` holds each layer's relative
+    error ``‖ΔW_cast − ΔW‖ / ‖ΔW‖`` against the float64 blend, and a warning names the worst
+    layer when it exceeds ``max(1e-3, 16·eps)`` of that dtype.
 
     Returns an adapter in :func:`read_lora_file`'s form (``weights``, ``config``, ``base_fingerprint``,
     ``metadata``), ready for :func:`rvclora.checkpoint.write_lora_file` or a merge.
@@ -300,18 +363,41 @@ def blend_adapters(
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise BlendError(f"weights[{i}] must be a finite number, got {w!r}")
         ws.append(float(w))
-    sources = [_load(a, i) for i, a in enumerate(adapters)]
+    given = _given_records(layers)
+    sources = [_load(a, i, given) for i, a in enumerate(adapters)]
     _check_compatible(sources, force)
     _check_rank(rank, sources)
     first = sources[0]
     bias_mode = first.config.bias
-    if bias_mode != "none" and abs(sum(ws) - 1.0) > 1e-6:
-        raise BlendError(f"the adapters train biases (bias={bias_mode!r}) and store them whole, so they blend exactly "
-                         f"only with weights summing to 1; these sum to {sum(ws):g}")
+    whole_keys = [k for k in first.weights if not k.endswith((".lora_A", ".lora_B"))]
+    for src in sources[1:]:
+        if sorted(k for k in src.weights if not k.endswith((".lora_A", ".lora_B"))) != sorted(whole_keys):
+            raise BlendError(f"{src.label} stores other whole tensors (biases, modules_to_save) than {first.label}")
+        for k in whole_keys:
+            if src.weights[k].shape != first.weights[k].shape:
+                raise BlendError(f"{k}: {tuple(src.weights[k].shape)} in {src.label} but "
+                                 f"{tuple(first.weights[k].shape)} in {first.label}")
+    sums_to_one = abs(sum(ws) - 1.0) <= 1e-6
+    if whole_keys and not sums_to_one:
+        what = (f"modules {first.config.modules_to_save}" if first.config.modules_to_save else "") + \
+            (" and " if first.config.modules_to_save and bias_mode != "none" else "") + \
+            (f"biases (bias={bias_mode!r})" if bias_mode != "none" else "")
+        if base is None:
+            raise BlendError(f"the adapters store {what} whole, and these weights sum to {sum(ws):g}, not 1: the blend "
+                             "base + sum w_i (T_i - base) needs the base model's tensors (pass base=, as rvclora "
+                             "merge does)")
+        missing = [k for k in whole_keys if k not in base]
+        if missing:
+            raise BlendError(f"base has no tensor {missing[0]!r} to blend the adapters' {what} against")
+        for k in whole_keys:
+            if tuple(base[k].shape) != tuple(first.weights[k].shape):
+                raise BlendError(f"base's {k!r} has shape {tuple(base[k].shape)}, the adapters' "
+                                 f"{tuple(first.weights[k].shape)}")
     active = [(s, w) for s, w in zip(sources, ws) if w != 0.0] or [(first, 0.0)]
 
     out_w: dict[str, Tensor] = {}
     errors: dict[str, float] = {}
+    cast_errors: dict[str, float] = {}
     for name, rec in first.records.items():
         dtype = first.weights[f"{name}.lora_A"].dtype
         Ls, Rs = [], []
@@ -320,24 +406,36 @@ def blend_adapters(
             Ls.append(L * (w * src.config.scaling))
             Rs.append(R)
         L, R = torch.cat(Ls, dim=2), torch.cat(Rs, dim=1)
+        # re-factored in float64 even when exact: concatenated factors of weights that nearly cancel
+        # would each round to dtype at their own (huge) scale and the cancellation would keep the error
+        L, R, discarded, total = _truncate(L, R, (rank if rank is not None else L.shape[2] * rec.groups) // rec.groups)
         if rank is not None:
-            L, R, discarded, total = _truncate(L, R, rank // rec.groups)
             errors[name] = math.sqrt(discarded / total) if total > 0 else 0.0
         A, B = _unfactors(rec, L, R)
-        out_w[f"{name}.lora_A"], out_w[f"{name}.lora_B"] = A.to(dtype), B.to(dtype)
-    if bias_mode != "none":
-        bias_keys = [k for k in first.weights if k.endswith(".bias")]
-        for src in sources[1:]:
-            if sorted(k for k in src.weights if k.endswith(".bias")) != sorted(bias_keys):
-                raise BlendError(f"{src.label} trains other biases than {first.label}")
-        for key in bias_keys:
-            acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
-            out_w[key] = acc.to(first.weights[key].dtype)
+        A, B = A.to(dtype), B.to(dtype)
+        exact = torch.bmm(L, R)
+        Lc, Rc = _factors(rec, A.double(), B.double())
+        norm = float(exact.norm())
+        cast_errors[name] = float((torch.bmm(Lc, Rc) - exact).norm()) / norm if norm > 0 else 0.0
+        out_w[f"{name}.lora_A"], out_w[f"{name}.lora_B"] = A, B
+    if cast_errors:
+        worst = max(cast_errors, key=cast_errors.get)
+        limit = max(1e-3, 16 * torch.finfo(first.weights[f"{worst}.lora_A"].dtype).eps)
+        if cast_errors[worst] > limit:
+            warnings.warn(f"blend: casting the float64 blend back to "
+                          f"{str(first.weights[f'{worst}.lora_A'].dtype).replace('torch.', '')} changes {worst}'s "
+                          f"update by {cast_errors[worst]:.3g} (relative); metadata['blend']['cast_errors'] has every "
+                          "layer's", RVCLoRAWarning, stacklevel=2)
+    for key in whole_keys:  # biases and modules_to_save: base + sum w_i (T_i - base), exactly
+        acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
+        if not sums_to_one:
+            acc = acc + (1.0 - sum(ws)) * base[key].double()
+        out_w[key] = acc.to(first.weights[key].dtype)
 
     total_rank = rank if rank is not None else sum(s.config.r for s, _ in active)
     config = LoRAConfig(r=total_rank, lora_alpha=float(total_rank), lora_dropout=0.0,
                         target_modules=list(first.config.target_modules), merge_weights=first.config.merge_weights,
-                        bias=bias_mode)
+                        bias=bias_mode, modules_to_save=list(first.config.modules_to_save))
     known = [s.fingerprint for s in sources if s.fingerprint is not None]
     fingerprint = known[0] if known and len(set(known)) == 1 else None
     blend_meta = {
@@ -345,7 +443,11 @@ def blend_adapters(
                      "base_fingerprint": s.fingerprint} for s, w in zip(sources, ws)],
         "rank": rank,
         "errors": errors,
+        "cast_errors": cast_errors,
     }
+    if whole_keys:
+        blend_meta["whole_tensors"] = ("sum w_i T_i (weights sum to 1)" if sums_to_one
+                                       else "base + sum w_i (T_i - base)")
     layers = {name: {"kind": rec.kind, "groups": rec.groups} for name, rec in first.records.items()}
     return {"weights": out_w, "config": config, "base_fingerprint": fingerprint,
             "metadata": {"blend": blend_meta, "layers": layers}, "epoch": None, "optimizer": None}

@@ -32,8 +32,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import BIAS_MODES, LoRAConfig
-from .fingerprint import FINGERPRINT_PREFIX, base_fingerprint, short_fingerprint
-from .inject import lora_modules, target_matches
+from .fingerprint import FINGERPRINT_PREFIX, base_fingerprint, fingerprint_scope, short_fingerprint
+from .inject import canonical_saved_key, lora_modules, saved_parameters, target_matches
 from .io import (
     RVCLoRAWarning,
     atomic_write,
@@ -77,7 +77,8 @@ def _bias_mode(model: nn.Module, bias: str | None) -> str:
 
 
 def extract_lora_weights(model: nn.Module, bias: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter: every ``lora_A``/``lora_B`` plus the biases that ``bias`` trains.
+    """The adapter: every ``lora_A``/``lora_B``, the biases that ``bias`` trains, and every parameter of the
+    config's ``modules_to_save`` (under RVC's key form: ``weight_g``/``weight_v`` for weight_norm).
 
     ``bias`` defaults to the mode of the config :func:`rvclora.inject_lora` used. Tensors are
     detached CPU copies.
@@ -91,6 +92,8 @@ def extract_lora_weights(model: nn.Module, bias: str | None = None) -> dict[str,
             leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_owners))
         ):
             out[name] = p.detach().to("cpu", copy=True).contiguous()
+    for key, p in saved_parameters(model).items():  # modules_to_save: whole tensors, RVC's key form
+        out[key] = p.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -111,11 +114,13 @@ def _validate_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], s
         raise TypeError(f"load_lora_weights: weights must be a dict of tensors, got {type(weights).__name__}")
     _check_tensor_values("load_lora_weights", weights)
     params = dict(model.named_parameters())
+    saved = saved_parameters(model)
+    params.update(saved)
     for key, value in weights.items():
         if key not in params:
             raise KeyError(f"load_lora_weights: key {key!r} is not a parameter of the model "
-                           "(were the same target_modules injected?)")
-        if key.rpartition(".")[2] not in _FACTORS + ("bias",):
+                           "(were the same target_modules and modules_to_save injected?)")
+        if key.rpartition(".")[2] not in _FACTORS + ("bias",) and key not in saved:
             raise KeyError(f"load_lora_weights: key {key!r} is a base weight, not a LoRA factor or bias; "
                            "an adapter never replaces base weights")
         if tuple(value.shape) != tuple(params[key].shape):
@@ -129,24 +134,67 @@ def _validate_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], s
             if key.rpartition(".")[2] in _FACTORS and key not in weights:
                 raise KeyError(f"load_lora_weights: the model's LoRA factor {key!r} is missing from the weights "
                                "(pass strict=False to load a partial adapter)")
+        for key in saved:
+            if key not in weights:
+                raise KeyError(f"load_lora_weights: {key!r} of the model's modules_to_save is missing from the "
+                               "weights (pass strict=False to load a partial adapter)")
 
 
 def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
     """Copy adapter ``weights`` into ``model``.
 
-    Every key must name a LoRA factor or a bias of ``model``, with the same shape, as a finite
+    Every key must name a LoRA factor, a bias, or a parameter of a ``modules_to_save`` module of ``model``
+    (in RVC's key form, :func:`rvclora.inject.canonical_saved_key`), with the same shape, as a finite
     floating-point tensor: an adapter never overwrites a base weight. With ``strict``, every
     LoRA factor of ``model`` must also be present. The first mismatch raises a ``KeyError``,
     ``TypeError`` or ``ValueError`` naming the key. Merged layers are unmerged, loaded and merged again.
     """
     _validate_lora_weights(model, weights, strict)
-    model.load_state_dict(weights, strict=False)
+    saved = {key: p for key, p in saved_parameters(model).items() if key in weights}
+    rest = {k: v for k, v in weights.items() if k not in saved}
+    model.load_state_dict(rest, strict=False)
+    with torch.no_grad():
+        for key, p in saved.items():  # by parameter, whatever the model's weight_norm form names it
+            p.copy_(weights[key])
     return model
 
 
-def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAConfig) -> None:
-    """An adapter holds LoRA factor pairs of rank ``config.r`` plus the biases ``config.bias`` trains, nothing else."""
+def _saved_owner(key: str, patterns: list[str]) -> str | None:
+    """The ``modules_to_save`` entry that a key's module (or one of its parents) matches, if any."""
+    parts = key.split(".")[:-1]
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        for t in patterns:
+            if target_matches(t, prefix):
+                return t
+    return None
+
+
+def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAConfig,
+                           saved_shapes: Any = None) -> None:
+    """An adapter holds LoRA factor pairs of rank ``config.r``, the biases ``config.bias`` trains and the tensors of
+    ``config.modules_to_save``, nothing else. ``saved_shapes`` (the file's record, when reading) must list exactly
+    those tensors with their shapes."""
     _check_tensor_values(where, weights)
+    saved_keys = {k for k in weights if config.modules_to_save and k.rpartition(".")[2] not in _FACTORS
+                  and _saved_owner(k, config.modules_to_save) is not None}
+    if config.modules_to_save:
+        found = {_saved_owner(k, config.modules_to_save) for k in saved_keys}
+        missing = [t for t in config.modules_to_save if t not in found]
+        if missing:
+            raise ValueError(f"{where}: the config names modules_to_save {missing[0]!r} but the adapter holds no "
+                             "tensor of it")
+        if saved_shapes is not None:
+            if not isinstance(saved_shapes, dict):
+                raise ValueError(f"{where}: its record of modules_to_save is a {type(saved_shapes).__name__}, "
+                                 "expected {key: shape}")
+            if set(saved_shapes) != saved_keys:
+                odd = sorted(set(saved_shapes) ^ saved_keys)
+                raise ValueError(f"{where}: its modules_to_save tensors and their record disagree (e.g. {odd[0]!r})")
+            for k in saved_keys:
+                if list(weights[k].shape) != list(saved_shapes[k]):
+                    raise ValueError(f"{where}: {k!r} has shape {tuple(weights[k].shape)}, its record says "
+                                     f"{tuple(saved_shapes[k])}")
     factors: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")
@@ -156,12 +204,12 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             factors.setdefault(owner, {})[leaf] = t
     for key in weights:
         owner, _, leaf = key.rpartition(".")
-        if leaf in _FACTORS:
+        if leaf in _FACTORS or key in saved_keys:
             continue
         if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in factors)):
             continue
-        raise ValueError(f"{where}: key {key!r} is not a LoRA factor or a bias that bias={config.bias!r} trains; "
-                         "an adapter holds only lora_A/lora_B and those biases")
+        raise ValueError(f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
+                         f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those")
     if not factors:
         raise ValueError(f"{where}: holds no LoRA factors (lora_A/lora_B)")
     for owner, pair in factors.items():
@@ -274,7 +322,14 @@ def write_lora_file(
     config.validate()
     if not isinstance(weights, dict):
         raise TypeError(f"{where}: weights must be a dict of tensors, got {type(weights).__name__}")
-    _check_adapter_content(where, weights, config)
+    from .validate import check_adapter
+
+    metadata = _check_metadata(where, metadata)
+    if config.modules_to_save:  # the file records each saved tensor's shape; reading checks them
+        saved = {k: list(getattr(v, "shape", ())) for k, v in weights.items() if isinstance(k, str)
+                 and k.rpartition(".")[2] not in _FACTORS and _saved_owner(k, config.modules_to_save) is not None}
+        metadata = {**(metadata or {}), "modules_to_save": saved}
+    check_adapter(where, weights, config, metadata)
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise ValueError(f"{where}: refusing to save {bad[0]!r}: not finite ({bad[1]})")
@@ -282,7 +337,6 @@ def write_lora_file(
                                          or not base_fingerprint.startswith(FINGERPRINT_PREFIX)):
         raise ValueError(f"{where}: base_fingerprint must be a string from rvclora.fingerprint.base_fingerprint "
                          f"or None, got {base_fingerprint!r}")
-    metadata = _check_metadata(where, metadata)
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise TypeError(f"{where}: epoch must be an int or None, got {epoch!r}")
     opt_tensors: dict[str, Tensor] = {}
@@ -342,8 +396,12 @@ def _check_config_matches_model(where: str, model: nn.Module, config: LoRAConfig
                 raise ValueError(f"{where}: config {f}={getattr(config, f)!r} but the model was injected with "
                                  f"{f}={getattr(model_cfg, f)!r}")
     saved = set(extract_lora_weights(model, config.bias))
+    model_saved = getattr(model_cfg, "modules_to_save", []) if isinstance(model_cfg, LoRAConfig) else []
+    if sorted(model_saved) != sorted(config.modules_to_save):
+        raise ValueError(f"{where}: config modules_to_save={config.modules_to_save} but the model was injected with "
+                         f"{model_saved}")
     for name, p in model.named_parameters():
-        if p.requires_grad and name not in saved:
+        if p.requires_grad and name not in saved and canonical_saved_key(name) not in saved:
             raise ValueError(f"{where}: parameter {name!r} is trainable but bias={config.bias!r} does not save it; "
                              "save with the bias mode the model was trained with")
 
@@ -480,10 +538,14 @@ def read_lora_file(path: PathLike) -> dict[str, Any]:
     fp = data["base_fingerprint"]
     if fp is not None and (not isinstance(fp, str) or not fp.startswith(FINGERPRINT_PREFIX)):
         raise ValueError(f"{prefix}: base_fingerprint {fp!r} is not an rvclora fingerprint")
-    if data["metadata"] is not None and not isinstance(data["metadata"], dict):
-        raise ValueError(f"{prefix}: metadata is a {type(data['metadata']).__name__}, expected a dict")
+    from .validate import check_adapter
+
     try:
-        _check_adapter_content(prefix, data["weights"], data["config"])
+        record = data["metadata"].get("modules_to_save") if isinstance(data["metadata"], dict) else None
+        if data["config"].modules_to_save and record is None:
+            raise ValueError(f"{prefix}: its config names modules_to_save {data['config'].modules_to_save} but the "
+                             "file has no record of their tensors (metadata 'modules_to_save')")
+        check_adapter(prefix, data["weights"], data["config"], data["metadata"])
     except TypeError as e:
         raise ValueError(str(e)) from None
     return data
@@ -510,6 +572,18 @@ def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | No
                              "pass force=True (--force) to use it anyway")
         warnings.warn(f"{where}: base fingerprint mismatch ({short_fingerprint(adapter_fp)} vs "
                       f"{short_fingerprint(base_fp)}), used anyway (force)", RVCLoRAWarning, stacklevel=stacklevel)
+
+
+def _model_fingerprint(model: nn.Module, adapter_fp: str | None) -> str | None:
+    """The fingerprint ``inject_lora`` recorded for ``model``, in the scope of the adapter's (decoder or synth)."""
+    recorded = getattr(model, "rvclora_base_fingerprint", None)
+    if adapter_fp is None:
+        return recorded
+    scope = fingerprint_scope(adapter_fp)
+    by_scope = getattr(model, "rvclora_base_fingerprints", None) or {}
+    if scope in by_scope:
+        return by_scope[scope]
+    return recorded if recorded is not None and fingerprint_scope(recorded) == scope else None
 
 
 def load_lora_checkpoint(
@@ -549,7 +623,7 @@ def load_lora_checkpoint(
     except (KeyError, TypeError, ValueError) as e:
         msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
         raise type(e)(f"{where}: {msg}") from None
-    check_base_fingerprint(where, data["base_fingerprint"], getattr(model, "rvclora_base_fingerprint", None), force)
+    check_base_fingerprint(where, data["base_fingerprint"], _model_fingerprint(model, data["base_fingerprint"]), force)
     load_lora_weights(model, data["weights"], strict=True)
     opt = None
     if load_optimizer:

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("-o", "--output", required=True, metavar="MIX.safetensors", help="where to write the blend")
     mix.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     mix.add_argument("--force", action="store_true", help="blend adapters recorded against different base models")
+    mix.add_argument("--layers-from", metavar="BASE.pth", default=None,
+                     help="an exported RVC model whose decoder gives each layer's kind and groups, for adapters saved "
+                          "without layer records (older files)")
     mix.set_defaults(func=_cmd_mix)
 
     info = sub.add_parser(
@@ -372,12 +375,23 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     sources = _weighted_adapters(args.adapters)
     out = check_output_path(args.output, what="adapter", overwrite=args.overwrite,
                             inputs=tuple(("adapter", p) for p, _ in sources))
-    mix = blend_adapters([p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force)
+    layers = None
+    if args.layers_from is not None:
+        from .rvc_files import decoder_layer_records, load_rvc_file
+
+        layers = decoder_layer_records(load_rvc_file(args.layers_from))
+    mix = blend_adapters([p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force,
+                         layers=layers)
     write_lora_file(out, mix["weights"], mix["config"], base_fingerprint=mix["base_fingerprint"],
                     metadata=mix["metadata"], overwrite=args.overwrite)
     kind = "exact" if args.rank is None else f"rank {args.rank} by SVD"
     print(f"wrote {out}: blend of {len(sources)} adapters ({kind}), r={mix['config'].r}, "
           f"{len(mix['metadata']['layers'])} layers")
+    cast = mix["metadata"]["blend"]["cast_errors"]
+    if cast:
+        worst = max(cast, key=cast.get)
+        print(f"  computed in float64; cast back to the adapters' dtype: relative change max {cast[worst]:.3g} "
+              f"({worst})")
     errors = mix["metadata"]["blend"]["errors"]
     if errors:
         worst = max(errors, key=errors.get)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "LoRAConfig",
     "BIAS_MODES",
+    "MAX_RANK",
     "DEFAULT_CONFIG",
     "HIGH_QUALITY_CONFIG",
     "FAST_CONFIG",
@@ -21,6 +21,9 @@ __all__ = [
 BIAS_MODES = ("none", "all", "lora_only")
 
 _DEFAULT_TARGETS = ("ups", "resblocks")
+#: The largest rank a config may declare: far above any layer of an RVC model (512 channels), and
+#: low enough that a file declaring a huge rank is refused before anything is allocated.
+MAX_RANK = 8192
 
 
 @dataclass
@@ -28,17 +31,22 @@ class LoRAConfig:
     """What to adapt and how.
 
     Attributes:
-        r: LoRA rank (> 0).
+        r: LoRA rank (> 0, at most :data:`MAX_RANK`).
         lora_alpha: scaling numerator; the LoRA path is scaled by ``lora_alpha / r``.
         lora_dropout: dropout probability on the LoRA input, in ``[0, 1)``.
-        target_modules: module names to adapt. A target matches a module whose qualified
-            name equals it, ends with ``"." + target``, or contains it as a dotted component
-            run (``"ups"`` matches ``dec.ups.0``); a target that is not a plain dotted name
-            is treated as a regular expression matched with ``re.fullmatch`` against the
-            qualified name.
+        target_modules: module names to adapt (at most :data:`rvclora.targets.MAX_TARGETS`).
+            A plain dotted name matches a module whose qualified name contains it as a dotted
+            component run (``"ups"`` matches ``dec.ups.0``); any other target is a regular
+            expression that must match the whole qualified name, run by a linear-time engine
+            (:mod:`rvclora.targets`: no backreferences or lookarounds).
         merge_weights: if True, ``eval()`` merges ΔW into the base weight and ``train()``
             unmerges it (the loralib convention).
         bias: ``"none"``, ``"all"`` or ``"lora_only"`` (see :data:`BIAS_MODES`).
+        modules_to_save: modules trained in full and stored whole in the adapter (PEFT's name),
+            matched like ``target_modules`` (``"emb_g"``): layers LoRA cannot express exactly
+            (``nn.Embedding``) or too small to be worth factoring. A module may not be both a LoRA
+            target and saved. Empty (the default) for a pure LoRA adapter; the file then records
+            no such field, as earlier releases wrote it.
     """
 
     r: int = 8
@@ -47,8 +55,18 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(_DEFAULT_TARGETS))
     merge_weights: bool = False
     bias: str = "none"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.modules_to_save is None:
+            self.modules_to_save = []
+        elif isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        elif isinstance(self.modules_to_save, (list, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        else:
+            raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names (or one name, or None), "
+                            f"got {self.modules_to_save!r} ({type(self.modules_to_save).__name__})")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         elif isinstance(self.target_modules, (list, tuple)):
@@ -64,6 +82,8 @@ class LoRAConfig:
             raise TypeError(f"LoRAConfig.r must be an int, got {self.r!r} ({type(self.r).__name__})")
         if self.r <= 0:
             raise ValueError(f"LoRAConfig.r must be > 0, got {self.r}")
+        if self.r > MAX_RANK:
+            raise ValueError(f"LoRAConfig.r must be at most {MAX_RANK} (MAX_RANK), got {self.r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"LoRAConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
@@ -74,27 +94,34 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules must name at least one module, got []")
-        for t in self.target_modules:
-            if not isinstance(t, str) or not t:
-                raise ValueError(f"LoRAConfig.target_modules entries must be non-empty strings, got {t!r}")
-            try:
-                re.compile(t)
-            except re.error as e:
-                raise ValueError(
-                    f"LoRAConfig.target_modules entry {t!r} is not a valid regular expression: {e}"
-                ) from None
+        from .targets import check_targets
+
+        try:
+            check_targets(self.target_modules)
+        except ValueError as e:
+            raise ValueError(f"LoRAConfig.{e}") from None
         if not isinstance(self.merge_weights, bool):
             raise TypeError(f"LoRAConfig.merge_weights must be a bool, got {self.merge_weights!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if not isinstance(self.modules_to_save, list):
+            raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.modules_to_save:
+            try:
+                check_targets(self.modules_to_save)
+            except ValueError as e:
+                raise ValueError("LoRAConfig." + str(e).replace("target_modules", "modules_to_save")) from None
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict (plain ints, floats, strings, lists)."""
-        return dataclasses.asdict(self)
+        """A JSON-safe dict (plain ints, floats, strings, lists); ``modules_to_save`` only when non-empty."""
+        d = dataclasses.asdict(self)
+        if not d["modules_to_save"]:
+            del d["modules_to_save"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:

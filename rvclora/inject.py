@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -11,6 +10,7 @@ import torch.nn as nn
 
 from .config import BIAS_MODES, LoRAConfig
 from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear, check_no_foreign_weight_hooks
+from .targets import target_matches
 
 __all__ = [
     "inject_lora",
@@ -24,25 +24,12 @@ __all__ = [
     "merged_state_dict",
     "print_lora_info",
     "target_matches",
+    "saved_module_names",
+    "saved_parameters",
+    "canonical_saved_key",
 ]
 
 _LORA_CLASS = {nn.Linear: LoRALinear, nn.Conv1d: LoRAConv1d, nn.ConvTranspose1d: LoRAConvTranspose1d}
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-def target_matches(target: str, name: str) -> bool:
-    """Does ``target`` select the module with qualified name ``name``?
-
-    A plain dotted name matches when its components appear as a contiguous run of the
-    name's components (``"ups"`` matches ``dec.ups.0``; ``"convs1.0"`` matches
-    ``resblocks.2.convs1.0``). Anything else is a regular expression that must
-    ``re.fullmatch`` the qualified name.
-    """
-    if _PLAIN_NAME.fullmatch(target):
-        want = target.split(".")
-        have = name.split(".")
-        return any(have[i: i + len(want)] == want for i in range(len(have) - len(want) + 1))
-    return re.fullmatch(target, name) is not None
 
 
 def _base_kind(module: nn.Module) -> type | None:
@@ -101,9 +88,22 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
             f"inject_lora: target_modules={config.target_modules} match no Linear/Conv1d/ConvTranspose1d "
             f"module; adaptable modules are: {sample or 'none'}"
         )
-    from .fingerprint import base_fingerprint
+    saved = saved_module_names(model, config.modules_to_save, where="inject_lora")
+    for name, _, _ in chosen:
+        for s_name in saved:
+            if _within(name, s_name) or _within(s_name, name):
+                raise ValueError(f"inject_lora: {name!r} is both a LoRA target (target_modules="
+                                 f"{config.target_modules}) and saved whole (modules_to_save {s_name!r}); "
+                                 "a module is either adapted or saved, not both")
+    from .fingerprint import base_fingerprint, fingerprint_scopes
 
-    fingerprint = base_fingerprint(model)  # before any layer is replaced: the weights as stored
+    # before any layer is replaced: the weights as stored. Adapters reaching outside the decoder of an
+    # RVC synthesizer record the whole-synthesizer fingerprint; decoder adapters the decoder's, as before.
+    has_dec = any(n.startswith("dec.") for n, _ in model.named_parameters())
+    touched = [n for n, _, _ in chosen] + saved
+    scope = "synth" if has_dec and any(not n.startswith("dec.") for n in touched) else "decoder"
+    fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
+    fingerprint = fingerprints[scope]
     for name, module, base in chosen:
         new = _LORA_CLASS[base].from_base(
             module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -114,9 +114,62 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
         setattr(parent, child, new)
     model.rvclora_config = config
     model.rvclora_base_fingerprint = fingerprint
+    model.rvclora_base_fingerprints = fingerprints
     if freeze_base:
-        mark_only_lora_as_trainable(model, config.bias)
+        mark_only_lora_as_trainable(model, config.bias, config.modules_to_save)
     return model
+
+
+def _within(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(parent + ".")
+
+
+def saved_module_names(model: nn.Module, patterns: list[str], where: str = "modules_to_save") -> list[str]:
+    """The modules ``patterns`` (a config's ``modules_to_save``) select: the outermost matches, in model order.
+
+    Every pattern must select at least one module with parameters (``ValueError`` naming it otherwise).
+    """
+    if not patterns:
+        return []
+    names: list[str] = []
+    hit = dict.fromkeys(patterns, False)
+    for name, module in model.named_modules():
+        if not name or any(_within(name, n) for n in names):
+            continue
+        matched = [t for t in patterns if target_matches(t, name)]
+        if matched and any(True for _ in module.parameters()):
+            if isinstance(module, LoRALayer) or any(isinstance(m, LoRALayer) for m in module.modules()):
+                raise ValueError(f"{where}: {name!r} holds LoRA layers; a module is either adapted or saved whole")
+            names.append(name)
+            for t in matched:
+                hit[t] = True
+    missing = [t for t, ok in hit.items() if not ok]
+    if missing:
+        raise ValueError(f"{where}: modules_to_save entry {missing[0]!r} matches no module with parameters")
+    return names
+
+
+_WN_CANONICAL = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+
+
+def canonical_saved_key(key: str) -> str:
+    """A saved module's parameter name in RVC's file form: ``parametrizations.weight.original0/1`` → ``weight_g/v``."""
+    for long, short in _WN_CANONICAL.items():
+        if key.endswith("." + long):
+            return key[: -len(long)] + short
+    return key
+
+
+def saved_parameters(model: nn.Module, patterns: list[str] | None = None) -> dict[str, nn.Parameter]:
+    """``{canonical key: parameter}`` of the modules ``patterns`` saves (default: the injected config's)."""
+    if patterns is None:
+        cfg = getattr(model, "rvclora_config", None)
+        patterns = cfg.modules_to_save if isinstance(cfg, LoRAConfig) else []
+    out: dict[str, nn.Parameter] = {}
+    for name in saved_module_names(model, patterns):
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[canonical_saved_key(f"{name}.{pname}")] = p
+    return out
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
@@ -126,13 +179,17 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but ``lora_A``/``lora_B``; ``bias`` ∈ ``none|all|lora_only`` keeps those biases trainable."""
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
+                                modules_to_save: list[str] | None = None) -> nn.Module:
+    """Freeze everything but ``lora_A``/``lora_B``; ``bias`` ∈ ``none|all|lora_only`` keeps those biases trainable,
+    and every parameter of the ``modules_to_save`` modules (default: those of the config
+    :func:`inject_lora` recorded) stays trainable."""
     if bias not in BIAS_MODES:
         raise ValueError(f"mark_only_lora_as_trainable: bias must be one of {BIAS_MODES}, got {bias!r}")
+    keep = {id(p) for p in saved_parameters(model, modules_to_save).values()}
     for name, p in model.named_parameters():
         leaf = name.rpartition(".")[2]
-        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
+        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias") or id(p) in keep)
     if bias == "lora_only":
         for _, m in lora_modules(model):
             if m.r > 0 and getattr(m, "bias", None) is not None:

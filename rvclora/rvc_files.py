@@ -39,6 +39,7 @@ __all__ = [
     "RVCModelFile",
     "build_generator_from_rvc",
     "check_exported_model",
+    "decoder_layer_records",
     "generator_config_from_rvc",
     "load_rvc_file",
     "merge_adapter",
@@ -223,26 +224,13 @@ def generator_config_from_rvc(config: list[Any], version: str = "v1") -> Generat
 
     Returns the named shipped config when the hyper-parameters equal one, else a config named ``"custom"``.
     """
-    if not isinstance(config, (list, tuple)) or len(config) != 18:
-        n = len(config) if isinstance(config, (list, tuple)) else type(config).__name__
-        raise RVCFileError(f"config must be RVC's list of 18 synthesizer arguments, got {n}")
+    from .validate import check_rvc_decoder_args
+
     try:
-        cfg = GeneratorConfig(
-            name="custom",
-            version=str(version),
-            sampling_rate=_sr_to_int(config[17]),
-            upsample_rates=tuple(int(u) for u in config[12]),
-            upsample_kernel_sizes=tuple(int(k) for k in config[14]),
-            segment_frames=int(config[1]),
-            inter_channels=int(config[2]),
-            upsample_initial_channel=int(config[13]),
-            resblock=str(config[9]),
-            resblock_kernel_sizes=tuple(int(k) for k in config[10]),
-            resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in config[11]),
-            gin_channels=int(config[16]),
-        )
+        args = check_rvc_decoder_args(config)
+        cfg = GeneratorConfig(name="custom", version=str(version), sampling_rate=_sr_to_int(config[17]), **args)
     except (TypeError, ValueError) as e:
-        raise RVCFileError(f"config {config!r} is not RVC's synthesizer argument list: {e}") from None
+        raise RVCFileError(str(e)) from None
     for named in GENERATOR_CONFIGS.values():
         if _same_decoder(named, cfg):
             return GeneratorConfig(**{**cfg.__dict__, "name": named.name, "segment_frames": named.segment_frames})
@@ -301,6 +289,19 @@ def build_generator_from_rvc(
             raise RVCFileError(f"{model_file.path}: the decoder weights do not fit the file's own config "
                                f"({cfg.name}, f0={model_file.f0}): {' '.join(x.strip() for x in first[:3])}") from None
     return model
+
+
+def decoder_layer_records(model_file: RVCModelFile) -> dict[str, dict[str, Any]]:
+    """The kind and groups of every layer of an export's decoder, named both ways an adapter may name them.
+
+    Keys relative to the decoder (``ups.0``) and to RVC's synthesizer (``dec.ups.0``): the
+    ``layers=`` of :func:`rvclora.blend.blend_adapters` for adapters saved without layer records.
+    """
+    from .blend import model_layer_records
+
+    with torch.device("meta"):
+        generator = build_generator_from_rvc(model_file, load_weights=False)
+    return {**model_layer_records(generator), **model_layer_records(generator, prefix=_DEC)}
 
 
 def _write_torch(obj: Any, path: str, overwrite: bool) -> None:
@@ -442,7 +443,8 @@ def merge_adapter(
         adapter_path = " + ".join(f"{p}:{w:g}" for p, w in sources)
         adapter_label = "blend " + " + ".join(f"{os.path.basename(p)}:{w:g}" for p, w in sources)
         try:
-            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force)
+            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force,
+                                     layers=decoder_layer_records(base))
         except BlendError as e:
             raise RVCFileError(f"cannot blend {adapter_path}: {e}") from None
     weights: dict[str, Tensor] = adapter["weights"]
