@@ -223,7 +223,7 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
      KeyError, r"'1\.weight' is a base weight, not a LoRA factor or bias"),
     ("content", "bias-in-none-mode", lambda e: _call(read_lora_file, _adapter_with(
         e, "bias", lambda w: w.__setitem__("ups.0.bias", torch.zeros(256)))),
-     ValueError, r"'ups\.0\.bias' is not a LoRA factor or a bias that bias='none' trains"),
+     ValueError, r"'ups\.0\.bias' is not a LoRA factor, a bias that bias='none' trains"),
     ("content", "integer-factor-file", lambda e: _call(read_lora_file, _adapter_with(
         e, "int", lambda w: w.__setitem__("ups.0.lora_A", w["ups.0.lora_A"].to(torch.int32)))),
      ValueError, r"'ups\.0\.lora_A' has dtype int32; LoRA factors and biases must be floating point"),
