@@ -70,27 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     configs = ", ".join(list(GENERATOR_CONFIGS) + list(CONFIG_ALIASES))
     demo = sub.add_parser(
         "demo",
-        help="fine-tune an RVC generator with LoRA toward a teacher and report speed, sizes, merge error",
+        help="the main job on an embedded default: train a voice adapter on a generated RVC dataset, merge, check",
         description=(
-            "Build an RVC generator with a deterministic random base, inject LoRA on ups+resblocks and fine-tune "
-            "it toward a teacher (the same base plus a hidden low-rank update). Prints the loss before/after, "
-            "training steps/s of LoRA vs the frozen base model vs full fine-tuning, the adapter file size vs "
-            "the model file size, and the merged-vs-unmerged output difference."
+            "Generate a small dataset in RVC's experiment-folder layout (harmonic voices with known f0, stand-in "
+            "content features), take a random RVC v2 40k synthesizer as the pretrained G (and RVC's discriminator, "
+            "narrowed, as D), run `rvclora train`'s trainer on it, merge the adapter into an RVC export and check "
+            "that the export infers what the adapted model infers. It shows that the pipeline works and the losses "
+            "fall, not voice quality (that needs a real pretrained base and real recordings). --teacher runs the "
+            "earlier demo instead: LoRA of RVC's generator toward a teacher (the same base plus a hidden low-rank "
+            "update), with the loss before/after, training steps/s of LoRA vs the frozen base vs full fine-tuning, "
+            "file sizes and the merged-vs-unmerged difference."
         ),
     )
-    demo.add_argument("--config", type=_config_name, default="40k", help=f"RVC generator config ({configs}); "
-                      "default: 40k")
-    demo.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: 8; alpha = 2r)")
-    demo.add_argument("--steps", type=_positive_int, default=40, help="fine-tuning steps (default: 40)")
-    demo.add_argument("--frames", type=_positive_int, default=16,
-                      help="input length in frames, batch 1 (default: 16; output = frames x hop samples)")
-    demo.add_argument("--lr", type=_positive_float, default=5e-4, help="AdamW learning rate (default: 5e-4)")
-    demo.add_argument("--bench-rounds", type=_positive_int, default=7,
-                      help="timed rounds per training mode, after one warm-up (default: 7)")
+    demo.add_argument("--teacher", action="store_true", help="run the teacher demo (generator only) instead")
+    demo.add_argument("--epochs", type=_positive_int, default=None, help="training epochs of the voice demo "
+                      "(default: 10)")
     demo.add_argument("--out-dir", default=None,
-                      help="keep the files written (base model, adapter, merged model) in this directory, "
+                      help="keep the files written (dataset, base, adapter, merged model) in this directory, "
                            "replacing earlier demo files there; default: a temporary directory, removed")
-    demo.add_argument("--seed", type=int, default=0, help="seed for the base, teacher, inputs and LoRA init")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the base, the data and the LoRA init")
+    teacher = demo.add_argument_group("teacher demo (--teacher) options")
+    teacher.add_argument("--config", type=_config_name, default=None, help=f"RVC generator config ({configs}); "
+                         "default: 40k")
+    teacher.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank r (default: 8; alpha = 2r)")
+    teacher.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: 40)")
+    teacher.add_argument("--frames", type=_positive_int, default=None,
+                         help="input length in frames, batch 1 (default: 16; output = frames x hop samples)")
+    teacher.add_argument("--lr", type=_positive_float, default=None, help="AdamW learning rate (default: 5e-4)")
+    teacher.add_argument("--bench-rounds", type=_positive_int, default=None,
+                         help="timed rounds per training mode, after one warm-up (default: 7)")
     demo.set_defaults(func=_cmd_demo)
 
     merge = sub.add_parser(
@@ -148,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("file", nargs="?", metavar="FILE", help="adapter or RVC model file")
     info.set_defaults(func=_cmd_info)
+
+    from .train import command as train_command
+
+    tr = sub.add_parser(
+        "train",
+        help="fine-tune a voice adapter from an RVC/Applio experiment folder, the way RVC trains",
+        description=(
+            "Train a LoRA voice adapter from the experiment folder RVC's or Applio's preprocessing wrote "
+            "(filelist.txt, config.json), starting from RVC's pretrained G and D: RVC's GAN step (a D step, then a "
+            "G step with adversarial, feature-matching, mel and KL losses), AdamW and lr decay from config.json. "
+            "The folder is checked before training starts. Saves the training state and the adapter every "
+            "--save-every epochs (atomically; --resume continues); with --export also writes the merged RVC model. "
+            "Under torchrun every process takes a share of each step's batch (DDP); only rank 0 writes."
+        ),
+    )
+    train_command.add_arguments(tr)
+    tr.set_defaults(func=train_command.cmd)
 
     from . import selftest
 

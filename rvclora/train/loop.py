@@ -64,7 +64,8 @@ class TrainSettings:
     pretrained_g: str
     pretrained_d: str
     output: str | None = None  # the adapter file (.safetensors or .pth); None: none written (full fine-tuning)
-    export: str | None = None  # an exported RVC model of the same base: the merged model is written too
+    export: str | None = None  # merge into this RVC model of the same base (an export, or the pretrained G to
+    # export from): the merged model is written too
     export_output: str | None = None  # where; default: next to ``output``, named <stem>.pth
     run_dir: str | None = None  # checkpoint, loss log and plot; default: <exp_dir>/rvclora
     lora: LoRAConfig | None = None  # default: rvclora.config.VOICE_CONFIG
@@ -236,7 +237,7 @@ class Trainer:
         if s.export is not None:
             if not os.path.isfile(s.export):
                 raise FileNotFoundError(f"--export {s.export!r} does not exist; expected an exported RVC model "
-                                        "of the pretrained base")
+                                        "of the pretrained base (or no value: export from --pretrained-g)")
             self.export_output = s.export_output or _default_export_output(s.output)
             check_output_path(self.export_output, what="merged model", overwrite=s.overwrite or s.resume,
                               inputs=(("base model (--export)", s.export), ("adapter", s.output)),
@@ -268,7 +269,7 @@ class Trainer:
 
     def _build(self) -> None:
         from ..fingerprint import base_fingerprint
-        from ..inject import count_lora_parameters, inject_lora, mark_only_lora_as_trainable
+        from ..inject import inject_lora
         from ..models.discriminator import build_discriminator
         from ..models.synthesizer import build_synthesizer
 
@@ -320,15 +321,13 @@ class Trainer:
                 self.lora_config = VOICE_CONFIG
             else:
                 self.lora_config = s.lora
-            inject_lora(synth, self.lora_config)
-            mark_only_lora_as_trainable(synth, self.lora_config.bias)
+            inject_lora(synth, self.lora_config)  # freezes the base: only the adapter trains
             self.base_fingerprint = synth.rvclora_base_fingerprint
         synth.to(self.device)
         disc.to(self.device)
         self.synth, self.disc = synth, disc
         self.trainable = [p for p in synth.parameters() if p.requires_grad]
-        self.trainable_count = sum(p.numel() for p in self.trainable) if s.full_finetune else \
-            count_lora_parameters(synth)
+        self.trainable_count = sum(p.numel() for p in self.trainable)
         g_forward: nn.Module = _GForward(synth, cfg.segment_frames)
         d_module: nn.Module = disc
         if self.distributed:
@@ -420,8 +419,8 @@ class Trainer:
         self.scaler.step(self.opt_g)
         self.scaler.update()
         self.step_count += 1
-        return {"loss_disc": float(loss_disc), "loss_gen": float(loss_gen), "loss_fm": float(loss_fm),
-                "loss_mel": float(loss_mel), "loss_kl": float(loss_kl), "loss_gen_all": float(loss_gen_all)}
+        return {"loss_disc": loss_disc.item(), "loss_gen": loss_gen.item(), "loss_fm": loss_fm.item(),
+                "loss_mel": loss_mel.item(), "loss_kl": loss_kl.item(), "loss_gen_all": loss_gen_all.item()}
 
     def _global_mean(self, losses: dict[str, float]) -> dict[str, float]:
         if not self.distributed:
@@ -536,19 +535,13 @@ class Trainer:
 
         atomic_write(path, write)
 
-    def _adapter_weights(self) -> dict[str, Tensor]:
-        from ..checkpoint import extract_lora_weights
-
-        return extract_lora_weights(self.synth)
-
     def _write_adapter(self) -> None:
-        from ..checkpoint import write_lora_file
+        from ..checkpoint import save_lora_checkpoint
 
         meta = {"trained_by": "rvclora train", "experiment": self.experiment.path, "synthesizer": self.synth_name,
                 "f0": self.f0, "steps": self.step_count, "epochs": self.epoch_done, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate}
-        write_lora_file(self.s.output, self._adapter_weights(), self.lora_config,
-                        base_fingerprint=self.base_fingerprint, metadata=meta, epoch=self.epoch_done, overwrite=True)
+        save_lora_checkpoint(self.synth, self.s.output, self.lora_config, epoch=self.epoch_done, metadata=meta)
 
     def _settings_record(self) -> dict[str, Any]:
         return {"base_fingerprint": self.base_fingerprint, "synthesizer": self.synth_name, "f0": self.f0,
@@ -606,9 +599,10 @@ class Trainer:
             self.notes.append(f"the saved state already completed {self.epoch_done} of {self.epochs} epochs")
 
     def _export(self) -> str:
-        from ..rvc_files import merge_adapter
+        from ..rvc_files import load_rvc_file, merge_adapter
 
-        merge_adapter(self.s.export, self.s.output, self.export_output, overwrite=True)
+        from_checkpoint = load_rvc_file(self.s.export).kind != "exported"  # the pretrained G: write an export
+        merge_adapter(self.s.export, self.s.output, self.export_output, overwrite=True, export=from_checkpoint)
         return self.export_output
 
     def _plot(self) -> None:
