@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--teacher", action="store_true", help="run the teacher demo (generator only) instead")
     demo.add_argument("--epochs", type=_positive_int, default=None, help="training epochs of the voice demo "
-                      "(default: 10)")
+                      "(default: 8)")
     demo.add_argument("--out-dir", default=None,
                       help="keep the files written (dataset, base, adapter, merged model) in this directory, "
                            "replacing earlier demo files there; default: a temporary directory, removed")

@@ -241,8 +241,8 @@ def _fold_weight_norm(model: nn.Module) -> None:
 
 
 #: The voice demo's dataset and run (sized for about two minutes on 2 CPU cores, build included).
-VOICE_DEMO = {"synthesizer": "v2-40k", "clips": 12, "seconds": (1.0, 1.4), "segment_frames": 8, "batch_size": 4,
-              "epochs": 10, "learning_rate": 1e-3, "d_shrink": 8}
+VOICE_DEMO = {"synthesizer": "v2-40k", "clips": 10, "seconds": (0.8, 1.0), "segment_frames": 8, "batch_size": 4,
+              "epochs": 8, "learning_rate": 1e-3, "d_shrink": 16}
 
 
 def run_voice_demo(args: argparse.Namespace) -> int:

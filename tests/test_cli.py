@@ -30,7 +30,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("args", [[], ["demo"], ["merge"], ["info"]], ids=["top", "demo", "merge", "info"])
+@pytest.mark.parametrize("args", [[], ["demo"], ["merge"], ["info"], ["train"]],
+                         ids=["top", "demo", "merge", "info", "train"])
 def test_help(args: list[str]) -> None:
     proc = rvclora(*args, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -46,7 +47,7 @@ def test_info_lists_backends() -> None:
 
 
 def test_demo_merge_info_end_to_end(tmp_path: Path) -> None:
-    proc = rvclora("demo", "--steps", "3", "--frames", "2", "--rank", "4", "--bench-rounds", "1",
+    proc = rvclora("demo", "--teacher", "--steps", "3", "--frames", "2", "--rank", "4", "--bench-rounds", "1",
                    "--seed", "3", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -90,6 +91,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(rvclora("info", str(junk)), r"junk\.pth: an unrecognised binary file, not an RVC model file")
     assert_one_line_error(rvclora("info", str(tmp_path / "missing.pth")), r"'.*missing\.pth' does not exist")
     assert_one_line_error(rvclora("demo", "--out-dir", str(tmp_path / "nope")), r"--out-dir .* not an existing")
+    assert_one_line_error(rvclora("demo", "--steps", "3"), r"--steps is an option of the teacher demo; run "
+                          r"'rvclora demo --teacher'")
     usage = rvclora("demo", "--rank", "0")
     assert usage.returncode == 2 and "expected a positive integer, got 0" in usage.stderr
     assert "Traceback" not in usage.stderr

@@ -8,6 +8,7 @@ from the file), so a step takes a fraction of a second.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -251,3 +252,21 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_state(work, tmp
         Trainer(TrainSettings(**{**base, "overwrite": False, "output": str(tmp_path / "b.safetensors")}))
     with pytest.raises(ValueError, match="trained with seed = 0, this run has 7"):
         Trainer(TrainSettings(**{**base, "resume": True, "seed": 7}))
+
+
+@pytest.mark.slow
+def test_demo_runs_the_trainer_end_to_end(tmp_path):
+    proc = _cli("demo", "--epochs", "2", "--out-dir", str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "dataset: 10 clips" in out and "filelist.txt, config.json" in out
+    losses = re.search(r"losses, mean of the first epoch -> the last: mel (\S+) -> (\S+),", out)
+    assert losses and float(losses.group(2)) < float(losses.group(1)), out
+    diff = re.search(r"merged export vs adapted model, infer\(\) on a training clip: max \|diff\| (\S+) ", out)
+    peak = re.search(r"output peak (\S+)\)?", out)
+    assert diff and peak and float(diff.group(1)) <= 1e-2 * max(float(peak.group(1)), 1e-3), out
+    assert "epoch 2/2" in proc.stderr  # the progress bars
+    for name in ("rvclora-demo-voice.safetensors", "rvclora-demo-voice.pth"):
+        assert (tmp_path / name).is_file(), name
+    run_dir = tmp_path / "logs" / "rvclora-demo-voice" / "rvclora"
+    assert (run_dir / LOSS_FILE).is_file() and (run_dir / STATE_FILE).is_file()
