@@ -8,8 +8,8 @@ from the file), so a step takes a fraction of a second.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
