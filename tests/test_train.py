@@ -53,6 +53,14 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
 
 
+@pytest.fixture
+def one_thread():
+    """In-process trainers run on one thread (``threads=1``); the suite's setting comes back afterwards."""
+    before = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(before)
+
+
 def _load_infer_model(export_path: str, version: str, f0: bool):
     """Load an exported model exactly as RVC's inference does: cls(*config), drop enc_q, strict=False."""
     from rvclora.models.synthesizer import synthesizer_from_rvc_config
@@ -85,21 +93,21 @@ LAYOUTS = [("v1", True, "rvc"), ("v2", True, "applio"), ("v1", False, "applio"),
 
 @pytest.mark.parametrize("version,f0,layout", LAYOUTS, ids=[f"{v}-{'f0' if f else 'nof0'}-{lay}"
                                                             for v, f, lay in LAYOUTS])
-def test_trains_each_layout(work, version, f0, layout):
+def test_trains_each_layout(work, one_thread, version, f0, layout):
     exp = _experiment(work, f"{version}{f0}{layout}", version=version, f0=f0, layout=layout)
     g, d = _pretrained(work, version, f0)
     out = work / f"{version}{f0}{layout}.safetensors"
-    trainer = Trainer(TrainSettings(exp, g, d, output=str(out), export=g, batch_size=2, epochs=3, learning_rate=LR,
-                                    progress=False, plot=False))
+    trainer = Trainer(TrainSettings(exp, g, d, output=str(out), export=g, batch_size=2, epochs=2, learning_rate=LR,
+                                    threads=one_thread, progress=False, plot=False))
     assert (trainer.version, trainer.f0) == (version, f0)
     synth0 = {k: v.clone() for k, v in trainer.synth.state_dict().items()}
     disc0 = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
     trainable = {n for n, p in trainer.synth.named_parameters() if p.requires_grad}
     result = trainer.train()
-    assert result.steps == 6 and result.epochs == 3
+    assert result.steps == 4 and result.epochs == 2
 
     rows = [json.loads(line) for line in (Path(result.run_dir) / LOSS_FILE).read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 5))
     assert all(torch.isfinite(torch.tensor(r[k])) for r in rows for k in r)
     for key in ("loss_mel", "loss_gen_all"):  # the first epoch's mean against the last's
         assert result.last[key] < result.first_epoch[key], (key, result.first_epoch, result.last)
@@ -242,11 +250,11 @@ def test_resume_after_sigkill_mid_save_continues_from_the_saved_step(work, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_state(work, tmp_path):
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_state(work, one_thread, tmp_path):
     exp = _experiment(tmp_path, "again", clips=2)
     g, d = _pretrained(work, "v2", True)
     base = dict(exp_dir=exp, pretrained_g=g, pretrained_d=d, output=str(tmp_path / "a.safetensors"), batch_size=2,
-                epochs=1, progress=False, plot=False)
+                epochs=1, threads=one_thread, progress=False, plot=False)
     Trainer(TrainSettings(**base)).train()
     with pytest.raises(FileExistsError, match="holds a training state from an earlier run; pass --resume"):
         Trainer(TrainSettings(**{**base, "overwrite": False, "output": str(tmp_path / "b.safetensors")}))
