@@ -179,11 +179,9 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
     saved_keys = {k for k in weights if config.modules_to_save and k.rpartition(".")[2] not in _FACTORS
                   and _saved_owner(k, config.modules_to_save) is not None}
     if config.modules_to_save:
-        found = {_saved_owner(k, config.modules_to_save) for k in saved_keys}
-        missing = [t for t in config.modules_to_save if t not in found]
-        if missing:
-            raise ValueError(f"{where}: the config names modules_to_save {missing[0]!r} but the adapter holds no "
-                             "tensor of it")
+        if not saved_keys:
+            raise ValueError(f"{where}: the config names modules_to_save {config.modules_to_save} but the adapter "
+                             "holds no tensor of them")
         if saved_shapes is not None:
             if not isinstance(saved_shapes, dict):
                 raise ValueError(f"{where}: its record of modules_to_save is a {type(saved_shapes).__name__}, "
@@ -208,7 +206,7 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             continue
         if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in factors)):
             continue
-        raise ValueError(f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
+        raise ValueError(f"{where}: key {key!r} is not a LoRA factor or a bias that bias={config.bias!r} trains, nor "
                          f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those")
     if not factors:
         raise ValueError(f"{where}: holds no LoRA factors (lora_A/lora_B)")

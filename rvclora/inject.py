@@ -102,8 +102,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     has_dec = any(n.startswith("dec.") for n, _ in model.named_parameters())
     touched = [n for n, _, _ in chosen] + saved
     scope = "synth" if has_dec and any(not n.startswith("dec.") for n in touched) else "decoder"
-    fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
-    fingerprint = fingerprints[scope]
+    if any(p.is_meta for p in model.parameters()):  # no weights to fingerprint (sizing a model on "meta")
+        fingerprints, fingerprint = {}, None
+    else:
+        fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
+        fingerprint = fingerprints[scope]
     for name, module, base in chosen:
         new = _LORA_CLASS[base].from_base(
             module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -127,12 +130,13 @@ def _within(name: str, parent: str) -> bool:
 def saved_module_names(model: nn.Module, patterns: list[str], where: str = "modules_to_save") -> list[str]:
     """The modules ``patterns`` (a config's ``modules_to_save``) select: the outermost matches, in model order.
 
-    Every pattern must select at least one module with parameters (``ValueError`` naming it otherwise).
+    Like ``target_modules``, an entry may match nothing in a given model (``enc_p.emb_pitch`` in a no-f0
+    model), but the entries together must select at least one module with parameters (``ValueError``
+    otherwise).
     """
     if not patterns:
         return []
     names: list[str] = []
-    hit = dict.fromkeys(patterns, False)
     for name, module in model.named_modules():
         if not name or any(_within(name, n) for n in names):
             continue
@@ -141,11 +145,8 @@ def saved_module_names(model: nn.Module, patterns: list[str], where: str = "modu
             if isinstance(module, LoRALayer) or any(isinstance(m, LoRALayer) for m in module.modules()):
                 raise ValueError(f"{where}: {name!r} holds LoRA layers; a module is either adapted or saved whole")
             names.append(name)
-            for t in matched:
-                hit[t] = True
-    missing = [t for t, ok in hit.items() if not ok]
-    if missing:
-        raise ValueError(f"{where}: modules_to_save entry {missing[0]!r} matches no module with parameters")
+    if not names:
+        raise ValueError(f"{where}: modules_to_save={list(patterns)} match no module with parameters")
     return names
 
 
