@@ -38,6 +38,7 @@ from .io import (
     RVCLoRAWarning,
     atomic_write,
     check_output_path,
+    check_torch_archive,
     describe_format,
     detect_format,
     first_nonfinite,
@@ -454,9 +455,13 @@ def save_lora_checkpoint(
 def _read_safetensors(path: str) -> dict[str, Any]:
     from safetensors import safe_open
 
+    from .validate import MAX_TENSORS
+
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
+        if len(keys) > MAX_TENSORS:
+            raise ValueError(f"it holds {len(keys)} tensors; an adapter holds at most {MAX_TENSORS} (MAX_TENSORS)")
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith(_OPT_PREFIX)}
         opt, opt_error = None, None
         if "optimizer" in meta:
@@ -479,6 +484,8 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 
 
 def _read_torch(path: str) -> dict[str, Any]:
+    if detect_format(path) == "torch-zip":
+        check_torch_archive(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             raw = torch.load(f, map_location="cpu", weights_only=True)
