@@ -252,7 +252,7 @@ def _info_autoselect() -> None:
     from .ops import autoselect
 
     rows = autoselect.decisions()
-    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+    print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
           f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
