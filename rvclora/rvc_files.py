@@ -134,6 +134,13 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
                                "(a torch.save .pth)")
     if fmt not in ("torch-zip", "pickle"):
         raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
+    if fmt == "torch-zip":
+        from .io import check_torch_archive
+
+        try:
+            check_torch_archive(path)
+        except ValueError as e:
+            raise _fail(path, str(e)) from None
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             obj = torch.load(f, map_location="cpu", weights_only=True)

@@ -14,7 +14,7 @@ Order of attempts, once per process:
    (setup.py builds it ahead of time, from the same :func:`build_plan`);
 2. ``torch.utils.cpp_extension.load`` with ninja — builds on first use and caches the result in
    torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-   under a name per source set and torch version (:func:`extension_name`), so a CPU-only build,
+   under a name per source set, source contents and torch version (:func:`extension_name`), so a CPU-only build,
    a CUDA build and builds for another torch never share a cache entry. When the CUDA build
    fails (a toolkit that does not match torch, a compile error), the CPU part is built alone and
    the failure becomes the note.
@@ -32,6 +32,7 @@ A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -164,11 +165,29 @@ def sources(cuda: bool | None = None) -> list[str]:
     return CPU_SOURCES + (CUDA_SOURCES if cuda else [])
 
 
+def source_digest(src: Path | None = None) -> str:
+    """A short hash of every C++/CUDA source and header in ``csrc/``: a changed tree is another build.
+
+    torch's own check (ninja's timestamps against one ``build.ninja`` per name) does not tell two
+    trees apart that share the cache (an upgrade beside an old install, two checkouts): without the
+    digest one of them could load the other's library.
+    """
+    src = source_dir() if src is None else src
+    if src is None:
+        return "nosrc"
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        if f.suffix in (".cpp", ".cu", ".h", ".cuh") and f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def extension_name(cuda: bool | None = None) -> str:
-    """The cache name of a build: one per source set and per torch build (an extension is tied to its torch's ABI)."""
+    """The cache name of a build: one per source tree (:func:`source_digest`) and per torch build
+    (an extension is tied to its torch's ABI)."""
     cuda = build_plan().cuda if cuda is None else cuda
     tag = re.sub(r"\W", "_", torch.__version__)
-    return f"rvclora_C_{'cuda' if cuda else 'cpu'}_torch{tag}"
+    return f"rvclora_C_{'cuda' if cuda else 'cpu'}_torch{tag}_{source_digest()}"
 
 
 def _ops_registered() -> bool:
