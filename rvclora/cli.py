@@ -279,7 +279,7 @@ def _info_autoselect() -> None:
 
     rows = autoselect.decisions()
     selector = autoselect.get_selector()
-    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+    print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
           f"decisions cached in {selector.path or 'memory only'}: {len(rows)}")
     if selector.cache_problem:
         print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
