@@ -191,3 +191,15 @@ def test_factors_a_file_only_declares_are_never_allocated(files, monkeypatch) ->
     path = _adapter(files, "partial", weights=w, metadata=None)
     with pytest.raises(ValueError, match=r"select 'resblocks\.0\.convs1\.0', which the file has no lora_A"):
         load_lora_checkpoint(build_generator(CFG, seed=0), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex64])
+def test_tensor_dtypes_outside_the_float_family_are_refused(files, capsys, dtype) -> None:
+    w = dict(files["good"]["weights"])
+    key = next(iter(w))
+    w[key] = w[key].to(dtype)
+    path = _adapter(files, "dtype", weights=w)
+    with pytest.raises(ValueError, match=r"dtype\.pth.*dtype (float8_e4m3fn|complex64)"):
+        read_lora_file(path)
+    assert main(["info", str(path)]) == 1
+    assert "dtype.pth" in capsys.readouterr().err
