@@ -7,7 +7,10 @@ kernel, dilation, input length at 32 frames), one training step of that layer al
 backward, the input needs a gradient, only the LoRA factors train) is timed against the same layer of
 the frozen base with weight_norm folded, interleaved round by round; the overhead is the difference
 of the medians. Each row is weighted by how many layers share the shape, and the sum is set against
-the sum of the base layers' times, with the flop floor of docs/maths.md per row. The rows' sum leaves
+the sum of the base layers' times, with the flop floor of docs/maths.md per row and the roofline floor
+``roof = max(extra flops / conv rate, extra bytes / bandwidth) / (base flops / conv rate)`` (rates
+measured here first, by ``harness.machine_rates``); ``/roof`` is the overhead (a fraction of the base
+layer's time) ÷ roof. The rows' sum leaves
 out what is not a layer (activations, the source module, residual adds), so it reads higher than the
 whole-model overhead of ``pytest bench/``; it shows which layers carry the cost.
 """
@@ -22,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 from compare_backends import generator_pair
-from harness import layer_floor
+from harness import layer_floor, machine_rates, roofline_floor
 
 from rvclora import lora_modules
 from rvclora.ops import set_backend
@@ -45,10 +48,12 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
         kind = "ConvT" if isinstance(bm, nn.ConvTranspose1d) else "Conv1d"
         groups[(kind, bm.in_channels, bm.out_channels, bm.kernel_size[0], bm.dilation[0], shapes[n][-1])].append(n)
 
+    rates = machine_rates()
     print(f"40k generator layers, batch {batch}, r={r}, {torch.get_num_threads()} threads, {rounds} rounds; "
-          "ms per step of one layer, overhead over the frozen folded base layer")
-    head = f"{'kind':<7}{'in':>5}{'out':>5}{'k':>4}{'dil':>4}{'T':>7}{'n':>4}{'base':>9}{'floor':>8}"
-    print(head + "".join(f"{be:>18}" for be in backends))
+          "ms per step of one layer (median), overhead over the frozen folded base layer; "
+          f"conv {rates['conv_gflops']:.0f} GFLOP/s, triad {rates['triad_gbs']:.0f} GB/s")
+    head = f"{'kind':<7}{'in':>5}{'out':>5}{'k':>4}{'dil':>4}{'T':>7}{'n':>4}{'base':>9}{'floor':>8}{'roof':>8}"
+    print(head + "".join(f"{be + ' (/roof)':>26}" for be in backends))
     total = collections.Counter()
     for key, names in sorted(groups.items(), key=lambda kv: -kv[0][5]):
         bm, lm = base.get_submodule(names[0]), lora.get_submodule(names[0])
@@ -75,18 +80,21 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
         floor = layer_floor(bm, r)
+        roof = roofline_floor(bm, xi.shape, r, rates)
         line = f"{key[0]:<7}{key[1]:>5}{key[2]:>5}{key[3]:>4}{key[4]:>4}{key[5]:>7}{len(names):>4}"
-        line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%"
+        line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%{roof * 100:>7.1f}%"
         for be in backends:
             over = med[be] - med["base"]
             total[be] += over * len(names)
-            line += f"{over:>+9.3f} ({over / med['base'] * 100:>4.0f}%)"
+            line += f"{over:>+9.3f} ({over / med['base'] * 100:>4.0f}%) {over / med['base'] / roof:>5.1f}x"
         total["base"] += med["base"] * len(names)
         total["floor"] += floor * med["base"] * len(names)
+        total["roof"] += roof * med["base"] * len(names)
         print(line, flush=True)
     set_backend(None)
     print(f"sum of the layers: base {total['base']:.1f} ms, floor +{total['floor']:.1f} ms "
-          f"({total['floor'] / total['base'] * 100:.1f} %); "
+          f"({total['floor'] / total['base'] * 100:.1f} %), roof +{total['roof']:.1f} ms "
+          f"({total['roof'] / total['base'] * 100:.1f} %); "
           + "; ".join(f"{be} +{total[be]:.1f} ms ({total[be] / total['base'] * 100:.1f} %)" for be in backends))
 
 

@@ -36,6 +36,90 @@ def layer_floor(m: nn.Module, r: int) -> float:
 
 
 
+def lora_extra(m: nn.Module, in_shape: Sequence[int], r: int, itemsize: int = 4) -> tuple[float, float]:
+    """``(flops, bytes)`` LoRA adds to one training step of layer ``m`` on an input of ``in_shape``
+    (docs/maths.md, "The roofline floor"): the four rank-r passes, and the traffic of the fused
+    design (``u`` written and read back, ``x`` read once more for ``grad_A``)."""
+    n, t = int(in_shape[0]) if len(in_shape) > 1 else 1, int(in_shape[-1])
+    if isinstance(m, nn.ConvTranspose1d):
+        cin, cout, k, g = m.in_channels, m.out_channels, m.kernel_size[0], m.groups
+        flops = 2.0 * n * t * r * (2 * cin / g + 2 * cout * k / g)
+        return flops, float(itemsize * (2 * n * r * t + n * cin * t))
+    if isinstance(m, nn.Conv1d):
+        cin, cout, k, g = m.in_channels, m.out_channels, m.kernel_size[0], m.groups
+        pad = m.padding[0] * 2 if isinstance(m.padding, tuple) else 0
+        t_out = (t + pad - m.dilation[0] * (k - 1) - 1) // m.stride[0] + 1
+        flops = 2.0 * n * t_out * r * (2 * cin * k / g + 2 * cout / g)
+        return flops, float(itemsize * (2 * n * r * t_out + n * cin * t))
+    rows = 1
+    for d in in_shape[:-1]:
+        rows *= int(d)
+    flops = 2.0 * rows * r * (2 * m.in_features + 2 * m.out_features)
+    return flops, float(itemsize * (2 * rows * r + rows * m.in_features))
+
+
+_RATES: dict[str, float] = {}
+
+
+def machine_rates(threads: int | None = None) -> dict[str, float]:
+    """This machine's base-convolution rate (GFLOP/s: a 128-channel k=3 Conv1d over 3200 samples,
+    forward and input gradient, the best of 15) and memory bandwidth (GB/s: a triad ``a = b + s·c``
+    over three 16 MiB arrays, more than a core's caches, counting 3 × 16 MiB per triad, the best of 15).
+    The best, not the median: the floor is what the machine can do. Measured once per process."""
+    key = f"threads={threads or torch.get_num_threads()}"
+    if key in _RATES:
+        return {"conv_gflops": _RATES[key], "triad_gbs": _RATES[key + "bw"]}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, 3200, generator=gen, requires_grad=True)
+    w = torch.randn(128, 128, 3, generator=gen) / 20
+    gy = torch.randn(1, 128, 3200, generator=gen)
+    flops = 2 * 2.0 * 128 * 128 * 3 * 3200
+    best = float("inf")
+    for _ in range(15):
+        t0 = time.perf_counter()
+        torch.nn.functional.conv1d(x, w, padding=1).backward(gy)
+        best = min(best, time.perf_counter() - t0)
+    n = 4 * 2**20
+    a, b, c = torch.empty(n), torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    bw = float("inf")
+    for _ in range(15):
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=1.5, out=a)
+        bw = min(bw, time.perf_counter() - t0)
+    _RATES[key], _RATES[key + "bw"] = flops / best / 1e9, 3 * 4 * n / bw / 1e9
+    return {"conv_gflops": _RATES[key], "triad_gbs": _RATES[key + "bw"]}
+
+
+def roofline_s(flops: float, nbytes: float, rates: dict[str, float]) -> float:
+    """``max(extra flops / conv rate, extra bytes / bandwidth)`` in seconds."""
+    return max(flops / (rates["conv_gflops"] * 1e9), nbytes / (rates["triad_gbs"] * 1e9))
+
+
+def base_step_flops(m: nn.Module, in_shape: Sequence[int]) -> float:
+    """Flops of the frozen layer's training step (forward + input gradient: two base-sized ops)."""
+    n, t = int(in_shape[0]) if len(in_shape) > 1 else 1, int(in_shape[-1])
+    if isinstance(m, nn.ConvTranspose1d):
+        return 2 * 2.0 * n * t * m.in_channels * (m.out_channels // m.groups) * m.kernel_size[0]
+    if isinstance(m, nn.Conv1d):
+        k = m.kernel_size[0]
+        pad = m.padding[0] * 2 if isinstance(m.padding, tuple) else 0
+        t_out = (t + pad - m.dilation[0] * (k - 1) - 1) // m.stride[0] + 1
+        return 2 * 2.0 * n * t_out * m.out_channels * (m.in_channels // m.groups) * k
+    rows = 1
+    for d in in_shape[:-1]:
+        rows *= int(d)
+    return 2 * 2.0 * rows * m.in_features * m.out_features
+
+
+def roofline_floor(m: nn.Module, in_shape: Sequence[int], r: int, rates: dict[str, float]) -> float:
+    """The roofline floor as a fraction of the frozen step, both at this machine's rates:
+    ``max(extra flops / conv rate, extra bytes / bandwidth) / (base flops / conv rate)``. It is the
+    flop floor where the LoRA passes are compute-bound, more where they are bandwidth-bound, and
+    does not move with the load on a shared machine (docs/maths.md)."""
+    base_s = base_step_flops(m, in_shape) / (rates["conv_gflops"] * 1e9)
+    return roofline_s(*lora_extra(m, in_shape, r), rates) / base_s
+
+
 def _available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

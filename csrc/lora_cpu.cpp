@@ -42,6 +42,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "lora_cpu_simd.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -1089,6 +1091,17 @@ void add_conv1d_lora_grad_x(T* gx, const T* gu, const T* A, const C1Geom& g, con
 
 // --------------------------------------------------------------------------- Conv1d ops
 
+// The hand-vectorised thin passes (csrc/lora_cpu_simd.cpp) run float32 calls with groups 1,
+// stride 1, zero (or no) padding and no dropout, on a CPU with AVX2+FMA or AVX-512.
+bool simd_conv1d(const Tensor& x, const C1Geom& g, double dropout_p) {
+  return x.scalar_type() == at::kFloat && dropout_p == 0.0 && g.G == 1 && conv1d_views(g) &&
+         rvclora_cpu_simd::isa() > 0 && g.N * g.Tout > 0;
+}
+
+rvclora_cpu_simd::Dims simd_dims(const C1Geom& g) {
+  return {g.N, g.Cin, g.T, g.Cout, g.K, g.r, g.padl, g.dil, g.Tout};
+}
+
 std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                       const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,
                                       at::IntArrayRef padding, int64_t dilation, int64_t groups,
@@ -1099,6 +1112,18 @@ std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, con
   const Tensor A = factor(lora_A, x), B = factor(lora_B, x);
   const Tensor xc = x.contiguous();
   auto [xp, cpad] = conv1d_input(xc, g);
+  if (simd_conv1d(x, g, dropout_p)) {
+    // y by the convolution library (merged weight where the weight is no larger than y), u by the
+    // SIMD kernel in one sweep over x.
+    const bool merged = weight.numel() <= g.N * g.Cout * g.Tout;
+    const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
+    Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
+    Tensor u = at::empty({g.N, g.r, g.Tout}, x.options());
+    rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(), u.mutable_data_ptr<float>(),
+                               simd_dims(g));
+    if (!merged) y.baddbmm_(B.unsqueeze(0).expand({g.N, g.Cout, g.r}), u, 1.0, scaling);
+    return {y, u};
+  }
   // BLAS path: merge only when the weight is no larger than y (merging costs a pass over the
   // weight, the separate LoRA term a pass over y); the loops always merge without dropout.
   const bool blas = blas_for(x, c1_largest(g));
@@ -1143,8 +1168,10 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
               at::IntArrayRef({g.N, g.Cout, g.Tout}), ", got ", grad_y.sizes());
   // BLAS path: the unmerged input gradient (a thin pass over grad_x) when the weight is larger
   // than x and the taps are views; the loops always merge without dropout.
+  const bool simd = simd_conv1d(x, g, dropout_p);
   const bool blas = blas_for(x, c1_largest(g));
-  const bool merged = dropout_p == 0.0 && (!blas || !conv1d_views(g) || weight.numel() <= x.numel());
+  // the SIMD path always merges: it computes g_u block by block, never all of it for grad_x
+  const bool merged = dropout_p == 0.0 && (simd || !blas || !conv1d_views(g) || weight.numel() <= x.numel());
   Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
   if (need_x || need_w || need_b) {
     auto [xp, cpad] = conv1d_input(xc, g);
@@ -1159,7 +1186,14 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
     if (need_b) gbias = gbias_;
   }
   const bool lora_x = need_x && !merged;
-  if (need_A || need_B || lora_x) {
+  if (simd && (need_A || need_B)) {
+    if (need_A) gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
+    if (need_B) gB_ = at::empty({g.Cout, g.rg}, x.options());
+    rvclora_cpu_simd::conv1d_bwd(gy.const_data_ptr<float>(), xc.const_data_ptr<float>(), uc.const_data_ptr<float>(),
+                                 B.const_data_ptr<float>(), static_cast<float>(scaling),
+                                 need_A ? gA_.mutable_data_ptr<float>() : nullptr,
+                                 need_B ? gB_.mutable_data_ptr<float>() : nullptr, simd_dims(g));
+  } else if (need_A || need_B || lora_x) {
     Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {
       if (blas) {
@@ -1413,7 +1447,17 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 }
 
 // What runs the thin passes here (shown by `rvclora info`).
+std::string cpu_info_blas();
+
 std::string cpu_info() {
+  const std::string simd = rvclora_cpu_simd::isa() > 0
+                               ? std::string("Conv1d float32 thin passes: ") + rvclora_cpu_simd::isa_name() +
+                                     " kernels; other "
+                               : std::string("");
+  return simd + cpu_info_blas();
+}
+
+std::string cpu_info_blas() {
   if (blas_switched_off()) return "thin LoRA passes: hand-written loops (RVCLORA_CPU_BLAS=0)";
   if (!blas_present<float>() || !blas_present<double>())
     return "thin LoRA passes: hand-written loops (this torch exports no sgemm_/dgemm_)";

@@ -38,6 +38,7 @@ from .io import (
     RVCLoRAWarning,
     atomic_write,
     check_output_path,
+    check_torch_archive,
     describe_format,
     detect_format,
     first_nonfinite,
@@ -452,9 +453,13 @@ def save_lora_checkpoint(
 def _read_safetensors(path: str) -> dict[str, Any]:
     from safetensors import safe_open
 
+    from .validate import MAX_TENSORS
+
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
+        if len(keys) > MAX_TENSORS:
+            raise ValueError(f"it holds {len(keys)} tensors; an adapter holds at most {MAX_TENSORS} (MAX_TENSORS)")
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith(_OPT_PREFIX)}
         opt, opt_error = None, None
         if "optimizer" in meta:
@@ -477,6 +482,8 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 
 
 def _read_torch(path: str) -> dict[str, Any]:
+    if detect_format(path) == "torch-zip":
+        check_torch_archive(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             raw = torch.load(f, map_location="cpu", weights_only=True)
@@ -572,6 +579,62 @@ def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | No
                       f"{short_fingerprint(base_fp)}), used anyway (force)", RVCLoRAWarning, stacklevel=stacklevel)
 
 
+def check_fits_before_injecting(where: str, model: nn.Module, config: LoRAConfig, weights: dict[str, Tensor]) -> None:
+    """The file's factors must be exactly those injecting ``config`` into ``model`` creates, checked before it does.
+
+    Raises ``ValueError`` (prefixed with ``where`` unless it is empty) naming the first layer the
+    config selects that the file has no, or other-shaped, factors for: injecting first would
+    allocate what the file only declares (a few KB declaring a rank of 8192 for every layer).
+    """
+    from .inject import planned_lora_shapes
+
+    prefix = f"{where}: " if where else ""
+    try:
+        planned = planned_lora_shapes(model, config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}{e}") from None
+    for name, shapes in planned.items():
+        for leaf, shape in zip(_FACTORS, shapes):
+            t = weights.get(f"{name}.{leaf}")
+            if t is None:
+                raise ValueError(f"{prefix}the config's target_modules select {name!r}, which the file has no {leaf} "
+                                 "for (is it for this model?)")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{prefix}{name + '.' + leaf!r} has shape {tuple(t.shape)}, the model's layer needs "
+                                 f"{shape} (different rank or layer size?)")
+
+
+def _undo_injection(model: nn.Module):
+    """A function that puts ``model`` back as it is now, after an :func:`rvclora.inject_lora` of it.
+
+    Injection replaces layers (the originals are left untouched), sets requires_grad and the
+    ``rvclora_*`` attributes; the function reverts exactly those.
+    """
+    modules = list(model.named_modules(remove_duplicate=False))
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    missing = object()
+    attrs = {a: model.__dict__.get(a, missing)
+             for a in ("rvclora_config", "rvclora_base_fingerprint", "rvclora_base_fingerprints")}
+
+    def undo() -> None:
+        for name, original in modules:
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if parent._modules.get(child) is not original:
+                setattr(parent, child, original)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for a, value in attrs.items():
+            if value is missing:
+                model.__dict__.pop(a, None)
+            else:
+                model.__dict__[a] = value
+
+    return undo
+
+
 def _model_fingerprint(model: nn.Module, adapter_fp: str | None) -> str | None:
     """The fingerprint ``inject_lora`` recorded for ``model``, in the scope of the adapter's (decoder or synth)."""
     recorded = getattr(model, "rvclora_base_fingerprint", None)
@@ -595,38 +658,54 @@ def load_lora_checkpoint(
     on this model's base (its fingerprint), unless ``force``. Layers or shapes that don't
     match raise an error naming the first mismatching key. ``optimizer_state`` is ``None``
     unless ``load_optimizer`` is set (and the file has one); a damaged optimizer section then
-    raises, while ``load_optimizer=False`` still loads the weights.
+    raises, while ``load_optimizer=False`` still loads the weights. A load that raises leaves
+    ``model`` exactly as it was (a model it injected is un-injected again).
     """
     from .inject import inject_lora
 
     data = read_lora_file(path)
     where = f"adapter {os.fspath(path)!r}"
     cfg: LoRAConfig = data["config"]
+    if load_optimizer and data["optimizer_error"] is not None:
+        raise ValueError(f"{where}: the optimizer state is damaged ({data['optimizer_error']}); the adapter "
+                         "weights are fine: load with load_optimizer=False")
     layers = [(n, m) for n, m in lora_modules(model)]
+    undo = None
     if not layers:
+        check_fits_before_injecting(where, model, cfg, data["weights"])
+        undo = _undo_injection(model)
         inject_lora(model, cfg)
         layers = list(lora_modules(model))
-    owners = {k.rpartition(".")[0] for k in data["weights"] if k.rpartition(".")[2] in _FACTORS}
-    for name, m in layers:
-        if name in owners and (m.r != cfg.r or m.lora_alpha != cfg.lora_alpha):
-            raise ValueError(f"{where}: the file has r={cfg.r}, lora_alpha={cfg.lora_alpha:g}, but the model's layer "
-                             f"{name!r} was injected with r={m.r}, lora_alpha={m.lora_alpha:g}; inject with the "
-                             "file's config (rvclora.read_lora_config)")
-    model_cfg = getattr(model, "rvclora_config", None)
-    if isinstance(model_cfg, LoRAConfig) and model_cfg.bias != cfg.bias:
-        raise ValueError(f"{where}: the file has bias={cfg.bias!r}, the model was injected with "
-                         f"bias={model_cfg.bias!r}; inject with the file's config (rvclora.read_lora_config)")
     try:
-        _validate_lora_weights(model, data["weights"], strict=True)
-    except (KeyError, TypeError, ValueError) as e:
-        msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
-        raise type(e)(f"{where}: {msg}") from None
-    check_base_fingerprint(where, data["base_fingerprint"], _model_fingerprint(model, data["base_fingerprint"]), force)
-    load_lora_weights(model, data["weights"], strict=True)
-    opt = None
-    if load_optimizer:
-        if data["optimizer_error"] is not None:
-            raise ValueError(f"{where}: the optimizer state is damaged ({data['optimizer_error']}); the adapter "
-                             "weights are fine: load with load_optimizer=False")
-        opt = data["optimizer"]
+        owners = {k.rpartition(".")[0] for k in data["weights"] if k.rpartition(".")[2] in _FACTORS}
+        for name, m in layers:
+            if name in owners and (m.r != cfg.r or m.lora_alpha != cfg.lora_alpha):
+                raise ValueError(f"{where}: the file has r={cfg.r}, lora_alpha={cfg.lora_alpha:g}, but the model's "
+                                 f"layer {name!r} was injected with r={m.r}, lora_alpha={m.lora_alpha:g}; inject with "
+                                 "the file's config (rvclora.read_lora_config)")
+        model_cfg = getattr(model, "rvclora_config", None)
+        if isinstance(model_cfg, LoRAConfig) and model_cfg.bias != cfg.bias:
+            raise ValueError(f"{where}: the file has bias={cfg.bias!r}, the model was injected with "
+                             f"bias={model_cfg.bias!r}; inject with the file's config (rvclora.read_lora_config)")
+        try:
+            _validate_lora_weights(model, data["weights"], strict=True)
+        except (KeyError, TypeError, ValueError) as e:
+            msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
+            raise type(e)(f"{where}: {msg}") from None
+        check_base_fingerprint(where, data["base_fingerprint"], _model_fingerprint(model, data["base_fingerprint"]),
+                               force)
+        params = {**dict(model.named_parameters()), **saved_parameters(model)}
+        before = {k: params[k].detach().clone() for k in data["weights"] if k in params}
+        try:
+            load_lora_weights(model, data["weights"], strict=True)
+        except BaseException:
+            with torch.no_grad():
+                for k, v in before.items():
+                    params[k].copy_(v)
+            raise
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+    opt = data["optimizer"] if load_optimizer else None
     return model, opt, data["epoch"], cfg

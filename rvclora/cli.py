@@ -1,6 +1,7 @@
 """The ``rvclora`` command: ``demo``, ``merge``, ``mix``, ``info``.
 
-Errors print one line on stderr (``rvclora: error: …``) and exit with status 1; usage errors
+Errors print one line on stderr (``rvclora: error: …``) and exit with status 1, whatever
+raised them (``RVCLORA_TRACEBACK=1`` shows the traceback of an unexpected one); usage errors
 are argparse's (status 2). rvclora's own warnings print one line each (``rvclora: warning:
 …``); other libraries' warnings are kept out of the output. A closed output pipe (``… |
 head``) ends the command quietly with status 141, as a shell tool killed by SIGPIPE would.
@@ -198,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = " ".join(str(msg).split()) or type(e).__name__
             print(f"rvclora: error: {msg}", file=sys.stderr)
             return 1
+        except Exception as e:  # noqa: BLE001 -- a library's own exception type: still one line, never a traceback
+            if os.environ.get("RVCLORA_TRACEBACK"):
+                raise
+            msg = " ".join(str(e).split())[:500] or "(no message)"
+            print(f"rvclora: error: {type(e).__name__}: {msg} (RVCLORA_TRACEBACK=1 shows where)", file=sys.stderr)
+            return 1
 
 
 def _closed_pipe() -> int:
@@ -218,7 +225,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return _info_backends()
     path = args.file
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FILE {path!r} does not exist")
+        raise _not_a_file("FILE", path)
     from .checkpoint import read_lora_file
     from .rvc_files import AdapterFileError, load_rvc_file
 
@@ -226,6 +233,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return _info_rvc(load_rvc_file(path))
     except AdapterFileError:
         return _info_adapter(path, read_lora_file(path))
+
+
+def _not_a_file(what: str, path: str) -> OSError:
+    """Why ``path`` cannot be read as a file, in one line: missing, a directory, or another kind of file."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            return FileNotFoundError(f"{what} {path!r} is a dangling symbolic link")
+        return FileNotFoundError(f"{what} {path!r} does not exist")
+    except OSError as e:
+        return OSError(f"{what} {path!r} cannot be read: {e.strerror}")
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(f"{what} {path!r} is a directory; expected an adapter or RVC model file")
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return OSError(f"{what} {path!r} is {kind}, not a regular file; expected an adapter or RVC model file")
 
 
 def _report_nonfinite(tensors: dict[str, Tensor]) -> int:
@@ -262,8 +288,11 @@ def _info_autoselect() -> None:
     from .ops import autoselect
 
     rows = autoselect.decisions()
-    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
-          f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
+    selector = autoselect.get_selector()
+    print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+          f"decisions cached in {selector.path or 'memory only'}: {len(rows)}")
+    if selector.cache_problem:
+        print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
         failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))

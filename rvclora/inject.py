@@ -15,6 +15,7 @@ from .targets import target_matches
 __all__ = [
     "inject_lora",
     "lora_modules",
+    "planned_lora_shapes",
     "mark_only_lora_as_trainable",
     "get_lora_parameters",
     "count_lora_parameters",
@@ -48,6 +49,98 @@ def _base_kind(module: nn.Module) -> type | None:
     return None
 
 
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """DDP/DP/FSDP register the parameters they see when they wrap: factors added later are not synchronised."""
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if kind in _WRAPPERS and type(m).__module__.startswith("torch."):
+            where = "the model" if not name else f"module {name!r}"
+            raise ValueError(f"inject_lora: {where} is wrapped in {kind}, which registered its parameters when it "
+                             "wrapped them: the new LoRA factors would not be synchronised and the ranks would drift "
+                             "apart; inject into the bare model first, then wrap it")
+
+
+def _weight_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a layer's effective weight is made of (plain, legacy or parametrized weight_norm)."""
+    out = {}
+    for key in ("weight", "weight_g", "weight_v"):
+        t = module._parameters.get(key)
+        if t is not None:
+            out[key] = t
+    params = getattr(module, "parametrizations", None)
+    if params is not None and "weight" in params:
+        for key, t in params["weight"].named_parameters():
+            out[f"parametrizations.weight.{key}"] = t
+    return out
+
+
+def _extent(t: torch.Tensor) -> tuple | None:
+    """``(device, first byte, end byte)`` of the memory ``t`` reads; ``None`` where there is none (meta)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+    return (t.device.type, t.device.index), start, start + span * t.element_size()
+
+
+def _check_no_shared_weights(model: nn.Module, chosen: list[tuple[str, nn.Module, type]]) -> None:
+    """Refuse a targeted layer whose weight is shared with (or overlaps) another module's parameter.
+
+    Merging adds ΔW to the weight in place: a tied partner would silently change with it (or two
+    targeted partners would get both updates on one tensor).
+    """
+    params: list[tuple[str, tuple]] = []
+    for name, module in model.named_modules():
+        for key, t in module._parameters.items():
+            ext = None if t is None else _extent(t)
+            if ext is not None:
+                params.append((f"{name}.{key}" if name else key, ext))
+    for name, module, _ in chosen:
+        for key, t in _weight_tensors(module).items():
+            mine = f"{name}.{key}"
+            ext = _extent(t)
+            if ext is None:
+                continue
+            dev, lo, hi = ext
+            others = [o for o, (d, a, b) in params if d == dev and a < hi and lo < b and o != mine]
+            if others:
+                raise ValueError(
+                    f"inject_lora: {mine!r} shares its memory with {others[0]!r} (tied weights); merging would add "
+                    "the update to both (or both updates to one tensor). Untie them (give one a copy: "
+                    "nn.Parameter(w.detach().clone())) or leave one out of target_modules")
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each module is registered (a module assigned twice has two)."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    return names
+
+
+def planned_lora_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{layer: (lora_A shape, lora_B shape)}`` that :func:`inject_lora` would create, without creating them.
+
+    Readers compare a file's factors with these before injecting, so a file never makes
+    rvclora allocate factors it does not hold (a few KB declaring a rank of 8192 for every layer).
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LoRALayer):
+            continue
+        base = _base_kind(module)
+        if base is not None and any(target_matches(t, name) for t in config.target_modules):
+            shape_a, shape_b = _LORA_CLASS[base]._lora_shapes(module, config.r)
+            out[name] = (tuple(shape_a), tuple(shape_b))
+    return out
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) -> nn.Module:
     """Replace every matching Linear / Conv1d / ConvTranspose1d of ``model`` in place.
 
@@ -64,6 +157,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"inject_lora: config must be a LoRAConfig, got {type(config).__name__}")
     config.validate()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject_lora: model must be an nn.Module, got {type(model).__name__}")
+    _check_not_wrapped(model)
     injected = [name for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     if injected or isinstance(getattr(model, "rvclora_config", None), LoRAConfig):
         raise ValueError(
@@ -88,6 +184,15 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
             f"inject_lora: target_modules={config.target_modules} match no Linear/Conv1d/ConvTranspose1d "
             f"module; adaptable modules are: {sample or 'none'}"
         )
+    aliases = _aliases(model)
+    for name, module, _ in chosen:
+        names = aliases[id(module)]
+        unselected = [n for n in names if not any(target_matches(t, n) for t in config.target_modules)]
+        if len(names) > 1 and unselected:
+            raise ValueError(f"inject_lora: the module {name!r} is also registered as {unselected[0]!r}, which "
+                             f"target_modules {config.target_modules} do not select; one module is one layer: "
+                             "select all of its names or none")
+    _check_no_shared_weights(model, chosen)
     saved = saved_module_names(model, config.modules_to_save, where="inject_lora")
     for name, _, _ in chosen:
         for s_name in saved:
@@ -107,14 +212,17 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     else:
         fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
         fingerprint = fingerprints[scope]
-    for name, module, base in chosen:
-        new = _LORA_CLASS[base].from_base(
-            module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            merge_weights=config.merge_weights,
-        )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+    # every new layer is built before any is put in place: a refusal leaves the model as it was
+    new_layers = [
+        (module, _LORA_CLASS[base].from_base(module, r=config.r, lora_alpha=config.lora_alpha,
+                                             lora_dropout=config.lora_dropout, merge_weights=config.merge_weights))
+        for _, module, base in chosen
+    ]
+    for module, new in new_layers:
+        for alias in aliases[id(module)]:  # a module registered under several names stays one (LoRA) layer
+            parent_name, _, child = alias.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
     model.rvclora_config = config
     model.rvclora_base_fingerprint = fingerprint
     model.rvclora_base_fingerprints = fingerprints
@@ -264,7 +372,7 @@ def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> OrderedDict[
     raises ``ValueError`` naming the first such key.
     """
     state = model.state_dict()
-    layers = dict(lora_modules(model))
+    layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALayer)}
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")

@@ -138,6 +138,13 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
                                "(a torch.save .pth)")
     if fmt not in ("torch-zip", "pickle"):
         raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
+    if fmt == "torch-zip":
+        from .io import check_torch_archive
+
+        try:
+            check_torch_archive(path)
+        except ValueError as e:
+            raise _fail(path, str(e)) from None
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -516,9 +523,10 @@ def merge_adapter(
     output that is not finite in the dtype it is written in, naming the first key and why (NaN
     or Inf in the adapter, in the base, or an overflow of half). The write is atomic.
     """
-    from .checkpoint import check_base_fingerprint, load_lora_weights, read_lora_file
+    from .checkpoint import check_base_fingerprint, check_fits_before_injecting, load_lora_weights, read_lora_file
     from .fingerprint import base_fingerprint, fingerprint_scope
     from .inject import canonical_saved_key, inject_lora, lora_modules, merged_state_dict
+
     base_path = os.fspath(base_path)
     sources = _adapter_sources(adapter_path)
     if not isinstance(export, bool):
@@ -572,6 +580,7 @@ def merge_adapter(
         dropped = len({k.rpartition(".")[0] for k in enc_q if k.endswith(".lora_A")})
         weights = {k: v for k, v in weights.items() if k not in enc_q}
     try:
+        check_fits_before_injecting("", target, lora_config, weights)
         inject_lora(target, lora_config)
         load_lora_weights(target, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     except (KeyError, ValueError) as e:

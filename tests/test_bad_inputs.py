@@ -214,7 +214,7 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
     # content: an adapter holds only LoRA factors and its bias mode's biases, as floats
     ("content", "base-weight-in-adapter", lambda e: _call(read_lora_file, _adapter_with(
         e, "post", lambda w: w.__setitem__("conv_post.weight", torch.full((1, 32, 7), 7.0)))),
-     ValueError, r"post\.pth' is not a readable .*'conv_post\.weight' is not a LoRA factor or a bias that bias='none'"),
+     ValueError, r"post\.pth' is not a readable .*'conv_post\.weight' is not a LoRA factor, a bias that bias='none'"),
     ("content", "base-weight-merge", lambda e: _merge(e, adapter=_adapter_with(
         e, "post2", lambda w: w.__setitem__("conv_post.weight", torch.full((1, 32, 7), 7.0)))),
      ValueError, r"'conv_post\.weight' is not a LoRA factor"),
@@ -223,7 +223,7 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
      KeyError, r"'1\.weight' is a base weight, not a LoRA factor or bias"),
     ("content", "bias-in-none-mode", lambda e: _call(read_lora_file, _adapter_with(
         e, "bias", lambda w: w.__setitem__("ups.0.bias", torch.zeros(256)))),
-     ValueError, r"'ups\.0\.bias' is not a LoRA factor or a bias that bias='none' trains"),
+     ValueError, r"'ups\.0\.bias' is not a LoRA factor, a bias that bias='none' trains"),
     ("content", "integer-factor-file", lambda e: _call(read_lora_file, _adapter_with(
         e, "int", lambda w: w.__setitem__("ups.0.lora_A", w["ups.0.lora_A"].to(torch.int32)))),
      ValueError, r"'ups\.0\.lora_A' has dtype int32; LoRA factors and biases must be floating point"),

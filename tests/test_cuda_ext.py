@@ -448,6 +448,21 @@ def test_source_sets_and_torch_builds_have_distinct_cache_names(monkeypatch):
     assert cuda_ext.extension_name(False) not in (cpu, cuda)
 
 
+def test_a_changed_source_tree_is_another_cache_entry(tmp_path):
+    """Two trees sharing torch's extension cache (an upgrade, two checkouts) never load each other's build."""
+    src = cuda_ext.source_dir()
+    tree = tmp_path / "csrc"
+    tree.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (tree / f.name).write_bytes(f.read_bytes())
+    same = cuda_ext.source_digest(tree)
+    assert same == cuda_ext.source_digest(src)
+    header = next(f for f in sorted(tree.iterdir()) if f.suffix == ".h")
+    header.write_bytes(header.read_bytes() + b"\n// changed\n")
+    assert cuda_ext.source_digest(tree) != same
+
+
 def test_failed_cuda_build_falls_back_to_the_cpu_sources(ext, monkeypatch):
     """A toolkit that cannot build the CUDA part (wrong version, compile error): CPU part, a warning, a note."""
     built = []

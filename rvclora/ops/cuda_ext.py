@@ -14,7 +14,7 @@ Order of attempts, once per process:
    (setup.py builds it ahead of time, from the same :func:`build_plan`);
 2. ``torch.utils.cpp_extension.load`` with ninja — builds on first use and caches the result in
    torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-   under a name per source set and torch version (:func:`extension_name`), so a CPU-only build,
+   under a name per source set, source contents and torch version (:func:`extension_name`), so a CPU-only build,
    a CUDA build and builds for another torch never share a cache entry. When the CUDA build
    fails (a toolkit that does not match torch, a compile error), the CPU part is built alone and
    the failure becomes the note.
@@ -25,6 +25,12 @@ GPUs'; else, with no GPU visible (a build machine, a container without the devic
 for newer GPUs. torch alone would derive the list from the visible devices and fail with an
 ``IndexError`` when there are none.
 
+torch's builder serialises builds with a ``lock`` file in the build directory and waits for it
+forever; a build killed half-way leaves it behind. Before building, rvclora waits for that file
+at most ``$RVCLORA_BUILD_LOCK_TIMEOUT`` seconds (default 120), then gives up with a message
+naming the directory: the build counts as failed and ``auto`` falls back. (A lock taken and
+abandoned in the instant between that wait and torch's own is not covered.)
+
 A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a warning;
 :func:`load_error` then returns the reason, the ``cuda`` backend reports itself unavailable and
 ``auto`` falls back.
@@ -32,6 +38,7 @@ A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -57,9 +64,9 @@ __all__ = [
     "sources",
 ]
 
-CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp"]
+CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp", "lora_cpu_simd.cpp"]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
-HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h"]
+HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h", "lora_cpu_simd.h", "lora_cpu_simd_body.h"]
 # What the kernels' tiles are sized for and what rvclora.checks.cuda_compile verifies.
 CUDA_ARCHS = ("8.0", "9.0")
 # One op the CPU sources define: its registration tells whether the library is loaded.
@@ -164,11 +171,29 @@ def sources(cuda: bool | None = None) -> list[str]:
     return CPU_SOURCES + (CUDA_SOURCES if cuda else [])
 
 
+def source_digest(src: Path | None = None) -> str:
+    """A short hash of every C++/CUDA source and header in ``csrc/``: a changed tree is another build.
+
+    torch's own check (ninja's timestamps against one ``build.ninja`` per name) does not tell two
+    trees apart that share the cache (an upgrade beside an old install, two checkouts): without the
+    digest one of them could load the other's library.
+    """
+    src = source_dir() if src is None else src
+    if src is None:
+        return "nosrc"
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        if f.suffix in (".cpp", ".cu", ".h", ".cuh") and f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def extension_name(cuda: bool | None = None) -> str:
-    """The cache name of a build: one per source set and per torch build (an extension is tied to its torch's ABI)."""
+    """The cache name of a build: one per source tree (:func:`source_digest`) and per torch build
+    (an extension is tied to its torch's ABI)."""
     cuda = build_plan().cuda if cuda is None else cuda
     tag = re.sub(r"\W", "_", torch.__version__)
-    return f"rvclora_C_{'cuda' if cuda else 'cpu'}_torch{tag}"
+    return f"rvclora_C_{'cuda' if cuda else 'cpu'}_torch{tag}_{source_digest()}"
 
 
 def _ops_registered() -> bool:
@@ -193,9 +218,52 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {' | '.join(lines[-3:]) if lines else type(e).__name__}"
 
 
+#: Seconds to wait for another build's lock file before giving up (``$RVCLORA_BUILD_LOCK_TIMEOUT``).
+BUILD_LOCK_TIMEOUT = 120.0
+
+
+def build_lock_timeout() -> float:
+    """``$RVCLORA_BUILD_LOCK_TIMEOUT`` in seconds (>= 0), else :data:`BUILD_LOCK_TIMEOUT`."""
+    text = os.environ.get("RVCLORA_BUILD_LOCK_TIMEOUT", "").strip()
+    if not text:
+        return BUILD_LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        warnings.warn(f"rvclora: RVCLORA_BUILD_LOCK_TIMEOUT={text!r} is not a number of seconds >= 0; using "
+                      f"{BUILD_LOCK_TIMEOUT:g}", RuntimeWarning, stacklevel=2)
+        return BUILD_LOCK_TIMEOUT
+    return value
+
+
+def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
+    """Wait until ``build_dir`` holds no ``lock`` file; ``TimeoutError`` naming it after ``timeout`` seconds.
+
+    torch's builder waits on that file forever, and a build killed half-way leaves it behind:
+    the first LoRA forward (and ``rvclora info``) would hang without a word.
+    """
+    import time
+
+    timeout = build_lock_timeout() if timeout is None else timeout
+    lock = os.path.join(build_dir, "lock")
+    deadline = time.monotonic() + timeout
+    while os.path.exists(lock):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the extension build directory {build_dir} is locked ({lock} has existed for "
+                               f"{timeout:g} s; a build killed half-way leaves it: delete it if no build is running, "
+                               "RVCLORA_BUILD_LOCK_TIMEOUT sets the wait)")
+        time.sleep(0.05)
+
+
 def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import load
 
+    get_dir = getattr(cpp_extension, "_get_build_directory", None)
+    if get_dir is not None:  # torch's own rule for where the build (and its lock) lives
+        wait_for_build_lock(get_dir(extension_name(cuda), False))
     load(
         name=extension_name(cuda),
         sources=[str(src / f) for f in sources(cuda)],

@@ -1,0 +1,35 @@
+// Hand-vectorised thin LoRA passes of the `cpu` backend's Conv1d (float32), shared by
+// csrc/lora_cpu.cpp (the ops) and csrc/lora_cpu_simd.cpp (the kernels, compiled for AVX-512 and
+// for AVX2+FMA and picked at run time; see that file).
+//
+// Why: at rank 8 the library calls (oneDNN's 8-channel convolution, MKL's 8-row GEMMs) run these
+// passes at 35-70 GFLOP/s, far below the base convolution's rate, and each is a separate sweep
+// over an activation. Here each pass is a register-blocked microkernel over time tiles that stay
+// in cache: one sweep over x for u, and one sweep per tile over g that gives g_u, grad_B and
+// grad_A while the tile of g, u, g_u and x is in L1/L2.
+#pragma once
+
+#include <cstdint>
+
+namespace rvclora_cpu_simd {
+
+// The geometry the kernels run: groups 1, stride 1, zero padding `padl` on the left (the right
+// padding is implied by Tout), no dropout. Tensors are contiguous: x (N, Cin, T), u (N, r, Tout),
+// g (N, Cout, Tout), A (r, Cin·K) with (channel, tap) row-major, B (Cout, r).
+struct Dims {
+  int64_t N, Cin, T, Cout, K, r, padl, dil, Tout;
+};
+
+// 2 = AVX-512 (F, BW, DQ, VL), 1 = AVX2 + FMA, 0 = neither (the kernels are not used).
+int isa();
+const char* isa_name();
+
+// u = conv1d(x, A): all of u.
+void conv1d_u(const float* x, const float* A, float* u, const Dims& d);
+
+// The backward's thin passes: gA (r, Cin·K) = Σ_t g_u ⊗ x_tap with g_u = s·Bᵀg, and
+// gB (Cout, r) = s·Σ_t g uᵀ. Either output may be null (not needed). Written, not accumulated.
+void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
+                const Dims& d);
+
+}  // namespace rvclora_cpu_simd

@@ -1,0 +1,177 @@
+// The body of the thin-pass kernels (see lora_cpu_simd.h), included by csrc/lora_cpu_simd.cpp once per
+// instruction set, inside a `#pragma GCC target` region and a namespace that defines:
+//   V       the vector traits: v, W (lanes), zero, load, load_win (lanes outside [0, lim) read 0),
+//           store, store_n (the first n lanes), set1, fma, hsum
+//   RBM, NV rows × vectors of the forward microkernel's register tile
+//   RRB, QB rows × columns of the reduction microkernel's register tile
+// Nothing here is meant to be included anywhere else (no include guard on purpose).
+
+// out[rb][0 .. nvalid) = Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0 outside [0, Tx))
+template <int RB, bool IN>
+inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K,
+                                                      int64_t dil, int64_t off, const float* w, int64_t ldw, float* out,
+                                                      int64_t ldo, int64_t t, int64_t nvalid) {
+  typename V::v acc[RB][NV];
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[rb][v] = V::zero();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xr = x + c * ldx;
+    const float* wc = w + c * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t pos = t + k * dil + off;
+      typename V::v xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = IN ? V::load(xr + pos + v * V::W) : V::load_win(xr, pos + v * V::W, Tx);
+#pragma GCC unroll 8
+      for (int rb = 0; rb < RB; ++rb) {
+        const typename V::v b = V::set1(wc[rb * ldw + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[rb][v] = V::fma(b, xv[v], acc[rb][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = nvalid - v * V::W;
+      if (n >= V::W)
+        V::store(out + rb * ldo + v * V::W, acc[rb][v]);
+      else if (n > 0)
+        V::store_n(out + rb * ldo + v * V::W, acc[rb][v], static_cast<int>(n));
+    }
+}
+
+template <int RB, bool IN>
+inline __attribute__((always_inline)) void thin_tail(int64_t rem, const float* x, int64_t ldx, int64_t Tx, int64_t C,
+                                                     int64_t K, int64_t dil, int64_t off, const float* w, int64_t ldw,
+                                                     float* out, int64_t ldo, int64_t t, int64_t nvalid) {
+  if constexpr (RB > 0) {
+    if (rem == RB)
+      thin_micro<RB, IN>(x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+    else
+      thin_tail<RB - 1, IN>(rem, x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+  }
+}
+
+// All R rows of out over time [t0, t1): out[row][t - t0] for t in [t0, t1).
+inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K, int64_t dil, int64_t off,
+                      const float* w, int64_t ldw, int64_t R, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+  constexpr int64_t step = NV * V::W;
+  for (int64_t t = t0; t < t1; t += step) {
+    const int64_t nvalid = std::min<int64_t>(step, t1 - t);
+    float* o = out + (t - t0);
+    const bool in = t + off >= 0 && t + (K - 1) * dil + off + step <= Tx;
+    int64_t r0 = 0;
+    if (in) {
+      for (; r0 + RBM <= R; r0 += RBM)
+        thin_micro<RBM, true>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      thin_tail<RBM - 1, true>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+    } else {
+      for (; r0 + RBM <= R; r0 += RBM)
+        thin_micro<RBM, false>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      thin_tail<RBM - 1, false>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+    }
+  }
+}
+
+// out[rb·o_r + qout[q]] += Σ_{i < nvec·W} P[rb·ldp + i] · Q[qoff[q] + t0 + qshift[q] + i]
+// (Q reads 0 outside [0, qlim) of its row; P is zero past the tile's valid length).
+template <int RB, int QBN>
+inline __attribute__((always_inline)) void red_micro(const float* P, int64_t ldp, int64_t nvec, const float* Q,
+                                                     const int64_t* qoff, const int64_t* qshift, int64_t qlim,
+                                                     int64_t t0, float* out, int64_t o_r, const int64_t* qout) {
+  typename V::v acc[RB][QBN];
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int q = 0; q < QBN; ++q) acc[rb][q] = V::zero();
+  const float* qr[QBN];
+  int64_t pos0[QBN];
+#pragma GCC unroll 4
+  for (int q = 0; q < QBN; ++q) qr[q] = Q + qoff[q], pos0[q] = t0 + qshift[q];
+  for (int64_t iv = 0; iv < nvec; ++iv) {
+    typename V::v p[RB];
+#pragma GCC unroll 8
+    for (int rb = 0; rb < RB; ++rb) p[rb] = V::load(P + rb * ldp + iv * V::W);
+#pragma GCC unroll 4
+    for (int q = 0; q < QBN; ++q) {
+      const int64_t pos = pos0[q] + iv * V::W;
+      const typename V::v xq = (pos >= 0 && pos + V::W <= qlim) ? V::load(qr[q] + pos) : V::load_win(qr[q], pos, qlim);
+#pragma GCC unroll 8
+      for (int rb = 0; rb < RB; ++rb) acc[rb][q] = V::fma(p[rb], xq, acc[rb][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int q = 0; q < QBN; ++q) out[rb * o_r + qout[q]] += V::hsum(acc[rb][q]);
+}
+
+template <int RB>
+inline __attribute__((always_inline)) void red_cols(const float* P, int64_t ldp, int64_t nvec, const float* Q,
+                                                    const int64_t* qoff, const int64_t* qshift, int64_t qlim, int64_t t0,
+                                                    int64_t ncol, float* out, int64_t o_r, const int64_t* qout) {
+  int64_t q = 0;
+  for (; q + QB <= ncol; q += QB)
+    red_micro<RB, QB>(P, ldp, nvec, Q, qoff + q, qshift + q, qlim, t0, out, o_r, qout + q);
+  for (; q < ncol; ++q) red_micro<RB, 1>(P, ldp, nvec, Q, qoff + q, qshift + q, qlim, t0, out, o_r, qout + q);
+}
+
+template <int RB>
+inline __attribute__((always_inline)) void red_tail(int64_t rem, const float* P, int64_t ldp, int64_t nvec,
+                                                    const float* Q, const int64_t* qoff, const int64_t* qshift,
+                                                    int64_t qlim, int64_t t0, int64_t ncol, float* out, int64_t o_r,
+                                                    const int64_t* qout) {
+  if constexpr (RB > 0) {
+    if (rem == RB)
+      red_cols<RB>(P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
+    else
+      red_tail<RB - 1>(rem, P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
+  }
+}
+
+// All R rows of P against all ncol columns of Q.
+inline void red_pass(const float* P, int64_t ldp, int64_t R, int64_t nvec, const float* Q, const int64_t* qoff,
+                     const int64_t* qshift, int64_t qlim, int64_t t0, int64_t ncol, float* out, int64_t o_r,
+                     const int64_t* qout) {
+  int64_t r0 = 0;
+  for (; r0 + RRB <= R; r0 += RRB)
+    red_cols<RRB>(P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
+  red_tail<RRB - 1>(R - r0, P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
+}
+
+// ---- per-block entry points (called from the drivers in lora_cpu_simd.cpp)
+
+void u_block(const float* x, const float* A, float* u, const rvclora_cpu_simd::Dims& d, int64_t n, int64_t t0,
+             int64_t t1) {
+  thin_pass(x + n * d.Cin * d.T, d.T, d.T, d.Cin, d.K, d.dil, -d.padl, A, d.Cin * d.K, d.r,
+            u + n * d.r * d.Tout + t0, d.Tout, t0, t1);
+}
+
+// One block of the backward: gu_loc and u_loc are (r, ldl) scratch rows, ldl ≥ the block rounded up to W.
+void bwd_block(const float* g, const float* x, const float* u, const float* Bs, const rvclora_cpu_simd::Dims& d,
+               int64_t n, int64_t t0, int64_t t1, float* gu_loc, float* u_loc, int64_t ldl, float* pA, float* pB,
+               const int64_t* a_off, const int64_t* a_shift, const int64_t* a_out, const int64_t* b_off,
+               const int64_t* b_shift, const int64_t* b_out) {
+  const int64_t len = t1 - t0, nvec = (len + V::W - 1) / V::W, padded = nvec * V::W;
+  const float* gn = g + n * d.Cout * d.Tout;
+  if (pA) {
+    // g_u = s·Bᵀ g on this block (Bs = s·Bᵀ, (r, Cout)), zero past the block's end
+    thin_pass(gn, d.Tout, d.Tout, d.Cout, 1, 0, 0, Bs, d.Cout, d.r, gu_loc, ldl, t0, t1);
+    for (int64_t j = 0; j < d.r; ++j)
+      for (int64_t i = len; i < padded; ++i) gu_loc[j * ldl + i] = 0.f;
+    red_pass(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, a_off, a_shift, d.T, t0, d.Cin * d.K, pA, d.Cin * d.K,
+             a_out);
+  }
+  if (pB) {
+    const float* un = u + n * d.r * d.Tout + t0;
+    for (int64_t j = 0; j < d.r; ++j) {
+      std::copy(un + j * d.Tout, un + j * d.Tout + len, u_loc + j * ldl);
+      std::fill(u_loc + j * ldl + len, u_loc + j * ldl + padded, 0.f);
+    }
+    red_pass(u_loc, ldl, d.r, nvec, gn, b_off, b_shift, d.Tout, t0, d.Cout, pB, 1, b_out);
+  }
+}
