@@ -8,8 +8,9 @@ backward, the input needs a gradient, only the LoRA factors train) is timed agai
 the frozen base with weight_norm folded, interleaved round by round; the overhead is the difference
 of the medians. Each row is weighted by how many layers share the shape, and the sum is set against
 the sum of the base layers' times, with the flop floor of docs/maths.md per row and the roofline floor
-``roof = max(extra flops / conv rate, extra bytes / bandwidth)`` (rates measured here first, by
-``harness.machine_rates``), as a fraction of the base layer's time; ``/roof`` is overhead ÷ roof. The rows' sum leaves
+``roof = max(extra flops / conv rate, extra bytes / bandwidth) / (base flops / conv rate)`` (rates
+measured here first, by ``harness.machine_rates``); ``/roof`` is the overhead (a fraction of the base
+layer's time) ÷ roof. The rows' sum leaves
 out what is not a layer (activations, the source module, residual adds), so it reads higher than the
 whole-model overhead of ``pytest bench/``; it shows which layers carry the cost.
 """
@@ -24,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 from compare_backends import generator_pair
-from harness import layer_floor, lora_extra, machine_rates, roofline_s
+from harness import layer_floor, machine_rates, roofline_floor
 
 from rvclora import lora_modules
 from rvclora.ops import set_backend
@@ -79,16 +80,16 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
         floor = layer_floor(bm, r)
-        roof = roofline_s(*lora_extra(bm, xi.shape, r), rates) * 1e3  # ms
+        roof = roofline_floor(bm, xi.shape, r, rates)
         line = f"{key[0]:<7}{key[1]:>5}{key[2]:>5}{key[3]:>4}{key[4]:>4}{key[5]:>7}{len(names):>4}"
-        line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%{roof / med['base'] * 100:>7.1f}%"
+        line += f"{med['base']:>9.3f}{floor * 100:>7.1f}%{roof * 100:>7.1f}%"
         for be in backends:
             over = med[be] - med["base"]
             total[be] += over * len(names)
-            line += f"{over:>+9.3f} ({over / med['base'] * 100:>4.0f}%) {over / roof:>5.1f}x"
+            line += f"{over:>+9.3f} ({over / med['base'] * 100:>4.0f}%) {over / med['base'] / roof:>5.1f}x"
         total["base"] += med["base"] * len(names)
         total["floor"] += floor * med["base"] * len(names)
-        total["roof"] += roof * len(names)
+        total["roof"] += roof * med["base"] * len(names)
         print(line, flush=True)
     set_backend(None)
     print(f"sum of the layers: base {total['base']:.1f} ms, floor +{total['floor']:.1f} ms "

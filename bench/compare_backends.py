@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn as nn
 from gan import fold_weight_norm
-from harness import lora_extra, machine_rates, roofline_s
+from harness import base_step_flops, lora_extra, machine_rates, roofline_s
 
 from rvclora import LoRAConfig, inject_lora, lora_modules
 from rvclora.models import GENERATOR_CONFIGS, build_generator
@@ -53,17 +53,24 @@ def _quartiles(v):
     return q[0], q[2]
 
 
-def generator_roof_ms(base, x, f0, g, r: int) -> float:
-    """The roofline floor of LoRA on ups + resblocks (ms), summed over the adapted layers' input shapes."""
-    rates, shapes = machine_rates(), {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, (mod, tuple(a[0].shape))))
-             for n, m in base.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))
-             and (n.startswith("ups.") or n.startswith("resblocks."))]
+def generator_roof(base, x, f0, g, r: int) -> float:
+    """The roofline floor of LoRA on ups + resblocks as a fraction of the frozen generator step, both at
+    this machine's rates: the adapted layers' roofline times over the step's base-sized flops / conv rate."""
+    rates, shapes, total = machine_rates(), {}, [0.0]
+
+    def hook(mod, a, o, n):
+        shapes[n] = (mod, tuple(a[0].shape))
+        total[0] += base_step_flops(mod, a[0].shape)
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
+             for n, m in base.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))]
     with torch.no_grad():
         base(x, f0, g, generator=torch.Generator().manual_seed(0))
     for h in hooks:
         h.remove()
-    return sum(roofline_s(*lora_extra(m, shape, r), rates) for m, shape in shapes.values()) * 1e3
+    roof = sum(roofline_s(*lora_extra(m, shape, r), rates) for n, (m, shape) in shapes.items()
+               if n.startswith("ups.") or n.startswith("resblocks."))
+    return roof / (total[0] / (rates["conv_gflops"] * 1e9))
 
 
 def compare(r: int, batch: int, rounds: int, backends, full: bool = False) -> dict:
@@ -71,7 +78,7 @@ def compare(r: int, batch: int, rounds: int, backends, full: bool = False) -> di
     xi = x.clone().requires_grad_(True)
     with torch.no_grad():
         gy = torch.randn_like(base(x, f0, g, generator=torch.Generator().manual_seed(0)))
-    roof_ms = generator_roof_ms(base, x, f0, g, r)
+    roof = generator_roof(base, x, f0, g, r)
     full_model = None
     if full:
         full_model = fold_weight_norm(build_generator(GENERATOR_CONFIGS["40k"], seed=0)).requires_grad_(True)
@@ -109,8 +116,8 @@ def compare(r: int, batch: int, rounds: int, backends, full: bool = False) -> di
         parts.append(part)
     base_ms = statistics.median(b) * 1e3
     print(f"40k generator b{batch} ups+resblocks r={r}, {torch.get_num_threads()} threads, {rounds} rounds: "
-          f"base {base_ms:.0f} ms; roofline floor +{roof_ms / base_ms * 100:.1f} %; " + ", ".join(parts), flush=True)
-    return {"base_ms": base_ms, "roof": roof_ms / base_ms, "overhead": med}
+          f"base {base_ms:.0f} ms; roofline floor +{roof * 100:.1f} %; " + ", ".join(parts), flush=True)
+    return {"base_ms": base_ms, "roof": roof, "overhead": med}
 
 
 def main() -> None:

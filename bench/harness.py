@@ -95,6 +95,31 @@ def roofline_s(flops: float, nbytes: float, rates: dict[str, float]) -> float:
     return max(flops / (rates["conv_gflops"] * 1e9), nbytes / (rates["triad_gbs"] * 1e9))
 
 
+def base_step_flops(m: nn.Module, in_shape: Sequence[int]) -> float:
+    """Flops of the frozen layer's training step (forward + input gradient: two base-sized ops)."""
+    n, t = int(in_shape[0]) if len(in_shape) > 1 else 1, int(in_shape[-1])
+    if isinstance(m, nn.ConvTranspose1d):
+        return 2 * 2.0 * n * t * m.in_channels * (m.out_channels // m.groups) * m.kernel_size[0]
+    if isinstance(m, nn.Conv1d):
+        k = m.kernel_size[0]
+        pad = m.padding[0] * 2 if isinstance(m.padding, tuple) else 0
+        t_out = (t + pad - m.dilation[0] * (k - 1) - 1) // m.stride[0] + 1
+        return 2 * 2.0 * n * t_out * m.out_channels * (m.in_channels // m.groups) * k
+    rows = 1
+    for d in in_shape[:-1]:
+        rows *= int(d)
+    return 2 * 2.0 * rows * m.in_features * m.out_features
+
+
+def roofline_floor(m: nn.Module, in_shape: Sequence[int], r: int, rates: dict[str, float]) -> float:
+    """The roofline floor as a fraction of the frozen step, both at this machine's rates:
+    ``max(extra flops / conv rate, extra bytes / bandwidth) / (base flops / conv rate)``. It is the
+    flop floor where the LoRA passes are compute-bound, more where they are bandwidth-bound, and
+    does not move with the load on a shared machine (docs/maths.md)."""
+    base_s = base_step_flops(m, in_shape) / (rates["conv_gflops"] * 1e9)
+    return roofline_s(*lora_extra(m, in_shape, r), rates) / base_s
+
+
 def _available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -15,9 +15,11 @@ from .checkpoint import (
 )
 from .config import (
     BALANCED_CONFIG,
+    DECODER_CONFIG,
     DEFAULT_CONFIG,
     FAST_CONFIG,
     HIGH_QUALITY_CONFIG,
+    VOICE_CONFIG,
     LoRAConfig,
 )
 from .convert import convert, export_peft_adapter, import_peft_adapter
@@ -42,6 +44,8 @@ __all__ = [
     "HIGH_QUALITY_CONFIG",
     "FAST_CONFIG",
     "BALANCED_CONFIG",
+    "DECODER_CONFIG",
+    "VOICE_CONFIG",
     "LoRALayer",
     "LoRALinear",
     "LoRAConv1d",

@@ -82,6 +82,8 @@ def parse_weighted(text: str) -> tuple[str, float]:
 
     Only the text after the last ``:`` is read as the weight, and only if it is a number, so
     paths containing ``:`` still work when they end in a weight (``C:/voices/a.safetensors:0.5``).
+    Text after the last ``:`` that holds a path separator, or follows a drive letter, is part of
+    the path (``C:\\missing.safetensors`` is then reported as not found).
     """
     if not isinstance(text, str) or not text:
         raise BlendError(f"an adapter must be given as PATH or PATH:WEIGHT, got {text!r}")
@@ -93,8 +95,8 @@ def parse_weighted(text: str) -> tuple[str, float]:
     try:
         w = float(tail)
     except ValueError:
-        if os.path.exists(text):
-            return text, 1.0
+        if os.path.exists(text) or any(c in tail for c in "/\\") or (len(path) == 1 and path.isalpha()):
+            return text, 1.0  # a path holding ':' (C:\voices\a.safetensors): its reader says if it is missing
         raise BlendError(f"adapter {text!r}: the weight after ':' must be a number, got {tail!r} "
                          "(expected PATH:WEIGHT, e.g. voice.safetensors:0.5)") from None
     if not math.isfinite(w):
@@ -414,6 +416,10 @@ def blend_adapters(
         A, B = _unfactors(rec, L, R)
         A, B = A.to(dtype), B.to(dtype)
         exact = torch.bmm(L, R)
+        for what, t in (("update", exact), ("lora_A", A), ("lora_B", B)):
+            if not bool(torch.isfinite(t).all()):
+                raise BlendError(f"{name}: the blended {what} is not finite in "
+                                 f"{str(t.dtype).replace('torch.', '')} (weights too large for these adapters?)")
         Lc, Rc = _factors(rec, A.double(), B.double())
         norm = float(exact.norm())
         cast_errors[name] = float((torch.bmm(Lc, Rc) - exact).norm()) / norm if norm > 0 else 0.0

@@ -38,6 +38,7 @@ from .io import (
     RVCLoRAWarning,
     atomic_write,
     check_output_path,
+    check_torch_archive,
     describe_format,
     detect_format,
     first_nonfinite,
@@ -179,11 +180,9 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
     saved_keys = {k for k in weights if config.modules_to_save and k.rpartition(".")[2] not in _FACTORS
                   and _saved_owner(k, config.modules_to_save) is not None}
     if config.modules_to_save:
-        found = {_saved_owner(k, config.modules_to_save) for k in saved_keys}
-        missing = [t for t in config.modules_to_save if t not in found]
-        if missing:
-            raise ValueError(f"{where}: the config names modules_to_save {missing[0]!r} but the adapter holds no "
-                             "tensor of it")
+        if not saved_keys:
+            raise ValueError(f"{where}: the config names modules_to_save {config.modules_to_save} but the adapter "
+                             "holds no tensor of them")
         if saved_shapes is not None:
             if not isinstance(saved_shapes, dict):
                 raise ValueError(f"{where}: its record of modules_to_save is a {type(saved_shapes).__name__}, "
@@ -208,7 +207,7 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             continue
         if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in factors)):
             continue
-        raise ValueError(f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
+        raise ValueError(f"{where}: key {key!r} is not a LoRA factor or a bias that bias={config.bias!r} trains, nor "
                          f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those")
     if not factors:
         raise ValueError(f"{where}: holds no LoRA factors (lora_A/lora_B)")
@@ -454,9 +453,13 @@ def save_lora_checkpoint(
 def _read_safetensors(path: str) -> dict[str, Any]:
     from safetensors import safe_open
 
+    from .validate import MAX_TENSORS
+
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
+        if len(keys) > MAX_TENSORS:
+            raise ValueError(f"it holds {len(keys)} tensors; an adapter holds at most {MAX_TENSORS} (MAX_TENSORS)")
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith(_OPT_PREFIX)}
         opt, opt_error = None, None
         if "optimizer" in meta:
@@ -479,6 +482,8 @@ def _read_safetensors(path: str) -> dict[str, Any]:
 
 
 def _read_torch(path: str) -> dict[str, Any]:
+    if detect_format(path) == "torch-zip":
+        check_torch_archive(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             raw = torch.load(f, map_location="cpu", weights_only=True)
@@ -574,6 +579,31 @@ def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | No
                       f"{short_fingerprint(base_fp)}), used anyway (force)", RVCLoRAWarning, stacklevel=stacklevel)
 
 
+def check_fits_before_injecting(where: str, model: nn.Module, config: LoRAConfig, weights: dict[str, Tensor]) -> None:
+    """The file's factors must be exactly those injecting ``config`` into ``model`` creates, checked before it does.
+
+    Raises ``ValueError`` (prefixed with ``where`` unless it is empty) naming the first layer the
+    config selects that the file has no, or other-shaped, factors for: injecting first would
+    allocate what the file only declares (a few KB declaring a rank of 8192 for every layer).
+    """
+    from .inject import planned_lora_shapes
+
+    prefix = f"{where}: " if where else ""
+    try:
+        planned = planned_lora_shapes(model, config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}{e}") from None
+    for name, shapes in planned.items():
+        for leaf, shape in zip(_FACTORS, shapes):
+            t = weights.get(f"{name}.{leaf}")
+            if t is None:
+                raise ValueError(f"{prefix}the config's target_modules select {name!r}, which the file has no {leaf} "
+                                 "for (is it for this model?)")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{prefix}{name + '.' + leaf!r} has shape {tuple(t.shape)}, the model's layer needs "
+                                 f"{shape} (different rank or layer size?)")
+
+
 def _undo_injection(model: nn.Module):
     """A function that puts ``model`` back as it is now, after an :func:`rvclora.inject_lora` of it.
 
@@ -642,6 +672,7 @@ def load_lora_checkpoint(
     layers = [(n, m) for n, m in lora_modules(model)]
     undo = None
     if not layers:
+        check_fits_before_injecting(where, model, cfg, data["weights"])
         undo = _undo_injection(model)
         inject_lora(model, cfg)
         layers = list(lora_modules(model))

@@ -1,6 +1,7 @@
 """The ``rvclora`` command: ``demo``, ``merge``, ``mix``, ``info``.
 
-Errors print one line on stderr (``rvclora: error: …``) and exit with status 1; usage errors
+Errors print one line on stderr (``rvclora: error: …``) and exit with status 1, whatever
+raised them (``RVCLORA_TRACEBACK=1`` shows the traceback of an unexpected one); usage errors
 are argparse's (status 2). rvclora's own warnings print one line each (``rvclora: warning:
 …``); other libraries' warnings are kept out of the output. A closed output pipe (``… |
 head``) ends the command quietly with status 141, as a shell tool killed by SIGPIPE would.
@@ -103,16 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser(
         "merge",
-        help="merge a LoRA adapter into an exported RVC model, writing a new RVC model file",
+        help="merge a LoRA adapter (decoder or whole voice) into an RVC model file, writing a new one",
         description=(
-            "Merge ADAPTER (written by save_lora_checkpoint) into BASE (an exported RVC model, "
-            "assets/weights/*.pth) and write OUT: an RVC model with every field and key of BASE, the decoder "
-            "weights replaced by W + dW in RVC's weight_g/weight_v form and dtype, and 'info' noting the adapter. "
+            "Merge ADAPTER (written by save_lora_checkpoint) into BASE (an RVC/Applio export, assets/weights/*.pth; "
+            "a training checkpoint G_<step>.pth; or a pretrained generator such as pretrained_v2/f0G40k.pth) and "
+            "write OUT, the same kind of file: every field and key of BASE kept in its form and dtype, the tensors "
+            "the adapter changes replaced (W + dW in the base's weight_g/weight_v form; trained biases; "
+            "modules_to_save), and an export's 'info' noting the adapter. --export writes an RVC export from a "
+            "checkpoint. "
             "Refused: an adapter trained on another base model (unless --force), and any merged tensor that is "
             "not finite in the dtype written (NaN/Inf in the adapter or base, or an overflow of half)."
         ),
     )
-    merge.add_argument("base", metavar="BASE.pth", help="exported RVC model")
+    merge.add_argument("base", metavar="BASE.pth", help="RVC export, G_*.pth checkpoint or pretrained generator")
     merge.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
                        help="rvclora adapter (.pth or .safetensors); several, each with an optional weight "
                             "(a bare ADAPTER means weight 1), are blended exactly first: dW = sum of w_i dW_i")
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
     merge.add_argument("--force", action="store_true",
                        help="merge even if the adapter records a different base model's fingerprint")
+    merge.add_argument("--export", action="store_true",
+                       help="BASE is a training checkpoint (G_*.pth) or pretrained generator: write an RVC export "
+                            "(half, no enc_q, config/sr/f0/version derived from BASE's shapes) instead of a checkpoint")
     merge.set_defaults(func=_cmd_merge)
 
     mix = sub.add_parser(
@@ -128,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Blend adapters trained on the same base model with weights w_i (negative allowed, any sum): the "
             "result's update is exactly dW = sum of w_i dW_i, at rank sum r_i; with --rank R each layer's blended "
-            "dW is truncated to rank R by SVD and its relative error is printed. Refused: adapters of different "
-            "base models (unless --force), of different layer sets or shapes, or trained biases whose weights "
-            "do not sum to 1. The output is a normal adapter file."
+            "dW is truncated to rank R by SVD and its relative error is printed. Tensors stored whole (trained "
+            "biases, modules_to_save such as emb_g) blend as base + sum of w_i (T_i - base): with weights that do "
+            "not sum to 1 this needs --base. Refused: adapters of different base models (unless --force), of "
+            "different layer sets, shapes or saved modules. The output is a normal adapter file."
         ),
     )
     mix.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
@@ -142,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--layers-from", metavar="BASE.pth", default=None,
                      help="an exported RVC model whose decoder gives each layer's kind and groups, for adapters saved "
                           "without layer records (older files)")
+    mix.add_argument("--base", metavar="BASE.pth", default=None,
+                     help="the RVC model the adapters were trained on (export, G_*.pth or pretrained): whole tensors "
+                          "(trained biases, modules_to_save) blend against it when the weights do not sum to 1")
     mix.set_defaults(func=_cmd_mix)
 
     info = sub.add_parser(
@@ -213,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = " ".join(str(msg).split()) or type(e).__name__
             print(f"rvclora: error: {msg}", file=sys.stderr)
             return 1
+        except Exception as e:  # noqa: BLE001 -- a library's own exception type: still one line, never a traceback
+            if os.environ.get("RVCLORA_TRACEBACK"):
+                raise
+            msg = " ".join(str(e).split())[:500] or "(no message)"
+            print(f"rvclora: error: {type(e).__name__}: {msg} (RVCLORA_TRACEBACK=1 shows where)", file=sys.stderr)
+            return 1
 
 
 def _closed_pipe() -> int:
@@ -233,7 +250,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return _info_backends()
     path = args.file
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FILE {path!r} does not exist")
+        raise _not_a_file("FILE", path)
     from .checkpoint import read_lora_file
     from .rvc_files import AdapterFileError, load_rvc_file
 
@@ -241,6 +258,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return _info_rvc(load_rvc_file(path))
     except AdapterFileError:
         return _info_adapter(path, read_lora_file(path))
+
+
+def _not_a_file(what: str, path: str) -> OSError:
+    """Why ``path`` cannot be read as a file, in one line: missing, a directory, or another kind of file."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            return FileNotFoundError(f"{what} {path!r} is a dangling symbolic link")
+        return FileNotFoundError(f"{what} {path!r} does not exist")
+    except OSError as e:
+        return OSError(f"{what} {path!r} cannot be read: {e.strerror}")
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(f"{what} {path!r} is a directory; expected an adapter or RVC model file")
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return OSError(f"{what} {path!r} is {kind}, not a regular file; expected an adapter or RVC model file")
 
 
 def _report_nonfinite(tensors: dict[str, Tensor]) -> int:
@@ -277,8 +313,11 @@ def _info_autoselect() -> None:
     from .ops import autoselect
 
     rows = autoselect.decisions()
-    print(f"auto on CUDA: {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
-          f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
+    selector = autoselect.get_selector()
+    print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+          f"decisions cached in {selector.path or 'memory only'}: {len(rows)}")
+    if selector.cache_problem:
+        print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
         failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))
@@ -292,11 +331,20 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
     print(f"{path}: rvclora adapter (format {adapter['format_version']}, {_fmt_bytes(os.path.getsize(path))})")
     print(f"  config: r={cfg.r} lora_alpha={cfg.lora_alpha:g} (scaling {cfg.scaling:g}) "
           f"dropout={cfg.lora_dropout:g} bias={cfg.bias} targets={cfg.target_modules}")
+    if cfg.modules_to_save:
+        print(f"  modules_to_save: {cfg.modules_to_save}")
     fp = adapter.get("base_fingerprint")
-    print(f"  base fingerprint: {fp if fp is not None else 'none (written by an older rvclora: not checked)'}")
+    if fp is None:
+        print("  base fingerprint: none (written by an older rvclora: not checked)")
+    else:
+        from .fingerprint import fingerprint_scope
+
+        scope = "the whole synthesizer but enc_q" if fingerprint_scope(fp) == "synth" else "the decoder"
+        print(f"  base fingerprint: {fp} (of {scope})")
     meta = dict(adapter.get("metadata") or {})
     blend = meta.pop("blend", None)
     meta.pop("layers", None)
+    meta.pop("modules_to_save", None)
     if isinstance(blend, dict):
         kind = "exact" if blend.get("rank") is None else f"rank {blend['rank']} by SVD"
         print(f"  blend ({kind}) of:")
@@ -313,12 +361,17 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
         print(f"  optimizer state: damaged ({adapter['optimizer_error']}); the weights are unaffected")
     if adapter.get("epoch") is not None:
         print(f"  epoch: {adapter['epoch']}")
+    from .checkpoint import _saved_owner
+
     layers: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
+    saved: dict[str, Tensor] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")
         if leaf in ("lora_A", "lora_B"):
             layers.setdefault(owner, {})[leaf] = t
+        elif cfg.modules_to_save and _saved_owner(key, cfg.modules_to_save) is not None:
+            saved[key] = t
         else:
             other[key] = t
     width = max((len(n) for n in layers), default=5)
@@ -333,6 +386,13 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
     print(f"  LoRA layers: {len(layers)}   LoRA parameters: {total:,}")
     if other:
         print(f"  trained biases: {len(other)} tensors, {sum(t.numel() for t in other.values()):,} parameters")
+    if saved:
+        print(f"  saved whole (modules_to_save): {len(saved)} tensors, {sum(t.numel() for t in saved.values()):,} "
+              f"parameters: {', '.join(list(saved)[:6])}{' ...' if len(saved) > 6 else ''}")
+    parts = sorted({n.split(".")[0] for n in list(layers) + list(saved)})
+    if any(p in ("enc_p", "enc_q", "flow", "emb_g") for p in parts):
+        print(f"  whole-voice adapter: changes {', '.join(parts)} (merge into an export, G_*.pth or pretrained "
+              "file of its base)")
     return _report_nonfinite(weights)
 
 
@@ -362,13 +422,25 @@ def _info_rvc(model_file: Any) -> int:
           f"{model_file.weight_norm} weight_norm, {len(dec)} tensors, {sum(t.numel() for t in dec.values()):,} "
           "parameters")
     print(f"  all weights: {len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} parameters, dtype {dtypes}")
+    parts = sorted({k.split(".")[0] for k in sd})
+    print(f"  parts: {', '.join(parts)}")
+    if model_file.kind != "exported":
+        from .rvc_files import RVCFileError, synthesizer_spec_of
+
+        try:
+            name, f0, wn = synthesizer_spec_of(model_file)
+            print(f"  synthesizer: {name}{'' if f0 else ' (no f0)'}, {wn} weight_norm")
+        except RVCFileError as e:
+            print(f"  synthesizer: not a shipped RVC config ({str(e).split(': ', 1)[-1]})")
     lora_keys = [k for k in sd if k.endswith((".lora_A", ".lora_B"))]
     if lora_keys:
         print(f"  LoRA factors present: {len(lora_keys)} tensors (an unmerged training state)")
     else:
-        from .fingerprint import base_fingerprint
+        from .fingerprint import base_fingerprint, fingerprint_scopes
 
-        print(f"  base fingerprint: {base_fingerprint(sd)}")
+        print(f"  base fingerprint: {base_fingerprint(sd)} (decoder adapters)")
+        if "synth" in fingerprint_scopes(sd):
+            print(f"  base fingerprint: {base_fingerprint(sd, scope='synth')} (whole-voice adapters)")
     return _report_nonfinite(dict(sd))
 
 
@@ -386,9 +458,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     sources = _weighted_adapters(args.adapters)
     adapter = sources[0][0] if len(sources) == 1 and sources[0][1] == 1.0 else sources
-    result = merge_adapter(args.base, adapter, args.output, overwrite=args.overwrite, force=args.force)
-    print(f"wrote {result.path}: {result.merged_layers} LoRA layers merged into {result.decoder_keys} decoder "
-          f"tensors; info: {result.info!r}")
+    result = merge_adapter(args.base, adapter, args.output, overwrite=args.overwrite, force=args.force,
+                           export=args.export)
+    kind = "RVC export" if result.kind == "exported" else "checkpoint"
+    dropped = (f"; {result.dropped_layers} enc_q layers left out (an export has no enc_q)"
+               if result.dropped_layers else "")
+    print(f"wrote {result.path} ({kind}): {result.merged_layers} LoRA layers merged, {result.changed_keys} tensors "
+          f"changed{dropped}; info: {result.info!r}")
     return 0
 
 
@@ -405,8 +481,13 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         from .rvc_files import decoder_layer_records, load_rvc_file
 
         layers = decoder_layer_records(load_rvc_file(args.layers_from))
+    base = None
+    if args.base is not None:
+        from .rvc_files import blend_base_tensors, load_rvc_file
+
+        base = blend_base_tensors(load_rvc_file(args.base))
     mix = blend_adapters([p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force,
-                         layers=layers)
+                         layers=layers, base=base)
     write_lora_file(out, mix["weights"], mix["config"], base_fingerprint=mix["base_fingerprint"],
                     metadata=mix["metadata"], overwrite=args.overwrite)
     kind = "exact" if args.rank is None else f"rank {args.rank} by SVD"
@@ -422,6 +503,10 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         worst = max(errors, key=errors.get)
         print(f"  relative error per layer (discarded singular energy): max {errors[worst]:.3g} ({worst}), "
               f"mean {sum(errors.values()) / len(errors):.3g}")
+    whole = mix["metadata"]["blend"].get("whole_tensors")
+    if whole:
+        n = sum(1 for k in mix["weights"] if not k.endswith((".lora_A", ".lora_B")))
+        print(f"  {n} tensors stored whole (biases, modules_to_save) blended as {whole}")
     return 0
 
 

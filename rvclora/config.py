@@ -15,6 +15,8 @@ __all__ = [
     "HIGH_QUALITY_CONFIG",
     "FAST_CONFIG",
     "BALANCED_CONFIG",
+    "DECODER_CONFIG",
+    "VOICE_CONFIG",
 ]
 
 #: Which biases train: none, every bias in the model, or the biases of adapted layers.
@@ -138,3 +140,23 @@ DEFAULT_CONFIG = LoRAConfig(r=8, lora_alpha=16)
 HIGH_QUALITY_CONFIG = LoRAConfig(r=16, lora_alpha=32)
 FAST_CONFIG = LoRAConfig(r=4, lora_alpha=8)
 BALANCED_CONFIG = LoRAConfig(r=8, lora_alpha=16, lora_dropout=0.05)
+
+#: The decoder's upsamplers and resblocks (``DEFAULT_CONFIG``'s targets): on a bare generator or on a
+#: synthesizer (``"ups"`` matches ``dec.ups.0``).
+DECODER_CONFIG = LoRAConfig(r=8, lora_alpha=16, target_modules=["ups", "resblocks"])
+
+#: A whole-voice adapter: everything an RVC fine-tune trains, as LoRA where LoRA is the smaller form and
+#: whole elsewhere. LoRA (rank 8) on every Linear/Conv of the text encoder ``enc_p``, the posterior
+#: encoder ``enc_q`` (training only; dropped by an export) and the ``flow``, and on the decoder's
+#: ``conv_pre``, ``cond``, ``ups``, ``resblocks`` and first noise conv. Saved whole: the speaker
+#: embedding ``emb_g`` and the pitch embedding ``enc_p.emb_pitch`` (embeddings take no LoRA), and the
+#: decoder's ``conv_post``, later noise convs and ``m_source`` (each smaller whole than as rank-8
+#: factors). Entries absent from a model (the f0 parts of a no-f0 model) are skipped. How the split
+#: and the rank were chosen: ``bench/voice_sizes.py --derive`` and the README.
+VOICE_CONFIG = LoRAConfig(
+    r=8,
+    lora_alpha=16,
+    target_modules=["enc_p", "enc_q", "flow", "dec.conv_pre", "dec.cond", "dec.ups", "dec.resblocks",
+                    "dec.noise_convs.0"],
+    modules_to_save=["emb_g", "enc_p.emb_pitch", "dec.conv_post", "dec.m_source", r"dec\.noise_convs\.[1-9]"],
+)

@@ -15,6 +15,7 @@ from .targets import target_matches
 __all__ = [
     "inject_lora",
     "lora_modules",
+    "planned_lora_shapes",
     "mark_only_lora_as_trainable",
     "get_lora_parameters",
     "count_lora_parameters",
@@ -123,6 +124,23 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def planned_lora_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{layer: (lora_A shape, lora_B shape)}`` that :func:`inject_lora` would create, without creating them.
+
+    Readers compare a file's factors with these before injecting, so a file never makes
+    rvclora allocate factors it does not hold (a few KB declaring a rank of 8192 for every layer).
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LoRALayer):
+            continue
+        base = _base_kind(module)
+        if base is not None and any(target_matches(t, name) for t in config.target_modules):
+            shape_a, shape_b = _LORA_CLASS[base]._lora_shapes(module, config.r)
+            out[name] = (tuple(shape_a), tuple(shape_b))
+    return out
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) -> nn.Module:
     """Replace every matching Linear / Conv1d / ConvTranspose1d of ``model`` in place.
 
@@ -189,8 +207,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     has_dec = any(n.startswith("dec.") for n, _ in model.named_parameters())
     touched = [n for n, _, _ in chosen] + saved
     scope = "synth" if has_dec and any(not n.startswith("dec.") for n in touched) else "decoder"
-    fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
-    fingerprint = fingerprints[scope]
+    if any(p.is_meta for p in model.parameters()):  # no weights to fingerprint (sizing a model on "meta")
+        fingerprints, fingerprint = {}, None
+    else:
+        fingerprints = {sc: base_fingerprint(model, scope=sc) for sc in fingerprint_scopes(model)}
+        fingerprint = fingerprints[scope]
     # every new layer is built before any is put in place: a refusal leaves the model as it was
     new_layers = [
         (module, _LORA_CLASS[base].from_base(module, r=config.r, lora_alpha=config.lora_alpha,
@@ -217,12 +238,13 @@ def _within(name: str, parent: str) -> bool:
 def saved_module_names(model: nn.Module, patterns: list[str], where: str = "modules_to_save") -> list[str]:
     """The modules ``patterns`` (a config's ``modules_to_save``) select: the outermost matches, in model order.
 
-    Every pattern must select at least one module with parameters (``ValueError`` naming it otherwise).
+    Like ``target_modules``, an entry may match nothing in a given model (``enc_p.emb_pitch`` in a no-f0
+    model), but the entries together must select at least one module with parameters (``ValueError``
+    otherwise).
     """
     if not patterns:
         return []
     names: list[str] = []
-    hit = dict.fromkeys(patterns, False)
     for name, module in model.named_modules():
         if not name or any(_within(name, n) for n in names):
             continue
@@ -231,11 +253,8 @@ def saved_module_names(model: nn.Module, patterns: list[str], where: str = "modu
             if isinstance(module, LoRALayer) or any(isinstance(m, LoRALayer) for m in module.modules()):
                 raise ValueError(f"{where}: {name!r} holds LoRA layers; a module is either adapted or saved whole")
             names.append(name)
-            for t in matched:
-                hit[t] = True
-    missing = [t for t, ok in hit.items() if not ok]
-    if missing:
-        raise ValueError(f"{where}: modules_to_save entry {missing[0]!r} matches no module with parameters")
+    if not names:
+        raise ValueError(f"{where}: modules_to_save={list(patterns)} match no module with parameters")
     return names
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "format_bytes",
     "atomic_write",
     "check_output_path",
+    "check_torch_archive",
     "detect_format",
     "describe_format",
     "first_nonfinite",
@@ -87,6 +88,36 @@ def stale_temporaries(path: PathLike) -> list:
     return stale
 
 
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_OS_ERROR = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+
+
+def _write_failure(e: BaseException, directory: str) -> str:
+    """Why a writer failed, in words: the errno its message carries, else what the file system says now."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    m = _OS_ERROR.search(str(e))
+    if m:
+        return os.strerror(int(m.group(1) or m.group(2)))
+    import shutil
+
+    try:
+        if shutil.disk_usage(directory).free < 1 << 20:
+            return os.strerror(28)  # the free space is gone: ENOSPC
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            return f"{os.strerror(27)} (the file size limit, ulimit -f, is {soft} bytes)"
+    except (ImportError, OSError, ValueError):
+        pass
+    first = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {first} (a full disk or a file size limit?)"
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = True,
                  verify: Callable[[str], None] | None = None) -> None:
     """Call ``write(tmp_path)``, fsync, then move ``tmp_path`` to ``path`` atomically.
@@ -95,7 +126,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
     the regular file it replaces. ``verify(tmp_path)``, if given, checks the written file before
     it is moved into place. Without ``overwrite`` the move is a hard link, which fails if
     ``path`` appeared meanwhile. On any error the temporary file is removed and ``path`` is
-    untouched.
+    untouched; a writer's failure (a full disk, a file size limit, in whatever type the writing
+    library raises it) becomes one ``OSError`` line naming ``path`` and the cause. The temporary
+    file is created with ``O_EXCL | O_NOFOLLOW``: a file or link planted at its name is never
+    followed or overwritten.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -105,12 +139,16 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
         except OSError:
             pass
     tmp = os.path.join(directory, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # noqa: BLE001 -- writers (safetensors, torch) report I/O failures in their own types
+            why = _write_failure(e, directory)
+            raise OSError(f"writing {path!r} failed: {why}; nothing was replaced") from None
         if verify is not None:
             verify(tmp)
         mode = 0o666 & ~_umask()
@@ -188,6 +226,7 @@ _FORMAT_NAMES = {
     "safetensors": "a safetensors file",
     "torch-zip": "a torch.save file (zip archive)",
     "zip": "a zip archive that is not a torch.save file",
+    "zip-huge": "a zip archive of more members than any torch.save file of rvclora or RVC (not listed)",
     "pickle": "a legacy torch.save / pickle file",
     "empty": "an empty file",
     "text": "a text file",
@@ -199,7 +238,8 @@ def detect_format(path: PathLike) -> str:
     """What the file at ``path`` holds, judged by its content, never its name.
 
     One of ``"safetensors"`` (an 8-byte header length then a JSON header), ``"torch-zip"`` (a zip
-    archive with torch's ``data.pkl``), ``"zip"``, ``"pickle"`` (protocol 2+ magic, as legacy
+    archive with torch's ``data.pkl``), ``"zip"``, ``"zip-huge"`` (more than :data:`MAX_ZIP_MEMBERS`
+    members, not listed), ``"pickle"`` (protocol 2+ magic, as legacy
     ``torch.save`` writes), ``"empty"``, ``"text"`` or ``"unknown"``.
     """
     path = os.fspath(path)
@@ -215,11 +255,15 @@ def detect_format(path: PathLike) -> str:
                 try:
                     json.loads(f.read(min(n, 100_000_000)).decode("utf-8"))
                     return "safetensors"
+                except RecursionError:  # safetensors framing, a JSON header nested too deep: its reader says so
+                    return "safetensors"
                 except (ValueError, UnicodeDecodeError):
                     pass
     if head[:4] == b"PK\x03\x04":
         import zipfile
 
+        if _zip_entries(path) > MAX_ZIP_MEMBERS:
+            return "zip-huge"  # not listed: listing that many members is itself the attack
         try:
             with zipfile.ZipFile(path) as z:
                 if any(n.endswith("data.pkl") for n in z.namelist()):
@@ -236,6 +280,53 @@ def detect_format(path: PathLike) -> str:
             continue
         return "text" if text and all(c.isprintable() or c in "\t\n\r\f\v" for c in text) else "unknown"
     return "unknown"
+
+
+#: At most this many members in a torch.save archive (a tensor each; an RVC training checkpoint has ~2000).
+MAX_ZIP_MEMBERS = 200_000
+#: How much a torch.save archive may declare uncompressed beyond its own size. torch.save stores
+#: tensors uncompressed, so a larger declaration means a deflated (bomb-like) archive.
+ZIP_SLACK_BYTES = 16 << 20
+
+
+def _zip_entries(path: str) -> int:
+    """The member count of a zip archive from its end record alone (no listing); 0 when unreadable."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # the stdlib's own end-record reader, zip64 included
+    except (OSError, AttributeError, ValueError, struct.error):
+        return 0
+    return int(end[4]) if end else 0
+
+
+def check_torch_archive(path: PathLike) -> None:
+    """Refuse a torch.save zip archive whose declared sizes are not those of a torch.save file, before loading it.
+
+    ``torch.load`` allocates every storage at the size its archive member declares, so a small
+    file holding deflated members (a zip bomb: 1 MB declaring 1 GiB) would make it allocate
+    gigabytes. Raises ``ValueError`` (without the path: callers prefix it) when the archive has
+    more than :data:`MAX_ZIP_MEMBERS` members or declares more than its size plus
+    :data:`ZIP_SLACK_BYTES` uncompressed.
+    """
+    import zipfile
+
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    n = _zip_entries(path)
+    if n > MAX_ZIP_MEMBERS:
+        raise ValueError(f"its zip archive has {n} members; a torch.save file of rvclora or RVC has at most "
+                         f"{MAX_ZIP_MEMBERS} (MAX_ZIP_MEMBERS)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"its zip archive is damaged ({e})") from None
+    if declared > size + ZIP_SLACK_BYTES:
+        raise ValueError(f"its zip members declare {format_bytes(declared)} uncompressed in a {format_bytes(size)} "
+                         "file; torch.save never compresses, so this archive was deflated by something else (a zip "
+                         "bomb?) and is not inflated")
 
 
 def describe_format(fmt: str) -> str:

@@ -123,6 +123,11 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
     layers = [(n, m) for n, m in lora_modules(model) if m.r > 0]
     if not layers:
         raise ValueError("export_peft_adapter: model has no LoRA layer with r > 0 (was inject_lora called?)")
+    saved = getattr(getattr(model, "rvclora_config", None), "modules_to_save", None)
+    if saved:
+        raise ValueError(f"export_peft_adapter: the adapter saves modules whole (modules_to_save={saved}); rvclora "
+                         "exports LoRA factors only, so a whole-voice adapter has no PEFT form here (use rvclora's "
+                         "adapter file, or merge it)")
     for name, m in layers:
         _exportable(name, m)
     dropouts = {m.lora_dropout for _, m in layers}

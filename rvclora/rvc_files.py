@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .blend import model_layer_records
 from .io import atomic_write, check_output_path, describe_format, detect_format, first_nonfinite, torch_load_error
 from .models.rvc import GENERATOR_CONFIGS, Generator, GeneratorConfig, GeneratorNSF, generator_from_config
 
@@ -37,6 +38,8 @@ __all__ = [
     "MergeResult",
     "RVCFileError",
     "RVCModelFile",
+    "SYNTH_PARTS",
+    "blend_base_tensors",
     "build_generator_from_rvc",
     "check_exported_model",
     "decoder_layer_records",
@@ -44,6 +47,7 @@ __all__ = [
     "load_rvc_file",
     "merge_adapter",
     "rvc_config_list",
+    "synthesizer_spec_of",
     "write_exported_model",
 ]
 
@@ -134,6 +138,13 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
                                "(a torch.save .pth)")
     if fmt not in ("torch-zip", "pickle"):
         raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
+    if fmt == "torch-zip":
+        from .io import check_torch_archive
+
+        try:
+            check_torch_archive(path)
+        except ValueError as e:
+            raise _fail(path, str(e)) from None
     try:
         with open(path, "rb") as f:  # a file object: torch.load never guesses the format from the name
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -365,12 +376,27 @@ def write_exported_model(
 
 @dataclass
 class MergeResult:
-    """What :func:`merge_adapter` wrote: the output path, how many decoder keys changed, the info string."""
+    """What :func:`merge_adapter` wrote.
+
+    Attributes:
+        path: the output path.
+        merged_layers: LoRA layers merged.
+        decoder_keys: decoder tensors in the output.
+        info: the note describing the merge (the output's ``info`` for an export).
+        kind: ``"exported"`` or ``"checkpoint"``: the kind of file written.
+        changed_keys: tensors of the output that the adapter changed (LoRA layers' weights, trained
+            biases, ``modules_to_save``); every other tensor is the base's, untouched.
+        dropped_layers: LoRA layers of the adapter left out because the output has no such module
+            (``enc_q`` in an export, which RVC's inference never runs).
+    """
 
     path: str
     merged_layers: int
     decoder_keys: int
     info: str
+    kind: str = "exported"
+    changed_keys: int = 0
+    dropped_layers: int = 0
 
 
 class _Synthesizer(nn.Module):
@@ -399,40 +425,127 @@ def _adapter_sources(adapter_path: Any) -> list[tuple[str, float]]:
                     f"got {adapter_path!r}")
 
 
+#: The top-level modules of RVC's synthesizer: an adapter key starting with one of these is synthesizer-relative.
+SYNTH_PARTS = ("enc_p", "dec", "enc_q", "flow", "emb_g")
+#: RVC's export writes this as the segment (index 1 of ``config``) for every sampling rate.
+_EXPORT_SEGMENT = 32
+
+
+def synthesizer_spec_of(model_file: RVCModelFile) -> tuple[str, bool, str]:
+    """``(shipped synthesizer config name, f0, weight_norm)`` of a checkpoint or pretrained file, from its shapes.
+
+    A ``G_*.pth`` or pretrained ``{"model": …}`` records no config, so its state dict is compared with
+    every shipped config (v1/v2, 32k/40k/48k, f0 or not): exactly one must give the same keys and shapes,
+    else :class:`RVCFileError` says which came closest.
+    """
+    from .models.synthesizer import SYNTHESIZER_CONFIGS, build_synthesizer
+
+    sd = model_file.state_dict
+    wn = model_file.weight_norm
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    f0 = any(k.startswith("dec.m_source.") for k in sd)
+    phone = shapes.get("enc_p.emb_phone.weight", (0, 0))[-1]
+    version = {256: "v1", 768: "v2"}.get(phone)
+    best: tuple[int, str] | None = None
+    for name in SYNTHESIZER_CONFIGS:
+        if version is not None and not name.startswith(version):
+            continue  # the phone features tell v1 (256) from v2 (768): no need to build the others
+        with torch.device("meta"):
+            ref = {k: tuple(v.shape) for k, v in build_synthesizer(name, f0, weight_norm=wn).state_dict().items()}
+        if ref == shapes:
+            return name, f0, wn
+        wrong = len(set(ref) ^ set(shapes)) + sum(1 for k in set(ref) & set(shapes) if ref[k] != shapes[k])
+        if best is None or wrong < best[0]:
+            best = (wrong, name)
+    raise RVCFileError(f"{model_file.path}: its weights are not those of any shipped RVC synthesizer (v1/v2, "
+                       f"32k/40k/48k, f0={int(f0)}); closest: {best[1] if best else '-'} with {best[0] if best else 0} "
+                       "keys missing, extra or of another shape")
+
+
+def _export_fields(spec: tuple[str, bool, str], weights: Mapping[str, Tensor], info: str) -> dict[str, Any]:
+    """RVC's export fields (``config``, ``info``, ``sr``, ``f0``, ``version``) for a checkpoint of config ``spec``."""
+    from .models.synthesizer import get_synthesizer_config
+
+    cfg = get_synthesizer_config(spec[0])
+    config = cfg.rvc_args()
+    config[1] = _EXPORT_SEGMENT  # as RVC's export writes it
+    config[15] = int(weights["emb_g.weight"].shape[0])  # spk_embed_dim: the trained speaker table
+    return {"config": config, "info": info, "sr": cfg.generator.sr_label, "f0": 1 if spec[1] else 0,
+            "version": cfg.version}
+
+
+def _adapter_form(adapter_path: str, weights: Mapping[str, Tensor]) -> str:
+    """``"decoder"`` (keys relative to the decoder, ``ups.0.lora_A``) or ``"synth"`` (``dec.ups.0.lora_A``,
+    ``flow.flows.0.pre.lora_A``, ``emb_g.weight``)."""
+    synth = [k for k in weights if k.split(".")[0] in SYNTH_PARTS]
+    rel = [k for k in weights if k.split(".")[0] not in SYNTH_PARTS]
+    if synth and rel:
+        raise RVCFileError(f"{adapter_path}: adapter keys mix names relative to the decoder (e.g. {rel[0]!r}) and to "
+                           f"RVC's synthesizer (e.g. {synth[0]!r}); an adapter is trained on one model or the other")
+    return "synth" if synth else "decoder"
+
+
 def merge_adapter(
-    base_path: PathLike, adapter_path: Any, out_path: PathLike, *, overwrite: bool = False, force: bool = False
+    base_path: PathLike,
+    adapter_path: Any,
+    out_path: PathLike,
+    *,
+    overwrite: bool = False,
+    force: bool = False,
+    export: bool = False,
 ) -> MergeResult:
-    """Merge the LoRA adapter at ``adapter_path`` into the exported model at ``base_path``; write ``out_path``.
+    """Merge the LoRA adapter at ``adapter_path`` into the RVC model at ``base_path``; write ``out_path``.
 
-    ``adapter_path`` may also be a list of ``(path, weight)`` pairs: the adapters are blended
-    exactly first (:func:`rvclora.blend.blend_adapters`, ``ΔW = Σ wᵢ·ΔWᵢ``), then merged in one pass.
+    ``base_path``: an RVC/Applio export (``assets/weights/*.pth``), a training checkpoint
+    (``G_<step>.pth``) or a pretrained generator (``{"model": state_dict}``, ``pretrained_v2/f0G40k.pth``).
+    The output is the same kind of file, with every field and every key of the base kept as it
+    was, in its form (``weight_g``/``weight_v``, Applio's names) and dtype (half in an export),
+    except the tensors the adapter changes: each LoRA layer's weight, re-expressed as ``W + ΔW``
+    in the base's weight_norm form, the biases the adapter trains and its ``modules_to_save``,
+    each cast to the base key's dtype. An export's ``info`` notes the adapter.
 
-    The output is an RVC exported model: every field and every non-decoder key of the base
-    kept as is, the decoder weights replaced by ``W + ΔW`` in the base's own weight_norm form
-    (``weight_g``/``weight_v``) and dtype, and ``info`` noting the adapter. Adapter keys may be
-    relative to the decoder (``ups.0.lora_A``) or to RVC's synthesizer (``dec.ups.0.lora_A``).
+    ``export=True`` (a checkpoint or pretrained base only) writes an RVC export instead: every key
+    but ``enc_q``'s in half, and ``config``, ``sr``, ``f0``, ``version`` derived from the base's
+    shapes (which must be those of a shipped config) and checked by building RVC's synthesizer
+    from them and loading the weights strictly; ``info`` is ``"<iteration>epoch"`` plus the note.
+
+    ``adapter_path``: one adapter file, or a list of ``(path, weight)`` pairs blended exactly first
+    (:func:`rvclora.blend.blend_adapters`, ``ΔW = Σ wᵢ·ΔWᵢ``; whole tensors weighted against this base).
+    Adapter keys may be relative to the decoder (``ups.0.lora_A``, a decoder adapter) or to RVC's
+    synthesizer (``dec.ups.0.lora_A``, ``flow.flows.0.enc.in_layers.0.lora_A``, ``emb_g.weight``).
+    LoRA layers of ``enc_q`` are left out of an export (RVC's exports drop ``enc_q``).
 
     Refused before any work: an ``out_path`` that is one of the inputs, a directory, not a
     regular file, in a missing or read-only directory, named ``.safetensors`` (RVC loads
     ``torch.save`` files), or existing without ``overwrite``. Refused after reading: an
-    adapter trained on another base (its fingerprint; ``force=True`` merges anyway), and any
-    tensor of the output that is not finite in the dtype it is written in, naming the first
-    key and why (NaN or Inf in the adapter, in the base, or an overflow of half). The write is
-    atomic.
+    adapter trained on another base (its fingerprint, of the decoder or of the whole synthesizer;
+    ``force=True`` merges anyway), an adapter that does not fit the base, and any tensor of the
+    output that is not finite in the dtype it is written in, naming the first key and why (NaN
+    or Inf in the adapter, in the base, or an overflow of half). The write is atomic.
     """
-    from .checkpoint import check_base_fingerprint, load_lora_weights, read_lora_file
-    from .fingerprint import base_fingerprint
-    from .inject import inject_lora, lora_modules, merged_state_dict
+    from .checkpoint import check_base_fingerprint, check_fits_before_injecting, load_lora_weights, read_lora_file
+    from .fingerprint import base_fingerprint, fingerprint_scope
+    from .inject import canonical_saved_key, inject_lora, lora_modules, merged_state_dict
 
     base_path = os.fspath(base_path)
     sources = _adapter_sources(adapter_path)
+    if not isinstance(export, bool):
+        raise TypeError(f"merge_adapter: export must be a bool, got {export!r}")
     _torch_output(out_path)
     out_path = check_output_path(out_path, overwrite=overwrite,
                                  inputs=(("base model", base_path),) + tuple(("adapter", p) for p, _ in sources))
     base = load_rvc_file(base_path)
-    if base.kind != "exported":
-        raise RVCFileError(f"{base_path}: is an RVC training checkpoint (G_*.pth); merge needs an exported model, "
-                           "which stores the config")
+    if export and base.kind == "exported":
+        raise RVCFileError(f"{base_path}: is already an exported model; --export writes an export from a training "
+                           "checkpoint (G_*.pth) or a pretrained generator")
+    base_weights = base.state_dict
+    bad = first_nonfinite(base_weights.items())
+    if bad is not None:
+        raise RVCFileError(f"{base_path}: refusing to merge: the base model's {bad[0]!r} is already not finite "
+                           f"({bad[1]})")
+
+    synth, spec = _base_model(base)
+    records = {**model_layer_records(synth), **model_layer_records(synth.dec)}
     if len(sources) == 1 and sources[0][1] == 1.0:
         adapter_path = sources[0][0]
         adapter = read_lora_file(adapter_path)
@@ -443,50 +556,58 @@ def merge_adapter(
         adapter_path = " + ".join(f"{p}:{w:g}" for p, w in sources)
         adapter_label = "blend " + " + ".join(f"{os.path.basename(p)}:{w:g}" for p, w in sources)
         try:
-            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force,
-                                     layers=decoder_layer_records(base))
+            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force, layers=records,
+                                     base=blend_base_tensors(base))
         except BlendError as e:
             raise RVCFileError(f"cannot blend {adapter_path}: {e}") from None
-    weights: dict[str, Tensor] = adapter["weights"]
+    weights: dict[str, Tensor] = dict(adapter["weights"])
     lora_config = adapter["config"]
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise RVCFileError(f"{adapter_path}: refusing to merge: the adapter's {bad[0]!r} is not finite ({bad[1]})")
-    base_weights = base.state_dict
-    bad = first_nonfinite(base_weights.items())
-    if bad is not None:
-        raise RVCFileError(f"{base_path}: refusing to merge: the base model's {bad[0]!r} is already not finite "
-                           f"({bad[1]})")
 
-    generator = build_generator_from_rvc(base, dtype=torch.float32)
-    on_synth = bool(weights) and all(k.startswith(_DEC) for k in weights)
-    outside = [k for k in weights if k.startswith(_DEC) != on_synth]
-    if outside:
-        raise RVCFileError(f"{adapter_path}: adapter keys mix decoder-relative and 'dec.'-prefixed names "
-                           f"(e.g. {outside[0]!r}); only decoder adapters can be merged")
-    model: nn.Module = _Synthesizer(generator) if on_synth else generator
+    form = _adapter_form(adapter_path, weights)
+    target: nn.Module = synth.dec if form == "decoder" else synth
+    if form == "synth" and isinstance(synth, _Synthesizer):
+        outside = sorted({k.split(".")[0] for k in weights if not k.startswith(_DEC)})
+        if outside:
+            raise RVCFileError(f"{adapter_path}: a whole-voice adapter (it changes {outside}) but {base_path} holds "
+                               "only a decoder (and keys that are not RVC's whole synthesizer): merge it into the "
+                               "model's full export, G_*.pth or pretrained file")
+    dropped = 0
+    if base.kind == "exported":  # RVC's export has no enc_q: its LoRA layers have nothing to merge into
+        enc_q = {k for k in weights if k.startswith("enc_q.")}
+        dropped = len({k.rpartition(".")[0] for k in enc_q if k.endswith(".lora_A")})
+        weights = {k: v for k, v in weights.items() if k not in enc_q}
     try:
-        inject_lora(model, lora_config)
-        load_lora_weights(model, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
+        check_fits_before_injecting("", target, lora_config, weights)
+        inject_lora(target, lora_config)
+        load_lora_weights(target, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     except (KeyError, ValueError) as e:
-        msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
-        raise RVCFileError(f"{adapter_path}: adapter does not fit the decoder of {base_path}: {msg}") from None
+        msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ").removeprefix("inject_lora: ")
+        part = "the decoder" if form == "decoder" else "the synthesizer"
+        raise RVCFileError(f"{adapter_path}: adapter does not fit {part} of {base_path}: {msg}") from None
+    fp = adapter["base_fingerprint"]
+    scope = fingerprint_scope(fp) if fp is not None else "decoder"
     try:
-        check_base_fingerprint(adapter_path, adapter["base_fingerprint"], base_fingerprint(base_weights), force,
+        check_base_fingerprint(adapter_path, fp, base_fingerprint(base_weights, scope=scope), force,
                                base_name=f"base model {base_path}", stacklevel=2)
     except ValueError as e:
         raise RVCFileError(str(e)) from None
 
-    merged = merged_state_dict(model, safe_merge=False)  # checked below, in the dtype written
-    if not on_synth:
-        merged = OrderedDict((_DEC + k, v) for k, v in merged.items())
-    base_dec = {k for k in base_weights if k.startswith(_DEC)}
-    if set(merged) != base_dec:
-        extra, missing = sorted(set(merged) - base_dec), sorted(base_dec - set(merged))
-        raise RVCFileError(f"merged decoder keys differ from the base's: new {extra[:3]}, missing {missing[:3]}")
+    merged = merged_state_dict(synth, safe_merge=False)  # checked below, in the dtype written
+    expected = {k for k in base_weights if not isinstance(synth, _Synthesizer) or k.startswith(_DEC)}
+    if set(merged) != expected:
+        extra, missing = sorted(set(merged) - expected), sorted(expected - set(merged))
+        raise RVCFileError(f"merged keys differ from the base's: new {extra[:3]}, missing {missing[:3]}")
+    prefix = _DEC if form == "decoder" else ""
+    layers = {prefix + n for n, m in lora_modules(target) if m.r > 0}
+    changed = {k for k in merged if _owner(k) in layers and not k.endswith(".bias")}  # W + dW, re-expressed
+    whole = {canonical_saved_key(prefix + k) for k in weights if not k.endswith((".lora_A", ".lora_B"))}
+    changed |= {k for k in merged if canonical_saved_key(k) in whole}
     new_weights: OrderedDict[str, Tensor] = OrderedDict()
     for k, v in base_weights.items():
-        if k in merged:
+        if k in changed:
             bad = first_nonfinite([(k, merged[k])], dtype=v.dtype)
             if bad is not None:
                 raise RVCFileError(f"{adapter_path}: refusing to write a broken model: merged {k!r} "
@@ -495,13 +616,105 @@ def merge_adapter(
         else:
             new_weights[k] = v
 
-    n_layers = sum(1 for _ in lora_modules(model))
-    note = (f"rvclora adapter {adapter_label} merged (r={lora_config.r}, "
-            f"alpha={lora_config.lora_alpha:g}, targets={','.join(lora_config.target_modules)}, {n_layers} layers)")
-    base_info = str(base.data.get("info", ""))
-    info = f"{base_info} + {note}" if base_info else note
-    out = dict(base.data)
-    out["weight"] = new_weights
-    out["info"] = info
+    n_layers = len(layers)
+    saved = f", saved {','.join(lora_config.modules_to_save)}" if lora_config.modules_to_save else ""
+    note = (f"rvclora adapter {adapter_label} merged (r={lora_config.r}, alpha={lora_config.lora_alpha:g}, "
+            f"targets={','.join(lora_config.target_modules)}{saved}, {n_layers} layers)")
+    if base.kind == "exported":
+        base_info = str(base.data.get("info", ""))
+        info = f"{base_info} + {note}" if base_info else note
+        out = dict(base.data)
+        out["weight"] = new_weights
+        out["info"] = info
+        kind = "exported"
+    elif export:
+        info = f"{base.data.get('iteration', 0)}epoch + {note}"
+        weight = OrderedDict((k, v.to(torch.half).contiguous()) for k, v in new_weights.items() if "enc_q" not in k)
+        bad = first_nonfinite(weight.items(), dtype=torch.half)
+        if bad is not None:
+            raise RVCFileError(f"{adapter_path}: refusing to write a broken export: {bad[0]!r} {bad[1]} in half")
+        out = {"weight": weight, **_export_fields(spec, weight, info)}
+        _check_export_loads(out, out_path)
+        kind = "exported"
+    else:
+        info = note
+        out = dict(base.data)
+        out["model"] = new_weights
+        kind = "checkpoint"
     _write_torch(out, out_path, overwrite)
-    return MergeResult(out_path, n_layers, len(base_dec), info)
+    return MergeResult(out_path, n_layers, sum(1 for k in new_weights if k.startswith(_DEC)), info, kind,
+                       len(changed), dropped)
+
+
+def _base_model(base: RVCModelFile) -> tuple[nn.Module, tuple[str, bool, str] | None]:
+    """The base as a model with its weights (fp32 copies), and for a checkpoint its ``(config, f0, weight_norm)``.
+
+    An export whose keys are those of RVC's synthesizer for its config (less ``enc_q``) gives the whole
+    synthesizer, built as RVC's inference builds it; an export holding only a decoder plus other keys
+    gives that decoder (in a holder, as ``dec``), loaded strictly, the other keys left alone. A checkpoint
+    or pretrained file gives the synthesizer of the shipped config its shapes match.
+    """
+    from .models.synthesizer import build_synthesizer, synthesizer_from_rvc_config
+
+    path = base.path
+    sd = base.state_dict
+    spec = None
+    try:
+        with torch.device("meta"):
+            if base.kind == "exported":  # load_rvc_file checked that it agrees with itself
+                synth = synthesizer_from_rvc_config(base.data["config"], str(base.data["version"]), base.f0,
+                                                    weight_norm=base.weight_norm)
+                del synth.enc_q
+            else:
+                spec = synthesizer_spec_of(base)
+                synth = build_synthesizer(spec[0], spec[1], weight_norm=spec[2])
+    except RVCFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RVCFileError(f"{path}: cannot build RVC's synthesizer from it: {' '.join(str(e).split())}") from None
+    if base.kind == "exported" and set(sd) != set(synth.state_dict()):
+        return _Synthesizer(build_generator_from_rvc(base, dtype=torch.float32)), None
+    try:
+        synth.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in sd.items()}, strict=True,
+                              assign=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise RVCFileError(f"{path}: its weights do not fit RVC's synthesizer for its own config: "
+                           f"{' '.join(x.strip() for x in lines[:3])}") from None
+    return synth, spec
+
+
+def blend_base_tensors(model_file: RVCModelFile) -> dict[str, Tensor]:
+    """An RVC file's tensors under the names adapters use, for ``base=`` of :func:`rvclora.blend.blend_adapters`.
+
+    Every key in RVC's form (``weight_g``/``weight_v``), and the decoder's also relative to the decoder
+    (``ups.0.bias`` beside ``dec.ups.0.bias``), so decoder and whole-voice adapters both find theirs.
+    """
+    from .inject import canonical_saved_key
+
+    out = {canonical_saved_key(k): v for k, v in model_file.state_dict.items()}
+    out.update({k[len(_DEC):]: v for k, v in list(out.items()) if k.startswith(_DEC)})
+    return out
+
+
+def _owner(key: str) -> str:
+    """The module a state-dict key belongs to (``…parametrizations.weight.original0`` → the layer)."""
+    if ".parametrizations.weight." in key:
+        return key.split(".parametrizations.weight.")[0]
+    return key.rpartition(".")[0]
+
+
+def _check_export_loads(cpt: dict[str, Any], out_path: str) -> None:
+    """An export written from a checkpoint must load the way RVC's inference loads it, with no key missing or extra."""
+    from .models.synthesizer import synthesizer_from_rvc_config
+
+    with torch.device("meta"):
+        net = synthesizer_from_rvc_config(cpt["config"], cpt["version"], bool(cpt["f0"]),
+                                          weight_norm="parametrizations" if any(
+                                              ".parametrizations." in k for k in cpt["weight"]) else "legacy")
+        del net.enc_q
+    result = net.load_state_dict(cpt["weight"], strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RVCFileError(f"{out_path}: the export would not load in RVC: missing {result.missing_keys[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}")
+    check_exported_model(RVCModelFile(out_path, "exported", cpt))

@@ -171,7 +171,7 @@ def test_unreadable_cache_is_ignored_with_a_warning(tmp_path):
     (tmp_path / "autoselect.json").write_text("{not json")
     clock = Clock()
     sel = _selector(tmp_path, clock)
-    with pytest.warns(UserWarning, match="ignoring unreadable autoselect cache"):
+    with pytest.warns(UserWarning, match="autoselect cache .*unreadable"):
         assert sel.entries() == {}
 
 
@@ -179,21 +179,20 @@ def _use_selector(monkeypatch, sel):
     monkeypatch.setattr(autoselect, "_selector", sel)
 
 
-def test_dispatcher_measures_only_cuda_tensors_and_never_inside_a_trace(tmp_path, monkeypatch):
+def test_dispatcher_measures_cpu_and_cuda_tensors_and_never_inside_a_trace(tmp_path, monkeypatch):
     clock = Clock()
     sel = _selector(tmp_path, clock)
     _use_selector(monkeypatch, sel)
     called = []
     monkeypatch.setattr(sel, "choose", lambda *a, **k: called.append(a) or dispatch.load_backend("torch"))
     x, params = _linear_call()
-    fixed = "torch" if dispatch._unavailable("cpu") is not None else "cpu"
-    assert dispatch.select_backend("lora_linear", x, **params).NAME == fixed  # the fixed CPU order
-    assert not called, "CPU tensors are dispatched by the fixed order, not measured"
-    monkeypatch.setattr(dispatch, "_measured", lambda t: True)
+    assert dispatch._measured(x) and dispatch._measured(types.SimpleNamespace(device=torch.device("cuda", 0)))
+    assert not dispatch._measured(types.SimpleNamespace(device=torch.device("meta")))
     dispatch.select_backend("lora_linear", x, **params)
     assert len(called) == 1
     monkeypatch.setattr(dispatch, "_tracing", lambda: True)
-    dispatch.select_backend("lora_linear", x, **params)
+    fixed = "torch" if dispatch._unavailable("cpu") is not None else "cpu"
+    assert dispatch.select_backend("lora_linear", x, **params).NAME == fixed  # the fixed CPU order
     assert len(called) == 1, "the selector ran inside a trace"
 
 
@@ -245,4 +244,29 @@ def test_info_lists_the_cached_decisions(tmp_path, monkeypatch, capsys):
     _use_selector(monkeypatch, sel)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "auto on CUDA" in out and "Fake GPU 80GB" in out and "lora_linear w(10, 12)" in out and "-> fused" in out
+    assert "auto (CUDA and CPU)" in out and "Fake GPU 80GB" in out
+    assert "lora_linear w(10, 12)" in out and "-> fused" in out
+
+
+def test_auto_measures_on_cpu_and_caches_per_cpu_model_isa_and_threads(tmp_path, monkeypatch):
+    """On CPU tensors ``auto`` validates and times the compiled cpu backend against the torch path once
+    per shape class (on a shortened input), keyed by the CPU model, its ISA and the thread count."""
+    why = dispatch._unavailable("cpu")
+    if why is not None:
+        pytest.skip(f"cpu backend unavailable here: {why}")
+    monkeypatch.setenv("RVCLORA_AUTOSELECT_CACHE", str(tmp_path / "autoselect.json"))
+    monkeypatch.setattr(autoselect, "_selector", None)
+    x = torch.randn(1, 8, 5000, requires_grad=True)
+    params = dict(weight=torch.randn(8, 8, 3), lora_A=torch.randn(4, 24, requires_grad=True), stride=1,
+                  padding=(1, 1), dilation=1, groups=1, padding_mode="zeros", dropout_p=0.0)
+    assert autoselect._measure_shape("lora_conv1d", x, params) == (1, 8, autoselect.CPU_MEASURE_LEN)
+    assert dispatch.select_backend("lora_conv1d", x, **params).NAME in ("cpu", "torch")
+    ((env, key, hit),) = autoselect.decisions()
+    assert autoselect.cpu_model() in env and f"threads={torch.get_num_threads()}" in env
+    assert key.startswith("lora_conv1d w(8, 8, 3)") and key.endswith("train")
+    assert hit["failed"] == {} and set(hit["seconds"]) == {"cpu", "torch"}
+    assert autoselect.measure_note().startswith("auto measured 1 new layer shape(s) in ")
+    dispatch.select_backend("lora_conv1d", x, **params)  # the same class: cached, nothing measured again
+    assert len(autoselect.get_selector().measured) == 1
+    monkeypatch.setenv("RVCLORA_AUTOSELECT", "fixed")
+    assert dispatch.select_backend("lora_conv1d", x, **params).NAME == "cpu"

@@ -296,7 +296,7 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
         e, "lora", lambda c: c["weight"].__setitem__("dec.ups.0.lora_A", torch.zeros(2, 2)))),
      RVCFileError, r"holds LoRA factors .* merge the adapter"),
     ("rvc", "checkpoint-as-base", lambda e: _merge(e, base=_checkpoint(e)),
-     RVCFileError, r"G_1\.pth: is an RVC training checkpoint"),
+     RVCFileError, r"G_1\.pth: its weights are not those of any shipped RVC synthesizer"),
     ("rvc", "config-too-short", lambda e: _call(load_rvc_file, _export_with(e, "short", lambda c: c["config"].pop())),
      RVCFileError, r"short\.pth: config must be RVC's list of 18 synthesizer arguments, got 17"),
     # format: judged by content, named in errors
@@ -367,7 +367,8 @@ CASES: list[tuple[str, str, Callable[[dict], Callable[[], Any]], type, str]] = [
      TypeError, r"metadata must be JSON-safe and survive a round trip"),
     ("content", "mixed-dec-prefix", lambda e: _merge(e, adapter=_adapter_with(
         e, "mixed", lambda w: [w.__setitem__("dec.ups.0." + f, w.pop("ups.0." + f)) for f in ("lora_A", "lora_B")])),
-     RVCFileError, r"mixed\.pth: adapter keys mix decoder-relative and 'dec\.'-prefixed names"),
+     RVCFileError, r"mixed\.pth: adapter keys mix names relative to the decoder \(e\.g\. '.*and to RVC's "
+                   r"synthesizer \(e\.g\. 'dec\.ups\.0\.lora_"),
     ("format", "garbage-safetensors-header", lambda e: _call(read_lora_file, _bytes(
         e, "hdr.safetensors", struct.pack("<Q", 10) + b"{not json}" + b"\x00" * 20)),
      ValueError, r"hdr\.safetensors' is not a readable .*an unrecognised binary file"),

@@ -1,9 +1,9 @@
-"""Measured backend choice for ``auto`` on CUDA: a fused kernel runs only where it is correct and faster.
+"""Measured backend choice for ``auto`` (CUDA and CPU): a fused kernel runs only where it is correct and faster.
 
 The fused kernels were written and checked without a GPU (interpreter, CPU twin, compiled
 resource checks); how fast they are on a given GPU and shape is only known by running them.
 So on the first call of a *shape class* (op, layer geometry, dtypes, rows rounded up to a power
-of two, dropout on/off, training or inference) on a CUDA device, :class:`AutoSelector`:
+of two, dropout on/off, training or inference) on a CUDA device or the CPU, :class:`AutoSelector`:
 
 1. builds random inputs of that class on the device (never the caller's tensors);
 2. runs every capable fused backend and the torch path on them, forward and, when training,
@@ -13,8 +13,15 @@ of two, dropout on/off, training or inference) on a CUDA device, :class:`AutoSel
 3. times the correct candidates in interleaved rounds (CUDA events) and keeps the fastest.
 
 Decisions are kept in memory and in a small JSON file (:func:`cache_path`), keyed by the GPU's
-name and compute capability and the torch, triton and rvclora versions, so a process pays
-for a measurement once per shape class and machine. ``rvclora info`` lists them.
+name and compute capability (on CPU: the CPU model, its vector ISA and the thread count) and the
+torch, triton and rvclora versions, so a process pays for a measurement once per shape class and
+machine. ``rvclora info`` lists them.
+
+On CPU the candidates are the compiled ``cpu`` backend and the torch path (each runs in CI through
+the backend matrix, whatever is picked here). To keep the first training step cheap, a CPU class is
+measured on at most :data:`CPU_MEASURE_LEN` samples of time (rows for Linear) and
+:data:`CPU_ROUNDS` interleaved rounds, timed with ``time.perf_counter``; :func:`measure_note` says
+how many classes were measured and what it cost (the 40k generator: about 40 classes).
 
 No measurement happens inside a ``torch.compile`` trace or a CUDA-graph capture (it would run
 real kernels where only recording is allowed): there the cached decision is used, and without
@@ -48,8 +55,10 @@ __all__ = [
     "MEASURE",
     "cache_path",
     "decisions",
+    "describe_cpu",
     "environment_key",
     "get_selector",
+    "measure_note",
     "mode",
     "shape_class",
     "tolerance",
@@ -105,10 +114,56 @@ def _cuda_device_info(device: torch.device) -> dict[str, str]:
     return {"name": props.name, "capability": f"{props.major}.{props.minor}"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_isa() -> str:
+    """The vector ISA torch's CPU kernels use here (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def _cpu_device_info(device: torch.device) -> dict[str, str]:
+    return {"name": cpu_model(), "capability": _cpu_isa(), "threads": str(torch.get_num_threads())}
+
+
+def _device_info(device: torch.device) -> dict[str, str]:
+    return _cpu_device_info(device) if device.type == "cpu" else _cuda_device_info(device)
+
+
+def describe_cpu() -> str:
+    """One line: the CPU model, its ISA, torch's thread count, and what runs the cpu backend's thin passes."""
+    from . import dispatch
+
+    line = f"{cpu_model()} ({_cpu_isa()}, {torch.get_num_threads()} threads)"
+    why = dispatch._unavailable("cpu")
+    if why is None and hasattr(torch.ops.rvclora, "cpu_info"):
+        line += f"; cpu backend: {torch.ops.rvclora.cpu_info()}"
+    elif why is not None:
+        line += f"; cpu backend unavailable ({why})"
+    return line
+
+
 def environment_key(info: dict[str, str], versions: dict[str, str]) -> str:
     """The cache section of one machine and software stack."""
-    return (f"{info['name']} sm{info['capability']} torch {versions['torch']} triton {versions['triton']} "
-            f"rvclora {versions['rvclora']}")
+    if "threads" in info:  # a CPU
+        where = f"{info['name']} {info['capability']} threads={info['threads']}"
+    else:
+        where = f"{info['name']} sm{info['capability']}"
+    return f"{where} torch {versions['torch']} triton {versions['triton']} rvclora {versions['rvclora']}"
 
 
 def _pow2(n: int) -> int:
@@ -189,9 +244,32 @@ def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> tuple
     return (r, weight.shape[1] * weight.shape[2])
 
 
+#: On CPU a class is measured on at most this many samples of time (Conv1d, ConvTranspose1d) or rows
+#: (Linear): per-sample costs scale with the length, the per-call costs do not, and the first step stays cheap.
+CPU_MEASURE_LEN = 2048
+#: Interleaved timing rounds per class on CPU (after one warm-up call of each candidate).
+CPU_ROUNDS = 3
+
+
+def _measure_shape(op: str, x: Tensor, params: dict[str, Any]) -> tuple[int, ...]:
+    """The input shape a class is measured on: the call's, shortened on CPU (:data:`CPU_MEASURE_LEN`)."""
+    shape = tuple(x.shape)
+    if x.device.type != "cpu":
+        return shape
+    if op == "lora_linear":
+        rows = x.numel() // max(x.shape[-1], 1)
+        return (min(rows, CPU_MEASURE_LEN), x.shape[-1]) if rows > CPU_MEASURE_LEN else shape
+    weight = params["weight"]
+    reach = int(params.get("dilation", 1)) * (weight.shape[-1] - 1) + 1
+    keep = max(CPU_MEASURE_LEN, reach * int(params.get("stride", 1)))
+    return (*shape[:-1], min(shape[-1], keep))
+
+
 def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, seed: int = 1234):
-    """Fresh random inputs with the call's shapes, dtypes and device, and the op's keyword options."""
+    """Fresh random inputs with the call's shapes (:func:`_measure_shape`), dtypes and device, and the
+    op's keyword options."""
     weight, lora_A = params["weight"], params["lora_A"]
+    x_shape = _measure_shape(op, x, params)
     groups = int(params.get("groups", 1))
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -201,7 +279,7 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
     fan = max(weight[0].numel(), 1) if op != "lora_conv_transpose1d" else max(weight.shape[0] // groups, 1)
     out_ch = weight.shape[0] if op != "lora_conv_transpose1d" else weight.shape[1] * groups
     tensors = {
-        "x": rand(x.shape, x.dtype),
+        "x": rand(x_shape, x.dtype),
         "weight": rand(weight.shape, weight.dtype, fan ** -0.5),
         "bias": rand((out_ch,), weight.dtype),
         "lora_A": rand(lora_A.shape, lora_A.dtype, max(lora_A.shape[1], 1) ** -0.5),
@@ -256,7 +334,7 @@ class AutoSelector:
     """
 
     def __init__(self, path: str | None = None, timer: Callable | None = None,
-                 device_info: Callable[[torch.device], dict[str, str]] = _cuda_device_info,
+                 device_info: Callable[[torch.device], dict[str, str]] = _device_info,
                  versions: dict[str, str] | None = None, rounds: int = 7):
         self.path = path
         self.timer = timer
@@ -267,6 +345,9 @@ class AutoSelector:
         self._memory: dict[str, dict[str, dict[str, Any]]] = {}
         self._file_loaded = False
         self._warned: set = set()
+        #: what was wrong with the cache file when it was read (``None``: nothing), for ``rvclora info``
+        self.cache_problem: str | None = None
+        self.measured: list[tuple[str, float]] = []  # (shape class, seconds spent measuring it)
 
     # -- cache ----------------------------------------------------------------
 
@@ -276,28 +357,34 @@ class AutoSelector:
         self._file_loaded = True
         if not self.path or not os.path.isfile(self.path):
             return
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-            entries = data.get("entries", {}) if isinstance(data, dict) and data.get("format") == 1 else {}
-        except (OSError, ValueError) as e:
-            warnings.warn(f"rvclora: ignoring unreadable autoselect cache {self.path}: {e}", stacklevel=3)
-            return
+        entries, bad = _read_cache(self.path)
         for env, table in entries.items():
-            if isinstance(table, dict):
-                self._memory.setdefault(env, {}).update(table)
+            self._memory.setdefault(env, {}).update(table)
+        if bad:
+            # what is bad is dropped: the next decision rewrites the file without it
+            self.cache_problem = bad
+            from ..io import RVCLoRAWarning
+
+            warnings.warn(f"autoselect cache {self.path}: {bad}; ignored (it is rewritten without them at "
+                          "the next measurement)", RVCLoRAWarning, stacklevel=4)
 
     def _save_file(self) -> None:
         if not self.path:
             return
+        from ..io import RVCLoRAWarning, atomic_write
+
+        text = json.dumps({"format": 1, "entries": self._memory}, indent=1, sort_keys=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"format": 1, "entries": self._memory}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+            atomic_write(self.path, write)  # O_EXCL | O_NOFOLLOW temporary, then an atomic rename
         except OSError as e:
-            warnings.warn(f"rvclora: cannot write the autoselect cache {self.path}: {e}", stacklevel=3)
+            warnings.warn(f"cannot write the autoselect cache {self.path}: {e}", RVCLoRAWarning,
+                          stacklevel=3)
 
     def cached(self, env: str, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -339,7 +426,9 @@ class AutoSelector:
         with self._lock:
             hit = self.cached(env, key)  # another thread may have measured it meanwhile
             if hit is None or hit.get("choice") not in by_name:
+                t0 = time.perf_counter()
                 hit = self._measure(op, x, params, training, fused, torch_backend)
+                self.measured.append((key, time.perf_counter() - t0))
                 self._memory.setdefault(env, {})[key] = hit
                 self._save_file()
         for name, why in hit.get("failed", {}).items():
@@ -372,12 +461,13 @@ class AutoSelector:
                     failed[be.NAME] = f"relative error {err:.3g} > {tol:.3g} against the oracle"
                     continue
                 good.append(be)
-            timer = self.timer or CudaEventTimer()
+            cpu = x.device.type == "cpu"
+            timer = self.timer or (ClockTimer() if cpu else CudaEventTimer())
             fns = {be.NAME: (lambda be=be: _run(be, op, tensors, kw, grad_out)) for be in good}
             if len(fns) > 1:
                 for fn in fns.values():
                     fn()  # warm-up: Triton's autotuner and compilation, cuDNN's algorithm search
-                times = timer(fns, self.rounds)
+                times = timer(fns, min(self.rounds, CPU_ROUNDS) if cpu else self.rounds)
             else:
                 times = {}
         choice = min(times, key=lambda n: (times[n], n != torch_backend.NAME)) if times else torch_backend.NAME
@@ -417,6 +507,50 @@ def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], 
     return max(_rel_err(a, b) for a, b in zip(got, expect))
 
 
+#: A cache file larger than this is not read (a decision is ~300 bytes).
+MAX_CACHE_BYTES = 16 << 20
+
+
+def _valid_entry(hit: Any) -> bool:
+    """A decision as :meth:`AutoSelector._measure` writes it (what ``choose`` and ``rvclora info`` read)."""
+    if not isinstance(hit, dict) or not isinstance(hit.get("choice"), str):
+        return False
+    seconds, failed = hit.get("seconds", {}), hit.get("failed", {})
+    if not isinstance(seconds, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                and not isinstance(v, bool) for k, v in seconds.items()):
+        return False
+    if not isinstance(failed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in failed.items()):
+        return False
+    tol = hit.get("tolerance", 0.0)
+    return isinstance(tol, (int, float)) and not isinstance(tol, bool)
+
+
+def _read_cache(path: str) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    """The valid decisions of the cache file, and what was wrong with the rest (``None``: nothing)."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CACHE_BYTES:
+            return {}, f"{size} bytes, over the {MAX_CACHE_BYTES} a cache may have"
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond the parser's depth
+        return {}, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("entries"), dict):
+        return {}, "not an rvclora autoselect cache (expected {'format': 1, 'entries': {...}})"
+    entries: dict[str, dict[str, dict[str, Any]]] = {}
+    bad = 0
+    for env, table in data["entries"].items():
+        if not isinstance(table, dict):
+            bad += 1
+            continue
+        for key, hit in table.items():
+            if _valid_entry(hit):
+                entries.setdefault(env, {})[key] = hit
+            else:
+                bad += 1
+    return entries, (f"{bad} malformed entries" if bad else None)
+
+
 _selector: AutoSelector | None = None
 _selector_lock = threading.Lock()
 
@@ -428,6 +562,16 @@ def get_selector() -> AutoSelector:
         if _selector is None:
             _selector = AutoSelector(cache_path())
         return _selector
+
+
+def measure_note() -> str | None:
+    """One line on what ``auto`` measured in this process (``None`` when it measured nothing)."""
+    sel = _selector
+    if sel is None or not sel.measured:
+        return None
+    total = sum(s for _, s in sel.measured)
+    return (f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
+            f"{sel.path or 'memory only'})")
 
 
 def decisions() -> list[tuple[str, str, dict[str, Any]]]:

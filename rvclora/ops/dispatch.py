@@ -21,10 +21,11 @@ that requires grad.
 that can run the call and falls back silently; a named backend that cannot run the call
 raises :class:`BackendUnavailableError` saying why.
 
-``auto`` on CUDA tensors does not bet on the fused kernels: :mod:`rvclora.ops.autoselect`
-validates each capable fused backend against the torch path and times both on the first call
-of a shape class, and keeps the faster correct one (cached in memory and on disk). On other
-devices it takes the first capable backend of :data:`_AUTO_ORDER` whose ``prefer`` agrees.
+``auto`` on CUDA and CPU tensors does not bet on the fused kernels: :mod:`rvclora.ops.autoselect`
+validates each capable fused backend against the oracle and times it against the torch path on the
+first call of a shape class, and keeps the faster correct one (cached in memory and on disk).
+``RVCLORA_AUTOSELECT=fixed``, and every call inside a ``torch.compile`` trace, take the first
+capable backend of :data:`_AUTO_ORDER` whose ``prefer`` agrees.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ _FIXED_TORCH_OPS = frozenset({"lora_conv_transpose1d"})
 
 
 def _measured(x) -> bool:
-    """Whether ``auto`` measures its choice for ``x`` (CUDA tensors; see rvclora.ops.autoselect)."""
-    return x.device.type == "cuda"
+    """Whether ``auto`` measures its choice for ``x`` (CUDA and CPU tensors; see rvclora.ops.autoselect)."""
+    return x.device.type in ("cuda", "cpu")
 
 
 def _tracing() -> bool:
