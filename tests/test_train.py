@@ -128,9 +128,9 @@ def test_trains_each_layout(work, one_thread, version, f0, layout):
     merged_sd = merged_state_dict(adapted)
     merged.load_state_dict({k: v.half().float() for k, v in merged_sd.items()})  # what the export stores
     assert torch.allclose(_infer(exported, f0), _infer(merged, f0), atol=1e-6, rtol=0)
-    merged.load_state_dict(merged_sd)  # and merging is exact: in float64, merged = adapted
+    merged.load_state_dict(merged_sd)  # and merging is exact: in float64, merged = adapted (the sine source is fp32)
     ref = _infer(adapted.double(), f0, dtype=torch.float64)
-    assert torch.allclose(_infer(merged.double(), f0, dtype=torch.float64), ref, atol=1e-9, rtol=0)
+    assert torch.allclose(_infer(merged.double(), f0, dtype=torch.float64), ref, atol=1e-6, rtol=0)  # NSF: fp32 sines
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
