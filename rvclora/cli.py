@@ -415,9 +415,12 @@ def _info_rvc(model_file: Any) -> int:
             print(f"  other fields: {extra}")
     else:
         d = model_file.data
-        print(f"{model_file.path}: RVC training checkpoint ({size})")
-        print(f"  iteration={d.get('iteration')} learning_rate={d.get('learning_rate')} "
-              f"optimizer state: {'yes' if d.get('optimizer') else 'no'}")
+        if set(d) == {"model"}:
+            print(f"{model_file.path}: RVC pretrained generator, {{'model': state_dict}} ({size})")
+        else:
+            print(f"{model_file.path}: RVC training checkpoint ({size})")
+            print(f"  iteration={d.get('iteration')} learning_rate={d.get('learning_rate')} "
+                  f"optimizer state: {'yes' if d.get('optimizer') else 'no'}")
     print(f"  decoder: {'GeneratorNSF (f0)' if model_file.f0 else 'Generator (no f0)'}, "
           f"{model_file.weight_norm} weight_norm, {len(dec)} tensors, {sum(t.numel() for t in dec.values()):,} "
           "parameters")

@@ -380,3 +380,55 @@ def _voice_ready_again(model, seed: int = 1) -> None:
     with torch.no_grad():
         for _, p in sorted(saved_parameters(model).items()):
             p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------- mix, info, PEFT
+
+
+def test_mix_info_and_peft_with_whole_voice_adapters(tmp_path, capsys) -> None:
+    from rvclora.cli import main
+    from rvclora.peft_format import export_peft_adapter
+
+    base = tiny(seed=6)
+    _export(base, tmp_path / "base.pth", 8000)
+    for i in (1, 2):
+        save_lora_checkpoint(_voice_ready(tiny(seed=6), seed=i), tmp_path / f"v{i}.safetensors")
+    args = ["mix", str(tmp_path / "v1.safetensors:0.5"), str(tmp_path / "v2.safetensors:1.0"), "-o",
+            str(tmp_path / "mix.safetensors")]
+    assert main(args) == 1
+    assert "sum to 1.5, not 1" in capsys.readouterr().err
+    assert main(args + ["--base", str(tmp_path / "base.pth")]) == 0
+    assert "blended as base + sum w_i (T_i - base)" in capsys.readouterr().out
+    mix = read_lora_file(tmp_path / "mix.safetensors")
+    b = torch.load(tmp_path / "base.pth", weights_only=True)["weight"]["emb_g.weight"].double()
+    t1, t2 = (read_lora_file(tmp_path / f"v{i}.safetensors")["weights"]["emb_g.weight"].double() for i in (1, 2))
+    assert torch.allclose(mix["weights"]["emb_g.weight"].double(), b + 0.5 * (t1 - b) + (t2 - b), atol=1e-6)
+    # the blend merges like any adapter, in one pass
+    assert main(["merge", str(tmp_path / "base.pth"), str(tmp_path / "mix.safetensors"), "-o",
+                 str(tmp_path / "out.pth")]) == 0
+    assert "enc_q layers left out" in capsys.readouterr().out
+
+    assert main(["info", str(tmp_path / "v1.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "(of the whole synthesizer but enc_q)" in out and "saved whole (modules_to_save): " in out
+    assert "whole-voice adapter: changes dec, emb_g, enc_p, enc_q, flow" in out
+    assert main(["info", str(tmp_path / "base.pth")]) == 0
+    assert "fp16-sha256:synth:" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=r"saves modules whole \(modules_to_save=\['emb_g'"):
+        export_peft_adapter(_voice_ready(tiny(seed=6)), tmp_path / "peft")
+
+
+def test_lora_conv_on_rvcs_transposed_source_view() -> None:
+    """RVC's noise convs get the harmonic source as ``(B, T, 1).transpose(1, 2)``: strides that read as
+    channels-last. A LoRA conv on it must give nn.Conv1d's result (a no-grad batch-1 path once did not)."""
+    from rvclora.layers import LoRAConv1d
+
+    torch.manual_seed(0)
+    layer = LoRAConv1d.from_base(torch.nn.Conv1d(1, 8, 4, stride=2, padding=1), r=8, lora_alpha=16)
+    torch.nn.init.normal_(layer.lora_B)
+    w = layer.weight + layer.get_delta_weight()
+    x = torch.randn(1, 24, 1).transpose(1, 2)
+    with torch.no_grad():
+        want = torch.nn.functional.conv1d(x, w, layer.bias, 2, 1)
+        assert torch.allclose(layer(x), want, atol=1e-5)

@@ -180,6 +180,11 @@ def _conv1d_fwd_impl(
             w_cat.narrow(0, out, r).copy_(a3)
             b_cat = F.pad(bias, (0, r)) if bias is not None else None
             yu = F.conv1d(xp, w_cat, b_cat, stride, cpad, dilation, groups)
+            if not yu.is_contiguous():
+                # an input whose strides read as channels-last (one channel, stride 1: RVC's noise convs get
+                # the harmonic source as a transposed (B, T, 1) view) gets a channels-last output; the view
+                # below assumes nn.Conv1d's layout
+                yu = yu.contiguous()
             # Batch 1 only: there the first ``out`` channels are one contiguous block, so y is a view in
             # nn.Conv1d's layout (the batch stride of a size-1 dim is re-stated, which moves no data).
             # u is cloned: a view would keep all of yu (an activation-sized buffer) alive for backward.
