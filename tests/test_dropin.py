@@ -18,7 +18,6 @@ import types
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from oracle import assert_close_to_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -460,18 +459,3 @@ def test_tf32_settings_read_from_the_real_flags_in_a_fresh_process():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().split("\n")[-1] == "False True", out.stdout
 
-
-def test_conv1d_on_a_transposed_single_channel_input_matches_the_merged_weight(backend):
-    """RVC's NSF decoder feeds its first noise conv ``source.transpose(1, 2)``: shape (1, 1, T), strides
-    (T, 1, 1). The convolution library answers such an input in channels-last layout; the LoRA layer must
-    read it as such (and give nn.Conv1d's layout back)."""
-    torch.manual_seed(0)
-    base = nn.Conv1d(1, 64, 80, stride=40, padding=20)
-    layer = LoRAConv1d.from_base(base, r=8, lora_alpha=16)
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.1)
-    x = torch.randn(1, 4000, 1).transpose(1, 2)
-    want = F.conv1d(x.contiguous(), layer.weight + layer.get_delta_weight(), layer.bias, 40, 20)
-    got = layer(x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert got.stride() == base(x).stride()

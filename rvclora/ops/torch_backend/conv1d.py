@@ -189,13 +189,8 @@ def _conv1d_fwd_impl(
             # nn.Conv1d's layout (the batch stride of a size-1 dim is re-stated, which moves no data).
             # u is cloned: a view would keep all of yu (an activation-sized buffer) alive for backward.
             t = yu.shape[-1]
-            u = yu.narrow(1, out, r).clone(memory_format=torch.contiguous_format)
-            if yu.stride() != ((out + r) * t, t, 1):
-                # the library wrote a channels-last output (for an input like a transposed (1, T, 1) source,
-                # as RVC's NSF decoder feeds its noise convs): y keeps that layout, as nn.Conv1d's does
-                return yu.narrow(1, 0, out).clone(memory_format=torch.preserve_format), u
             y = yu.narrow(1, 0, out).as_strided((1, out, t), (out * t, t, 1))
-            return y, u
+            return y, yu.narrow(1, out, r).clone(memory_format=torch.contiguous_format)
 
         def split() -> Tuple[Tensor, Tensor]:
             # The base-sized convolution with W + s·ΔW, and u as a thin GEMM plus k shifted adds.
