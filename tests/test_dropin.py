@@ -458,4 +458,3 @@ def test_tf32_settings_read_from_the_real_flags_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().split("\n")[-1] == "False True", out.stdout
-
