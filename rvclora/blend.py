@@ -416,6 +416,10 @@ def blend_adapters(
         A, B = _unfactors(rec, L, R)
         A, B = A.to(dtype), B.to(dtype)
         exact = torch.bmm(L, R)
+        for what, t in (("update", exact), ("lora_A", A), ("lora_B", B)):
+            if not bool(torch.isfinite(t).all()):
+                raise BlendError(f"{name}: the blended {what} is not finite in "
+                                 f"{str(t.dtype).replace('torch.', '')} (weights too large for these adapters?)")
         Lc, Rc = _factors(rec, A.double(), B.double())
         norm = float(exact.norm())
         cast_errors[name] = float((torch.bmm(Lc, Rc) - exact).norm()) / norm if norm > 0 else 0.0

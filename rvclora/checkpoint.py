@@ -581,6 +581,31 @@ def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | No
                       f"{short_fingerprint(base_fp)}), used anyway (force)", RVCLoRAWarning, stacklevel=stacklevel)
 
 
+def check_fits_before_injecting(where: str, model: nn.Module, config: LoRAConfig, weights: dict[str, Tensor]) -> None:
+    """The file's factors must be exactly those injecting ``config`` into ``model`` creates, checked before it does.
+
+    Raises ``ValueError`` (prefixed with ``where`` unless it is empty) naming the first layer the
+    config selects that the file has no, or other-shaped, factors for: injecting first would
+    allocate what the file only declares (a few KB declaring a rank of 8192 for every layer).
+    """
+    from .inject import planned_lora_shapes
+
+    prefix = f"{where}: " if where else ""
+    try:
+        planned = planned_lora_shapes(model, config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{prefix}{e}") from None
+    for name, shapes in planned.items():
+        for leaf, shape in zip(_FACTORS, shapes):
+            t = weights.get(f"{name}.{leaf}")
+            if t is None:
+                raise ValueError(f"{prefix}the config's target_modules select {name!r}, which the file has no {leaf} "
+                                 "for (is it for this model?)")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{prefix}{name + '.' + leaf!r} has shape {tuple(t.shape)}, the model's layer needs "
+                                 f"{shape} (different rank or layer size?)")
+
+
 def _undo_injection(model: nn.Module):
     """A function that puts ``model`` back as it is now, after an :func:`rvclora.inject_lora` of it.
 
@@ -649,6 +674,7 @@ def load_lora_checkpoint(
     layers = [(n, m) for n, m in lora_modules(model)]
     undo = None
     if not layers:
+        check_fits_before_injecting(where, model, cfg, data["weights"])
         undo = _undo_injection(model)
         inject_lora(model, cfg)
         layers = list(lora_modules(model))

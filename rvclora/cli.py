@@ -278,8 +278,11 @@ def _info_autoselect() -> None:
     from .ops import autoselect
 
     rows = autoselect.decisions()
+    selector = autoselect.get_selector()
     print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
-          f"decisions cached in {autoselect.get_selector().path or 'memory only'}: {len(rows)}")
+          f"decisions cached in {selector.path or 'memory only'}: {len(rows)}")
+    if selector.cache_problem:
+        print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
         failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))

@@ -15,6 +15,7 @@ from .targets import target_matches
 __all__ = [
     "inject_lora",
     "lora_modules",
+    "planned_lora_shapes",
     "mark_only_lora_as_trainable",
     "get_lora_parameters",
     "count_lora_parameters",
@@ -121,6 +122,23 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
     return names
+
+
+def planned_lora_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{layer: (lora_A shape, lora_B shape)}`` that :func:`inject_lora` would create, without creating them.
+
+    Readers compare a file's factors with these before injecting, so a file never makes
+    rvclora allocate factors it does not hold (a few KB declaring a rank of 8192 for every layer).
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LoRALayer):
+            continue
+        base = _base_kind(module)
+        if base is not None and any(target_matches(t, name) for t in config.target_modules):
+            shape_a, shape_b = _LORA_CLASS[base]._lora_shapes(module, config.r)
+            out[name] = (tuple(shape_a), tuple(shape_b))
+    return out
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) -> nn.Module:

@@ -427,7 +427,7 @@ def merge_adapter(
     key and why (NaN or Inf in the adapter, in the base, or an overflow of half). The write is
     atomic.
     """
-    from .checkpoint import check_base_fingerprint, load_lora_weights, read_lora_file
+    from .checkpoint import check_base_fingerprint, check_fits_before_injecting, load_lora_weights, read_lora_file
     from .fingerprint import base_fingerprint
     from .inject import inject_lora, lora_modules, merged_state_dict
 
@@ -473,6 +473,7 @@ def merge_adapter(
                            f"(e.g. {outside[0]!r}); only decoder adapters can be merged")
     model: nn.Module = _Synthesizer(generator) if on_synth else generator
     try:
+        check_fits_before_injecting("", model, lora_config, weights)
         inject_lora(model, lora_config)
         load_lora_weights(model, {k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     except (KeyError, ValueError) as e:

@@ -5,7 +5,7 @@ Every reader (``rvclora info``, ``mix``, ``merge``, :func:`rvclora.blend.blend_a
 the functions here, so a file that one of them accepts is never refused, or reinterpreted,
 by another.
 
-* :func:`check_adapter`: the tensors (string keys, floating point, at most
+* :func:`check_adapter`: the tensors (string keys, :data:`DTYPES`, at most
   :data:`MAX_TENSORS`), the factor pairs (2-D, ``lora_A`` of the config's rank, ``lora_B``
   agreeing with it for the layer's kind and groups), the layer records (``metadata["layers"]``:
   one per adapted layer, a known kind, ``groups`` a positive int) and the blend record
@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "layer_records_of",
 ]
 
+#: The dtypes an adapter's tensors may have (float8 and complex would not merge or check as floats do).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: The layer kinds of a layer record.
 KINDS = ("linear", "conv1d", "conv_transpose1d")
 #: At most this many tensors in an adapter file (an RVC decoder adapter holds a few hundred).
@@ -157,6 +160,10 @@ def check_adapter(where: str, weights: Any, config: Any, metadata: Any) -> dict[
         raise ValueError(f"{where}: metadata is a {type(metadata).__name__}, expected a dict")
     record = metadata.get("modules_to_save") if isinstance(metadata, Mapping) else None
     _check_adapter_content(where, dict(weights), config, saved_shapes=record)
+    for key, t in weights.items():
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{where}: {key!r} has dtype {str(t.dtype).replace('torch.', '')}; adapter tensors are "
+                             "float16, bfloat16, float32 or float64")
     layers: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")

@@ -102,3 +102,11 @@ def test_a_cast_that_loses_precision_warns_naming_the_layer() -> None:
         mix = blend_adapters([tiny, tiny], [0.5, 0.5])
     cast = mix["metadata"]["blend"]["cast_errors"]
     assert max(cast.values()) > 1.6e-2
+
+
+def test_a_blend_that_overflows_is_refused_naming_the_layer() -> None:
+    a = _adapter(2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RVCLoRAWarning)
+        with pytest.raises(BlendError, match=r"lin: the blended .* is not finite in float32"):
+            blend_adapters([a, a], [1e300, 1e300])

@@ -167,3 +167,39 @@ def test_export_configs_rvc_cannot_run_are_refused_naming_the_path(files, capsys
     assert main(["info", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("rvclora: error:") and "bad_config.pth" in err and "\n" not in err
+
+
+def test_factors_a_file_only_declares_are_never_allocated(files, monkeypatch) -> None:
+    """A few-KB file declaring a large rank for every targeted layer made the readers inject (allocate) first."""
+    from rvclora.layers import LoRALayer
+
+    d = files["dir"]
+    config = LoRAConfig(r=512, lora_alpha=4, target_modules=["ups", "resblocks"])
+    w = {"ups.0.lora_A": torch.zeros(512, 1), "ups.0.lora_B": torch.zeros(512, 1)}  # tiny, for one layer only
+    path = _adapter(files, "declares", weights=w, metadata=None, config=config)
+
+    def never(*a, **k):
+        raise AssertionError("LoRA factors were allocated before the file was checked against the model")
+
+    monkeypatch.setattr(LoRALayer, "_init_lora", never)
+    model = build_generator(CFG, seed=0)
+    with pytest.raises(ValueError, match=r"declares\.pth.*'ups\.0\.lora_A' has shape \(512, 1\), the model's layer"):
+        load_lora_checkpoint(model, path)
+    with pytest.raises(ValueError, match=r"'ups\.0\.lora_A' has shape \(512, 1\)"):
+        merge_adapter(d / "base.pth", path, d / "never.pth")
+    w = {k: v for k, v in files["good"]["weights"].items() if not k.startswith("resblocks.0.")}
+    path = _adapter(files, "partial", weights=w, metadata=None)
+    with pytest.raises(ValueError, match=r"select 'resblocks\.0\.convs1\.0', which the file has no lora_A"):
+        load_lora_checkpoint(build_generator(CFG, seed=0), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.complex64])
+def test_tensor_dtypes_outside_the_float_family_are_refused(files, capsys, dtype) -> None:
+    w = dict(files["good"]["weights"])
+    key = next(iter(w))
+    w[key] = w[key].to(dtype)
+    path = _adapter(files, "dtype", weights=w)
+    with pytest.raises(ValueError, match=r"dtype\.pth.*dtype (float8_e4m3fn|complex64)"):
+        read_lora_file(path)
+    assert main(["info", str(path)]) == 1
+    assert "dtype.pth" in capsys.readouterr().err

@@ -367,6 +367,8 @@ class AutoSelector:
         self._memory: dict[str, dict[str, dict[str, Any]]] = {}
         self._file_loaded = False
         self._warned: set = set()
+        #: what was wrong with the cache file when it was read (``None``: nothing), for ``rvclora info``
+        self.cache_problem: str | None = None
         self.measured: list[tuple[str, float]] = []  # (shape class, seconds spent measuring it)
         self._memo: dict[tuple, str] = {}
         self.chosen: dict[str, str] = {}  # shape class (or "fixed rule <op>") -> the backend it ran, this process
@@ -379,28 +381,34 @@ class AutoSelector:
         self._file_loaded = True
         if not self.path or not os.path.isfile(self.path):
             return
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                data = json.load(f)
-            entries = data.get("entries", {}) if isinstance(data, dict) and data.get("format") == 1 else {}
-        except (OSError, ValueError) as e:
-            warnings.warn(f"rvclora: ignoring unreadable autoselect cache {self.path}: {e}", stacklevel=3)
-            return
+        entries, bad = _read_cache(self.path)
         for env, table in entries.items():
-            if isinstance(table, dict):
-                self._memory.setdefault(env, {}).update(table)
+            self._memory.setdefault(env, {}).update(table)
+        if bad:
+            # what is bad is dropped: the next decision rewrites the file without it
+            self.cache_problem = bad
+            from ..io import RVCLoRAWarning
+
+            warnings.warn(f"autoselect cache {self.path}: {bad}; ignored (it is rewritten without them at "
+                          "the next measurement)", RVCLoRAWarning, stacklevel=4)
 
     def _save_file(self) -> None:
         if not self.path:
             return
+        from ..io import RVCLoRAWarning, atomic_write
+
+        text = json.dumps({"format": 1, "entries": self._memory}, indent=1, sort_keys=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"format": 1, "entries": self._memory}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+            atomic_write(self.path, write)  # O_EXCL | O_NOFOLLOW temporary, then an atomic rename
         except OSError as e:
-            warnings.warn(f"rvclora: cannot write the autoselect cache {self.path}: {e}", stacklevel=3)
+            warnings.warn(f"cannot write the autoselect cache {self.path}: {e}", RVCLoRAWarning,
+                          stacklevel=3)
 
     def cached(self, env: str, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -536,6 +544,50 @@ def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], 
     if len(got) != len(expect):
         return float("inf")
     return max(_rel_err(a, b) for a, b in zip(got, expect))
+
+
+#: A cache file larger than this is not read (a decision is ~300 bytes).
+MAX_CACHE_BYTES = 16 << 20
+
+
+def _valid_entry(hit: Any) -> bool:
+    """A decision as :meth:`AutoSelector._measure` writes it (what ``choose`` and ``rvclora info`` read)."""
+    if not isinstance(hit, dict) or not isinstance(hit.get("choice"), str):
+        return False
+    seconds, failed = hit.get("seconds", {}), hit.get("failed", {})
+    if not isinstance(seconds, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                and not isinstance(v, bool) for k, v in seconds.items()):
+        return False
+    if not isinstance(failed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in failed.items()):
+        return False
+    tol = hit.get("tolerance", 0.0)
+    return isinstance(tol, (int, float)) and not isinstance(tol, bool)
+
+
+def _read_cache(path: str) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    """The valid decisions of the cache file, and what was wrong with the rest (``None``: nothing)."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CACHE_BYTES:
+            return {}, f"{size} bytes, over the {MAX_CACHE_BYTES} a cache may have"
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond the parser's depth
+        return {}, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("entries"), dict):
+        return {}, "not an rvclora autoselect cache (expected {'format': 1, 'entries': {...}})"
+    entries: dict[str, dict[str, dict[str, Any]]] = {}
+    bad = 0
+    for env, table in data["entries"].items():
+        if not isinstance(table, dict):
+            bad += 1
+            continue
+        for key, hit in table.items():
+            if _valid_entry(hit):
+                entries.setdefault(env, {})[key] = hit
+            else:
+                bad += 1
+    return entries, (f"{bad} malformed entries" if bad else None)
 
 
 _selector: AutoSelector | None = None

@@ -25,6 +25,12 @@ GPUs'; else, with no GPU visible (a build machine, a container without the devic
 for newer GPUs. torch alone would derive the list from the visible devices and fail with an
 ``IndexError`` when there are none.
 
+torch's builder serialises builds with a ``lock`` file in the build directory and waits for it
+forever; a build killed half-way leaves it behind. Before building, rvclora waits for that file
+at most ``$RVCLORA_BUILD_LOCK_TIMEOUT`` seconds (default 120), then gives up with a message
+naming the directory: the build counts as failed and ``auto`` falls back. (A lock taken and
+abandoned in the instant between that wait and torch's own is not covered.)
+
 A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a warning;
 :func:`load_error` then returns the reason, the ``cuda`` backend reports itself unavailable and
 ``auto`` falls back.
@@ -212,9 +218,52 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {' | '.join(lines[-3:]) if lines else type(e).__name__}"
 
 
+#: Seconds to wait for another build's lock file before giving up (``$RVCLORA_BUILD_LOCK_TIMEOUT``).
+BUILD_LOCK_TIMEOUT = 120.0
+
+
+def build_lock_timeout() -> float:
+    """``$RVCLORA_BUILD_LOCK_TIMEOUT`` in seconds (>= 0), else :data:`BUILD_LOCK_TIMEOUT`."""
+    text = os.environ.get("RVCLORA_BUILD_LOCK_TIMEOUT", "").strip()
+    if not text:
+        return BUILD_LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        warnings.warn(f"rvclora: RVCLORA_BUILD_LOCK_TIMEOUT={text!r} is not a number of seconds >= 0; using "
+                      f"{BUILD_LOCK_TIMEOUT:g}", RuntimeWarning, stacklevel=2)
+        return BUILD_LOCK_TIMEOUT
+    return value
+
+
+def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
+    """Wait until ``build_dir`` holds no ``lock`` file; ``TimeoutError`` naming it after ``timeout`` seconds.
+
+    torch's builder waits on that file forever, and a build killed half-way leaves it behind:
+    the first LoRA forward (and ``rvclora info``) would hang without a word.
+    """
+    import time
+
+    timeout = build_lock_timeout() if timeout is None else timeout
+    lock = os.path.join(build_dir, "lock")
+    deadline = time.monotonic() + timeout
+    while os.path.exists(lock):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the extension build directory {build_dir} is locked ({lock} has existed for "
+                               f"{timeout:g} s; a build killed half-way leaves it: delete it if no build is running, "
+                               "RVCLORA_BUILD_LOCK_TIMEOUT sets the wait)")
+        time.sleep(0.05)
+
+
 def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import load
 
+    get_dir = getattr(cpp_extension, "_get_build_directory", None)
+    if get_dir is not None:  # torch's own rule for where the build (and its lock) lives
+        wait_for_build_lock(get_dir(extension_name(cuda), False))
     load(
         name=extension_name(cuda),
         sources=[str(src / f) for f in sources(cuda)],
