@@ -435,6 +435,8 @@ class AutoSelector:
         """
         if not fused:
             return torch_backend
+        if "weight" not in params or "lora_A" not in params:
+            return fixed_choice  # a query without the layer's shapes (which backend would run?): nothing to measure
         if mode() == FIXED:
             self.chosen[f"fixed rule {op}"] = fixed_choice.NAME
             return fixed_choice
