@@ -165,6 +165,8 @@ class Row:
     params: dict[str, object] = field(default_factory=dict)
     #: bytes of ``x`` and ``u`` summed over the adapted layers: rvclora may save at most the base's plus this
     saved_allowance: int | None = None
+    #: the roofline floor (docs/maths.md), a fraction of the frozen step at this machine's rates
+    roof: float | None = None
 
 
 @dataclass
@@ -273,6 +275,9 @@ class Harness:
             for k in names:
                 _clear_grads(runnable[k].params)
                 if w == 0:
+                    # one call first: what runs once per shape (auto's measurement) must not be counted
+                    runnable[k].step()
+                    _clear_grads(runnable[k].params)
                     saved[k] = count_saved_bytes(runnable[k].step)
                 else:
                     runnable[k].step()
@@ -321,7 +326,7 @@ def _paired(times: dict[str, list[float]], num: str, den: str) -> float:
 
 
 def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: str) -> dict:
-    out = {"case": row.case, "kind": row.kind, "params": row.params, "flop_floor": row.floor,
+    out = {"case": row.case, "kind": row.kind, "params": row.params, "flop_floor": row.floor, "roof": row.roof,
            "warmup_rounds": warmup, "test": nodeid, "variants": {}}
     base_key, rv_key = row.roles.get("base"), row.roles.get("rvclora")
     base_t = medians.get(base_key)
@@ -345,6 +350,8 @@ def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: 
         if role in ALTERNATIVES and rv_t:
             entry["rvclora_over_this"] = _paired(times, rv_key, key)
             entry["rvclora_over_this_of_medians"] = rv_t / t
+        if role == "rvclora" and row.roof and entry["overhead_vs_base"] is not None:
+            entry["overhead_over_roof"] = entry["overhead_vs_base"] / row.roof
         if role == "rvclora" and row.saved_allowance is not None and saved.get(base_key) is not None:
             bound = saved[base_key] + row.saved_allowance
             entry["saved_bound_bytes"] = bound
@@ -400,6 +407,7 @@ def machine_info(state: dict) -> dict:
         "pytest_benchmark": library_version("pytest-benchmark"),
         "rvclora_backend_requested": ops.get_backend(),
         "rvclora_backend_cpu": backend,
+        **machine_rates(),
         "mode": "quick" if state["quick"] else "full",
         "budget_s": state["budget_s"],
     }
@@ -439,7 +447,7 @@ def _cell(entry: dict, what: str) -> str:
 
 def format_table(results: list[dict], info: dict) -> list[str]:
     """The comparison table, one line per case, and the legend of unsupported cells."""
-    head = ["case", "floor", "base ms", "rvclora ms ovh"]
+    head = ["case", "floor", "roof", "base ms", "rvclora ms ovh", "ovh/roof"]
     for alt in ALTERNATIVES:
         head += [f"{alt} ms ovh", "rv/" + alt]
     head += ["saved MiB: base", "rvclora", "bound", "plain", "peft", "loralib", "full"]
@@ -447,7 +455,10 @@ def format_table(results: list[dict], info: dict) -> list[str]:
     reasons: dict[str, list[str]] = {}
     for res in results:
         v = res["variants"]
-        cells = [res["case"], f"{res['flop_floor'] * 100:.1f}%", _cell(v["base"], "ms"), _cell(v["rvclora"], "ms+ovh")]
+        roof, over_roof = res.get("roof"), v["rvclora"].get("overhead_over_roof")
+        cells = [res["case"], f"{res['flop_floor'] * 100:.1f}%", "-" if roof is None else f"{roof * 100:.1f}%",
+                 _cell(v["base"], "ms"), _cell(v["rvclora"], "ms+ovh"),
+                 "-" if over_roof is None else f"{over_roof:.1f}x"]
         for alt in ALTERNATIVES:
             cells += [_cell(v[alt], "ms+ovh"), _cell(v[alt], "ratio")]
         cells += [_cell(v[k], "mib") for k in VARIANTS[:2]]
@@ -467,12 +478,14 @@ def format_table(results: list[dict], info: dict) -> list[str]:
     out = [
         f"machine: {info.get('cpu_model')} · {info.get('cpus_available')} CPUs · torch {info.get('torch')} · "
         f"{info.get('torch_threads')} threads · triton {info.get('triton')} · peft {info.get('peft')} · "
-        f"loralib {info.get('loralib')} · commit {(info.get('git_commit') or '?')[:10]}"
+        f"loralib {info.get('loralib')} · conv {info.get('conv_gflops', 0):.0f} GFLOP/s · "
+        f"triad {info.get('triad_gbs', 0):.0f} GB/s · commit {(info.get('git_commit') or '?')[:10]}"
         f"{' (dirty)' if info.get('git_dirty') else ''} · backend {info.get('rvclora_backend_cpu')} · "
         f"mode {info.get('mode')} · {info.get('date')}",
         "ms = median per training step (forward + backward) over interleaved rounds after warm-up; "
         "ovh = vs the frozen base (median over rounds of the ratio within each round); "
-        "floor = flop floor (docs/maths.md); rv/x = rvclora time / x time, paired the same way (< 1: rvclora "
+        "floor = flop floor, roof = roofline floor at this machine's rates, ovh/roof = rvclora's overhead ÷ roof "
+        "(docs/maths.md); rv/x = rvclora time / x time, paired the same way (< 1: rvclora "
         "faster); saved MiB = activation bytes autograd saves for backward; bound = rvclora's within the base's "
         "+ x + u per adapted layer; '-' = not run in this case",
         rule, fmt(head), rule,

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from alternatives import Unsupported, copy_factors, inject_plain_lora, loralib_lora, peft_lora
 from gan import fold_weight_norm
-from harness import layer_floor
+from harness import base_step_flops, layer_floor, lora_extra, machine_rates, roofline_s
 
 from rvclora import LoRAConfig, inject_lora, lora_modules
 from rvclora.inject import target_matches
@@ -87,6 +87,28 @@ def generator_floor(model: nn.Module, inputs, targets, r: int) -> float:
     extra = sum(layer_floor(m, r) * f for name, (m, f) in layers.items()
                 if any(target_matches(t, name) for t in targets))
     return extra / total
+
+
+def generator_roof(model: nn.Module, inputs, targets, r: int) -> float:
+    """The roofline floor (docs/maths.md) of LoRA on ``targets``: the adapted layers' roofline times over
+    the frozen step's base-sized flops at this machine's convolution rate."""
+    rates, layers, hooks = machine_rates(), {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYERS):
+            def hook(mod, args, out, name=name):
+                flops = base_step_flops(mod, args[0].shape) * (1 if args[0].requires_grad else 0.5)
+                layers[name] = (mod, tuple(args[0].shape), flops)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        x, f0, g = inputs
+        model(x.detach().requires_grad_(True), f0, g, generator=torch.Generator().manual_seed(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    base_s = sum(f for _, _, f in layers.values()) / (rates["conv_gflops"] * 1e9)
+    extra_s = sum(roofline_s(*lora_extra(m, shape, r), rates) for name, (m, shape, _) in layers.items()
+                  if any(target_matches(t, name) for t in targets))
+    return extra_s / base_s
 
 
 def _variant(h, model: nn.Module, inputs, gy, trainable):
@@ -186,5 +208,6 @@ def test_generator_step(benchmark, bench_harness, batch):
                           roles=roles, params={"config": config.name, "batch": batch, "frames": frames,
                                                "targets": list(targets), "r": r, "lora_alpha": alpha,
                                                "lora_layers": len(names)},
-                          saved_allowance=h.saved_allowance(rv, lambda m=rv: _output(m, inputs))))
+                          saved_allowance=h.saved_allowance(rv, lambda m=rv: _output(m, inputs)),
+                          roof=generator_roof(base, inputs, targets, r)))
     h.run(benchmark, variants, rows, h.plan(PLAN_QUICK, PLAN_FULL_B1 if batch == 1 else PLAN_FULL))

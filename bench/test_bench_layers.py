@@ -22,6 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 from alternatives import Unsupported, conv_output_check, copy_factors, loralib_lora, peft_lora, plain_lora
+from harness import machine_rates, roofline_floor
 
 from rvclora import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
 
@@ -141,7 +142,8 @@ def _run_case(benchmark, h, case, kind, base, x, floor, params):
 
     roles = {k: k for k in variants}
     row = h.Row(case=case, kind=kind, floor=floor, roles=roles, params={**params, "r": RANK, "lora_alpha": ALPHA},
-                saved_allowance=h.saved_allowance(rv, lambda: rv(x)))
+                saved_allowance=h.saved_allowance(rv, lambda: rv(x)),
+                roof=roofline_floor(base, tuple(x.shape), RANK, machine_rates()))
     h.run(benchmark, variants, [row], h.plan(PLAN_QUICK, PLAN_FULL))
 
 

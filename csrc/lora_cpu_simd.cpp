@@ -132,11 +132,11 @@ namespace {
 constexpr int64_t kLanes = 16;  // the widest vector: scratch rows are padded to it
 
 // Time-block length: a multiple of 48 (both ISAs' forward step), near `target`, and enough blocks
-// (over the batch) for two per thread where the sequence allows it.
-int64_t block_len(int64_t Tout, int64_t N, int64_t target) {
+// (over the batch) for `per_thread` per thread where the sequence allows it.
+int64_t block_len(int64_t Tout, int64_t N, int64_t target, int64_t per_thread = 2) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t len = std::min(target, Tout);
-  const int64_t want = 2 * threads;
+  const int64_t want = per_thread * threads;
   if (N * ((Tout + len - 1) / len) < want) len = (Tout + (want + N - 1) / N - 1) / ((want + N - 1) / N);
   len = (len + 47) / 48 * 48;
   return std::max<int64_t>(48, len);
@@ -170,7 +170,9 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
-  const int64_t L = block_len(d.Tout, d.N, 1536);
+  // one block per thread where the sequence is short: each block ends in a horizontal sum per
+  // (rank, column) of the reductions, a cost that does not shrink with the block
+  const int64_t L = block_len(d.Tout, d.N, 1536, 1);
   const int64_t nblk = (d.Tout + L - 1) / L;
   const int64_t ldl = (L + kLanes - 1) / kLanes * kLanes;
   const int64_t sizeA = gA ? d.r * d.Cin * d.K : 0, sizeB = gB ? d.Cout * d.r : 0;

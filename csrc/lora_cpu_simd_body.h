@@ -79,10 +79,10 @@ inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_
 
 // out[rb·o_r + qout[q]] += Σ_{i < nvec·W} P[rb·ldp + i] · Q[qoff[q] + t0 + qshift[q] + i]
 // (Q reads 0 outside [0, qlim) of its row; P is zero past the tile's valid length).
-template <int RB, int QBN>
-inline __attribute__((always_inline)) void red_micro(const float* P, int64_t ldp, int64_t nvec, const float* Q,
-                                                     const int64_t* qoff, const int64_t* qshift, int64_t qlim,
-                                                     int64_t t0, float* out, int64_t o_r, const int64_t* qout) {
+template <int RB, int QBN, bool IN>
+inline __attribute__((always_inline)) void red_micro_(const float* P, int64_t ldp, int64_t nvec, const float* Q,
+                                                      const int64_t* qoff, const int64_t* qshift, int64_t qlim,
+                                                      int64_t t0, float* out, int64_t o_r, const int64_t* qout) {
   typename V::v acc[RB][QBN];
 #pragma GCC unroll 8
   for (int rb = 0; rb < RB; ++rb)
@@ -99,7 +99,8 @@ inline __attribute__((always_inline)) void red_micro(const float* P, int64_t ldp
 #pragma GCC unroll 4
     for (int q = 0; q < QBN; ++q) {
       const int64_t pos = pos0[q] + iv * V::W;
-      const typename V::v xq = (pos >= 0 && pos + V::W <= qlim) ? V::load(qr[q] + pos) : V::load_win(qr[q], pos, qlim);
+      const typename V::v xq =
+          (IN || (pos >= 0 && pos + V::W <= qlim)) ? V::load(qr[q] + pos) : V::load_win(qr[q], pos, qlim);
 #pragma GCC unroll 8
       for (int rb = 0; rb < RB; ++rb) acc[rb][q] = V::fma(p[rb], xq, acc[rb][q]);
     }
@@ -110,37 +111,51 @@ inline __attribute__((always_inline)) void red_micro(const float* P, int64_t ldp
     for (int q = 0; q < QBN; ++q) out[rb * o_r + qout[q]] += V::hsum(acc[rb][q]);
 }
 
-template <int RB>
+// The columns' whole windows inside [0, qlim): no edge checks in the loop.
+template <int RB, int QBN>
+inline __attribute__((always_inline)) void red_micro(const float* P, int64_t ldp, int64_t nvec, const float* Q,
+                                                     const int64_t* qoff, const int64_t* qshift, int64_t qlim,
+                                                     int64_t t0, float* out, int64_t o_r, const int64_t* qout) {
+  bool in = true;
+  for (int q = 0; q < QBN; ++q) in = in && t0 + qshift[q] >= 0 && t0 + qshift[q] + nvec * V::W <= qlim;
+  if (in)
+    red_micro_<RB, QBN, true>(P, ldp, nvec, Q, qoff, qshift, qlim, t0, out, o_r, qout);
+  else
+    red_micro_<RB, QBN, false>(P, ldp, nvec, Q, qoff, qshift, qlim, t0, out, o_r, qout);
+}
+
+template <int RB, int QBT>
 inline __attribute__((always_inline)) void red_cols(const float* P, int64_t ldp, int64_t nvec, const float* Q,
                                                     const int64_t* qoff, const int64_t* qshift, int64_t qlim, int64_t t0,
                                                     int64_t ncol, float* out, int64_t o_r, const int64_t* qout) {
   int64_t q = 0;
-  for (; q + QB <= ncol; q += QB)
-    red_micro<RB, QB>(P, ldp, nvec, Q, qoff + q, qshift + q, qlim, t0, out, o_r, qout + q);
+  for (; q + QBT <= ncol; q += QBT)
+    red_micro<RB, QBT>(P, ldp, nvec, Q, qoff + q, qshift + q, qlim, t0, out, o_r, qout + q);
   for (; q < ncol; ++q) red_micro<RB, 1>(P, ldp, nvec, Q, qoff + q, qshift + q, qlim, t0, out, o_r, qout + q);
 }
 
-template <int RB>
+template <int RB, int QBT>
 inline __attribute__((always_inline)) void red_tail(int64_t rem, const float* P, int64_t ldp, int64_t nvec,
                                                     const float* Q, const int64_t* qoff, const int64_t* qshift,
                                                     int64_t qlim, int64_t t0, int64_t ncol, float* out, int64_t o_r,
                                                     const int64_t* qout) {
   if constexpr (RB > 0) {
     if (rem == RB)
-      red_cols<RB>(P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
+      red_cols<RB, QBT>(P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
     else
-      red_tail<RB - 1>(rem, P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
+      red_tail<RB - 1, QBT>(rem, P, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out, o_r, qout);
   }
 }
 
 // All R rows of P against all ncol columns of Q.
+template <int RRBT, int QBT>
 inline void red_pass(const float* P, int64_t ldp, int64_t R, int64_t nvec, const float* Q, const int64_t* qoff,
                      const int64_t* qshift, int64_t qlim, int64_t t0, int64_t ncol, float* out, int64_t o_r,
                      const int64_t* qout) {
   int64_t r0 = 0;
-  for (; r0 + RRB <= R; r0 += RRB)
-    red_cols<RRB>(P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
-  red_tail<RRB - 1>(R - r0, P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
+  for (; r0 + RRBT <= R; r0 += RRBT)
+    red_cols<RRBT, QBT>(P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
+  red_tail<RRBT - 1, QBT>(R - r0, P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
 }
 
 // ---- per-block entry points (called from the drivers in lora_cpu_simd.cpp)
@@ -163,7 +178,7 @@ void bwd_block(const float* g, const float* x, const float* u, const float* Bs, 
     thin_pass(gn, d.Tout, d.Tout, d.Cout, 1, 0, 0, Bs, d.Cout, d.r, gu_loc, ldl, t0, t1);
     for (int64_t j = 0; j < d.r; ++j)
       for (int64_t i = len; i < padded; ++i) gu_loc[j * ldl + i] = 0.f;
-    red_pass(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, a_off, a_shift, d.T, t0, d.Cin * d.K, pA, d.Cin * d.K,
+    red_pass<RRB, QB>(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, a_off, a_shift, d.T, t0, d.Cin * d.K, pA, d.Cin * d.K,
              a_out);
   }
   if (pB) {
@@ -172,6 +187,6 @@ void bwd_block(const float* g, const float* x, const float* u, const float* Bs, 
       std::copy(un + j * d.Tout, un + j * d.Tout + len, u_loc + j * ldl);
       std::fill(u_loc + j * ldl + len, u_loc + j * ldl + padded, 0.f);
     }
-    red_pass(u_loc, ldl, d.r, nvec, gn, b_off, b_shift, d.Tout, t0, d.Cout, pB, 1, b_out);
+    red_pass<RRB, QB>(u_loc, ldl, d.r, nvec, gn, b_off, b_shift, d.Tout, t0, d.Cout, pB, 1, b_out);
   }
 }

@@ -236,9 +236,12 @@ def _unfactors(rec: LayerRecord, L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     return R.reshape(g * rg, n).contiguous(), L.reshape(g * m, rg).contiguous()
 
 
-def adapter_delta_weights(adapter: Any) -> dict[str, Tensor]:
-    """``{layer name: ΔW}`` of an adapter (float64), each as the per-group matrices ``(g, m, n)``."""
-    src = _load(adapter, 0)
+def adapter_delta_weights(adapter: Any, layers: Any = None) -> dict[str, Tensor]:
+    """``{layer name: ΔW}`` of an adapter (float64), each as the per-group matrices ``(g, m, n)``.
+
+    ``layers`` as in :func:`blend_adapters`, for files without layer records.
+    """
+    src = _load(adapter, 0, _given_records(layers))
     out = {}
     for name, rec in src.records.items():
         L, R = _factors(rec, src.weights[f"{name}.lora_A"].double(), src.weights[f"{name}.lora_B"].double())

@@ -109,6 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"({loss_before / max(loss_after, 1e-30):.1f}x lower)")
 
     print(_speed_report(cfg, student, x, f0, g, noise_seed, args))
+    print(_strategy_report())
 
     with tempfile.TemporaryDirectory(prefix="rvclora-demo-") as tmp:
         out_dir = args.out_dir or tmp
@@ -195,6 +196,22 @@ def _speed_report(
         f"trains; LoRA = forward + backward + AdamW step on the LoRA factors ({_backend_name()} backend); full "
         f"fine-tuning = the same over every parameter, weight_norm kept as RVC trains"
     )
+
+
+def _strategy_report() -> str:
+    """The CPU (or GPU) this ran on and what ``auto`` chose for the LoRA layers, with the cost of measuring."""
+    from .ops import autoselect
+
+    where = (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+             else f"CPU {autoselect.describe_cpu()}")
+    lines = [f"ran on: {where}"]
+    summary = autoselect.strategy_summary()
+    if summary:
+        lines.append(f"  {summary}")
+    note = autoselect.measure_note()
+    if note:
+        lines.append(f"  {note}")
+    return "\n".join(lines)
 
 
 def _backend_name() -> str:

@@ -93,27 +93,29 @@ def _check_no_shared_weights(model: nn.Module, chosen: list[tuple[str, nn.Module
     """Refuse a targeted layer whose weight is shared with (or overlaps) another module's parameter.
 
     Merging adds ΔW to the weight in place: a tied partner would silently change with it (or two
-    targeted partners would get both updates on one tensor).
+    targeted partners would get both updates on one tensor). One sweep over the parameters' memory
+    ranges, sorted by start, finds every overlap.
     """
-    params: list[tuple[str, tuple]] = []
+    mine = {f"{name}.{key}" for name, module, _ in chosen for key in _weight_tensors(module)}
+    spans: dict[tuple, list[tuple[int, int, str]]] = {}
     for name, module in model.named_modules():
         for key, t in module._parameters.items():
             ext = None if t is None else _extent(t)
             if ext is not None:
-                params.append((f"{name}.{key}" if name else key, ext))
-    for name, module, _ in chosen:
-        for key, t in _weight_tensors(module).items():
-            mine = f"{name}.{key}"
-            ext = _extent(t)
-            if ext is None:
-                continue
-            dev, lo, hi = ext
-            others = [o for o, (d, a, b) in params if d == dev and a < hi and lo < b and o != mine]
-            if others:
-                raise ValueError(
-                    f"inject_lora: {mine!r} shares its memory with {others[0]!r} (tied weights); merging would add "
-                    "the update to both (or both updates to one tensor). Untie them (give one a copy: "
-                    "nn.Parameter(w.detach().clone())) or leave one out of target_modules")
+                spans.setdefault(ext[0], []).append((ext[1], ext[2], f"{name}.{key}" if name else key))
+    for items in spans.values():
+        items.sort()
+        active: list[tuple[int, str]] = []  # (end, name) of the ranges still open at this start
+        for lo, hi, name in items:
+            active = [(end, other) for end, other in active if end > lo]
+            for _, other in active:
+                if name in mine or other in mine:
+                    first, second = (other, name) if other in mine else (name, other)
+                    raise ValueError(
+                        f"inject_lora: {first!r} shares its memory with {second!r} (tied weights); merging would "
+                        "add the update to both (or both updates to one tensor). Untie them (give one a copy: "
+                        "nn.Parameter(w.detach().clone())) or leave one out of target_modules")
+            active.append((hi, name))
 
 
 def _aliases(model: nn.Module) -> dict[int, list[str]]:

@@ -194,9 +194,21 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule (``get_pattern_key``): the first key matching ``(.*\\.)?(key)$``."""
+    """PEFT's rule (``get_pattern_key``): the first key matching ``(.*\\.)?(key)$``.
+
+    The keys come from a downloaded file: they run on rvclora's linear-time engine
+    (:func:`rvclora.targets.compile_regex`), never on backtracking ``re``.
+    """
+    from .targets import compile_regex
+
+    if not isinstance(patterns, dict):
+        raise ValueError(f"import_peft_adapter: rank_pattern/alpha_pattern must be a dict, got {patterns!r:.80}")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        try:
+            match = compile_regex(rf"(.*\.)?({key})")
+        except ValueError as e:
+            raise ValueError(f"import_peft_adapter: {CONFIG_NAME} pattern {key!r:.80}: {e}") from None
+        if match(name):
             return value
     return default
 
@@ -212,8 +224,14 @@ def import_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     from safetensors.torch import load_file
 
     directory = os.fspath(directory)
-    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"import_peft_adapter: {os.path.join(directory, CONFIG_NAME)!r} is not valid JSON "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"import_peft_adapter: {CONFIG_NAME} holds a {type(config).__name__}, expected a dict")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"import_peft_adapter: {CONFIG_NAME} has peft_type={config.get('peft_type')!r}, "
                          "expected 'LORA'")

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_TARGET_CHARS",
     "MAX_TOTAL_CHARS",
     "check_targets",
+    "compile_regex",
     "compile_target",
     "target_matches",
 ]
@@ -296,6 +297,25 @@ class _Compiled:
 
     def __call__(self, name: str) -> bool:
         return self._pattern.fullmatch(name)
+
+
+@functools.lru_cache(maxsize=2048)
+def compile_regex(pattern: str) -> Callable[[str], bool]:
+    """``pattern`` as a regular expression (never as a plain name) that must match a whole name, in linear time.
+
+    For patterns other formats apply to module names (PEFT's ``rank_pattern``); the same
+    engine, refusals and per-pattern caps as :func:`compile_target`.
+    """
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, got {pattern!r}")
+    if len(pattern) > MAX_TARGET_CHARS:
+        raise ValueError(f"pattern {pattern[:40]!r}... has {len(pattern)} characters; at most {MAX_TARGET_CHARS}")
+    try:
+        return _Compiled(_Pattern(pattern))
+    except re.error as e:
+        raise ValueError(f"pattern {pattern[:200]!r} is not a valid regular expression: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"pattern {pattern[:200]!r}: {e}") from None
 
 
 def check_targets(targets: Sequence[str]) -> None:

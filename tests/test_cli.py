@@ -54,6 +54,8 @@ def test_demo_merge_info_end_to_end(tmp_path: Path) -> None:
     assert m and float(m.group(1)) > 0 and float(m.group(2)) >= 0, out
     assert re.search(r"frozen base \d+\.\d+\s+LoRA \d+\.\d+ .*full fine-tuning \d+\.\d+", out), out
     assert re.search(r"files: adapter [\d.]+ \w+ vs model [\d.]+ MiB", out), out
+    # the machine and what auto ran there (the suite runs auto's fixed rule, tests/conftest.py)
+    assert re.search(r"ran on: (CPU|GPU) .+\n  auto \(fixed rule\) ran \w+ for lora_conv", out), out
     diffs = re.search(r"in memory \(fp32\) (\S+); RVC export .* does\) (\S+);", out)
     assert diffs and float(diffs.group(1)) < 1e-4 and float(diffs.group(2)) < 1e-2, out
     assert "LoRA fine-tune" in proc.stderr  # the tqdm progress bar

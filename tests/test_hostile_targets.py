@@ -110,3 +110,35 @@ def test_a_huge_declared_rank_is_refused_before_allocation(tmp_path) -> None:
         read_lora_file(path)
     with pytest.raises(ValueError, match="MAX_RANK"):
         LoRAConfig(r=9000)
+
+
+def test_peft_rank_patterns_from_a_file_run_in_linear_time(tmp_path) -> None:
+    """PEFT's rank_pattern/alpha_pattern keys are regexes too, read from a downloaded adapter_config.json."""
+    import json
+
+    from rvclora.inject import randomize_lora_
+    from rvclora.peft_format import CONFIG_NAME, export_peft_adapter, import_peft_adapter
+
+    def make() -> nn.Module:  # a long module name: backtracking re takes ~2^len(name) steps on it
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.add_module("a_long_module_name_that_backtracking_would_choke_on",
+                         nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]))
+        return inject_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+
+    src = randomize_lora_(make(), 0.1, 1)
+    export_peft_adapter(src, tmp_path)
+    cfg_path = tmp_path / CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rank_pattern"] = {r"(([\w.]+)+)+Z": 7}
+    cfg_path.write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    import_peft_adapter(make(), tmp_path)  # the key matches nothing: every layer keeps r = 2
+    assert time.perf_counter() - t0 < 5.0
+    cfg["rank_pattern"] = {r"(a)\1": 7}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"pattern .*backreferences"):
+        import_peft_adapter(make(), tmp_path)
+    cfg_path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        import_peft_adapter(make(), tmp_path)

@@ -34,6 +34,7 @@ JSON file (empty: no file, memory only).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -59,6 +60,7 @@ __all__ = [
     "environment_key",
     "get_selector",
     "measure_note",
+    "strategy_summary",
     "mode",
     "shape_class",
     "tolerance",
@@ -114,6 +116,7 @@ def _cuda_device_info(device: torch.device) -> dict[str, str]:
     return {"name": props.name, "capability": f"{props.major}.{props.minor}"}
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
     import platform
@@ -128,6 +131,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_family() -> str:
+    """`` family F model M`` from ``/proc/cpuinfo`` (a VM's model name can be as bare as "AMD EPYC"), or ``""``."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+    except OSError:
+        return ""
+    if "cpu family" in fields and "model" in fields:
+        return f" family {fields['cpu family']} model {fields['model']}"
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_isa() -> str:
     """The vector ISA torch's CPU kernels use here (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
     try:
@@ -148,7 +170,7 @@ def describe_cpu() -> str:
     """One line: the CPU model, its ISA, torch's thread count, and what runs the cpu backend's thin passes."""
     from . import dispatch
 
-    line = f"{cpu_model()} ({_cpu_isa()}, {torch.get_num_threads()} threads)"
+    line = f"{cpu_model()}{_cpu_family()} ({_cpu_isa()}, {torch.get_num_threads()} threads)"
     why = dispatch._unavailable("cpu")
     if why is None and hasattr(torch.ops.rvclora, "cpu_info"):
         line += f"; cpu backend: {torch.ops.rvclora.cpu_info()}"
@@ -348,6 +370,8 @@ class AutoSelector:
         #: what was wrong with the cache file when it was read (``None``: nothing), for ``rvclora info``
         self.cache_problem: str | None = None
         self.measured: list[tuple[str, float]] = []  # (shape class, seconds spent measuring it)
+        self._memo: dict[tuple, str] = {}
+        self.chosen: dict[str, str] = {}  # shape class (or "fixed rule <op>") -> the backend it ran, this process
 
     # -- cache ----------------------------------------------------------------
 
@@ -411,15 +435,30 @@ class AutoSelector:
         """
         if not fused:
             return torch_backend
+        if "weight" not in params or "lora_A" not in params:
+            return fixed_choice  # a query without the layer's shapes (which backend would run?): nothing to measure
         if mode() == FIXED:
+            self.chosen[f"fixed rule {op}"] = fixed_choice.NAME
             return fixed_choice
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, params.get("weight"), params.get("lora_A")))
+        by_name = {m.NAME: m for m in (*fused, torch_backend)}
+        # per-call fast path: the exact call signature seen before in this process (the shape class,
+        # its environment key and the cache lookup cost tens of microseconds, per layer and step)
+        weight, lora_A = params["weight"], params["lora_A"]
+        memo = (op, tuple(x.shape), x.dtype, x.device, tuple(weight.shape), weight.dtype, tuple(lora_A.shape),
+                lora_A.dtype, training, torch.get_num_threads(), tuple(by_name),
+                tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in params.items()
+                      if not isinstance(v, Tensor)))
+        name = self._memo.get(memo)
+        if name is not None:
+            return by_name[name]
         key = shape_class(op, x, params, training)
         env = self.env_key(x.device)
-        by_name = {m.NAME: m for m in (*fused, torch_backend)}
         hit = self.cached(env, key)
         if hit is not None and hit.get("choice") in by_name:
+            self.chosen[key] = hit["choice"]
+            self._memo[memo] = hit["choice"]
             return by_name[hit["choice"]]
         if not can_measure:
             return fixed_choice
@@ -436,6 +475,8 @@ class AutoSelector:
                 self._warned.add((env, key, name))
                 warnings.warn(f"rvclora: the {name} backend's {op} failed validation for {key} and is disabled "
                               f"for it ({why}); using {hit['choice']}", RuntimeWarning, stacklevel=4)
+        self.chosen[key] = hit["choice"]
+        self._memo[memo] = hit["choice"]
         return by_name[hit["choice"]]
 
     def _measure(self, op, x, params, training, fused, torch_backend) -> dict[str, Any]:
@@ -572,6 +613,21 @@ def measure_note() -> str | None:
     total = sum(s for _, s in sel.measured)
     return (f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
             f"{sel.path or 'memory only'})")
+
+
+def strategy_summary() -> str | None:
+    """One line: which backend ``auto`` ran on how many layer shapes in this process (``None``: none yet)."""
+    sel = _selector
+    if sel is None or not sel.chosen:
+        return None
+    counts: dict[str, int] = {}
+    for name in sel.chosen.values():
+        counts[name] = counts.get(name, 0) + 1
+    if all(k.startswith("fixed rule") for k in sel.chosen):
+        return "auto (fixed rule) ran " + ", ".join(f"{name} for {k[len('fixed rule '):]}"
+                                                     for k, name in sorted(sel.chosen.items()))
+    return "auto (measured per layer shape) ran " + ", ".join(f"{name} on {n} shape(s)"
+                                                             for name, n in sorted(counts.items()))
 
 
 def decisions() -> list[tuple[str, str, dict[str, Any]]]:
