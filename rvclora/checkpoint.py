@@ -207,7 +207,7 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             continue
         if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in factors)):
             continue
-        raise ValueError(f"{where}: key {key!r} is not a LoRA factor or a bias that bias={config.bias!r} trains, nor "
+        raise ValueError(f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
                          f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those")
     if not factors:
         raise ValueError(f"{where}: holds no LoRA factors (lora_A/lora_B)")
