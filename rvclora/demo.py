@@ -317,6 +317,7 @@ def run_voice_demo(args: argparse.Namespace) -> int:
         result = trainer.train()
         for line in summary_lines(trainer, result):
             print(line)
+        print(_strategy_report())
 
         adapted = trainer.synth.eval()
         exported = _load_like_rvc(export)

@@ -273,6 +273,7 @@ def test_demo_runs_the_trainer_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "dataset: 10 clips" in out and "filelist.txt, config.json" in out
+    assert re.search(r"ran on: (CPU|GPU) .+", out), out  # the machine and what auto ran
     losses = re.search(r"losses, mean of the first epoch -> the last: mel (\S+) -> (\S+),", out)
     assert losses and float(losses.group(2)) < float(losses.group(1)), out
     diff = re.search(r"merged export vs adapted model, infer\(\) on a training clip: max \|diff\| (\S+) ", out)
