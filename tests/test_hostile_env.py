@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from rvclora.io import RVCLoRAWarning
 from rvclora.ops import autoselect, cuda_ext, dispatch
@@ -133,6 +134,12 @@ def test_a_cache_file_that_is_not_one_is_reported_not_shown_as_zero_decisions(tm
     assert "rvclora: warning: autoselect cache" in captured.err and "Traceback" not in captured.err
 
 
+_BATON_TORCH = cuda_ext.lock_file_is_a_baton(cpp_extension)
+
+
+@pytest.mark.skipif(not _BATON_TORCH, reason="this torch holds an advisory lock on the file (torch >= 2.14): a "
+                    "killed build's lock is released by the kernel, so no stale lock exists to time out on "
+                    "(test_a_finished_builds_advisory_lock_file_is_not_waited_on covers that regime)")
 def test_a_stale_build_lock_times_out_naming_the_directory(tmp_path, monkeypatch) -> None:
     """A lock left by a killed build made the first LoRA forward and rvclora info wait forever."""
     monkeypatch.setattr(cuda_ext, "_state", {})
@@ -152,6 +159,37 @@ def test_a_stale_build_lock_times_out_naming_the_directory(tmp_path, monkeypatch
     assert time.perf_counter() - t0 < 10
     assert err is not None and build_dir in err and "is locked" in err and "RVCLORA_BUILD_LOCK_TIMEOUT" in err, err
     assert [w for w in caught if "'cuda' backend is unavailable" in str(w.message)]
+
+
+class _Namespace:
+    def __init__(self, **names) -> None:
+        self.__dict__.update(names)
+
+
+def test_which_torch_treats_the_lock_file_as_held() -> None:
+    """torch <= 2.13: FileBaton (existence = held); torch >= 2.14: FileLock (an advisory lock on a file that stays)."""
+    assert cuda_ext.lock_file_is_a_baton(_Namespace(FileBaton=object))
+    assert not cuda_ext.lock_file_is_a_baton(_Namespace(FileLock=object))
+    assert not cuda_ext.lock_file_is_a_baton(_Namespace(FileBaton=object, FileLock=object))
+
+
+def test_a_finished_builds_advisory_lock_file_is_not_waited_on(tmp_path, monkeypatch) -> None:
+    """Under torch 2.14 the lock file outlives every build; waiting for it to vanish failed every later process."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    waited = []
+    monkeypatch.setattr(cuda_ext, "wait_for_build_lock", lambda *a, **k: waited.append(a))
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path), raising=False)
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: loaded.append(kw["name"]))
+    monkeypatch.setitem(vars(cpp_extension), "FileLock", object)
+    monkeypatch.delitem(vars(cpp_extension), "FileBaton", raising=False)
+    cuda_ext._jit_load(tmp_path, False, cuda_ext.BuildPlan(cuda=False))
+    assert loaded and not waited and lock.exists()
+    monkeypatch.delitem(vars(cpp_extension), "FileLock")
+    monkeypatch.setitem(vars(cpp_extension), "FileBaton", object)
+    cuda_ext._jit_load(tmp_path, False, cuda_ext.BuildPlan(cuda=False))
+    assert waited == [(str(tmp_path),)]
 
 
 def test_the_build_waits_for_a_lock_that_goes_away(tmp_path) -> None:

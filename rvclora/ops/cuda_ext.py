@@ -25,11 +25,14 @@ GPUs'; else, with no GPU visible (a build machine, a container without the devic
 for newer GPUs. torch alone would derive the list from the visible devices and fail with an
 ``IndexError`` when there are none.
 
-torch's builder serialises builds with a ``lock`` file in the build directory and waits for it
-forever; a build killed half-way leaves it behind. Before building, rvclora waits for that file
-at most ``$RVCLORA_BUILD_LOCK_TIMEOUT`` seconds (default 120), then gives up with a message
-naming the directory: the build counts as failed and ``auto`` falls back. (A lock taken and
-abandoned in the instant between that wait and torch's own is not covered.)
+torch's builder serialises builds with a ``lock`` file in the build directory. Up to torch 2.13
+that file is a baton whose mere existence blocks: torch waits for it to vanish forever, and a build
+killed half-way leaves it behind. There, before building, rvclora waits for that file at most
+``$RVCLORA_BUILD_LOCK_TIMEOUT`` seconds (default 120), then gives up with a message naming the
+directory: the build counts as failed and ``auto`` falls back. (A lock taken and abandoned in the
+instant between that wait and torch's own is not covered.) From torch 2.14 the file holds an OS
+advisory lock instead: it stays on disk after every build, the kernel releases it when its holder
+dies, and torch's own wait only ever waits for a live build, so rvclora does not wait on it.
 
 A failed build of the CPU part (no C++ compiler, no ninja) is reported once as a warning;
 :func:`load_error` then returns the reason, the ``cuda`` backend reports itself unavailable and
@@ -238,6 +241,17 @@ def build_lock_timeout() -> float:
     return value
 
 
+def lock_file_is_a_baton(cpp_extension_module) -> bool:
+    """Whether this torch's builder treats the build directory's ``lock`` file as held while it exists.
+
+    torch <= 2.13 uses ``FileBaton`` (existence = held; a killed build leaves it held forever);
+    torch >= 2.14 holds an advisory lock on the file (``FileLock``), which outlives every build as a
+    plain file and is released by the kernel when its holder dies.
+    """
+    names = vars(cpp_extension_module)
+    return "FileBaton" in names and "FileLock" not in names
+
+
 def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
     """Wait until ``build_dir`` holds no ``lock`` file; ``TimeoutError`` naming it after ``timeout`` seconds.
 
@@ -262,7 +276,7 @@ def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
     from torch.utils.cpp_extension import load
 
     get_dir = getattr(cpp_extension, "_get_build_directory", None)
-    if get_dir is not None:  # torch's own rule for where the build (and its lock) lives
+    if get_dir is not None and lock_file_is_a_baton(cpp_extension):  # torch's rule for where the lock lives
         wait_for_build_lock(get_dir(extension_name(cuda), False))
     load(
         name=extension_name(cuda),
