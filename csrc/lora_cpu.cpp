@@ -1040,7 +1040,12 @@ RVC_CLONED(run_convt_bwd, convt_bwd_body, CTBwd)
 // at ~17 GFLOP/s on one thread, after a separate copy of W: 0.17 ms for a 128-channel k=11
 // weight, twice per layer and step, where this takes a sweep of W at memory speed. Compiled for
 // AVX-512, AVX2 and the baseline, picked at load time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void rank_update_rows(
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define RVC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RVC_ISA_CLONES
+#endif
+RVC_ISA_CLONES void rank_update_rows(
     float* __restrict out, const float* __restrict W, const float* __restrict P, int64_t pm, int64_t pj,
     const float* __restrict Q, int64_t r, int64_t N, float s, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
