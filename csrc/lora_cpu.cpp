@@ -1035,54 +1035,9 @@ RVC_CLONED(run_convt_bwd, convt_bwd_body, CTBwd)
 // --------------------------------------------------------------------------- merged weights
 
 // W + s·ΔW for Conv1d: W (Cout, cin_g, K), A (r, cin_g·K), B (Cout, rg).
-// Rows [m0, m1) of out (M×N) = W + s·P·Q for float32, P (M×r) read as P[m·pm + j·pj], Q (r×N): a
-// rank-r update, r sweeps over each row while it is in L1. MKL's addmm runs this shape (K = r = 8)
-// at ~17 GFLOP/s on one thread, after a separate copy of W: 0.17 ms for a 128-channel k=11
-// weight, twice per layer and step, where this takes a sweep of W at memory speed. Compiled for
-// AVX-512, AVX2 and the baseline, picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define RVC_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RVC_ISA_CLONES
-#endif
-RVC_ISA_CLONES void rank_update_rows(
-    float* __restrict out, const float* __restrict W, const float* __restrict P, int64_t pm, int64_t pj,
-    const float* __restrict Q, int64_t r, int64_t N, float s, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    float* __restrict o = out + m * N;
-    const float* __restrict w = W + m * N;
-    for (int64_t i = 0; i < N; ++i) o[i] = w[i];
-    for (int64_t j = 0; j < r; ++j) {
-      const float c = s * P[m * pm + j * pj];
-      const float* __restrict q = Q + j * N;
-      for (int64_t i = 0; i < N; ++i) o[i] += c * q[i];
-    }
-  }
-}
-
-// W (M×N as stored) + s·P·Q; float32 through rank_update_rows, parallel over rows; else nullopt.
-std::optional<Tensor> fast_rank_update(const Tensor& W, const Tensor& P, int64_t pm, int64_t pj, const Tensor& Q,
-                                       double s) {
-  if (W.scalar_type() != at::kFloat || !W.is_contiguous() || !P.is_contiguous() || !Q.is_contiguous())
-    return std::nullopt;
-  const int64_t M = W.size(0), N = W.numel() / std::max<int64_t>(1, M), r = Q.size(0);
-  Tensor out = at::empty_like(W, W.options().memory_format(at::MemoryFormat::Contiguous));
-  float* o = out.mutable_data_ptr<float>();
-  const float *w = W.const_data_ptr<float>(), *p = P.const_data_ptr<float>(), *q = Q.const_data_ptr<float>();
-  const float sf = static_cast<float>(s);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t m0, int64_t m1) {
-    rank_update_rows(o, w, p, pm, pj, q, r, N, sf, m0, m1);
-  });
-  return out;
-}
-
 Tensor merged_conv1d_weight(const Tensor& W, const Tensor& A, const Tensor& B, double s, int64_t G) {
   const int64_t out = W.size(0);
-  if (G == 1) {
-    // B (out, r) row-major: P[m, j] = B[m·r + j]; A (r, in·K)
-    if (auto fast = fast_rank_update(W, B, B.size(1), 1, A, s)) return *fast;
-    return at::addmm(W.reshape({out, -1}), B, A, 1.0, s).view(W.sizes());
-  }
+  if (G == 1) return at::addmm(W.reshape({out, -1}), B, A, 1.0, s).view(W.sizes());
   return at::baddbmm(W.reshape({G, out / G, -1}), B.reshape({G, out / G, -1}), A.reshape({G, A.size(0) / G, -1}), 1.0,
                      s)
       .view(W.sizes());
@@ -1091,11 +1046,7 @@ Tensor merged_conv1d_weight(const Tensor& W, const Tensor& A, const Tensor& B, d
 // W + s·ΔW for ConvTranspose1d: W (Cin, cout_g, K), A (r, cin_g), B (r, cout_g·K).
 Tensor merged_convt_weight(const Tensor& W, const Tensor& A, const Tensor& B, double s, int64_t G) {
   const int64_t cin = W.size(0);
-  if (G == 1) {
-    // P = Aᵀ: P[m, j] = A[j·cin + m]; B (r, cout·K)
-    if (auto fast = fast_rank_update(W, A, 1, cin, B, s)) return *fast;
-    return at::addmm(W.reshape({cin, -1}), A.t(), B, 1.0, s).view(W.sizes());
-  }
+  if (G == 1) return at::addmm(W.reshape({cin, -1}), A.t(), B, 1.0, s).view(W.sizes());
   const int64_t rg = A.size(0) / G;
   return at::baddbmm(W.reshape({G, cin / G, -1}), A.reshape({G, rg, cin / G}).transpose(1, 2),
                      B.reshape({G, rg, -1}), 1.0, s)
