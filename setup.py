@@ -42,7 +42,8 @@ def extension_build():
         "rvclora._C",
         [os.path.join("csrc", f) for f in cuda_ext.sources(plan.cuda)],
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *plan.arch_flags]},
+        extra_compile_args={"cxx": ["-O3", *cuda_ext.openmp_flags()], "nvcc": ["-O3", *plan.arch_flags]},
+        extra_link_args=cuda_ext.openmp_flags(),
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

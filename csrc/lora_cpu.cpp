@@ -1449,12 +1449,27 @@ Grads5 linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 // What runs the thin passes here (shown by `rvclora info`).
 std::string cpu_info_blas();
 
+// How many threads an at::parallel_for of this extension runs on. at::parallel_for is a header
+// template: built without -fopenmp its `#pragma omp parallel` is ignored and every parallel pass
+// of this file runs on one thread (rvclora/ops/cuda_ext.py, openmp_flags).
+int64_t cpu_parallel_threads() {
+  const int64_t n = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<char> seen(static_cast<size_t>(n), 0);
+  at::parallel_for(0, 64 * n, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && tid < n) seen[static_cast<size_t>(tid)] = 1;  // distinct slots: no race on one byte
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 std::string cpu_info() {
   const std::string simd = rvclora_cpu_simd::isa() > 0
                                ? std::string("Conv1d float32 thin passes: ") + rvclora_cpu_simd::isa_name() +
                                      " kernels; other "
                                : std::string("");
-  return simd + cpu_info_blas();
+  const int64_t threads = cpu_parallel_threads();
+  return simd + cpu_info_blas() + "; parallel passes on " + std::to_string(threads) + " thread" +
+         (threads == 1 ? "" : "s");
 }
 
 std::string cpu_info_blas() {
@@ -1510,6 +1525,7 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
       "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
   m.def("cpu_info() -> str");
+  m.def("cpu_parallel_threads() -> int");
 }
 
 TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
@@ -1523,6 +1539,9 @@ TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
 }
 
 // No tensor arguments: registered for every backend (CompositeExplicitAutograd would need one).
-TORCH_LIBRARY_IMPL(rvclora, CatchAll, m) { m.impl("cpu_info", &cpu_info); }
+TORCH_LIBRARY_IMPL(rvclora, CatchAll, m) {
+  m.impl("cpu_info", &cpu_info);
+  m.impl("cpu_parallel_threads", &cpu_parallel_threads);
+}
 
 }  // namespace rvclora_cpu

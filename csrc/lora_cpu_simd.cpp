@@ -131,14 +131,16 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // the widest vector: scratch rows are padded to it
 
-// Time-block length: a multiple of 48 (both ISAs' forward step), near `target`, and enough blocks
-// (over the batch) for `per_thread` per thread where the sequence allows it.
+// Time-block length: a multiple of 48 (both ISAs' forward step), near `target`, with enough blocks
+// (over the batch) for `per_thread` per thread where the sequence allows it, and a block count that
+// splits evenly over the threads: at::parallel_for hands each thread one contiguous run of blocks,
+// so 3 blocks on 2 threads (T = 3200 at 1536) left one thread with a 128-sample remainder.
 int64_t block_len(int64_t Tout, int64_t N, int64_t target, int64_t per_thread = 2) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t len = std::min(target, Tout);
-  const int64_t want = per_thread * threads;
-  if (N * ((Tout + len - 1) / len) < want) len = (Tout + (want + N - 1) / N - 1) / ((want + N - 1) / N);
-  len = (len + 47) / 48 * 48;
+  int64_t nb = std::max<int64_t>(1, (Tout + target - 1) / target);       // blocks per sample
+  nb = std::max(nb, (per_thread * threads + N - 1) / N);                 // enough for every thread
+  while ((N * nb) % threads != 0 && nb < Tout) ++nb;                     // an even split
+  const int64_t len = ((Tout + nb - 1) / nb + 47) / 48 * 48;
   return std::max<int64_t>(48, len);
 }
 

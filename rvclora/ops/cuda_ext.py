@@ -175,7 +175,8 @@ def sources(cuda: bool | None = None) -> list[str]:
 
 
 def source_digest(src: Path | None = None) -> str:
-    """A short hash of every C++/CUDA source and header in ``csrc/``: a changed tree is another build.
+    """A short hash of every C++/CUDA source and header in ``csrc/`` (and of the OpenMP flag): a changed tree is
+    another build.
 
     torch's own check (ninja's timestamps against one ``build.ninja`` per name) does not tell two
     trees apart that share the cache (an upgrade beside an old install, two checkouts): without the
@@ -184,7 +185,7 @@ def source_digest(src: Path | None = None) -> str:
     src = source_dir() if src is None else src
     if src is None:
         return "nosrc"
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(openmp_flags()).encode() + b"\0")  # the flags that change the code built
     for f in sorted(src.iterdir()):
         if f.suffix in (".cpp", ".cu", ".h", ".cuh") and f.is_file():
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -271,6 +272,20 @@ def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
         time.sleep(0.05)
 
 
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` when this torch parallelises with OpenMP and the compiler is GCC-compatible, else ``[]``.
+
+    ``at::parallel_for`` is a header template whose OpenMP build is a ``#pragma omp parallel``: an
+    extension compiled without ``-fopenmp`` silently runs every parallel_for on one thread. The
+    flag links the extension against ``libgomp.so.1``, the soname torch itself loads (the wheels
+    ship it in ``torch/lib``), so the process keeps one OpenMP runtime and one thread pool.
+    """
+    if sys.platform == "win32":
+        return []
+    info = torch.__config__.parallel_info()
+    return ["-fopenmp"] if "parallel backend: OpenMP" in info else []
+
+
 def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
     from torch.utils import cpp_extension
     from torch.utils.cpp_extension import load
@@ -281,7 +296,8 @@ def _jit_load(src: Path, cuda: bool, plan: BuildPlan) -> None:
     load(
         name=extension_name(cuda),
         sources=[str(src / f) for f in sources(cuda)],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", *openmp_flags()],
+        extra_ldflags=openmp_flags(),
         extra_cuda_cflags=["-O3", *plan.arch_flags] if cuda else None,
         extra_include_paths=[str(src)],
         with_cuda=cuda,
