@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test here runs rvclora or pytest in a child process
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("base", "rvclora", "plain", "peft", "loralib", "full")
 HEADER = ["case", "floor", "base ms", "rvclora ms ovh", "plain ms ovh", "rv/plain", "peft ms ovh", "rv/peft",

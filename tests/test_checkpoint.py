@@ -251,6 +251,7 @@ def test_files_follow_the_umask_and_overwrites_keep_the_mode(tmp_path, umask):
         os.umask(old)
 
 
+@pytest.mark.subprocess
 def test_a_killed_write_leaves_a_recognisable_temporary_that_the_next_write_removes(tmp_path):
     import signal
     import subprocess

@@ -12,6 +12,8 @@ import pytest
 
 from rvclora.ops import BACKENDS
 
+pytestmark = pytest.mark.subprocess  # every test here runs rvclora or pytest in a child process
+
 REPO = Path(__file__).resolve().parents[1]
 
 

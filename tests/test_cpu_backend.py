@@ -159,6 +159,7 @@ def test_long_sequences_cross_time_blocks(cpu_backend):
         )
 
 
+@pytest.mark.subprocess
 def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
     """The thin passes run through torch's BLAS when it exports sgemm_/dgemm_ (every x86 wheel), else
     through hand-written loops: RVCLORA_CPU_BLAS=0 forces the loops, and the oracle matrix of
@@ -224,6 +225,7 @@ def test_simd_thin_passes_edges(cpu_backend, case):
         )
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("variant", ["avx2", "0"])
 def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
     """The widest SIMD variant this CPU runs is what the rest of the suite tests; RVCLORA_CPU_SIMD

@@ -513,6 +513,7 @@ def test_loaded_extension_matches_the_plan(ext):
         assert cuda_backend.unsupported_reason("lora_conv_transpose1d", gpu_tensor) == note
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.version.cuda is None, reason="this torch has no CUDA: its only build is the CPU one")
 def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
     """The usual GPU user's install (CUDA torch from pip, no nvcc), in a fresh process: CPU twin, note, no error."""
@@ -535,6 +536,7 @@ def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
     assert "built the CPU twin only; ConvTranspose1d uses the torch path on GPU" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_rvclora_info_shows_what_the_cuda_backend_runs(ext):
     """`rvclora info` prints the status note: on a CUDA torch without a toolkit, the one-line reason."""
     proc = subprocess.run([sys.executable, "-m", "rvclora", "info"], capture_output=True, text=True, timeout=900)

@@ -30,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rvclora import LoRAConfig, get_lora_parameters, inject_lora, load_lora_checkpoint, save_lora_checkpoint
 from rvclora.models.rvc import GeneratorConfig, build_generator
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available in this build")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with the gloo backend is not available in this build"),
+              pytest.mark.subprocess]
 
 WORLD = 2
 STEPS = 3

@@ -445,6 +445,7 @@ def test_merged_weight_only_where_the_base_op_is_true_fp32(monkeypatch, flags, w
     assert not tb._merge_ok(types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float16), 0.0, conv=False)
 
 
+@pytest.mark.subprocess
 def test_tf32_settings_read_from_the_real_flags_in_a_fresh_process():
     """With the new-style settings in use (where reading the old flags raises), the check still answers."""
     probe = (

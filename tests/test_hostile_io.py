@@ -150,6 +150,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(sys.platform == "win32", reason="file size limits (RLIMIT_FSIZE) are POSIX")
 def test_a_write_that_hits_a_file_size_limit_is_one_line_and_replaces_nothing(tmp_path) -> None:
     """EFBIG gave a SafetensorError traceback, or torch's "enforce fail at inline_container.cc"."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rvclora import selftest
@@ -31,6 +32,7 @@ runpy.run_module("rvclora.selftest", run_name="__main__")
 """
 
 
+@pytest.mark.subprocess
 def test_selftest_runs_from_a_plain_checkout_without_a_gpu(tmp_path):
     tree = tmp_path / "checkout"
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "results",

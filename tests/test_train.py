@@ -142,6 +142,7 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
                           timeout=timeout, env=env)
 
 
+@pytest.mark.subprocess
 def test_bad_folders_are_refused_in_one_line_before_training(work, tmp_path):
     import numpy as np
     import soundfile as sf
@@ -214,6 +215,7 @@ raise SystemExit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.subprocess
 def test_resume_after_sigkill_mid_save_continues_from_the_saved_step(work, tmp_path):
     exp = _experiment(tmp_path, "kill", clips=2)
     g, d = _pretrained(work, "v2", True)
@@ -267,6 +269,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_state(work, one
         Trainer(TrainSettings(**{**base, "resume": True, "seed": 7}))
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_demo_runs_the_trainer_end_to_end(tmp_path):
     proc = _cli("demo", "--epochs", "2", "--out-dir", str(tmp_path), timeout=900)

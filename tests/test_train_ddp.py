@@ -23,6 +23,8 @@ from rvclora.models.synthesizer import build_synthesizer
 from rvclora.train.loop import LOSS_FILE
 from rvclora.train.synthetic import make_synthetic_experiment
 
+pytestmark = pytest.mark.subprocess  # every test here runs rvclora or pytest in a child process
+
 ROOT = Path(__file__).resolve().parent.parent
 LR, STEPS = 1e-3, 2
 

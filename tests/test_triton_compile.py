@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test here runs rvclora or pytest in a child process
+
 triton = pytest.importorskip("triton")
 
 
