@@ -60,7 +60,7 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
         return ("the triton backend has no ConvTranspose1d kernel (it covers lora_linear and lora_conv1d); "
                 "use the cuda or torch backend")
     if op not in ("lora_linear", "lora_conv1d"):
-        return f"unknown op {op!r}"
+        return f"the triton backend has no {op} (it covers lora_linear and lora_conv1d); use the torch backend"
     if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
         return f"x is on {x.device}; Triton kernels need a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1)"
     if x.dtype not in _DTYPES:

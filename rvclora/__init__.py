@@ -1,4 +1,4 @@
-"""rvclora: exact, fused LoRA layers for RVC voice models (Linear, Conv1d, ConvTranspose1d).
+"""rvclora: exact, fused LoRA layers for RVC voice models (Linear, Conv1d, ConvTranspose1d, Conv2d).
 
 The public API; see README.md and docs/.
 """
@@ -34,7 +34,7 @@ from .inject import (
     print_lora_info,
     unmerge_lora_weights,
 )
-from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear
+from .layers import LoRAConv1d, LoRAConv2d, LoRAConvTranspose1d, LoRALayer, LoRALinear
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "LoRALinear",
     "LoRAConv1d",
     "LoRAConvTranspose1d",
+    "LoRAConv2d",
     "inject_lora",
     "lora_modules",
     "mark_only_lora_as_trainable",

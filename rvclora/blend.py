@@ -10,10 +10,11 @@ singular energy's share — is reported per layer.
 
 Per group ``j`` of a layer with ``groups = g`` (rank ``r/g`` per group), the two factors are
 
-* Linear and Conv1d: ``L = B[j]: (out/g, r/g)``, ``R = A[j]: (r/g, in/g·k)``;
+* Linear, Conv1d and Conv2d: ``L = B[j]: (out/g, r/g)``, ``R = A[j]: (r/g, in/g·k)``;
 * ConvTranspose1d: ``L = A[j]ᵀ: (in/g, r/g)``, ``R = B[j]: (r/g, out/g·k)``;
 
-and ``ΔW[j] = s·L·R`` in the layout of :mod:`rvclora.reference`'s ``delta_weight_*`` functions.
+and ``ΔW[j] = s·L·R`` in the layout of :mod:`rvclora.reference`'s ``delta_weight_*`` functions (each kind's
+:meth:`rvclora.ops.spec.OpSpec.factors`).
 The result is an ordinary adapter (``lora_alpha = r``, so its scaling is 1, every ``wᵢ·sᵢ``
 folded into the factors), usable everywhere an adapter is.
 
@@ -41,6 +42,7 @@ from torch import Tensor
 from .checkpoint import read_lora_file
 from .config import LoRAConfig
 from .io import RVCLoRAWarning
+from .ops.spec import spec_of_kind
 from .records import LayerRecord, layer_records, model_layer_records
 
 __all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "model_layer_records",
@@ -173,23 +175,16 @@ def _infer(label: str, name: str, A: Tensor, B: Tensor) -> LayerRecord:
 
 
 def _factors(rec: LayerRecord, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``(L, R)``: ``(g, m, r/g)`` and ``(g, r/g, n)`` with ``ΔW[j] = s·L[j]·R[j]``."""
-    g = rec.groups
+    """``(L, R)``: ``(g, m, r/g)`` and ``(g, r/g, n)`` with ``ΔW[j] = s·L[j]·R[j]`` (the kind's spec's layout)."""
     r = A.shape[0]
-    if r % g:
-        raise BlendError(f"rank {r} is not a multiple of groups={g}")
-    if rec.kind == "conv_transpose1d":
-        return A.reshape(g, r // g, -1).transpose(1, 2), B.reshape(g, r // g, -1)
-    return B.reshape(g, -1, r // g), A.reshape(g, r // g, -1)
+    if r % rec.groups:
+        raise BlendError(f"rank {r} is not a multiple of groups={rec.groups}")
+    return spec_of_kind(rec.kind).factors(A, B, rec.groups)
 
 
 def _unfactors(rec: LayerRecord, L: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
     """The inverse of :func:`_factors`: ``(lora_A, lora_B)``."""
-    g, m, rg = L.shape
-    n = R.shape[-1]
-    if rec.kind == "conv_transpose1d":
-        return L.transpose(1, 2).reshape(g * rg, m).contiguous(), R.reshape(g * rg, n).contiguous()
-    return R.reshape(g * rg, n).contiguous(), L.reshape(g * m, rg).contiguous()
+    return spec_of_kind(rec.kind).unfactors(L, R)
 
 
 def adapter_delta_weights(adapter: Any, layers: Any = None) -> dict[str, Tensor]:

@@ -44,7 +44,10 @@ from .io import (
     first_nonfinite,
     torch_load_error,
 )
+from .layers import LORA_CLASSES, LoRALayer
 from .records import layer_records
+
+_ADAPTABLE = tuple(cls.base_class for cls in LORA_CLASSES)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -372,8 +375,6 @@ def write_lora_file(
 
 def _check_config_matches_model(where: str, model: nn.Module, config: LoRAConfig) -> None:
     """The config must rebuild the model: same adapted layers, ranks, alpha, dropout and bias mode."""
-    from .layers import LoRALayer
-
     layers = [(n, m) for n, m in lora_modules(model) if m.r > 0]
     if not layers:
         raise ValueError(f"{where}: the model has no LoRA weights (was inject_lora called?)")
@@ -385,7 +386,7 @@ def _check_config_matches_model(where: str, model: nn.Module, config: LoRAConfig
             raise ValueError(f"{where}: LoRA layer {name!r} is not selected by the config's target_modules "
                              f"{config.target_modules}")
     for name, m in model.named_modules():
-        if name and not isinstance(m, LoRALayer) and isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)) \
+        if name and not isinstance(m, LoRALayer) and isinstance(m, _ADAPTABLE) \
                 and any(target_matches(t, name) for t in config.target_modules):
             raise ValueError(f"{where}: the config's target_modules {config.target_modules} select {name!r}, "
                              "which the model does not adapt")

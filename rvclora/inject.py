@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import BIAS_MODES, LoRAConfig
-from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALayer, LoRALinear, check_no_foreign_weight_hooks
+from .layers import LORA_CLASSES, LoRALayer, check_no_foreign_weight_hooks
 from .targets import target_matches
 
 __all__ = [
@@ -30,7 +30,8 @@ __all__ = [
     "canonical_saved_key",
 ]
 
-_LORA_CLASS = {nn.Linear: LoRALinear, nn.Conv1d: LoRAConv1d, nn.ConvTranspose1d: LoRAConvTranspose1d}
+_LORA_CLASS = {cls.base_class: cls for cls in LORA_CLASSES}
+_BASE_NAMES = "/".join(base.__name__ for base in _LORA_CLASS)
 
 
 def _base_kind(module: nn.Module) -> type | None:
@@ -44,7 +45,7 @@ def _base_kind(module: nn.Module) -> type | None:
                 return base
             raise TypeError(
                 f"inject_lora: {type(module).__name__} subclasses {base.__name__} with its own forward; "
-                "rvclora only adapts plain nn.Linear / nn.Conv1d / nn.ConvTranspose1d"
+                f"rvclora only adapts plain {' / '.join('nn.' + b.__name__ for b in _LORA_CLASS)}"
             )
     return None
 
@@ -138,13 +139,13 @@ def planned_lora_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple
             continue
         base = _base_kind(module)
         if base is not None and any(target_matches(t, name) for t in config.target_modules):
-            shape_a, shape_b = _LORA_CLASS[base]._lora_shapes(module, config.r)
+            shape_a, shape_b = _LORA_CLASS[base].factor_shapes(module, config.r)
             out[name] = (tuple(shape_a), tuple(shape_b))
     return out
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) -> nn.Module:
-    """Replace every matching Linear / Conv1d / ConvTranspose1d of ``model`` in place.
+    """Replace every matching Linear / Conv1d / ConvTranspose1d / Conv2d of ``model`` in place.
 
     weight_norm (legacy or parametrizations) on a replaced layer is folded into its weight
     exactly, so the injected model equals the original at step 0; the layer remembers the
@@ -183,7 +184,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
     if not chosen:
         sample = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
         raise ValueError(
-            f"inject_lora: target_modules={config.target_modules} match no Linear/Conv1d/ConvTranspose1d "
+            f"inject_lora: target_modules={config.target_modules} match no {_BASE_NAMES} "
             f"module; adaptable modules are: {sample or 'none'}"
         )
     aliases = _aliases(model)
@@ -411,9 +412,7 @@ def merged_state_dict(model: nn.Module, safe_merge: bool = True) -> OrderedDict[
 
 
 def _kind(m: LoRALayer) -> str:
-    return {LoRALinear: "Linear", LoRAConv1d: "Conv1d", LoRAConvTranspose1d: "ConvTranspose1d"}.get(
-        type(m), type(m).__name__
-    )
+    return m.spec.base
 
 
 def lora_summary(model: nn.Module) -> list[dict[str, object]]:

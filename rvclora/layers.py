@@ -1,4 +1,4 @@
-"""Drop-in LoRA layers: :class:`LoRALinear`, :class:`LoRAConv1d`, :class:`LoRAConvTranspose1d`.
+"""Drop-in LoRA layers: :class:`LoRALinear`, :class:`LoRAConv1d`, :class:`LoRAConvTranspose1d`, :class:`LoRAConv2d`.
 
 Each subclasses its base class, so ``isinstance`` checks, ``.weight``/``.bias`` and the
 base class's state-dict keys stay where existing code looks; the LoRA factors are added as
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from . import reference as ref
+from .ops.spec import SPECS, OpSpec
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d", "check_no_foreign_weight_hooks"]
+__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d", "LoRAConv2d", "LORA_CLASSES",
+           "lora_class_of_kind", "check_no_foreign_weight_hooks"]
 
 T = TypeVar("T", bound="LoRALayer")
 
@@ -114,6 +115,8 @@ class LoRALayer:
     """
 
     base_class: type[nn.Module]
+    #: The op this layer runs (:mod:`rvclora.ops.spec`): its kind, factor layout, ΔW and oracle.
+    spec: OpSpec
     r: int
     lora_alpha: float
     scaling: float
@@ -123,13 +126,31 @@ class LoRALayer:
     weight_norm_kind: str | None
     weight_norm_dim: int | None
 
-    # subclass hooks ------------------------------------------------------------------
+    # kind knowledge: all of it from the spec ------------------------------------------
+    @property
+    def kind(self) -> str:
+        """The layer kind of adapter layer records (``"conv1d"``), from :attr:`spec`."""
+        return self.spec.kind
+
+    @property
+    def lora_groups(self) -> int:
+        """The groups the factors are split into (``1`` for a kind without groups)."""
+        return int(self.groups) if self.spec.grouped else 1
+
+    @classmethod
+    def factor_shapes(cls, layer: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(lora_A shape, lora_B shape)`` of rank ``r`` for the base ``layer`` (a ``base_class`` instance)."""
+        g = int(layer.groups) if cls.spec.grouped else 1
+        if r % g:
+            raise ValueError(f"{cls.__name__}: r={r} must be a multiple of groups={g}")
+        return cls.spec.lora_shapes(_weight_shape(cls.spec, layer), g, r)
+
     def _lora_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        raise NotImplementedError(f"{type(self).__name__} must define _lora_shapes")
+        return type(self).factor_shapes(self, r)
 
     def get_delta_weight(self) -> Tensor:
         """``ΔW`` (scaled) in the base weight's layout, differentiable in ``lora_A``/``lora_B``."""
-        raise NotImplementedError(f"{type(self).__name__} must define get_delta_weight")
+        return self.spec.delta_weight(self.lora_A, self.lora_B, self.scaling, self.lora_groups, self.weight.shape)
 
     # shared machinery ----------------------------------------------------------------
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
@@ -302,6 +323,7 @@ class LoRALinear(LoRALayer, nn.Linear):
     """``nn.Linear`` + LoRA: ``y = x Wᵀ + b + s·(D(x) Aᵀ) Bᵀ``; ``lora_A: (r, in)``, ``lora_B: (out, r)``."""
 
     base_class = nn.Linear
+    spec = SPECS["lora_linear"]
 
     def __init__(
         self,
@@ -315,12 +337,6 @@ class LoRALinear(LoRALayer, nn.Linear):
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
-
-    def _lora_shapes(self, r):
-        return (r, self.in_features), (self.out_features, r)
-
-    def get_delta_weight(self) -> Tensor:
-        return ref.delta_weight_linear(self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
@@ -356,6 +372,7 @@ class LoRAConv1d(LoRALayer, nn.Conv1d):
     """
 
     base_class = nn.Conv1d
+    spec = SPECS["lora_conv1d"]
 
     def __init__(
         self,
@@ -370,15 +387,6 @@ class LoRAConv1d(LoRALayer, nn.Conv1d):
     ) -> None:
         nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
-
-    def _lora_shapes(self, r):
-        g = self.groups
-        if r % g:
-            raise ValueError(f"{type(self).__name__}: r={r} must be a multiple of groups={g}")
-        return (r, self.in_channels // g * self.kernel_size[0]), (self.out_channels, r // g)
-
-    def get_delta_weight(self) -> Tensor:
-        return ref.delta_weight_conv1d(self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0])
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._lora_active():
@@ -404,6 +412,7 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
     """
 
     base_class = nn.ConvTranspose1d
+    spec = SPECS["lora_conv_transpose1d"]
 
     def __init__(
         self,
@@ -419,18 +428,11 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
         nn.ConvTranspose1d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
 
-    def _lora_shapes(self, r):
-        g = self.groups
-        if r % g:
-            raise ValueError(f"{type(self).__name__}: r={r} must be a multiple of groups={g}")
-        if self.padding_mode != "zeros":
-            raise ValueError(f"{type(self).__name__}: padding_mode must be 'zeros', got {self.padding_mode!r}")
-        return (r, self.in_channels // g), (r, self.out_channels // g * self.kernel_size[0])
-
-    def get_delta_weight(self) -> Tensor:
-        return ref.delta_weight_conv_transpose1d(
-            self.lora_A, self.lora_B, self.scaling, self.groups, self.kernel_size[0]
-        )
+    @classmethod
+    def factor_shapes(cls, layer: nn.Module, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"{cls.__name__}: padding_mode must be 'zeros', got {layer.padding_mode!r}")
+        return super().factor_shapes(layer, r)
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if not self._lora_active():
@@ -451,7 +453,83 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
         return y.squeeze(0) if unbatched else y
 
 
+def _conv2d_padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The explicit ``(top, bottom, left, right)`` padding of ``layer`` (``'same'`` puts the odd pixel last)."""
+    if layer.padding == "valid":
+        return (0, 0, 0, 0)
+    if layer.padding == "same":
+        out: list[int] = []
+        for k, d in zip(layer.kernel_size, layer.dilation):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = layer.padding
+    return (ph, ph, pw, pw)
+
+
+class LoRAConv2d(LoRALayer, nn.Conv2d):
+    """``nn.Conv2d`` + LoRA: ``y = conv2d(x, W) + b + s·conv1x1(conv2d(D(x), A), B)``.
+
+    ``lora_A: (r, in/g·kh·kw)`` is a thin convolution with the base's stride, padding,
+    dilation, padding_mode and groups; ``lora_B: (out, r/g)`` a grouped 1×1.
+    ``r`` must be a multiple of ``groups``. RVC's multi-period discriminator is made of these ((k, 1) kernels).
+    """
+
+    base_class = nn.Conv2d
+    spec = SPECS["lora_conv2d"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = False,
+        **kwargs,
+    ) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self._lora_active():
+            if self.merged:
+                self._check_not_training_merged()
+            return nn.Conv2d.forward(self, input)
+        x, unbatched = _batch(type(self).__name__, input, self.in_channels, spatial=2)
+        x, w, b = _autocast(x, self.weight, self.bias)
+        _check_dtype(type(self).__name__, x, w)
+        y = ops.lora_conv2d(
+            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride, _conv2d_padding(self),
+            self.dilation, self.groups, self.padding_mode, self._dropout_p(),
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+#: Every LoRA layer class; :mod:`rvclora.inject` replaces each ``base_class`` by its LoRA class.
+LORA_CLASSES: tuple[type[LoRALayer], ...] = (LoRALinear, LoRAConv1d, LoRAConvTranspose1d, LoRAConv2d)
+
+
+def lora_class_of_kind(kind: str) -> type[LoRALayer]:
+    """The LoRA layer class of a layer-record kind (``"conv1d"`` → :class:`LoRAConv1d`)."""
+    for cls in LORA_CLASSES:
+        if cls.spec.kind == kind:
+            return cls
+    raise ValueError(f"layer kind must be one of {tuple(c.spec.kind for c in LORA_CLASSES)}, got {kind!r}")
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _weight_shape(spec: OpSpec, layer: nn.Module) -> tuple[int, ...]:
+    """The weight shape of a base layer, from its attributes (a weight_norm'd weight is not computed for it)."""
+    if isinstance(layer, nn.Linear):
+        return (layer.out_features, layer.in_features)
+    g = layer.groups
+    if spec.transposed:
+        return (layer.in_channels, layer.out_channels // g, *layer.kernel_size)
+    return (layer.out_channels, layer.in_channels // g, *layer.kernel_size)
 
 
 def _autocast(x: Tensor, w: Tensor, b: Tensor | None):
@@ -473,9 +551,11 @@ def _check_dtype(name: str, x: Tensor, w: Tensor) -> None:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match weight dtype {w.dtype}")
 
 
-def _batch(name: str, x: Tensor, in_channels: int) -> tuple[Tensor, bool]:
-    if x.dim() not in (2, 3) or x.shape[-2] != in_channels:
+def _batch(name: str, x: Tensor, in_channels: int, spatial: int = 1) -> tuple[Tensor, bool]:
+    if x.dim() not in (spatial + 1, spatial + 2) or x.shape[-spatial - 1] != in_channels:
+        dims = "T" if spatial == 1 else "H, W"
         raise ValueError(
-            f"{name}: input must be (N, C_in={in_channels}, T) or (C_in={in_channels}, T), got {tuple(x.shape)}"
+            f"{name}: input must be (N, C_in={in_channels}, {dims}) or (C_in={in_channels}, {dims}), "
+            f"got {tuple(x.shape)}"
         )
-    return (x.unsqueeze(0), True) if x.dim() == 2 else (x, False)
+    return (x.unsqueeze(0), True) if x.dim() == spatial + 1 else (x, False)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from .inject import lora_modules
-from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
+from .layers import LORA_CLASSES
+from .ops.spec import KINDS
 
-__all__ = ["LayerRecord", "layer_records", "model_layer_records"]
+__all__ = ["KINDS", "LayerRecord", "layer_records", "model_layer_records"]
 
 
 @dataclass(frozen=True)
@@ -26,31 +27,32 @@ class LayerRecord:
 
 
 def layer_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """``{layer name: {"kind", "groups"}}`` for every LoRA layer of ``model`` (saved in adapter metadata)."""
+    """``{layer name: {"kind", "groups"}}`` for every LoRA layer of ``model`` (saved in adapter metadata).
+
+    The kind is the layer class's (:attr:`rvclora.layers.LoRALayer.kind`); a LoRA layer of a kind no
+    spec describes is refused, never left out of the records.
+    """
     out: dict[str, dict[str, Any]] = {}
     for name, m in lora_modules(model):
         if m.r <= 0:
             continue
-        if isinstance(m, LoRAConvTranspose1d):
-            out[name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
-        elif isinstance(m, LoRAConv1d):
-            out[name] = {"kind": "conv1d", "groups": int(m.groups)}
-        elif isinstance(m, LoRALinear):
-            out[name] = {"kind": "linear", "groups": 1}
+        kind = getattr(type(m), "spec", None) and m.kind
+        if kind not in KINDS:
+            raise TypeError(f"layer_records: {name!r} is a {type(m).__name__} of kind {kind!r}; a saved layer's kind "
+                            f"must be one of {KINDS} (give the class a spec of rvclora.ops.spec.SPECS)")
+        out[name] = {"kind": kind, "groups": m.lora_groups}
     return out
 
 
 def model_layer_records(model: torch.nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
-    """``{prefix + name: {"kind", "groups"}}`` for every Linear / Conv1d / ConvTranspose1d of ``model``, adapted or not.
+    """``{prefix + name: {"kind", "groups"}}`` for every layer of ``model`` that a LoRA class adapts, adapted or not.
 
     What ``layers=`` of :func:`rvclora.blend.blend_adapters` takes for adapters saved without layer records.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ConvTranspose1d):
-            out[prefix + name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
-        elif isinstance(m, torch.nn.Conv1d):
-            out[prefix + name] = {"kind": "conv1d", "groups": int(m.groups)}
-        elif isinstance(m, torch.nn.Linear):
-            out[prefix + name] = {"kind": "linear", "groups": 1}
+        for cls in LORA_CLASSES:
+            if isinstance(m, cls.base_class):
+                out[prefix + name] = {"kind": cls.spec.kind, "groups": int(m.groups) if cls.spec.grouped else 1}
+                break
     return out

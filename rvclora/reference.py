@@ -11,6 +11,7 @@ layer              base weight            ``lora_A``                ``lora_B``
 Linear             ``(out, in)``          ``(r, in)``               ``(out, r)``
 Conv1d             ``(out, in/g, k)``     ``(r, in/g · k)``         ``(out, r/g)``
 ConvTranspose1d    ``(in, out/g, k)``     ``(r, in/g)``             ``(r, out/g · k)``
+Conv2d             ``(out, in/g, kh, kw)``  ``(r, in/g · kh·kw)``   ``(out, r/g)``
 =================  =====================  ========================  =======================
 
 Dropout ``D`` acts on the LoRA input only. Here it is given explicitly as
@@ -32,7 +33,10 @@ __all__ = [
     "delta_weight_linear",
     "delta_weight_conv1d",
     "delta_weight_conv_transpose1d",
+    "lora_conv2d_ref",
+    "delta_weight_conv2d",
     "pad1d",
+    "pad2d",
 ]
 
 
@@ -156,4 +160,55 @@ def lora_conv_transpose1d_ref(
     base = F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
     u = F.conv1d(_drop(x, dropout_mask), lora_A.unsqueeze(-1), None, groups=groups)  # (N, r, T)
     lora = F.conv_transpose1d(u, lora_B.reshape(r, -1, k), None, stride, padding, output_padding, groups, dilation)
+    return base + scaling * lora
+
+
+# --------------------------------------------------------------------------- Conv2d
+
+
+def pad2d(x: Tensor, padding: tuple[int, int, int, int], padding_mode: str) -> Tensor:
+    """Pad the last two dims of ``x`` by ``(top, bottom, left, right)`` as ``nn.Conv2d`` does for ``padding_mode``."""
+    if tuple(padding) == (0, 0, 0, 0):
+        return x
+    top, bottom, left, right = padding
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, (left, right, top, bottom), mode=mode)
+
+
+def delta_weight_conv2d(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, groups: int, kernel_size: tuple[int, int]
+) -> Tensor:
+    """``ΔW[o, i, h, w] = s · Σⱼ B[o, j] · A[j, (i·kh + h)·kw + w]`` per group; shape ``(out, in/g, kh, kw)``."""
+    r = lora_A.shape[0]
+    out = lora_B.shape[0]
+    rg, og = r // groups, out // groups
+    dw = torch.bmm(lora_B.reshape(groups, og, rg), lora_A.reshape(groups, rg, -1))  # (g, out/g, in/g·kh·kw)
+    return scaling * dw.reshape(out, -1, *kernel_size)
+
+
+def lora_conv2d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """``y = conv2d(x, W) + b + s · conv1x1(conv2d(D(x), A), B)``.
+
+    ``x: (N, in, H, W)``; ``padding`` is the explicit ``(top, bottom, left, right)`` padding applied with
+    ``padding_mode`` (the layer resolves ``'same'``/``'valid'``/ints/pairs to this).
+    """
+    kh, kw = weight.shape[-2:]
+    r = lora_A.shape[0]
+    base = F.conv2d(pad2d(x, padding, padding_mode), weight, bias, stride=stride, dilation=dilation, groups=groups)
+    dp = pad2d(_drop(x, dropout_mask), padding, padding_mode)
+    u = F.conv2d(dp, lora_A.reshape(r, -1, kh, kw), None, stride=stride, dilation=dilation, groups=groups)
+    lora = F.conv2d(u, lora_B[:, :, None, None], None, groups=groups)
     return base + scaling * lora

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .ops.spec import SPECS, sample_tensors
+
 __all__ = ["PEAKS", "main", "run"]
 
 #: Datasheet peaks (dense): (fp16/bf16 tensor TFLOP/s, tf32 TFLOP/s, fp32 TFLOP/s, HBM TB/s), by device-name substring.
@@ -55,7 +57,7 @@ PEAKS = {
     "RTX 3090": (71.0, 35.6, 35.6, 0.936),
 }
 
-OPS = ("lora_linear", "lora_conv1d", "lora_conv_transpose1d")
+OPS = tuple(SPECS)
 _TINY = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
@@ -70,38 +72,19 @@ def _peaks(name: str):
 
 
 def _case_tensors(op: str, n: int, device, act: torch.dtype, fac: torch.dtype, gen: torch.Generator):
-    """Small odd shapes of one op (float64 masters rounded to the call's dtypes) and its options."""
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-    if op == "lora_linear":
-        cin, cout, rank = 37, 29, 4
-        t = {"x": r(n, 3, cin), "weight": r(cout, cin, scale=cin ** -0.5), "bias": r(cout),
-             "lora_A": r(rank, cin, scale=cin ** -0.5), "lora_B": r(cout, rank)}
-        kw: dict[str, Any] = {}
-    elif op == "lora_conv1d":
-        cin, cout, k, rank, g = 12, 10, 3, 4, 2
-        t = {"x": r(n, cin, 41), "weight": r(cout, cin // g, k, scale=(cin // g * k) ** -0.5), "bias": r(cout),
-             "lora_A": r(rank, cin // g * k, scale=(cin // g * k) ** -0.5), "lora_B": r(cout, rank // g)}
-        kw = dict(stride=2, padding=(2, 1), dilation=2, groups=g, padding_mode="reflect")
-    else:
-        cin, cout, k, rank = 12, 10, 16, 4
-        t = {"x": r(n, cin, 9), "weight": r(cin, cout, k, scale=cin ** -0.5), "bias": r(cout),
-             "lora_A": r(rank, cin, scale=cin ** -0.5), "lora_B": r(rank, cout * k)}
-        kw = dict(stride=10, padding=3, output_padding=0, dilation=1, groups=1)
+    """The op's first sample of :mod:`rvclora.ops.spec` (small odd shapes; float64 masters rounded to the
+    call's dtypes) at batch ``n``, and its options."""
+    spec = SPECS[op]
+    sample = spec.samples[0]
+    t = sample_tensors(spec, sample, gen=gen, n=n)
+    kw: dict[str, Any] = spec.full_options(sample.options)
     dtypes = {k_: (fac if k_ in ("lora_A", "lora_B") else act) for k_ in t}
     t = {k_: v.to(dtypes[k_]).double().to(device) for k_, v in t.items()}
     return t, dtypes, kw
 
 
 def _oracle(op: str, t: dict[str, torch.Tensor], kw: dict[str, Any], mask, scaling: float):
-    from . import reference as ref
-
-    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling)
-    fn = {"lora_linear": ref.lora_linear_ref, "lora_conv1d": ref.lora_conv1d_ref,
-          "lora_conv_transpose1d": ref.lora_conv_transpose1d_ref}[op]
-    return fn(*args, dropout_mask=mask, **kw)
+    return SPECS[op].run_reference(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling, kw, mask)
 
 
 def _forward_and_grads(fn, t: dict[str, torch.Tensor], dtypes, grad_out):
@@ -119,11 +102,11 @@ def check_case(backend: str, op: str, device, act: torch.dtype, fac: torch.dtype
 
     gen = torch.Generator().manual_seed(seed)
     t, dtypes, kw = _case_tensors(op, n, device, act, fac, gen)
-    mod = dispatch.load_backend(backend)
-    why = mod.unsupported_reason(op, t["x"].to(act), weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac),
-                                 dropout_p=p, **kw)
+    why = dispatch.unsupported(backend, op, t["x"].to(act), weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac),
+                               dropout_p=p, **kw)
     if why is not None:
         return {"ok": None, "skipped": why}
+    mod = dispatch.load_backend(backend)
     seed_t = torch.tensor(1234 + seed, dtype=torch.int64) if p > 0 else None
     mask = mod.dropout_mask(seed_t, tuple(t["x"].shape), p, t["x"].device, torch.float64) if p > 0 else None
     scaling = 0.8
@@ -275,7 +258,7 @@ def _timed_inputs(op: str, sh: dict[str, int], device, dtype, r: int = 8):
         kw = dict(stride=1, padding=(pad, pad), dilation=sh["d"], groups=1, padding_mode="zeros")
         rows, k_dim = sh["n"] * sh["t"], sh["c"] * sh["k"]
         flops_base = 2 * rows * k_dim * sh["o"]
-    else:
+    elif op == "lora_conv_transpose1d":
         pad = (sh["k"] - sh["s"]) // 2
         x = rnd(sh["n"], sh["c"], sh["t"], grad=True)
         w, b = rnd(sh["c"], sh["o"], sh["k"], scale=sh["c"] ** -0.5), rnd(sh["o"])
@@ -284,6 +267,8 @@ def _timed_inputs(op: str, sh: dict[str, int], device, dtype, r: int = 8):
         kw = dict(stride=sh["s"], padding=pad, output_padding=0, dilation=1, groups=1)
         rows, k_dim = sh["n"] * sh["t"], sh["c"]
         flops_base = 2 * rows * k_dim * sh["o"] * sh["k"]
+    else:
+        raise ValueError(f"the timing cases are RVC's Linear/Conv1d/ConvTranspose1d layers, not {op!r}")
     return x, w, b, a, bb, kw, flops_base, rows, k_dim
 
 
@@ -297,6 +282,8 @@ def _unfused(op, x, w, b, a, bb, s, kw):
         k = w.shape[-1]
         h = F.conv1d(x, a.to(x.dtype).reshape(a.shape[0], x.shape[1], k), padding=pad, dilation=kw["dilation"])
         return base + s * F.conv1d(h, bb.to(x.dtype)[:, :, None])
+    if op != "lora_conv_transpose1d":
+        raise ValueError(f"the timing cases are RVC's Linear/Conv1d/ConvTranspose1d layers, not {op!r}")
     base = F.conv_transpose1d(x, w, b, stride=kw["stride"], padding=kw["padding"])
     h = F.conv1d(x, a.to(x.dtype)[:, :, None])
     k = w.shape[-1]
@@ -314,9 +301,7 @@ def _time_case(op: str, sh: dict[str, int], device, dtype, rounds: int) -> dict[
     fused_name = "cuda" if op == "lora_conv_transpose1d" else "triton"
     impls: dict[str, Callable[[], torch.Tensor]] = {}
     for be in (fused_name, "torch"):
-        if dispatch._unavailable(be) is not None:
-            continue
-        if dispatch.load_backend(be).unsupported_reason(op, x, weight=w, lora_A=a, dropout_p=0.0, **kw):
+        if dispatch.unsupported(be, op, x, weight=w, lora_A=a, dropout_p=0.0, **kw):
             continue
 
         def call(be=be):

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .ops.spec import KINDS, spec_of_kind
+
 __all__ = [
     "KINDS",
     "MAX_CHANNELS",
@@ -37,8 +39,6 @@ __all__ = [
 
 #: The dtypes an adapter's tensors may have (float8 and complex would not merge or check as floats do).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: The layer kinds of a layer record.
-KINDS = ("linear", "conv1d", "conv_transpose1d")
 #: At most this many tensors in an adapter file (an RVC decoder adapter holds a few hundred).
 MAX_TENSORS = 100_000
 #: The largest channel count an RVC config may declare (shipped configs use 512).
@@ -74,9 +74,9 @@ def layer_records_of(where: str, metadata: Any, layers: Mapping[str, Any]) -> di
         if kind not in KINDS or isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"{where}: layer record of {name!r} is {dict(rec)!r}; expected kind in {KINDS} and "
                              "groups an int >= 1")
-        if kind == "linear" and groups != 1:
-            raise ValueError(f"{where}: layer record of {name!r} says a linear layer with groups={groups}; "
-                             "linear layers have groups=1")
+        if not spec_of_kind(kind).grouped and groups != 1:
+            raise ValueError(f"{where}: layer record of {name!r} says a {kind} layer with groups={groups}; "
+                             f"{kind} layers have groups=1")
         out[str(name)] = (kind, groups)
     missing = sorted(set(layers) - set(out))
     if missing:
@@ -101,13 +101,9 @@ def _check_pair(where: str, name: str, A: Tensor, B: Tensor, r: int, record: tup
     kind, g = record
     if r % g:
         raise ValueError(f"{where}: {name}: rank r={r} is not a multiple of its layer's groups={g}")
-    if kind == "conv_transpose1d":
-        if b[0] != r:
-            raise ValueError(f"{where}: {name + '.lora_B'!r} has shape {b}; a ConvTranspose1d's lora_B is "
-                             f"(r={r}, out/groups*k)")
-    elif b[1] != r // g or b[0] % g:
-        raise ValueError(f"{where}: {name + '.lora_B'!r} has shape {b}; a {kind}'s lora_B is (out, r/groups="
-                         f"{r // g}) with out a multiple of groups={g}")
+    why = spec_of_kind(kind).lora_B_error(b, r, g)
+    if why is not None:
+        raise ValueError(f"{where}: {name + '.lora_B'!r} has shape {b}; {why}")
 
 
 def _is_number(x: Any) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rvclora import LoRAConfig, LoRAConv1d, LoRAConvTranspose1d, LoRALinear, inject_lora
+from rvclora import LoRAConfig, LoRAConv1d, LoRAConv2d, LoRAConvTranspose1d, LoRALinear, inject_lora
 from rvclora.models.rvc import GeneratorConfig, build_generator
 from rvclora.ops import dispatch
 
@@ -58,6 +58,13 @@ def _layer(kind: str, dropout: float, batch: int = 2) -> tuple[torch.nn.Module, 
         layer, x = LoRALinear(6, 5, r=2, lora_dropout=dropout), torch.randn(batch, 6)
     elif kind == "conv1d":
         layer, x = LoRAConv1d(4, 6, 3, r=2, padding=2, dilation=2, lora_dropout=dropout), torch.randn(batch, 4, 9)
+    elif kind == "conv2d":  # RVC's DiscriminatorP layer, the shared sample table's first Conv2d sample
+        from rvclora.ops.spec import SPECS
+
+        sample = SPECS["lora_conv2d"].samples[0]
+        layer = LoRAConv2d(sample.cin, sample.cout, sample.k, r=sample.r, lora_dropout=dropout, stride=(3, 1),
+                           padding=(2, 0))
+        x = torch.randn(batch, *sample.x[1:])
     else:
         layer = LoRAConvTranspose1d(4, 6, 4, stride=2, padding=1, r=2, lora_dropout=dropout)
         x = torch.randn(batch, 4, 5)
@@ -89,7 +96,7 @@ def _assert_same(eager, compiled) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("kind", ["linear", "linear2d", "conv1d", "conv_transpose1d"])
+@pytest.mark.parametrize("kind", ["linear", "linear2d", "conv1d", "conv_transpose1d", "conv2d"])
 def test_layer_compiles_with_inductor_like_eager(kind, batch):
     layer, x = _layer(kind, 0.0, batch)
     compiled = torch.compile(layer, fullgraph=True)  # the default backend: inductor
@@ -97,7 +104,7 @@ def test_layer_compiles_with_inductor_like_eager(kind, batch):
     _assert_same(_run(layer, layer, (x,), 0), got)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d", "conv2d"])
 def test_dropout_layer_compiles_fullgraph_like_eager(kind):
     layer, x = _layer(kind, 0.3)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)

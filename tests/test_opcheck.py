@@ -100,3 +100,50 @@ def test_opcheck_forward_and_backward(backend, kind, x_name, shape, dt, fdt, dro
         _assert_fake_matches_real(bwd, bargs, f"{kind} backward needs={needs}")
         if all(needs):
             torch.library.opcheck(bwd, bargs)
+
+
+# --------------------------------------------------------------------------- from the shared sample table
+
+# ops whose opcheck samples come from rvclora.ops.spec's table (op -> backend -> (forward, backward) custom op)
+SPEC_OPS = {"lora_conv2d": {"torch": (tb._conv2d_fwd, tb._conv2d_bwd)}}
+
+
+def _spec_cases():
+    from rvclora.ops.spec import SPECS
+
+    for op, backends in SPEC_OPS.items():
+        for backend, (i, sample), (dt, fdt) in itertools.product(backends, enumerate(SPECS[op].samples), DTYPES):
+            if (dt, fdt) != (torch.float32, torch.float32) and i:
+                continue  # every sample in float32, every dtype on the first
+            for layout in ("contiguous", "channels_last") if i == 0 and dt == torch.float32 else ("contiguous",):
+                yield pytest.param(op, backend, i, dt, fdt, layout,
+                                   id=f"{backend}-{op}-{sample.label}-{str(dt)[6:]}-f{str(fdt)[6:]}-{layout}")
+
+
+@pytest.mark.parametrize("op, backend, index, dt, fdt, layout", list(_spec_cases()))
+def test_opcheck_spec_samples(op, backend, index, dt, fdt, layout):
+    from rvclora.ops.spec import SPECS, sample_tensors
+
+    spec = SPECS[op]
+    sample = spec.samples[index]
+    fwd, bwd = SPEC_OPS[op][backend]
+    t = sample_tensors(spec, sample, seed=index)
+    x = t["x"].to(dt)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = t["bias"].to(dt) if t["bias"] is not None else None
+    options = [list(v) if isinstance(v, tuple) else v for v in spec.option_values(sample.options)]
+    seed = torch.tensor(7, dtype=torch.int64) if sample.dropout_p else None
+    args = (x, t["weight"].to(dt), bias, t["lora_A"].to(fdt), t["lora_B"].to(fdt), 0.5, *options,
+            sample.dropout_p, seed)
+    y, u = _assert_fake_matches_real(fwd, args, f"{op} forward")
+    grad_args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                      else a for a in args)
+    torch.library.opcheck(fwd, grad_args)
+    x, weight, _bias, lora_A, lora_B, *rest = args
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    for needs in ([True] * 5, [True, False, False, True, True], [False, False, True, False, True]):
+        bargs = (grad, x, u, weight, lora_A, lora_B, *rest, needs)
+        _assert_fake_matches_real(bwd, bargs, f"{op} backward needs={needs}")
+        if all(needs):
+            torch.library.opcheck(bwd, bargs)

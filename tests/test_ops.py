@@ -452,3 +452,48 @@ def test_factor_dtype_differs_from_x(backend, op, act, fac, n, p):
                                                        dropout_mask=None if mask is None else mask.to(x.dtype), **kw),
         t, act, fac, f"{backend} {op} {act} x, {fac} factors, n={n}, p={p}",
     )
+
+
+# --------------------------------------------------------------------------- the shared sample table
+
+def _spec_sample_cases():
+    from rvclora.ops.spec import SPECS
+
+    dtypes = {"reference": (torch.float64,), "torch": BACKEND_DTYPES["torch"], "cpu": BACKEND_DTYPES["cpu"]}
+    for op, spec in SPECS.items():
+        for i, sample in enumerate(spec.samples):
+            for name, dts in dtypes.items():
+                yield pytest.param(name, op, i, dts, id=f"{name}-{op}-{sample.label}")
+
+
+@pytest.mark.parametrize("backend, op, index, dtypes", list(_spec_sample_cases()))
+def test_spec_samples_match_oracle(backend, op, index, dtypes):
+    """Every sample of rvclora.ops.spec's table, through the public op, on every CPU backend that has the op."""
+    from rvclora.ops.spec import SPECS, sample_tensors
+
+    why = dispatch._unavailable(backend)
+    if why is not None:
+        pytest.skip(f"backend {backend} unavailable here: {why}")
+    spec = SPECS[op]
+    sample = spec.samples[index]
+    t = sample_tensors(spec, sample, seed=_case_seed((op, sample.label)))
+    seed = torch.tensor(4321)
+    gnames = [n for n in GRAD_ALL if t[n] is not None]
+    ops.set_backend(backend)
+    try:
+        for dt in dtypes:
+            why = dispatch.unsupported(backend, op, t["x"].to(dt), weight=t["weight"].to(dt), lora_A=t["lora_A"],
+                                       dropout_p=sample.dropout_p, **spec.full_options(sample.options))
+            if why is not None:
+                assert backend != "torch" and backend != "reference", f"{backend} must run every op: {why}"
+                continue  # declined (another op's backend, or a dtype it does not compute in): auto runs torch
+            t["mask"] = _mask_for(backend, t["x"].shape, sample.dropout_p, seed, dt)
+            compare_with_oracle(
+                lambda x, weight, bias, lora_A, lora_B, mask: getattr(ops, op)(
+                    x, weight, bias, lora_A, lora_B, 1.3, dropout_p=sample.dropout_p, seed=seed, **sample.options),
+                lambda x, weight, bias, lora_A, lora_B, mask: spec.run_reference(
+                    x, weight, bias, lora_A, lora_B, 1.3, sample.options, mask),
+                t, dt, gnames, f"{backend} {op} {sample.label} {dt}",
+            )
+    finally:
+        ops.set_backend(None)

@@ -20,6 +20,7 @@ from .dispatch import (
     select_backend,
     set_backend,
 )
+from .spec import SPECS
 
 preload_backends()
 
@@ -27,6 +28,7 @@ __all__ = [
     "lora_linear",
     "lora_conv1d",
     "lora_conv_transpose1d",
+    "lora_conv2d",
     "draw_seed",
     "BACKENDS",
     "BackendUnavailableError",
@@ -55,10 +57,7 @@ def lora_linear(
     seed: Tensor | None = None,
 ) -> Tensor:
     """``x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ``; ``x: (..., in)``, ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``."""
-    if dropout_p > 0 and seed is None:
-        seed = draw_seed(dropout_p)
-    be = select_backend("lora_linear", x, weight=weight, lora_A=lora_A, dropout_p=dropout_p)
-    return be.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    return _call("lora_linear", x, weight, bias, lora_A, lora_B, scaling, {}, dropout_p, seed)
 
 
 def lora_conv1d(
@@ -77,17 +76,8 @@ def lora_conv1d(
     seed: Tensor | None = None,
 ) -> Tensor:
     """Conv1d + LoRA; ``padding`` is explicit ``(left, right)``. Shapes: :mod:`rvclora.reference`."""
-    if dropout_p > 0 and seed is None:
-        seed = draw_seed(dropout_p)
-    padding = (int(padding[0]), int(padding[1]))
-    be = select_backend(
-        "lora_conv1d", x, weight=weight, lora_A=lora_A, stride=stride, padding=padding,
-        dilation=dilation, groups=groups, padding_mode=padding_mode, dropout_p=dropout_p,
-    )
-    return be.lora_conv1d(
-        x, weight, bias, lora_A, lora_B, float(scaling), int(stride), padding, int(dilation),
-        int(groups), padding_mode, float(dropout_p), seed,
-    )
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
+    return _call("lora_conv1d", x, weight, bias, lora_A, lora_B, scaling, options, dropout_p, seed)
 
 
 def lora_conv_transpose1d(
@@ -106,13 +96,38 @@ def lora_conv_transpose1d(
     seed: Tensor | None = None,
 ) -> Tensor:
     """ConvTranspose1d + exact LoRA. Shapes: :mod:`rvclora.reference`."""
+    options = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups)
+    return _call("lora_conv_transpose1d", x, weight, bias, lora_A, lora_B, scaling, options, dropout_p, seed)
+
+
+def lora_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+) -> Tensor:
+    """Conv2d + LoRA; ``padding`` is explicit ``(top, bottom, left, right)``. Shapes: :mod:`rvclora.reference`."""
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
+    return _call("lora_conv2d", x, weight, bias, lora_A, lora_B, scaling, options, dropout_p, seed)
+
+
+def _call(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+          options: dict, dropout_p: float, seed: Tensor | None) -> Tensor:
+    """Every op's path: normalise the options (:mod:`rvclora.ops.spec`), pick a backend, call it in the one
+    calling convention ``op(x, weight, bias, lora_A, lora_B, scaling, *options, dropout_p, seed)``."""
+    spec = SPECS[op]
     if dropout_p > 0 and seed is None:
         seed = draw_seed(dropout_p)
-    be = select_backend(
-        "lora_conv_transpose1d", x, weight=weight, lora_A=lora_A, stride=stride, padding=padding,
-        output_padding=output_padding, dilation=dilation, groups=groups, dropout_p=dropout_p,
-    )
-    return be.lora_conv_transpose1d(
-        x, weight, bias, lora_A, lora_B, float(scaling), int(stride), int(padding),
-        int(output_padding), int(dilation), int(groups), float(dropout_p), seed,
-    )
+    values = spec.option_values(options)
+    params = dict(zip(spec.option_names, values))
+    be = select_backend(op, x, weight=weight, lora_A=lora_A, dropout_p=dropout_p, **params)
+    return getattr(be, op)(x, weight, bias, lora_A, lora_B, float(scaling), *values, float(dropout_p), seed)

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .spec import SPECS
+
 __all__ = [
     "AutoSelector",
     "ClockTimer",
@@ -196,7 +198,7 @@ def rows_of(op: str, x: Tensor, weight: Tensor, params: dict[str, Any]) -> int:
     """The GEMM rows of a call: the leading elements of a Linear, ``N·T_out`` of a convolution."""
     if op == "lora_linear":
         return x.numel() // max(x.shape[-1], 1)
-    return x.shape[0] * x.shape[-1]
+    return x.numel() // max(x.shape[1], 1)  # N·T (N·H·W of a Conv2d)
 
 
 def shape_class(op: str, x: Tensor, params: dict[str, Any], training: bool) -> str:
@@ -204,7 +206,7 @@ def shape_class(op: str, x: Tensor, params: dict[str, Any], training: bool) -> s
     weight, lora_A = params["weight"], params["lora_A"]
     p = float(params.get("dropout_p", 0.0))
     geo = [f"w{tuple(weight.shape)}", f"A{tuple(lora_A.shape)}"]
-    for name in ("stride", "padding", "output_padding", "dilation", "groups", "padding_mode"):
+    for name in SPECS[op].option_names:
         if name in params:
             value = params[name]
             geo.append(f"{name}={tuple(value) if isinstance(value, (tuple, list)) else value}")
@@ -258,12 +260,7 @@ class CudaEventTimer:
 
 
 def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> tuple[int, ...]:
-    r = lora_A.shape[0]
-    if op == "lora_linear":
-        return (weight.shape[0], r)
-    if op == "lora_conv1d":
-        return (weight.shape[0], r // groups)
-    return (r, weight.shape[1] * weight.shape[2])
+    return SPECS[op].lora_shapes(tuple(weight.shape), groups, lora_A.shape[0])[1]
 
 
 #: On CPU a class is measured on at most this many samples of time (Conv1d, ConvTranspose1d) or rows
@@ -292,14 +289,15 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
     op's keyword options."""
     weight, lora_A = params["weight"], params["lora_A"]
     x_shape = _measure_shape(op, x, params)
-    groups = int(params.get("groups", 1))
+    spec = SPECS[op]
+    groups = spec.groups_of(params)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand(shape, dtype, scale=1.0):
         return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(device=x.device, dtype=dtype)
 
-    fan = max(weight[0].numel(), 1) if op != "lora_conv_transpose1d" else max(weight.shape[0] // groups, 1)
-    out_ch = weight.shape[0] if op != "lora_conv_transpose1d" else weight.shape[1] * groups
+    fan = max(weight[0].numel(), 1) if not spec.transposed else max(weight.shape[0] // groups, 1)
+    out_ch = spec.out_channels(weight.shape, groups)
     tensors = {
         "x": rand(x_shape, x.dtype),
         "weight": rand(weight.shape, weight.dtype, fan ** -0.5),
@@ -310,8 +308,7 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
     if training:
         for name in ("x", "lora_A", "lora_B"):
             tensors[name].requires_grad_(True)
-    kw = {k: params[k] for k in ("stride", "padding", "output_padding", "dilation", "groups", "padding_mode")
-          if k in params}
+    kw = {k: params[k] for k in spec.option_names if k in params}
     p = float(params.get("dropout_p", 0.0))
     kw.update(dropout_p=p, seed=torch.tensor(seed, dtype=torch.int64) if p > 0 else None)
     return tensors, kw
@@ -320,16 +317,8 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
 def _run(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None):
     """One call of ``backend``'s ``op``; returns the output and, when ``grad_out`` is given, the gradients."""
     t = {k: (v.detach().requires_grad_(v.requires_grad) if v is not None else None) for k, v in tensors.items()}
-    args = [t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75]
-    if op == "lora_linear":
-        rest = [kw["dropout_p"], kw["seed"]]
-    elif op == "lora_conv1d":
-        rest = [int(kw["stride"]), tuple(kw["padding"]), int(kw["dilation"]), int(kw["groups"]), kw["padding_mode"],
-                kw["dropout_p"], kw["seed"]]
-    else:
-        rest = [int(kw["stride"]), int(kw["padding"]), int(kw["output_padding"]), int(kw["dilation"]),
-                int(kw["groups"]), kw["dropout_p"], kw["seed"]]
-    y = getattr(backend, op)(*args, *rest)
+    y = SPECS[op].call(getattr(backend, op), t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75, kw,
+                       kw["dropout_p"], kw["seed"])
     if grad_out is None:
         return [y]
     leaves = [t[k] for k in ("x", "lora_A", "lora_B") if t[k].requires_grad]
@@ -518,17 +507,7 @@ class AutoSelector:
 
 def _oracle(op: str, args: Sequence, kw: dict[str, Any], mask: Tensor | None):
     """The oracle (rvclora.reference) on ``args = (x, weight, bias, lora_A, lora_B, scaling)``."""
-    from .. import reference as ref
-
-    if op == "lora_linear":
-        return ref.lora_linear_ref(*args, dropout_mask=mask)
-    if op == "lora_conv1d":
-        return ref.lora_conv1d_ref(*args, stride=int(kw["stride"]), padding=tuple(kw["padding"]),
-                                   dilation=int(kw["dilation"]), groups=int(kw["groups"]),
-                                   padding_mode=kw["padding_mode"], dropout_mask=mask)
-    return ref.lora_conv_transpose1d_ref(*args, stride=int(kw["stride"]), padding=int(kw["padding"]),
-                                         output_padding=int(kw["output_padding"]), dilation=int(kw["dilation"]),
-                                         groups=int(kw["groups"]), dropout_mask=mask)
+    return SPECS[op].run_reference(*args, kw, dropout_mask=mask)
 
 
 def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None) -> float:

@@ -78,6 +78,8 @@ def status_note() -> str:
 
 
 def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
+    if op not in __all__:
+        return f"the cpu backend has no {op} (it runs lora_linear, lora_conv1d and lora_conv_transpose1d)"
     if x.device.type != "cpu":
         return f"the cpu backend runs CPU tensors only, got device {x.device.type!r}"
     if x.dtype not in _DTYPES:

@@ -11,9 +11,13 @@ A backend is a module that defines::
                 groups, padding_mode, dropout_p, seed) -> Tensor
     lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding,
                           output_padding, dilation, groups, dropout_p, seed) -> Tensor
+    lora_conv2d(...)                               # optional: a backend may lack any op
     dropout_mask(seed, shape, p, device, dtype) -> Tensor   # the scaled mask it applies
 
-``op`` is one of :data:`OPS`. ``seed`` is a 0-dim int64 CPU tensor, or ``None`` when
+``op`` is one of :data:`OPS`, each described by its :class:`rvclora.ops.spec.OpSpec` (the option names and
+order of the calling convention ``op(x, weight, bias, lora_A, lora_B, scaling, *options, dropout_p, seed)``).
+A backend without an entry point for an op is never chosen for it (``auto`` skips it; a named backend
+raises :class:`BackendUnavailableError`). ``seed`` is a 0-dim int64 CPU tensor, or ``None`` when
 ``dropout_p == 0``. The backend functions are differentiable in every tensor argument
 that requires grad.
 
@@ -36,6 +40,8 @@ import os
 import sys
 from types import ModuleType
 
+from .spec import SPECS
+
 __all__ = [
     "BACKENDS",
     "OPS",
@@ -43,13 +49,14 @@ __all__ = [
     "get_backend",
     "set_backend",
     "select_backend",
+    "unsupported",
     "load_backend",
     "backend_status",
     "preload_backends",
 ]
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
-OPS = ("lora_linear", "lora_conv1d", "lora_conv_transpose1d")
+OPS = tuple(SPECS)
 
 _MODULES = {
     "reference": "rvclora.ops.reference_backend",
@@ -147,21 +154,30 @@ def _unavailable(name: str) -> str | None:
     return mod.unavailable_reason()
 
 
+def unsupported(name: str, op: str, x, **params) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on ``x`` with ``params`` (``None`` when it can): unavailable here,
+    no entry point for ``op``, or declined by its ``unsupported_reason``."""
+    why = _unavailable(name)
+    if why is not None:
+        return why
+    mod = load_backend(name)
+    if getattr(mod, op, None) is None:
+        return f"the {name} backend has no {op}"
+    return mod.unsupported_reason(op, x, **params)
+
+
 def select_backend(op: str, x, **params) -> ModuleType:
     """The backend module that runs ``op`` on ``x`` with ``params``."""
     requested = get_backend()
     if requested != "auto":
-        why = _unavailable(requested) or load_backend(requested).unsupported_reason(op, x, **params)
+        why = unsupported(requested, op, x, **params)
         if why is not None:
             raise BackendUnavailableError(f"RVCLORA_BACKEND={requested} cannot run {op}: {why}")
         return load_backend(requested)
     capable = []
     for name in _AUTO_ORDER.get(x.device.type, ("torch",)):
-        if _unavailable(name) is not None:
-            continue
-        mod = load_backend(name)
-        if mod.unsupported_reason(op, x, **params) is None:
-            capable.append(mod)
+        if unsupported(name, op, x, **params) is None:
+            capable.append(load_backend(name))
     fixed = _fixed_choice(op, x, params, capable)
     if not _measured(x) or _tracing():
         # Inside a torch.compile trace the fixed rule decides: the selector's cache and timers are

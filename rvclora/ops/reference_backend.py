@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import reference as ref
+from .spec import SPECS
 from .torch_backend import dropout_mask
 
 NAME = "reference"
@@ -28,17 +28,19 @@ def _mask(x: Tensor, dropout_p: float, seed: Tensor | None):
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return ref.lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, _mask(x, dropout_p, seed))
+def _entry_point(op: str):
+    """``op``'s entry point in the one calling convention: the oracle with this backend's dropout mask."""
+    spec = SPECS[op]
+
+    def run(x, weight, bias, lora_A, lora_B, scaling, *rest):
+        *options, dropout_p, seed = rest
+        return spec.run_reference(x, weight, bias, lora_A, lora_B, scaling, dict(zip(spec.option_names, options)),
+                                  _mask(x, dropout_p, seed))
+
+    run.__name__ = run.__qualname__ = op
+    return run
 
 
-def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                dropout_p, seed):
-    return ref.lora_conv1d_ref(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups,
-                               padding_mode, _mask(x, dropout_p, seed))
-
-
-def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
-                          groups, dropout_p, seed):
-    return ref.lora_conv_transpose1d_ref(x, weight, bias, lora_A, lora_B, scaling, stride, padding,
-                                         output_padding, dilation, groups, _mask(x, dropout_p, seed))
+# every op of the spec, new ones included
+for _op in SPECS:
+    globals()[_op] = _entry_point(_op)

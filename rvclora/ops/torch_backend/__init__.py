@@ -27,7 +27,8 @@ the autograd registration, the entry point), over one shared module:
 
 * ``_common.py``  — masks, dtype and autocast plumbing, the merged-weight rule, the custom-op
   autograd and eager ``autograd.Function`` factories, grouped 1×1 helpers, the gradient fakes;
-* ``linear.py``, ``conv1d.py``, ``conv_transpose1d.py`` — the three ops.
+* ``linear.py``, ``conv1d.py``, ``conv_transpose1d.py``, ``conv2d.py`` — the ops (Conv2d: plain and exact,
+  the LoRA term always separate).
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ from torch import Tensor
 
 from ._common import _merge_ok, dropout_mask
 from .conv1d import _conv1d_bwd, _conv1d_fwd, lora_conv1d
+from .conv2d import _conv2d_bwd, _conv2d_fwd, lora_conv2d
 from .conv_transpose1d import _convt_bwd, _convt_fwd, lora_conv_transpose1d
 from .linear import _linear_bwd, _linear_fwd, lora_linear
 
 NAME = "torch"
 
-__all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"]
+__all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d", "lora_conv2d"]
 # the custom ops, for tests and opcheck
-_OPS = (_linear_fwd, _linear_bwd, _conv1d_fwd, _conv1d_bwd, _convt_fwd, _convt_bwd, _merge_ok)
+_OPS = (_linear_fwd, _linear_bwd, _conv1d_fwd, _conv1d_bwd, _convt_fwd, _convt_bwd, _conv2d_fwd, _conv2d_bwd,
+        _merge_ok)
 
 
 def unavailable_reason() -> Optional[str]:
