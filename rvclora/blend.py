@@ -38,43 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import read_lora_file
 from .config import LoRAConfig
 from .io import RVCLoRAWarning
+from .records import LayerRecord, layer_records, model_layer_records
 
 __all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "model_layer_records",
            "parse_weighted"]
 
-KINDS = ("linear", "conv1d", "conv_transpose1d")
-
 
 class BlendError(ValueError):
     """Adapters that cannot be blended (different bases or layers, bad weights or rank)."""
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What a blend needs to know of an adapted layer: its kind and its groups."""
-
-    kind: str
-    groups: int = 1
-
-
-def layer_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """``{layer name: {"kind", "groups"}}`` for every LoRA layer of ``model`` (saved in adapter metadata)."""
-    from .inject import lora_modules
-    from .layers import LoRAConv1d, LoRAConvTranspose1d, LoRALinear
-
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in lora_modules(model):
-        if m.r <= 0:
-            continue
-        if isinstance(m, LoRAConvTranspose1d):
-            out[name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
-        elif isinstance(m, LoRAConv1d):
-            out[name] = {"kind": "conv1d", "groups": int(m.groups)}
-        elif isinstance(m, LoRALinear):
-            out[name] = {"kind": "linear", "groups": 1}
-    return out
 
 
 def parse_weighted(text: str) -> tuple[str, float]:
@@ -116,22 +90,6 @@ class _Source:
     records: dict[str, LayerRecord]
 
 
-def model_layer_records(model: torch.nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
-    """``{prefix + name: {"kind", "groups"}}`` for every Linear / Conv1d / ConvTranspose1d of ``model``, adapted or not.
-
-    What ``layers=`` of :func:`blend_adapters` takes for adapters saved without layer records.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ConvTranspose1d):
-            out[prefix + name] = {"kind": "conv_transpose1d", "groups": int(m.groups)}
-        elif isinstance(m, torch.nn.Conv1d):
-            out[prefix + name] = {"kind": "conv1d", "groups": int(m.groups)}
-        elif isinstance(m, torch.nn.Linear):
-            out[prefix + name] = {"kind": "linear", "groups": 1}
-    return out
-
-
 def _given_records(layers: Any) -> dict[str, LayerRecord] | None:
     """``layers=`` of :func:`blend_adapters`: ``None``, a model, or ``{name: {"kind", "groups"}}``."""
     if layers is None:
@@ -151,8 +109,6 @@ def _given_records(layers: Any) -> dict[str, LayerRecord] | None:
 
 def _load(adapter: Any, index: int, given: dict[str, LayerRecord] | None = None) -> _Source:
     if isinstance(adapter, (str, os.PathLike)):
-        from .checkpoint import read_lora_file
-
         data = read_lora_file(adapter)
         label = os.fspath(adapter)
     elif isinstance(adapter, Mapping) and "weights" in adapter and "config" in adapter:

@@ -44,6 +44,7 @@ from .io import (
     first_nonfinite,
     torch_load_error,
 )
+from .records import layer_records
 
 __all__ = [
     "FORMAT_VERSION",
@@ -442,8 +443,6 @@ def save_lora_checkpoint(
         warnings.warn(f"{where}: the model has no recorded base fingerprint (it was not injected with "
                       "rvclora.inject_lora); the adapter cannot be checked against its base later",
                       RVCLoRAWarning, stacklevel=2)
-    from .blend import layer_records
-
     # each layer's kind and groups: what a blend needs to read the factors without the model
     metadata = {"layers": layer_records(model), **(metadata or {})}
     write_lora_file(path, extract_lora_weights(model, config.bias), config, base_fingerprint=fingerprint,

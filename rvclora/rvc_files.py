@@ -28,9 +28,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from .blend import model_layer_records
 from .io import atomic_write, check_output_path, describe_format, detect_format, first_nonfinite, torch_load_error
 from .models.rvc import GENERATOR_CONFIGS, Generator, GeneratorConfig, GeneratorNSF, generator_from_config
+from .records import model_layer_records
 
 __all__ = [
     "EXPORTED_FIELDS",
@@ -308,8 +308,6 @@ def decoder_layer_records(model_file: RVCModelFile) -> dict[str, dict[str, Any]]
     Keys relative to the decoder (``ups.0``) and to RVC's synthesizer (``dec.ups.0``): the
     ``layers=`` of :func:`rvclora.blend.blend_adapters` for adapters saved without layer records.
     """
-    from .blend import model_layer_records
-
     with torch.device("meta"):
         generator = build_generator_from_rvc(model_file, load_weights=False)
     return {**model_layer_records(generator), **model_layer_records(generator, prefix=_DEC)}

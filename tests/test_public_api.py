@@ -21,3 +21,28 @@ def test_subpackage_all_names_import():
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", ()):
             assert hasattr(module, name), f"{module_name}.__all__ names {name!r}, which does not import"
+
+
+def _imported_modules(path: str) -> set[str]:
+    """Every ``rvclora`` module ``path`` imports, at any depth of its code (function-local imports too)."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.add(node.module or "")
+            out.update(a.name for a in node.names if node.module is None)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rvclora."):
+            out.add(node.module.split(".")[1])
+    return out
+
+
+def test_blend_and_checkpoint_have_no_import_cycle():
+    # blend reads files through checkpoint; checkpoint writes layer records from rvclora.records, never from blend
+    import os
+
+    root = os.path.dirname(rvclora.__file__)
+    assert "blend" not in _imported_modules(os.path.join(root, "checkpoint.py"))
+    assert not {"blend", "checkpoint"} & _imported_modules(os.path.join(root, "records.py"))
+    assert "checkpoint" in _imported_modules(os.path.join(root, "blend.py"))
