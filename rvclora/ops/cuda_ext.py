@@ -273,7 +273,7 @@ def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
 
 
 def openmp_flags() -> list[str]:
-    """``["-fopenmp"]`` on Linux when this torch parallelises with OpenMP, else ``[]`` (the passes then run on one thread).
+    """``["-fopenmp"]`` on Linux when this torch parallelises with OpenMP, else ``[]`` (passes then run on one thread).
 
     ``at::parallel_for`` is a header template whose OpenMP build is a ``#pragma omp parallel``: an
     extension compiled without ``-fopenmp`` silently runs every parallel_for on one thread. The
