@@ -273,14 +273,14 @@ def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
 
 
 def openmp_flags() -> list[str]:
-    """``["-fopenmp"]`` when this torch parallelises with OpenMP and the compiler is GCC-compatible, else ``[]``.
+    """``["-fopenmp"]`` on Linux when this torch parallelises with OpenMP, else ``[]`` (passes then run on one thread).
 
     ``at::parallel_for`` is a header template whose OpenMP build is a ``#pragma omp parallel``: an
     extension compiled without ``-fopenmp`` silently runs every parallel_for on one thread. The
     flag links the extension against ``libgomp.so.1``, the soname torch itself loads (the wheels
     ship it in ``torch/lib``), so the process keeps one OpenMP runtime and one thread pool.
     """
-    if sys.platform == "win32":
+    if not sys.platform.startswith("linux"):  # Apple clang has no -fopenmp; MSVC spells it /openmp
         return []
     info = torch.__config__.parallel_info()
     return ["-fopenmp"] if "parallel backend: OpenMP" in info else []
