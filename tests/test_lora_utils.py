@@ -120,8 +120,8 @@ def test_injection_is_exact_at_step_zero_and_folds_weight_norm(wn):
 
 
 def test_targets_that_match_nothing_raise_with_candidates():
-    with pytest.raises(ValueError, match=r"match no Linear/Conv1d/ConvTranspose1d/Conv2d module; adaptable modules are: "
-                                         r"conv_pre, ups.0"):
+    with pytest.raises(ValueError, match=r"match no Linear/Conv1d/ConvTranspose1d/Conv2d module; adaptable modules "
+                                         r"are: conv_pre, ups.0"):
         inject_lora(TinyGen(), LoRAConfig(target_modules=["upsamplers"]))
     with pytest.raises(TypeError, match="config must be a LoRAConfig"):
         inject_lora(TinyGen(), {"r": 8})
