@@ -330,3 +330,22 @@ def test_functional_op_strides_of_a_channels_last_input_match_conv2d():
     w = torch.randn(5, 3, 3, 3)
     y = ops.lora_conv2d(x, w, None, torch.randn(2, 27), torch.randn(5, 2), 0.5, padding=(1, 1, 1, 1))
     assert y.stride() == F.conv2d(x, w, padding=1).stride()
+
+
+def test_autocast_gives_the_base_dtype_and_float32_factor_gradients():
+    lora = _pair(nn.Conv2d(4, 6, (5, 1), (3, 1), padding=(2, 0))).train()
+    x = torch.randn(2, 4, 23, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x)
+        want_dtype = nn.Conv2d.forward(lora, x).dtype
+    assert y.dtype == want_dtype == torch.bfloat16
+    gA, gB = torch.autograd.grad(y.float().square().sum(), [lora.lora_A, lora.lora_B])
+    assert gA.dtype == gB.dtype == torch.float32
+    d = {k: v.detach().double() for k, v in (("w", lora.weight), ("b", lora.bias), ("A", lora.lora_A),
+                                              ("B", lora.lora_B))}
+    from rvclora import reference as ref
+
+    want = ref.lora_conv2d_ref(x.double(), d["w"], d["b"], d["A"], d["B"], lora.scaling, stride=(3, 1),
+                               padding=(2, 2, 0, 0))
+    err = (y.double() - want).abs().max().item()
+    assert err <= 2e-2 * want.abs().max().item(), f"bf16 autocast error {err:.3g}"
