@@ -101,17 +101,17 @@ class OpSpec:
     samples: tuple[Sample, ...] = ()
 
     # ---------------------------------------------------------------- calling convention
-    @property
-    def option_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.options)
+    def __post_init__(self) -> None:
+        # computed once: the op boundary reads these on every call
+        object.__setattr__(self, "option_names", tuple(o.name for o in self.options))
+        object.__setattr__(self, "grouped", "groups" in self.option_names)
 
-    @property
-    def grouped(self) -> bool:
-        return "groups" in self.option_names
+    option_names: tuple[str, ...] = field(init=False)
+    grouped: bool = field(init=False)
 
     def option_values(self, params: dict[str, Any]) -> tuple[Any, ...]:
         """The options in call order, normalised, defaults filled in (other keys of ``params`` ignored)."""
-        return tuple(o.convert(params.get(o.name, o.default)) for o in self.options)
+        return tuple([o.convert(params.get(o.name, o.default)) for o in self.options])
 
     def full_options(self, params: dict[str, Any]) -> dict[str, Any]:
         """``{name: value}`` of every option, normalised, defaults filled in."""
