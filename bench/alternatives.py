@@ -53,8 +53,9 @@ def library_version(dist: str) -> str | None:
 
 
 class _PlainLoRA(nn.Module):
-    def __init__(self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, r: int, lora_alpha: float,
-                 lora_dropout: float) -> None:
+    def __init__(
+        self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, r: int, lora_alpha: float, lora_dropout: float
+    ) -> None:
         super().__init__()
         self.base = base
         self.lora_A = lora_A
@@ -81,8 +82,18 @@ class PlainLoRAConv1d(_PlainLoRA):
 
     def __init__(self, base: nn.Conv1d, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        a = nn.Conv1d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, base.groups,
-                      bias=False, padding_mode=base.padding_mode, **kw)
+        a = nn.Conv1d(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            base.groups,
+            bias=False,
+            padding_mode=base.padding_mode,
+            **kw,
+        )
         b = nn.Conv1d(r, base.out_channels, 1, groups=base.groups, bias=False, **kw)
         super().__init__(base, a, b, r, lora_alpha, lora_dropout)
 
@@ -93,23 +104,37 @@ class PlainLoRAConvTranspose1d(_PlainLoRA):
     def __init__(self, base: nn.ConvTranspose1d, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> None:
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         a = nn.Conv1d(base.in_channels, r, 1, groups=base.groups, bias=False, **kw)
-        b = nn.ConvTranspose1d(r, base.out_channels, base.kernel_size, base.stride, base.padding,
-                               base.output_padding, base.groups, bias=False, dilation=base.dilation, **kw)
+        b = nn.ConvTranspose1d(
+            r,
+            base.out_channels,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.output_padding,
+            base.groups,
+            bias=False,
+            dilation=base.dilation,
+            **kw,
+        )
         super().__init__(base, a, b, r, lora_alpha, lora_dropout)
 
 
 def plain_lora(base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0) -> _PlainLoRA:
     """Wrap ``base`` (a Linear, Conv1d or ConvTranspose1d) in the matching plain LoRA module."""
     # ConvTranspose1d first: it is not a Conv1d subclass, but keep the order explicit anyway.
-    for kind, cls in ((nn.ConvTranspose1d, PlainLoRAConvTranspose1d), (nn.Conv1d, PlainLoRAConv1d),
-                      (nn.Linear, PlainLoRALinear)):
+    for kind, cls in (
+        (nn.ConvTranspose1d, PlainLoRAConvTranspose1d),
+        (nn.Conv1d, PlainLoRAConv1d),
+        (nn.Linear, PlainLoRALinear),
+    ):
         if isinstance(base, kind):
             return cls(base, r, lora_alpha, lora_dropout)
     raise TypeError(f"plain_lora: expected Linear/Conv1d/ConvTranspose1d, got {type(base).__name__}")
 
 
-def inject_plain_lora(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float,
-                      lora_dropout: float = 0.0) -> nn.Module:
+def inject_plain_lora(
+    model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lora_dropout: float = 0.0
+) -> nn.Module:
     """Replace each named submodule of ``model`` by a plain LoRA wrapper around it (in place)."""
     for name in list(names):
         parent_name, _, child = name.rpartition(".")
@@ -147,9 +172,18 @@ def loralib_lora(base: nn.Module, r: int, lora_alpha: float) -> nn.Module:
     elif isinstance(base, nn.ConvTranspose1d):
         raise Unsupported("unsupported (loralib has no ConvTranspose1d)")
     elif isinstance(base, nn.Conv1d):
-        layer = loralib.Conv1d(base.in_channels, base.out_channels, base.kernel_size[0], stride=base.stride,
-                               padding=base.padding, dilation=base.dilation, groups=base.groups,
-                               bias=base.bias is not None, padding_mode=base.padding_mode, **kw)
+        layer = loralib.Conv1d(
+            base.in_channels,
+            base.out_channels,
+            base.kernel_size[0],
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=base.groups,
+            bias=base.bias is not None,
+            padding_mode=base.padding_mode,
+            **kw,
+        )
         target = layer.conv
     else:
         raise Unsupported(f"unsupported (loralib has no {type(base).__name__})")
@@ -196,8 +230,9 @@ def copy_factors(src: nn.Module, dst: nn.Module) -> None:
 def conv_output_check(y: Tensor, x: Tensor, w_eff: Tensor, base: nn.Module) -> float:
     """Relative error of ``y`` against the base op with the merged weight ``w_eff`` (the exact LoRA output)."""
     if isinstance(base, nn.ConvTranspose1d):
-        ref = F.conv_transpose1d(x, w_eff, base.bias, base.stride, base.padding, base.output_padding, base.groups,
-                                 base.dilation)
+        ref = F.conv_transpose1d(
+            x, w_eff, base.bias, base.stride, base.padding, base.output_padding, base.groups, base.dilation
+        )
     elif isinstance(base, nn.Conv1d):
         ref = F.conv1d(x, w_eff, base.bias, base.stride, base.padding, base.dilation, base.groups)
     else:

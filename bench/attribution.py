@@ -36,8 +36,11 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
     gen = torch.Generator().manual_seed(1)
     lora.train()
     shapes = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
-             for n, m in base.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
+        for n, m in base.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))
+    ]
     with torch.no_grad():
         base(x, f0, g, generator=torch.Generator().manual_seed(0))
     for h in hooks:
@@ -49,9 +52,11 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
         groups[(kind, bm.in_channels, bm.out_channels, bm.kernel_size[0], bm.dilation[0], shapes[n][-1])].append(n)
 
     rates = machine_rates()
-    print(f"40k generator layers, batch {batch}, r={r}, {torch.get_num_threads()} threads, {rounds} rounds; "
-          "ms per step of one layer (median), overhead over the frozen folded base layer; "
-          f"conv {rates['conv_gflops']:.0f} GFLOP/s, triad {rates['triad_gbs']:.0f} GB/s")
+    print(
+        f"40k generator layers, batch {batch}, r={r}, {torch.get_num_threads()} threads, {rounds} rounds; "
+        "ms per step of one layer (median), overhead over the frozen folded base layer; "
+        f"conv {rates['conv_gflops']:.0f} GFLOP/s, triad {rates['triad_gbs']:.0f} GB/s"
+    )
     head = f"{'kind':<7}{'in':>5}{'out':>5}{'k':>4}{'dil':>4}{'T':>7}{'n':>4}{'base':>9}{'floor':>8}{'roof':>8}"
     print(head + "".join(f"{be + ' (/roof)':>26}" for be in backends))
     total = collections.Counter()
@@ -92,10 +97,12 @@ def attribution(r: int, batch: int, rounds: int, backends) -> None:
         total["roof"] += roof * med["base"] * len(names)
         print(line, flush=True)
     set_backend(None)
-    print(f"sum of the layers: base {total['base']:.1f} ms, floor +{total['floor']:.1f} ms "
-          f"({total['floor'] / total['base'] * 100:.1f} %), roof +{total['roof']:.1f} ms "
-          f"({total['roof'] / total['base'] * 100:.1f} %); "
-          + "; ".join(f"{be} +{total[be]:.1f} ms ({total[be] / total['base'] * 100:.1f} %)" for be in backends))
+    print(
+        f"sum of the layers: base {total['base']:.1f} ms, floor +{total['floor']:.1f} ms "
+        f"({total['floor'] / total['base'] * 100:.1f} %), roof +{total['roof']:.1f} ms "
+        f"({total['roof'] / total['base'] * 100:.1f} %); "
+        + "; ".join(f"{be} +{total[be]:.1f} ms ({total[be] / total['base'] * 100:.1f} %)" for be in backends)
+    )
 
 
 def main() -> None:

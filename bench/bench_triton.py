@@ -96,15 +96,19 @@ def test_conv1d_step(benchmark, cuda, case, impl, dtype):
     rops.set_backend(None if impl in ("base", "unfused") else ("triton" if impl == "fused" else "torch"))
     try:
         if impl == "base":
+
             def fn():
                 return F.conv1d(x, w, b, padding=pad[0])
         elif impl == "unfused":
+
             def fn():
                 u = F.conv1d(F.dropout(x, 0.0), a.reshape(r, c, ks), padding=pad[0])
                 return F.conv1d(x, w, b, padding=pad[0]) + 0.5 * F.conv1d(u, bb.unsqueeze(-1))
         else:
+
             def fn():
                 return rops.lora_conv1d(x, w, b, a, bb, 0.5, 1, pad, 1, 1, "zeros")
+
         flops = 2 * 2 * n * t * c * ks * o + (0 if impl == "base" else 2 * n * t * r * (3 * c * ks + 3 * o))
         nbytes = x.element_size() * (2 * n * c * t + 2 * n * o * t + o * c * ks)
         _bench(benchmark, _step(fn, [x, a, bb]), flops, nbytes)

@@ -38,8 +38,9 @@ def generator_pair(r: int, batch: int):
     f0 = 100 + 200 * torch.rand(batch, 32, generator=gen)
     g = torch.randn(batch, cfg.gin_channels, 1, generator=gen)
     base = fold_weight_norm(build_generator(cfg, seed=0)).requires_grad_(False)
-    lora = inject_lora(build_generator(cfg, seed=0),
-                       LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["ups", "resblocks"]))
+    lora = inject_lora(
+        build_generator(cfg, seed=0), LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["ups", "resblocks"])
+    )
     for n, p in lora.named_parameters():
         p.requires_grad_("lora_" in n)
     with torch.no_grad():
@@ -62,14 +63,20 @@ def generator_roof(base, x, f0, g, r: int) -> float:
         shapes[n] = (mod, tuple(a[0].shape))
         total[0] += base_step_flops(mod, a[0].shape)
 
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
-             for n, m in base.named_modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
+        for n, m in base.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))
+    ]
     with torch.no_grad():
         base(x, f0, g, generator=torch.Generator().manual_seed(0))
     for h in hooks:
         h.remove()
-    roof = sum(roofline_s(*lora_extra(m, shape, r), rates) for n, (m, shape) in shapes.items()
-               if n.startswith("ups.") or n.startswith("resblocks."))
+    roof = sum(
+        roofline_s(*lora_extra(m, shape, r), rates)
+        for n, (m, shape) in shapes.items()
+        if n.startswith("ups.") or n.startswith("resblocks.")
+    )
     return roof / (total[0] / (rates["conv_gflops"] * 1e9))
 
 
@@ -90,15 +97,18 @@ def compare(r: int, batch: int, rounds: int, backends, full: bool = False) -> di
             for p in model.parameters():
                 p.grad = None
 
-    variants = {"base": lambda: step(base), **({"full FT": lambda: step(full_model)} if full else {}),
-                **{be: (lambda be=be: step(lora, be)) for be in backends}}
+    variants = {
+        "base": lambda: step(base),
+        **({"full FT": lambda: step(full_model)} if full else {}),
+        **{be: (lambda be=be: step(lora, be)) for be in backends},
+    }
     for f in variants.values():
         f()
         f()
     times = {k: [] for k in variants}
     names = list(variants)
     for i in range(rounds):
-        order = names[i % len(names):] + names[:i % len(names)]  # rotate: nobody always runs first
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate: nobody always runs first
         for k in order:
             t0 = time.perf_counter()
             variants[k]()
@@ -115,8 +125,11 @@ def compare(r: int, batch: int, rounds: int, backends, full: bool = False) -> di
             part += f" = {med[k] / med['full FT']:.2f}x full FT's"
         parts.append(part)
     base_ms = statistics.median(b) * 1e3
-    print(f"40k generator b{batch} ups+resblocks r={r}, {torch.get_num_threads()} threads, {rounds} rounds: "
-          f"base {base_ms:.0f} ms; roofline floor +{roof * 100:.1f} %; " + ", ".join(parts), flush=True)
+    print(
+        f"40k generator b{batch} ups+resblocks r={r}, {torch.get_num_threads()} threads, {rounds} rounds: "
+        f"base {base_ms:.0f} ms; roofline floor +{roof * 100:.1f} %; " + ", ".join(parts),
+        flush=True,
+    )
     return {"base_ms": base_ms, "roof": roof, "overhead": med}
 
 
@@ -131,8 +144,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    compare(args.rank, args.batch, args.rounds, [b.strip() for b in args.backends.split(",") if b.strip()],
-            full=args.full)
+    compare(
+        args.rank, args.batch, args.rounds, [b.strip() for b in args.backends.split(",") if b.strip()], full=args.full
+    )
 
 
 if __name__ == "__main__":

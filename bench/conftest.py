@@ -59,14 +59,29 @@ from harness import (  # noqa: E402 (after the sys.path entry above)
 
 def pytest_addoption(parser):
     group = parser.getgroup("rvclora-bench", "rvclora benchmarks (bench/)")
-    group.addoption("--bench-quick", action="store_true", default=None,
-                    help="tiny shapes, 1 warm-up + 2 rounds (also RVCLORA_BENCH_QUICK=1)")
-    group.addoption("--bench-json", default=None,
-                    help="results file (also RVCLORA_BENCH_JSON); default bench/results/<date>-<commit>.json")
-    group.addoption("--bench-threads", type=int, default=None,
-                    help="torch threads (also RVCLORA_BENCH_THREADS); default: every CPU this process may use")
-    group.addoption("--bench-budget", type=float, default=None,
-                    help="seconds for the timed rounds of all cases together (also RVCLORA_BENCH_BUDGET; default 480)")
+    group.addoption(
+        "--bench-quick",
+        action="store_true",
+        default=None,
+        help="tiny shapes, 1 warm-up + 2 rounds (also RVCLORA_BENCH_QUICK=1)",
+    )
+    group.addoption(
+        "--bench-json",
+        default=None,
+        help="results file (also RVCLORA_BENCH_JSON); default bench/results/<date>-<commit>.json",
+    )
+    group.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="torch threads (also RVCLORA_BENCH_THREADS); default: every CPU this process may use",
+    )
+    group.addoption(
+        "--bench-budget",
+        type=float,
+        default=None,
+        help="seconds for the timed rounds of all cases together (also RVCLORA_BENCH_BUDGET; default 480)",
+    )
 
 
 def _env_flag(name: str) -> bool:
@@ -83,8 +98,13 @@ def pytest_configure(config):
     budget = config.getoption("--bench-budget") or float(os.environ.get("RVCLORA_BENCH_BUDGET", "0") or 0) or 480.0
     config.stash[_RESULTS_KEY] = []
     config.stash[_STATE_KEY] = {
-        "quick": bool(quick), "threads": threads, "budget_s": budget, "start": time.perf_counter(),
-        "timed_s": 0.0, "pending": {}, "json_path": None,
+        "quick": bool(quick),
+        "threads": threads,
+        "budget_s": budget,
+        "start": time.perf_counter(),
+        "timed_s": 0.0,
+        "pending": {},
+        "json_path": None,
     }
 
 
@@ -172,6 +192,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("rvclora benchmark: LoRA training step vs the frozen base and the alternatives")
     for line in format_table(results, state["info"]):
         tr.write_line(line)
-    tr.write_line(f"results: {state['json_path']} · {len(results)} cases · wall {state['info']['wall_s']:.0f} s "
-                  f"(timed rounds {state['timed_s']:.0f} s)")
-
+    tr.write_line(
+        f"results: {state['json_path']} · {len(results)} cases · wall {state['info']['wall_s']:.0f} s "
+        f"(timed rounds {state['timed_s']:.0f} s)"
+    )

@@ -29,6 +29,7 @@ __all__ = ["MultiPeriodDiscriminator", "MelSpectrogram", "fold_weight_norm", "ga
 
 def _mel_filters(sr: int, n_fft: int, n_mels: int) -> Tensor:
     """Triangular mel filters (Slaney mel scale, area-normalised), ``(n_mels, n_fft/2 + 1)``."""
+
     def hz_to_mel(f):
         f = torch.as_tensor(f, dtype=torch.float64)
         lin = f / (200.0 / 3)

@@ -35,7 +35,6 @@ def layer_floor(m: nn.Module, r: int) -> float:
     return r / m.in_features + r / m.out_features
 
 
-
 def lora_extra(m: nn.Module, in_shape: Sequence[int], r: int, itemsize: int = 4) -> tuple[float, float]:
     """``(flops, bytes)`` LoRA adds to one training step of layer ``m`` on an input of ``in_shape``
     (docs/maths.md, "The roofline floor"): the four rank-r passes, and the traffic of the fused
@@ -125,7 +124,6 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
 
 
 ALTERNATIVES = ("plain", "peft", "loralib", "full")
@@ -219,8 +217,11 @@ def saved_allowance(model: torch.nn.Module, run: Callable[[], object]) -> int:
             rows = out.shape[0] * out.shape[-1]
         total[0] += x.numel() * x.element_size() + rows * mod.r * lora_bytes
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (LoRALinear, LoRAConv1d, LoRAConvTranspose1d))]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (LoRALinear, LoRAConv1d, LoRAConvTranspose1d))
+    ]
     try:
         with torch.no_grad():
             run()
@@ -326,8 +327,16 @@ def _paired(times: dict[str, list[float]], num: str, den: str) -> float:
 
 
 def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: str) -> dict:
-    out = {"case": row.case, "kind": row.kind, "params": row.params, "flop_floor": row.floor, "roof": row.roof,
-           "warmup_rounds": warmup, "test": nodeid, "variants": {}}
+    out = {
+        "case": row.case,
+        "kind": row.kind,
+        "params": row.params,
+        "flop_floor": row.floor,
+        "roof": row.roof,
+        "warmup_rounds": warmup,
+        "test": nodeid,
+        "variants": {},
+    }
     base_key, rv_key = row.roles.get("base"), row.roles.get("rvclora")
     base_t = medians.get(base_key)
     rv_t = medians.get(rv_key)
@@ -342,7 +351,11 @@ def _row_result(row: Row, variants, medians, times, saved, warmup: int, nodeid: 
             continue
         t = medians[key]
         entry = {
-            "status": "ok", "variant": key, "median_s": t, "times_s": times[key], "rounds": len(times[key]),
+            "status": "ok",
+            "variant": key,
+            "median_s": t,
+            "times_s": times[key],
+            "rounds": len(times[key]),
             "saved_bytes": saved.get(key),
             "overhead_vs_base": _paired(times, key, base_key) - 1.0 if base_t else None,
             "overhead_vs_base_of_medians": (t / base_t - 1.0) if base_t else None,
@@ -456,9 +469,14 @@ def format_table(results: list[dict], info: dict) -> list[str]:
     for res in results:
         v = res["variants"]
         roof, over_roof = res.get("roof"), v["rvclora"].get("overhead_over_roof")
-        cells = [res["case"], f"{res['flop_floor'] * 100:.1f}%", "-" if roof is None else f"{roof * 100:.1f}%",
-                 _cell(v["base"], "ms"), _cell(v["rvclora"], "ms+ovh"),
-                 "-" if over_roof is None else f"{over_roof:.1f}x"]
+        cells = [
+            res["case"],
+            f"{res['flop_floor'] * 100:.1f}%",
+            "-" if roof is None else f"{roof * 100:.1f}%",
+            _cell(v["base"], "ms"),
+            _cell(v["rvclora"], "ms+ovh"),
+            "-" if over_roof is None else f"{over_roof:.1f}x",
+        ]
         for alt in ALTERNATIVES:
             cells += [_cell(v[alt], "ms+ovh"), _cell(v[alt], "ratio")]
         cells += [_cell(v[k], "mib") for k in VARIANTS[:2]]
@@ -488,7 +506,9 @@ def format_table(results: list[dict], info: dict) -> list[str]:
         "(docs/maths.md); rv/x = rvclora time / x time, paired the same way (< 1: rvclora "
         "faster); saved MiB = activation bytes autograd saves for backward; bound = rvclora's within the base's "
         "+ x + u per adapted layer; '-' = not run in this case",
-        rule, fmt(head), rule,
+        rule,
+        fmt(head),
+        rule,
     ]
     out += [fmt(c) for c in lines_cells]
     out.append(rule)
@@ -496,4 +516,3 @@ def format_table(results: list[dict], info: dict) -> list[str]:
         shown = ", ".join(cases[:3]) + (f", … ({len(cases)} cases)" if len(cases) > 3 else "")
         out.append(f"unsup. = {reason}: {shown}")
     return out
-

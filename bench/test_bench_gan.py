@@ -88,11 +88,23 @@ def test_gan_step(benchmark, bench_harness, batch):
     g_flops = _generator_forward_flops(base, inputs)
     d_flops = discriminator_flops(disc(), wave)
     floor = gen_floor * 2 * g_flops / (2 * g_flops + 8 * d_flops)
-    row = h.Row(case=f"gan-step gen{config.name} b{batch} {'+'.join(TARGETS)} r{R}", kind="gan_step", floor=floor,
-                roles={"base": "base", "rvclora": "rvclora", "plain": "plain", "full": "full"},
-                params={"config": config.name, "batch": batch, "frames": frames, "samples": samples,
-                        "targets": list(TARGETS), "r": R, "lora_alpha": 2 * R, "generator_floor": gen_floor,
-                        "generator_share_of_flops": 2 * g_flops / (2 * g_flops + 8 * d_flops)})
+    row = h.Row(
+        case=f"gan-step gen{config.name} b{batch} {'+'.join(TARGETS)} r{R}",
+        kind="gan_step",
+        floor=floor,
+        roles={"base": "base", "rvclora": "rvclora", "plain": "plain", "full": "full"},
+        params={
+            "config": config.name,
+            "batch": batch,
+            "frames": frames,
+            "samples": samples,
+            "targets": list(TARGETS),
+            "r": R,
+            "lora_alpha": 2 * R,
+            "generator_floor": gen_floor,
+            "generator_share_of_flops": 2 * g_flops / (2 * g_flops + 8 * d_flops),
+        },
+    )
     h.run(benchmark, variants, [row], h.plan(PLAN_QUICK, PLAN_FULL))
 
 
@@ -105,8 +117,11 @@ def _generator_forward_flops(model, inputs) -> float:
     def hook(mod, args, out):
         total[0] += _forward_flops(mod, args[0], out)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.Linear))
+    ]
     try:
         x, f0, g = inputs
         with torch.no_grad():

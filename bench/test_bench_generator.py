@@ -39,8 +39,9 @@ PLAN_QUICK, PLAN_FULL, PLAN_FULL_B1 = (1, 1, 1), (1, 3, 5), (1, 5, 15)
 CONFIG = "40k"
 FRAMES_FULL, FRAMES_QUICK = 32, 2
 #: Quick mode: the 40k layout shrunk (32 channels, two ×2 upsamplers), so the smoke test stays fast.
-QUICK_CONFIG = GeneratorConfig("tiny", "v1", 40000, (2, 2), (4, 4), FRAMES_QUICK, inter_channels=16,
-                               upsample_initial_channel=32, gin_channels=16)
+QUICK_CONFIG = GeneratorConfig(
+    "tiny", "v1", 40000, (2, 2), (4, 4), FRAMES_QUICK, inter_channels=16, upsample_initial_channel=32, gin_channels=16
+)
 #: (row label, LoRA targets, rank)
 LORA_CASES = [
     ("ups+resblocks", ("ups", "resblocks"), 4),
@@ -72,10 +73,12 @@ def generator_floor(model: nn.Module, inputs, targets, r: int) -> float:
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, _LAYERS):
+
             def hook(mod, args, out, name=name):
                 x = args[0]
                 # the frozen step computes the input gradient only where the input needs one
                 layers[name] = (mod, _forward_flops(mod, x, out) * (2 if x.requires_grad else 1))
+
             hooks.append(m.register_forward_hook(hook))
     try:
         x, f0, g = inputs
@@ -84,8 +87,9 @@ def generator_floor(model: nn.Module, inputs, targets, r: int) -> float:
         for h in hooks:
             h.remove()
     total = sum(f for _, f in layers.values())
-    extra = sum(layer_floor(m, r) * f for name, (m, f) in layers.items()
-                if any(target_matches(t, name) for t in targets))
+    extra = sum(
+        layer_floor(m, r) * f for name, (m, f) in layers.items() if any(target_matches(t, name) for t in targets)
+    )
     return extra / total
 
 
@@ -95,9 +99,11 @@ def generator_roof(model: nn.Module, inputs, targets, r: int) -> float:
     rates, layers, hooks = machine_rates(), {}, []
     for name, m in model.named_modules():
         if isinstance(m, _LAYERS):
+
             def hook(mod, args, out, name=name):
                 flops = base_step_flops(mod, args[0].shape) * (1 if args[0].requires_grad else 0.5)
                 layers[name] = (mod, tuple(args[0].shape), flops)
+
             hooks.append(m.register_forward_hook(hook))
     try:
         x, f0, g = inputs
@@ -106,8 +112,11 @@ def generator_roof(model: nn.Module, inputs, targets, r: int) -> float:
         for h in hooks:
             h.remove()
     base_s = sum(f for _, _, f in layers.values()) / (rates["conv_gflops"] * 1e9)
-    extra_s = sum(roofline_s(*lora_extra(m, shape, r), rates) for name, (m, shape, _) in layers.items()
-                  if any(target_matches(t, name) for t in targets))
+    extra_s = sum(
+        roofline_s(*lora_extra(m, shape, r), rates)
+        for name, (m, shape, _) in layers.items()
+        if any(target_matches(t, name) for t in targets)
+    )
     return extra_s / base_s
 
 
@@ -175,8 +184,10 @@ def test_generator_step(benchmark, bench_harness, batch):
     # Parameter that requires grad.
     base = fold_weight_norm(build())
     gy = torch.randn_like(_output(base, inputs))
-    variants = {"base": _variant(h, base, inputs, gy, lambda n: False),
-                "full": _variant(h, build(), inputs, gy, lambda n: True)}
+    variants = {
+        "base": _variant(h, base, inputs, gy, lambda n: False),
+        "full": _variant(h, build(), inputs, gy, lambda n: True),
+    }
     rows = []
     for label, targets, r in QUICK_LORA_CASES if h.quick else LORA_CASES:
         key = f"{label}-r{r}"
@@ -198,16 +209,29 @@ def test_generator_step(benchmark, bench_harness, batch):
             assert err <= REL_TOL, f"plain LoRA generator differs from rvclora's ({key}): rel. error {err:.2e}"
             variants[f"plain {key}"] = _variant(h, plain, inputs, gy, _is_lora)
             roles["plain"] = f"plain {key}"
-        variants[f"peft {key}"] = _library_attempt(h, lambda t=targets, r=r, a=alpha: peft_lora(
-            build(), _target_regex(t), r, a))
-        variants[f"loralib {key}"] = _library_attempt(h, lambda n=names, r=r, a=alpha: _loralib_whole(
-            build(), n, r, a))
+        variants[f"peft {key}"] = _library_attempt(
+            h, lambda t=targets, r=r, a=alpha: peft_lora(build(), _target_regex(t), r, a)
+        )
+        variants[f"loralib {key}"] = _library_attempt(h, lambda n=names, r=r, a=alpha: _loralib_whole(build(), n, r, a))
         roles["peft"], roles["loralib"] = f"peft {key}", f"loralib {key}"
         floor = generator_floor(base, inputs, targets, r)
-        rows.append(h.Row(case=f"gen{config.name} b{batch} {label} r{r}", kind="generator", floor=floor,
-                          roles=roles, params={"config": config.name, "batch": batch, "frames": frames,
-                                               "targets": list(targets), "r": r, "lora_alpha": alpha,
-                                               "lora_layers": len(names)},
-                          saved_allowance=h.saved_allowance(rv, lambda m=rv: _output(m, inputs)),
-                          roof=generator_roof(base, inputs, targets, r)))
+        rows.append(
+            h.Row(
+                case=f"gen{config.name} b{batch} {label} r{r}",
+                kind="generator",
+                floor=floor,
+                roles=roles,
+                params={
+                    "config": config.name,
+                    "batch": batch,
+                    "frames": frames,
+                    "targets": list(targets),
+                    "r": r,
+                    "lora_alpha": alpha,
+                    "lora_layers": len(names),
+                },
+                saved_allowance=h.saved_allowance(rv, lambda m=rv: _output(m, inputs)),
+                roof=generator_roof(base, inputs, targets, r),
+            )
+        )
     h.run(benchmark, variants, rows, h.plan(PLAN_QUICK, PLAN_FULL_B1 if batch == 1 else PLAN_FULL))

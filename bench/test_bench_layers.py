@@ -137,13 +137,20 @@ def _run_case(benchmark, h, case, kind, base, x, floor, params):
     assert err <= REL_TOL, f"plain LoRA output differs from the merged computation: rel. error {err:.2e}"
     variants["plain"] = _variant(h, plain, x, gy, _is_lora)
     variants["peft"] = _library_variant(h, _peft_build(base), rv, x, gy, w_eff, base)
-    variants["loralib"] = _library_variant(h, lambda: loralib_lora(copy.deepcopy(base), RANK, ALPHA), rv, x, gy,
-                                           w_eff, base)
+    variants["loralib"] = _library_variant(
+        h, lambda: loralib_lora(copy.deepcopy(base), RANK, ALPHA), rv, x, gy, w_eff, base
+    )
 
     roles = {k: k for k in variants}
-    row = h.Row(case=case, kind=kind, floor=floor, roles=roles, params={**params, "r": RANK, "lora_alpha": ALPHA},
-                saved_allowance=h.saved_allowance(rv, lambda: rv(x)),
-                roof=roofline_floor(base, tuple(x.shape), RANK, machine_rates()))
+    row = h.Row(
+        case=case,
+        kind=kind,
+        floor=floor,
+        roles=roles,
+        params={**params, "r": RANK, "lora_alpha": ALPHA},
+        saved_allowance=h.saved_allowance(rv, lambda: rv(x)),
+        roof=roofline_floor(base, tuple(x.shape), RANK, machine_rates()),
+    )
     h.run(benchmark, variants, [row], h.plan(PLAN_QUICK, PLAN_FULL))
 
 
@@ -153,8 +160,16 @@ def test_conv1d_step(benchmark, bench_harness, conv_case):
     base = nn.Conv1d(c, c, k, dilation=d, padding=(k * d - d) // 2)
     x = torch.randn(1, c, t)
     floor = RANK / c + RANK / (c * k)
-    _run_case(benchmark, bench_harness, f"conv1d c{c} k{k} d{d} T{t}", "Conv1d", base, x, floor,
-              {"channels": c, "kernel": k, "dilation": d, "T": t, "batch": 1})
+    _run_case(
+        benchmark,
+        bench_harness,
+        f"conv1d c{c} k{k} d{d} T{t}",
+        "Conv1d",
+        base,
+        x,
+        floor,
+        {"channels": c, "kernel": k, "dilation": d, "T": t, "batch": 1},
+    )
 
 
 def test_conv_transpose1d_step(benchmark, bench_harness, ups_case):
@@ -163,8 +178,16 @@ def test_conv_transpose1d_step(benchmark, bench_harness, ups_case):
     base = nn.ConvTranspose1d(cin, cout, k, u, padding=(k - u) // 2)
     x = torch.randn(1, cin, t)
     floor = RANK / cin + RANK / (cout * k)
-    _run_case(benchmark, bench_harness, f"convT {cin}->{cout} k{k} u{u} T{t}", "ConvTranspose1d", base,
-              x, floor, {"in": cin, "out": cout, "kernel": k, "stride": u, "T_in": t, "batch": 1})
+    _run_case(
+        benchmark,
+        bench_harness,
+        f"convT {cin}->{cout} k{k} u{u} T{t}",
+        "ConvTranspose1d",
+        base,
+        x,
+        floor,
+        {"in": cin, "out": cout, "kernel": k, "stride": u, "T_in": t, "batch": 1},
+    )
 
 
 def test_linear_step(benchmark, bench_harness, linear_case):
@@ -173,5 +196,4 @@ def test_linear_step(benchmark, bench_harness, linear_case):
     base = nn.Linear(n, n)
     x = torch.randn(m, n)
     floor = RANK / n + RANK / n
-    _run_case(benchmark, bench_harness, f"linear {n}x{n} M{m}", "Linear", base, x, floor,
-              {"in": n, "out": n, "M": m})
+    _run_case(benchmark, bench_harness, f"linear {n}x{n} M{m}", "Linear", base, x, floor, {"in": n, "out": n, "M": m})

@@ -61,8 +61,20 @@ def test_train_step(benchmark, bench_harness, tmp_path):
 
     def trainer(name: str, **kw) -> Trainer:
         out = None if kw.get("full_finetune") else str(tmp_path / f"{name}.safetensors")
-        return Trainer(TrainSettings(str(exp), str(g), str(d), output=out, run_dir=str(tmp_path / name),
-                                     batch_size=batch, epochs=1, progress=False, plot=False, **kw))
+        return Trainer(
+            TrainSettings(
+                str(exp),
+                str(g),
+                str(d),
+                output=out,
+                run_dir=str(tmp_path / name),
+                batch_size=batch,
+                epochs=1,
+                progress=False,
+                plot=False,
+                **kw,
+            )
+        )
 
     lora, full = trainer("lora"), trainer("full", full_finetune=True, skip_d_grads=False)
     frozen = trainer("frozen", full_finetune=True)
@@ -76,15 +88,32 @@ def test_train_step(benchmark, bench_harness, tmp_path):
     def step(tr: Trainer, batch=data):
         return lambda: tr.step(batch, 1)
 
-    dgrad = _d_grad_saving(lora, trainer("lora_rvc", skip_d_grads=False), data) if not quick else \
-        {"measured": "not in quick mode"}
-    variants = {"base": h.Variant(step=step(frozen, frozen_data)), "rvclora": h.Variant(step=step(lora)),
-                "full": h.Variant(step=step(full))}
-    row = h.Row(case=f"train-step v2-40k b{batch} seg{seg} D/{shrink} VOICE_CONFIG", kind="train_step",
-                floor=_floor(lora, data, seg), roles={"base": "base", "rvclora": "rvclora", "full": "full"},
-                params={"synthesizer": "v2-40k", "batch": batch, "segment_frames": seg, "d_shrink": shrink,
-                        "clip_seconds": list(seconds), "lora_trainable": lora.trainable_count,
-                        "full_trainable": full.trainable_count, "d_grads": dgrad})
+    dgrad = (
+        _d_grad_saving(lora, trainer("lora_rvc", skip_d_grads=False), data)
+        if not quick
+        else {"measured": "not in quick mode"}
+    )
+    variants = {
+        "base": h.Variant(step=step(frozen, frozen_data)),
+        "rvclora": h.Variant(step=step(lora)),
+        "full": h.Variant(step=step(full)),
+    }
+    row = h.Row(
+        case=f"train-step v2-40k b{batch} seg{seg} D/{shrink} VOICE_CONFIG",
+        kind="train_step",
+        floor=_floor(lora, data, seg),
+        roles={"base": "base", "rvclora": "rvclora", "full": "full"},
+        params={
+            "synthesizer": "v2-40k",
+            "batch": batch,
+            "segment_frames": seg,
+            "d_shrink": shrink,
+            "clip_seconds": list(seconds),
+            "lora_trainable": lora.trainable_count,
+            "full_trainable": full.trainable_count,
+            "d_grads": dgrad,
+        },
+    )
     h.run(benchmark, variants, [row], h.plan(PLAN_QUICK, PLAN_FULL))
 
 
@@ -94,18 +123,25 @@ def _d_grad_saving(lora: Trainer, lora_rvc: Trainer, data) -> dict:
     ratios = []
     for i in range(DGRAD_ROUNDS):
         t = {}
-        for k, tr in ((("skip", lora), ("rvc", lora_rvc)) if i % 2 == 0 else (("rvc", lora_rvc), ("skip", lora))):
+        for k, tr in (("skip", lora), ("rvc", lora_rvc)) if i % 2 == 0 else (("rvc", lora_rvc), ("skip", lora)):
             t0 = time.perf_counter()
             tr.step(data, 1)
             t[k] = time.perf_counter() - t0
         ratios.append(t["skip"] / t["rvc"])
     d_params = sum(p.numel() * p.element_size() for p in lora.disc.parameters())
-    print(f"\nrvclora train step, D's parameter gradients skipped in the G step vs computed (as RVC): time "
-          f"{statistics.median(ratios):.2f}x (median of {len(ratios)} paired rounds), autograd saves "
-          f"{saved['skip'] / 2**20:.1f} MiB vs {saved['rvc'] / 2**20:.1f} MiB "
-          f"({(saved['rvc'] - saved['skip']) / 2**20:.1f} MiB less); D holds {d_params / 2**20:.1f} MiB of parameters")
-    return {"time_skip_over_rvc": statistics.median(ratios), "rounds": len(ratios), "saved_bytes_skip": saved["skip"],
-            "saved_bytes_rvc": saved["rvc"], "d_param_bytes": d_params}
+    print(
+        f"\nrvclora train step, D's parameter gradients skipped in the G step vs computed (as RVC): time "
+        f"{statistics.median(ratios):.2f}x (median of {len(ratios)} paired rounds), autograd saves "
+        f"{saved['skip'] / 2**20:.1f} MiB vs {saved['rvc'] / 2**20:.1f} MiB "
+        f"({(saved['rvc'] - saved['skip']) / 2**20:.1f} MiB less); D holds {d_params / 2**20:.1f} MiB of parameters"
+    )
+    return {
+        "time_skip_over_rvc": statistics.median(ratios),
+        "rounds": len(ratios),
+        "saved_bytes_skip": saved["skip"],
+        "saved_bytes_rvc": saved["rvc"],
+        "d_param_bytes": d_params,
+    }
 
 
 def _floor(tr: Trainer, data, seg: int) -> float:
@@ -121,8 +157,11 @@ def _floor(tr: Trainer, data, seg: int) -> float:
         if id(mod) in lora_layers:
             extra[0] += layer_floor(mod, mod.r) * 2 * f
 
-    hooks = [m.register_forward_hook(hook) for m in tr.synth.modules()
-             if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear))]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in tr.synth.modules()
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear))
+    ]
     try:
         with torch.no_grad():
             ids, noise, gens = tr._draws(data, 1)

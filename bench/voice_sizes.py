@@ -37,9 +37,13 @@ from rvclora.config import BALANCED_CONFIG, DECODER_CONFIG, FAST_CONFIG, HIGH_QU
 from rvclora.inject import inject_lora, saved_parameters
 from rvclora.models.synthesizer import SYNTHESIZER_CONFIGS, build_synthesizer
 
-PRESETS = {"DEFAULT_CONFIG / DECODER_CONFIG": DECODER_CONFIG, "FAST_CONFIG": FAST_CONFIG,
-           "BALANCED_CONFIG": BALANCED_CONFIG, "HIGH_QUALITY_CONFIG": HIGH_QUALITY_CONFIG,
-           "VOICE_CONFIG": VOICE_CONFIG}
+PRESETS = {
+    "DEFAULT_CONFIG / DECODER_CONFIG": DECODER_CONFIG,
+    "FAST_CONFIG": FAST_CONFIG,
+    "BALANCED_CONFIG": BALANCED_CONFIG,
+    "HIGH_QUALITY_CONFIG": HIGH_QUALITY_CONFIG,
+    "VOICE_CONFIG": VOICE_CONFIG,
+}
 BUDGET = 1 / 8  # an adapter at most this share of the fp16 export (a choice: see the README)
 
 
@@ -61,18 +65,24 @@ def adapter_stats(name: str, config: LoRAConfig, f0: bool = True) -> tuple[int, 
     weights = {k: torch.zeros(p.shape) for k, p in {**factors, **saved}.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "a.safetensors")
-        write_lora_file(path, weights, config, base_fingerprint="fp16-sha256:synth:" + "0" * 32,
-                        metadata={"layers": layer_records(model)})
+        write_lora_file(
+            path,
+            weights,
+            config,
+            base_fingerprint="fp16-sha256:synth:" + "0" * 32,
+            metadata={"layers": layer_records(model)},
+        )
         size = os.path.getsize(path)
-    return (len(factors) // 2, sum(p.numel() for p in factors.values()), sum(p.numel() for p in saved.values()),
-            size)
+    return (len(factors) // 2, sum(p.numel() for p in factors.values()), sum(p.numel() for p in saved.values()), size)
 
 
 def table(every: bool = False) -> None:
     """One row per preset (ranges over the six shipped configs, f0), or with ``every`` one row per config."""
     names = list(SYNTHESIZER_CONFIGS)
-    print("| preset | r | model | LoRA layers | LoRA params | saved whole | adapter file (fp32) | share of the "
-          "fp16 export |")
+    print(
+        "| preset | r | model | LoRA layers | LoRA params | saved whole | adapter file (fp32) | share of the "
+        "fp16 export |"
+    )
     print("|---|---|---|---|---|---|---|---|")
 
     def span(values, fmt):
@@ -83,19 +93,24 @@ def table(every: bool = False) -> None:
         rows = [(name, *adapter_stats(name, cfg), export_bytes(name)) for name in names]
         if every:
             for name, layers, lora, saved, size, exp in rows:
-                print(f"| `{label}` | {cfg.r} | {name} | {layers} | {lora:,} | {saved:,} | {size / 2**20:.2f} MiB | "
-                      f"{100 * size / exp:.1f} % |")
+                print(
+                    f"| `{label}` | {cfg.r} | {name} | {layers} | {lora:,} | {saved:,} | {size / 2**20:.2f} MiB | "
+                    f"{100 * size / exp:.1f} % |"
+                )
             continue
-        print(f"| `{label}` | {cfg.r} | all six | {span([r[1] for r in rows], str)} | "
-              f"{span([r[2] for r in rows], '{:,}'.format)} | {span([r[3] for r in rows], '{:,}'.format)} | "
-              f"{span([r[4] / 2**20 for r in rows], '{:.2f} MiB'.format)} | "
-              f"{span([100 * r[4] / r[5] for r in rows], '{:.1f} %'.format)} |")
+        print(
+            f"| `{label}` | {cfg.r} | all six | {span([r[1] for r in rows], str)} | "
+            f"{span([r[2] for r in rows], '{:,}'.format)} | {span([r[3] for r in rows], '{:,}'.format)} | "
+            f"{span([r[4] / 2**20 for r in rows], '{:.2f} MiB'.format)} | "
+            f"{span([100 * r[4] / r[5] for r in rows], '{:.1f} %'.format)} |"
+        )
 
 
 def _adaptable(model: nn.Module):
     for n, m in model.named_modules():
         if type(m) in (nn.Linear, nn.Conv1d, nn.ConvTranspose1d) or (
-                isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)) and hasattr(m, "parametrizations")):
+            isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)) and hasattr(m, "parametrizations")
+        ):
             if n.split(".")[0] in ("enc_p", "enc_q", "flow", "dec"):
                 yield n, m
 
@@ -129,8 +144,12 @@ def derive() -> None:
         print(f"  {name}: preset {lora + saved:,} parameters, optimum {optimum:,} ({extra:+.1f} %)")
     print(f"\nrank budget: VOICE adapter <= {100 * BUDGET:.1f} % of the fp16 export in every config")
     for rank in (4, 8, 16, 32):
-        cfg = LoRAConfig(r=rank, lora_alpha=2 * rank, target_modules=VOICE_CONFIG.target_modules,
-                         modules_to_save=VOICE_CONFIG.modules_to_save)
+        cfg = LoRAConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=VOICE_CONFIG.target_modules,
+            modules_to_save=VOICE_CONFIG.modules_to_save,
+        )
         shares = [adapter_stats(n, cfg)[3] / export_bytes(n) for n in SYNTHESIZER_CONFIGS]
         print(f"  r={rank:<3} worst share {100 * max(shares):.1f} %  {'within' if max(shares) <= BUDGET else 'over'}")
 

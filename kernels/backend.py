@@ -57,8 +57,10 @@ def status_note() -> str:
 def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     """Why this backend cannot run ``op`` on ``x`` with ``params`` (``None`` when it can)."""
     if op == "lora_conv_transpose1d":
-        return ("the triton backend has no ConvTranspose1d kernel (it covers lora_linear and lora_conv1d); "
-                "use the cuda or torch backend")
+        return (
+            "the triton backend has no ConvTranspose1d kernel (it covers lora_linear and lora_conv1d); "
+            "use the cuda or torch backend"
+        )
     if op not in ("lora_linear", "lora_conv1d"):
         return f"the triton backend has no {op} (it covers lora_linear and lora_conv1d); use the torch backend"
     if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
@@ -76,8 +78,7 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     groups = int(params.get("groups", 1))
     lora_A = params.get("lora_A")
     if lora_A is not None and lora_A.shape[0] // max(groups, 1) > _ops.MAX_RANK_PER_GROUP:
-        return (f"rank per group {lora_A.shape[0] // groups} exceeds the kernels' limit "
-                f"{_ops.MAX_RANK_PER_GROUP}")
+        return f"rank per group {lora_A.shape[0] // groups} exceeds the kernels' limit {_ops.MAX_RANK_PER_GROUP}"
     if op == "lora_conv1d":
         mode = params.get("padding_mode", "zeros")
         if mode not in PAD_MODES:
@@ -104,14 +105,17 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return _ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                dropout_p, seed):
-    return _ops.lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups,
-                            padding_mode, dropout_p, seed)
+def lora_conv1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
+    return _ops.lora_conv1d(
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+    )
 
 
-def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
-                          groups, dropout_p, seed):
+def lora_conv_transpose1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
     raise NotImplementedError(unsupported_reason("lora_conv_transpose1d", x))
 
 

@@ -58,8 +58,10 @@ def _configs(half, fp32, interpreter):
     benchmarking there measures nothing.
     """
     shapes = [interpreter] if INTERPRET else half + fp32
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
 
 
 def _prune_by_dtype(configs, named_args, **kwargs):
@@ -165,8 +167,28 @@ def _source_position(t, T, PAD_MODE: tl.constexpr):
 
 @triton.jit
 def _load_patch(
-    x_ptr, seed, rows, cols, g, M, K, T_out, C, C_g, T, s_n, s_c, s_t, stride, dil, pad_l, p_drop,
-    KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
+    x_ptr,
+    seed,
+    rows,
+    cols,
+    g,
+    M,
+    K,
+    T_out,
+    C,
+    C_g,
+    T,
+    s_n,
+    s_c,
+    s_t,
+    stride,
+    dil,
+    pad_l,
+    p_drop,
+    KS: tl.constexpr,
+    PAD_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IS_LINEAR: tl.constexpr,
 ):
     """The implicit-GEMM tile ``X[rows, cols]`` of ``x: (N, C, T)`` and, if ``HAS_DROPOUT``, its mask.
 
@@ -198,17 +220,56 @@ def _load_patch(
 # --------------------------------------------------------------------------- forward
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(configs=FORWARD_CONFIGS, key=["M_KEY", "O_g", "K", "R_g", "KS", "IS_LINEAR"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, u_ptr, seed,
-    M, M_KEY, O_g, K, R_g, T_out, C, C_g, T,
-    s_xn, s_xc, s_xt, s_wo, s_wk, s_ar, s_ak, s_bo, s_br, s_yn, s_yo, s_yt, s_um, s_ur,
-    stride, dil, pad_l, scaling, p_drop,
-    KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr, SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    u_ptr,
+    seed,
+    M,
+    M_KEY,
+    O_g,
+    K,
+    R_g,
+    T_out,
+    C,
+    C_g,
+    T,
+    s_xn,
+    s_xc,
+    s_xt,
+    s_wo,
+    s_wk,
+    s_ar,
+    s_ak,
+    s_bo,
+    s_br,
+    s_yn,
+    s_yo,
+    s_yt,
+    s_um,
+    s_ur,
+    stride,
+    dil,
+    pad_l,
+    scaling,
+    p_drop,
+    KS: tl.constexpr,
+    PAD_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IS_LINEAR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``y = X·Wᵀ + b + s·(D(X)·Aᵀ)·Bᵀ`` per group, and ``u = D(X)·Aᵀ`` (fp32) for backward.
 
@@ -233,20 +294,49 @@ def lora_forward_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x, scale = _load_patch(
-            x_ptr, seed, rows, ks, g, M, K, T_out, C, C_g, T, s_xn, s_xc, s_xt, stride, dil, pad_l, p_drop,
-            KS, PAD_MODE, HAS_DROPOUT, IS_LINEAR,
+            x_ptr,
+            seed,
+            rows,
+            ks,
+            g,
+            M,
+            K,
+            T_out,
+            C,
+            C_g,
+            T,
+            s_xn,
+            s_xc,
+            s_xt,
+            stride,
+            dil,
+            pad_l,
+            p_drop,
+            KS,
+            PAD_MODE,
+            HAS_DROPOUT,
+            IS_LINEAR,
         )
-        wt = tl.load(w_ptr + w_rows[None, :] * s_wo + ks[:, None] * s_wk,
-                     mask=(outs < O_g)[None, :] & (ks < K)[:, None], other=0.0)
-        at = tl.load(a_ptr + a_rows[None, :] * s_ar + ks[:, None] * s_ak,
-                     mask=(ranks < R_g)[None, :] & (ks < K)[:, None], other=0.0)
+        wt = tl.load(
+            w_ptr + w_rows[None, :] * s_wo + ks[:, None] * s_wk,
+            mask=(outs < O_g)[None, :] & (ks < K)[:, None],
+            other=0.0,
+        )
+        at = tl.load(
+            a_ptr + a_rows[None, :] * s_ar + ks[:, None] * s_ak,
+            mask=(ranks < R_g)[None, :] & (ks < K)[:, None],
+            other=0.0,
+        )
         acc = tl.dot(x, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
         if HAS_DROPOUT:
             x = (x.to(tl.float32) * scale).to(DT)
         u = tl.dot(x, at.to(DT), acc=u, input_precision="ieee")
 
-    bt = tl.load(b_ptr + w_rows[None, :] * s_bo + ranks[:, None] * s_br,
-                 mask=(outs < O_g)[None, :] & (ranks < R_g)[:, None], other=0.0)
+    bt = tl.load(
+        b_ptr + w_rows[None, :] * s_bo + ranks[:, None] * s_br,
+        mask=(outs < O_g)[None, :] & (ranks < R_g)[:, None],
+        other=0.0,
+    )
     acc += scaling * tl.dot(u.to(DT), bt.to(DT), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + w_rows, mask=outs < O_g, other=0.0).to(tl.float32)[None, :]
@@ -259,8 +349,11 @@ def lora_forward_kernel(
         y_off = (n * s_yn + (rows % T_out) * s_yt)[:, None] + w_rows[None, :] * s_yo
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (outs < O_g)[None, :])
     if pid_n == 0:
-        tl.store(u_ptr + rows.to(tl.int64)[:, None] * s_um + a_rows[None, :] * s_ur, u,
-                 mask=row_ok[:, None] & (ranks < R_g)[None, :])
+        tl.store(
+            u_ptr + rows.to(tl.int64)[:, None] * s_um + a_rows[None, :] * s_ur,
+            u,
+            mask=row_ok[:, None] & (ranks < R_g)[None, :],
+        )
 
 
 # --------------------------------------------------------------------------- backward
@@ -269,12 +362,27 @@ def lora_forward_kernel(
 @triton.autotune(configs=GRAD_U_CONFIGS, key=["M_KEY", "O_g", "R_g", "IS_LINEAR"], prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["M", "T_out"])
 def lora_grad_u_kernel(
-    g_ptr, b_ptr, gu_ptr,
-    M, M_KEY, O_g, R_g, T_out,
-    s_gn, s_go, s_gt, s_bo, s_br, s_um, s_ur,
+    g_ptr,
+    b_ptr,
+    gu_ptr,
+    M,
+    M_KEY,
+    O_g,
+    R_g,
+    T_out,
+    s_gn,
+    s_go,
+    s_gt,
+    s_bo,
+    s_br,
+    s_um,
+    s_ur,
     scaling,
-    IS_LINEAR: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IS_LINEAR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``g_u = s·G·B`` per group (fp32, ``(M, r)``): the gradient of the LoRA hidden ``u``.
 
@@ -294,26 +402,68 @@ def lora_grad_u_kernel(
     for o0 in range(0, O_g, BLOCK_K):
         outs = o0 + tl.arange(0, BLOCK_K)
         ch = (g * O_g + outs).to(tl.int64)
-        gt = tl.load(g_ptr + g_row[:, None] + ch[None, :] * s_go,
-                     mask=(rows < M)[:, None] & (outs < O_g)[None, :], other=0.0)
-        bt = tl.load(b_ptr + ch[:, None] * s_bo + ranks[None, :] * s_br,
-                     mask=(outs < O_g)[:, None] & (ranks < R_g)[None, :], other=0.0)
+        gt = tl.load(
+            g_ptr + g_row[:, None] + ch[None, :] * s_go, mask=(rows < M)[:, None] & (outs < O_g)[None, :], other=0.0
+        )
+        bt = tl.load(
+            b_ptr + ch[:, None] * s_bo + ranks[None, :] * s_br,
+            mask=(outs < O_g)[:, None] & (ranks < R_g)[None, :],
+            other=0.0,
+        )
         acc = tl.dot(gt, bt.to(DT), acc=acc, input_precision="ieee")
-    tl.store(gu_ptr + rows.to(tl.int64)[:, None] * s_um + (g * R_g + ranks)[None, :] * s_ur, acc * scaling,
-             mask=(rows < M)[:, None] & (ranks < R_g)[None, :])
+    tl.store(
+        gu_ptr + rows.to(tl.int64)[:, None] * s_um + (g * R_g + ranks)[None, :] * s_ur,
+        acc * scaling,
+        mask=(rows < M)[:, None] & (ranks < R_g)[None, :],
+    )
 
 
-@triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=GRAD_INPUT_CONFIGS, key=["M_KEY", "C_g", "O_g", "R_g", "KS", "IS_LINEAR"], prune_configs_by=_PRUNE
+)
 @triton.jit(do_not_specialize=["seed", "M", "T_rows", "tp0", "T_out", "T"])
 def lora_grad_input_kernel(
-    g_ptr, w_ptr, gu_ptr, a_ptr, dx_ptr, seed,
-    M, M_KEY, C_g, O_g, R_g, T_rows, tp0, T_out, C, T,
-    s_gn, s_go, s_gt, s_wo, s_wk, s_um, s_ur, s_ar, s_ak, s_dn, s_dc, s_dt,
-    stride, dil, pad_l, p_drop,
-    KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    SEED_IS_PTR: tl.constexpr, BASE_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    g_ptr,
+    w_ptr,
+    gu_ptr,
+    a_ptr,
+    dx_ptr,
+    seed,
+    M,
+    M_KEY,
+    C_g,
+    O_g,
+    R_g,
+    T_rows,
+    tp0,
+    T_out,
+    C,
+    T,
+    s_gn,
+    s_go,
+    s_gt,
+    s_wo,
+    s_wk,
+    s_um,
+    s_ur,
+    s_ar,
+    s_ak,
+    s_dn,
+    s_dc,
+    s_dt,
+    stride,
+    dil,
+    pad_l,
+    p_drop,
+    KS: tl.constexpr,
+    PAD_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IS_LINEAR: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``grad_x = Gᵀ-conv(W) + D'(g_u ᵀ-conv A)``: the transposed implicit GEMM.
 
@@ -354,8 +504,11 @@ def lora_grad_input_kernel(
             hit = row_ok[:, None] & (qs < O_g * KS)[None, :] & (num >= 0) & (num % stride == 0) & (t_out < T_out)
         gch = (g * O_g + o).to(tl.int64)
         gt = tl.load(g_ptr + n[:, None] * s_gn + gch[None, :] * s_go + t_out * s_gt, mask=hit, other=0.0)
-        wt = tl.load(w_ptr + gch[:, None] * s_wo + (cs[None, :] * KS + tap[:, None]) * s_wk,
-                     mask=(qs < O_g * KS)[:, None] & c_ok[None, :], other=0.0)
+        wt = tl.load(
+            w_ptr + gch[:, None] * s_wo + (cs[None, :] * KS + tap[:, None]) * s_wk,
+            mask=(qs < O_g * KS)[:, None] & c_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(gt, wt.to(DT), acc=acc, input_precision=BASE_PRECISION)
 
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -372,8 +525,11 @@ def lora_grad_input_kernel(
             u_row = n[:, None] * T_out + t_out
             hit = row_ok[:, None] & (qs < R_g * KS)[None, :] & (num >= 0) & (num % stride == 0) & (t_out < T_out)
         gut = tl.load(gu_ptr + u_row * s_um + (g * R_g + j)[None, :] * s_ur, mask=hit, other=0.0)
-        at = tl.load(a_ptr + (g * R_g + j)[:, None] * s_ar + (cs[None, :] * KS + tap[:, None]) * s_ak,
-                     mask=(qs < R_g * KS)[:, None] & c_ok[None, :], other=0.0)
+        at = tl.load(
+            a_ptr + (g * R_g + j)[:, None] * s_ar + (cs[None, :] * KS + tap[:, None]) * s_ak,
+            mask=(qs < R_g * KS)[:, None] & c_ok[None, :],
+            other=0.0,
+        )
         lora = tl.dot(gut.to(DT), at.to(DT), acc=lora, input_precision="ieee")
 
     ch = (g * C_g + cs).to(tl.int64)
@@ -389,18 +545,48 @@ def lora_grad_input_kernel(
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=WEIGHT_GRAD_CONFIGS, key=["M_KEY", "I_g", "J", "KS", "IS_LINEAR", "SPLIT"], prune_configs_by=_PRUNE
+)
 @triton.jit(do_not_specialize=["seed", "M", "T_out", "T"])
 def lora_weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, seed,
-    M, M_KEY, I_g, J, T_out, C, C_g, T,
-    s_pn, s_pc, s_pt, s_qn, s_qc, s_qt, s_os, s_oi, s_oj,
-    stride, dil, pad_l, alpha, p_drop,
-    KS: tl.constexpr, PAD_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_LINEAR: tl.constexpr,
-    DOT_FROM_Q: tl.constexpr, SPLIT: tl.constexpr, SEED_IS_PTR: tl.constexpr,
+    p_ptr,
+    q_ptr,
+    out_ptr,
+    seed,
+    M,
+    M_KEY,
+    I_g,
+    J,
+    T_out,
+    C,
+    C_g,
+    T,
+    s_pn,
+    s_pc,
+    s_pt,
+    s_qn,
+    s_qc,
+    s_qt,
+    s_os,
+    s_oi,
+    s_oj,
+    stride,
+    dil,
+    pad_l,
+    alpha,
+    p_drop,
+    KS: tl.constexpr,
+    PAD_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IS_LINEAR: tl.constexpr,
+    DOT_FROM_Q: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
     BASE_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """``out[split, g·I_g + i, j] = α·Σ_{rows of split} P[row, g·I_g + i]·D(Q)[row, j]`` (fp32 partials).
 
@@ -433,17 +619,41 @@ def lora_weight_grad_kernel(
             p_row = rows.to(tl.int64) * s_pn
         else:
             p_row = (rows // T_out).to(tl.int64) * s_pn + (rows % T_out) * s_pt
-        pt = tl.load(p_ptr + p_ch[:, None] * s_pc + p_row[None, :],
-                     mask=(i_s < I_g)[:, None] & (rows < M)[None, :], other=0.0)
+        pt = tl.load(
+            p_ptr + p_ch[:, None] * s_pc + p_row[None, :], mask=(i_s < I_g)[:, None] & (rows < M)[None, :], other=0.0
+        )
         q, scale = _load_patch(
-            q_ptr, seed, rows, j_s, g, M, J, T_out, C, C_g, T, s_qn, s_qc, s_qt, stride, dil, pad_l, p_drop,
-            KS, PAD_MODE, HAS_DROPOUT, IS_LINEAR,
+            q_ptr,
+            seed,
+            rows,
+            j_s,
+            g,
+            M,
+            J,
+            T_out,
+            C,
+            C_g,
+            T,
+            s_qn,
+            s_qc,
+            s_qt,
+            stride,
+            dil,
+            pad_l,
+            p_drop,
+            KS,
+            PAD_MODE,
+            HAS_DROPOUT,
+            IS_LINEAR,
         )
         if HAS_DROPOUT:
             q = q.to(tl.float32) * scale
         acc = tl.dot(pt.to(DT), q.to(DT), acc=acc, input_precision=BASE_PRECISION)
-    tl.store(out_ptr + split * s_os + p_ch[:, None] * s_oi + j_s[None, :] * s_oj, acc * alpha,
-             mask=(i_s < I_g)[:, None] & (j_s < J)[None, :])
+    tl.store(
+        out_ptr + split * s_os + p_ch[:, None] * s_oi + j_s[None, :] * s_oj,
+        acc * alpha,
+        mask=(i_s < I_g)[:, None] & (j_s < J)[None, :],
+    )
 
 
 # --------------------------------------------------------------------------- dropout mask

@@ -165,8 +165,20 @@ class _Geometry:
     w2: Tensor
 
     @classmethod
-    def of(cls, x: Tensor, weight: Tensor, lora_A: Tensor, *, is_linear: bool, stride: int = 1, pad_left: int = 0,
-           pad_right: int = 0, dilation: int = 1, groups: int = 1, padding_mode: str = "zeros") -> _Geometry:
+    def of(
+        cls,
+        x: Tensor,
+        weight: Tensor,
+        lora_A: Tensor,
+        *,
+        is_linear: bool,
+        stride: int = 1,
+        pad_left: int = 0,
+        pad_right: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> _Geometry:
         if is_linear:
             x = x.reshape(-1, x.shape[-1])
             n, c, t = x.shape[0], x.shape[1], 1
@@ -178,10 +190,30 @@ class _Geometry:
             ks = weight.shape[-1]
             t_out = conv1d_out_len(t, ks, stride, pad_left + pad_right, dilation)
         o, r = weight.shape[0], lora_A.shape[0]
-        return cls(is_linear=is_linear, x=x, N=n, C=c, T=t, x_strides=x_strides, ks=ks, T_out=t_out, O=o, R=r,
-                   G=groups, C_g=c // groups, O_g=o // groups, R_g=r // groups, K=c // groups * ks, M=n * t_out,
-                   stride=stride, dilation=dilation, pad_left=pad_left, pad_right=pad_right,
-                   pad_mode=PAD_MODES[padding_mode], w2=weight.reshape(o, -1))
+        return cls(
+            is_linear=is_linear,
+            x=x,
+            N=n,
+            C=c,
+            T=t,
+            x_strides=x_strides,
+            ks=ks,
+            T_out=t_out,
+            O=o,
+            R=r,
+            G=groups,
+            C_g=c // groups,
+            O_g=o // groups,
+            R_g=r // groups,
+            K=c // groups * ks,
+            M=n * t_out,
+            stride=stride,
+            dilation=dilation,
+            pad_left=pad_left,
+            pad_right=pad_right,
+            pad_mode=PAD_MODES[padding_mode],
+            w2=weight.reshape(o, -1),
+        )
 
     def out_strides(self, t: Tensor) -> Tuple[int, int, int]:
         """``(n, channel, t)`` strides of an ``(N·T_out, ch)`` (linear) or ``(N, ch, T_out)`` tensor."""
@@ -197,8 +229,16 @@ class _Geometry:
 # --------------------------------------------------------------------------- launchers
 
 
-def _forward(geo: _Geometry, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-             dropout_p: float, seed: Optional[Tensor], y: Tensor) -> Tensor:
+def _forward(
+    geo: _Geometry,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    y: Tensor,
+) -> Tensor:
     """Fill ``y`` (``(M, O)`` or ``(N, O, T_out)``) and return ``u: (M, r)`` fp32."""
     x = geo.x
     u = torch.empty((geo.M, geo.R), device=x.device, dtype=torch.float32)
@@ -210,12 +250,41 @@ def _forward(geo: _Geometry, bias: Optional[Tensor], lora_A: Tensor, lora_B: Ten
 
     seed_v, seed_is_ptr = _seed_arg(seed, dropout_p, x)
     wrap_triton(lora_forward_kernel)[grid](
-        x, geo.w2, bias if bias is not None else x, lora_A, lora_B, y, u, seed_v,
-        geo.M, _m_key(geo.M), geo.O_g, geo.K, geo.R_g, geo.T_out, geo.C, geo.C_g, geo.T,
-        *geo.x_strides, *geo.w2.stride(), *lora_A.stride(), *lora_B.stride(), *geo.out_strides(y), *u.stride(),
-        geo.stride, geo.dilation, geo.pad_left, scaling, dropout_p,
-        KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g), SEED_IS_PTR=seed_is_ptr,
+        x,
+        geo.w2,
+        bias if bias is not None else x,
+        lora_A,
+        lora_B,
+        y,
+        u,
+        seed_v,
+        geo.M,
+        _m_key(geo.M),
+        geo.O_g,
+        geo.K,
+        geo.R_g,
+        geo.T_out,
+        geo.C,
+        geo.C_g,
+        geo.T,
+        *geo.x_strides,
+        *geo.w2.stride(),
+        *lora_A.stride(),
+        *lora_B.stride(),
+        *geo.out_strides(y),
+        *u.stride(),
+        geo.stride,
+        geo.dilation,
+        geo.pad_left,
+        scaling,
+        dropout_p,
+        KS=geo.ks,
+        PAD_MODE=geo.pad_mode,
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        IS_LINEAR=geo.is_linear,
+        BLOCK_R=_block_r(geo.R_g),
+        SEED_IS_PTR=seed_is_ptr,
         BASE_PRECISION=base_precision(x, geo.is_linear),
     )
     return u
@@ -228,15 +297,35 @@ def _grad_u(geo: _Geometry, g: Tensor, lora_B: Tensor, scaling: float) -> Tensor
         return (triton.cdiv(geo.M, meta["BLOCK_M"]), geo.G)
 
     wrap_triton(lora_grad_u_kernel)[grid](
-        g, lora_B, gu, geo.M, _m_key(geo.M), geo.O_g, geo.R_g, geo.T_out,
-        *geo.out_strides(g), *lora_B.stride(), *gu.stride(), scaling,
-        IS_LINEAR=geo.is_linear, BLOCK_R=_block_r(geo.R_g),
+        g,
+        lora_B,
+        gu,
+        geo.M,
+        _m_key(geo.M),
+        geo.O_g,
+        geo.R_g,
+        geo.T_out,
+        *geo.out_strides(g),
+        *lora_B.stride(),
+        *gu.stride(),
+        scaling,
+        IS_LINEAR=geo.is_linear,
+        BLOCK_R=_block_r(geo.R_g),
     )
     return gu
 
 
-def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, dropout_p: float,
-                     tp0: int, t_rows: int, dtype: torch.dtype) -> Tensor:
+def _grad_input_rows(
+    geo: _Geometry,
+    g: Tensor,
+    gu: Tensor,
+    lora_A: Tensor,
+    seed_t,
+    dropout_p: float,
+    tp0: int,
+    t_rows: int,
+    dtype: torch.dtype,
+) -> Tensor:
     """Gradient at the padded-input positions ``[tp0, tp0 + t_rows)``: ``(N, C, t_rows)`` (``(M, C)`` linear)."""
     if geo.is_linear:
         dx = torch.empty((geo.N, geo.C), device=g.device, dtype=dtype)
@@ -252,12 +341,37 @@ def _grad_input_rows(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(geo.C_g, meta["BLOCK_N"]), geo.G)
 
     wrap_triton(lora_grad_input_kernel)[grid](
-        g, geo.w2, gu, lora_A, dx, seed_t[0],
-        rows, _m_key(rows), geo.C_g, geo.O_g, geo.R_g, t_rows, tp0, geo.T_out, geo.C, geo.T,
-        *geo.out_strides(g), *geo.w2.stride(), *gu.stride(), *lora_A.stride(), *d_strides,
-        geo.stride, geo.dilation, geo.pad_left, dropout_p,
-        KS=geo.ks, PAD_MODE=geo.pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
-        SEED_IS_PTR=seed_t[1], BASE_PRECISION=base_precision(g, geo.is_linear),
+        g,
+        geo.w2,
+        gu,
+        lora_A,
+        dx,
+        seed_t[0],
+        rows,
+        _m_key(rows),
+        geo.C_g,
+        geo.O_g,
+        geo.R_g,
+        t_rows,
+        tp0,
+        geo.T_out,
+        geo.C,
+        geo.T,
+        *geo.out_strides(g),
+        *geo.w2.stride(),
+        *gu.stride(),
+        *lora_A.stride(),
+        *d_strides,
+        geo.stride,
+        geo.dilation,
+        geo.pad_left,
+        dropout_p,
+        KS=geo.ks,
+        PAD_MODE=geo.pad_mode,
+        HAS_DROPOUT=dropout_p > 0.0,
+        IS_LINEAR=geo.is_linear,
+        SEED_IS_PTR=seed_t[1],
+        BASE_PRECISION=base_precision(g, geo.is_linear),
     )
     return dx
 
@@ -272,14 +386,21 @@ def _source_index(t: Tensor, T: int, padding_mode: str) -> Tensor:
     return torch.where(t < 0, t + T, torch.where(t >= T, t - T, t))
 
 
-def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, dropout_p: float,
-                padding_mode: str, dtype: torch.dtype) -> Tensor:
+def _grad_input(
+    geo: _Geometry,
+    g: Tensor,
+    gu: Tensor,
+    lora_A: Tensor,
+    seed_t,
+    dropout_p: float,
+    padding_mode: str,
+    dtype: torch.dtype,
+) -> Tensor:
     """``grad_x``. Non-zeros padding modes also compute the gradient at the padded positions (a strip of
     ``pad_left + pad_right`` columns) and fold it onto the source elements."""
     fold = not geo.is_linear and padding_mode != "zeros" and (geo.pad_left > 0 or geo.pad_right > 0)
     t_rows = 1 if geo.is_linear else geo.T
-    dx = _grad_input_rows(geo, g, gu, lora_A, seed_t, dropout_p, geo.pad_left, t_rows,
-                          torch.float32 if fold else dtype)
+    dx = _grad_input_rows(geo, g, gu, lora_A, seed_t, dropout_p, geo.pad_left, t_rows, torch.float32 if fold else dtype)
     if not fold:
         return dx
     for tp0, width in ((0, geo.pad_left), (geo.pad_left + geo.T, geo.pad_right)):
@@ -290,8 +411,22 @@ def _grad_input(geo: _Geometry, g: Tensor, gu: Tensor, lora_A: Tensor, seed_t, d
     return dx.to(dtype)
 
 
-def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, *, q_is_x: bool, alpha: float,
-                 seed_t, dropout_p: float, dot_from_q: bool, out_rows: int, j: int, precision: str = "ieee") -> Tensor:
+def _weight_grad(
+    geo: _Geometry,
+    p: Tensor,
+    p_strides,
+    i_g: int,
+    q: Tensor,
+    *,
+    q_is_x: bool,
+    alpha: float,
+    seed_t,
+    dropout_p: float,
+    dot_from_q: bool,
+    out_rows: int,
+    j: int,
+    precision: str = "ieee",
+) -> Tensor:
     """``Σ_rows P[row, i]·Q[row, j]`` per group (fp32, ``(G·I_g, J)``); ``Q`` is ``x``'s patches or ``u``."""
     split = _split_count(geo.M, triton.cdiv(i_g, 64) * triton.cdiv(j, 64) * geo.G, p.device)
     out = torch.empty((split, out_rows, j), device=p.device, dtype=torch.float32)
@@ -309,19 +444,51 @@ def _weight_grad(geo: _Geometry, p: Tensor, p_strides, i_g: int, q: Tensor, *, q
         return (triton.cdiv(i_g, meta["BLOCK_M"]), triton.cdiv(j, meta["BLOCK_N"]), geo.G * split)
 
     wrap_triton(lora_weight_grad_kernel)[grid](
-        p, q, out, seed_t[0],
-        geo.M, _m_key(geo.M), i_g, j, geo.T_out, C, C_g, T,
-        *p_strides, *q_strides, *out.stride(),
-        stride, dilation, pad_left, alpha, dropout_p,
-        KS=ks, PAD_MODE=pad_mode, HAS_DROPOUT=dropout_p > 0.0, IS_LINEAR=geo.is_linear,
-        DOT_FROM_Q=dot_from_q, SPLIT=split, SEED_IS_PTR=seed_t[1], BASE_PRECISION=precision,
+        p,
+        q,
+        out,
+        seed_t[0],
+        geo.M,
+        _m_key(geo.M),
+        i_g,
+        j,
+        geo.T_out,
+        C,
+        C_g,
+        T,
+        *p_strides,
+        *q_strides,
+        *out.stride(),
+        stride,
+        dilation,
+        pad_left,
+        alpha,
+        dropout_p,
+        KS=ks,
+        PAD_MODE=pad_mode,
+        HAS_DROPOUT=dropout_p > 0.0,
+        IS_LINEAR=geo.is_linear,
+        DOT_FROM_Q=dot_from_q,
+        SPLIT=split,
+        SEED_IS_PTR=seed_t[1],
+        BASE_PRECISION=precision,
     )
     return out.sum(0)
 
 
-def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-              scaling: float, dropout_p: float, seed: Optional[Tensor], padding_mode: str,
-              needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward(
+    geo: _Geometry,
+    g: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    u: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    padding_mode: str,
+    needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_A, need_B = needs
     seed_t = _seed_arg(seed, dropout_p, g)
     g_strides = geo.out_strides(g)
@@ -332,16 +499,56 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     if need_x:
         grad_x = _grad_input(geo, g, gu, lora_A, seed_t, dropout_p, padding_mode, geo.x.dtype)
     if need_w:
-        grad_w = _weight_grad(geo, g, g_strides, geo.O_g, geo.x, q_is_x=True, alpha=1.0, seed_t=seed_t, dropout_p=0.0,
-                              dot_from_q=True, out_rows=geo.O, j=geo.K,
-                              precision=base_precision(g, geo.is_linear)).reshape(weight.shape).to(weight.dtype)
+        grad_w = (
+            _weight_grad(
+                geo,
+                g,
+                g_strides,
+                geo.O_g,
+                geo.x,
+                q_is_x=True,
+                alpha=1.0,
+                seed_t=seed_t,
+                dropout_p=0.0,
+                dot_from_q=True,
+                out_rows=geo.O,
+                j=geo.K,
+                precision=base_precision(g, geo.is_linear),
+            )
+            .reshape(weight.shape)
+            .to(weight.dtype)
+        )
     if need_A:
         gu_strides = (gu.stride(0), gu.stride(1), 0) if geo.is_linear else geo.rows_view_strides(gu)
-        grad_A = _weight_grad(geo, gu, gu_strides, geo.R_g, geo.x, q_is_x=True, alpha=1.0, seed_t=seed_t,
-                              dropout_p=dropout_p, dot_from_q=True, out_rows=geo.R, j=geo.K).to(lora_A.dtype)
+        grad_A = _weight_grad(
+            geo,
+            gu,
+            gu_strides,
+            geo.R_g,
+            geo.x,
+            q_is_x=True,
+            alpha=1.0,
+            seed_t=seed_t,
+            dropout_p=dropout_p,
+            dot_from_q=True,
+            out_rows=geo.R,
+            j=geo.K,
+        ).to(lora_A.dtype)
     if need_B:
-        grad_B = _weight_grad(geo, g, g_strides, geo.O_g, u, q_is_x=False, alpha=scaling, seed_t=seed_t,
-                              dropout_p=0.0, dot_from_q=False, out_rows=geo.O, j=geo.R_g).to(lora_B.dtype)
+        grad_B = _weight_grad(
+            geo,
+            g,
+            g_strides,
+            geo.O_g,
+            u,
+            q_is_x=False,
+            alpha=scaling,
+            seed_t=seed_t,
+            dropout_p=0.0,
+            dot_from_q=False,
+            out_rows=geo.O,
+            j=geo.R_g,
+        ).to(lora_B.dtype)
     if need_b:
         grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
     return grad_x, grad_w, grad_bias, grad_A, grad_B
@@ -351,8 +558,16 @@ def _backward(geo: _Geometry, g: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
 
 
 @triton_op("rvclora::triton_lora_linear_fwd", mutates_args={})
-def triton_lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                           scaling: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def triton_lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     """``y = x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ`` and ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``)."""
     geo = _Geometry.of(x, weight, lora_A, is_linear=True)
     y = torch.empty((geo.M, geo.O), device=x.device, dtype=x.dtype)
@@ -362,9 +577,18 @@ def triton_lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 
 
 @triton_op("rvclora::triton_lora_linear_bwd", mutates_args={})
-def triton_lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-                           scaling: float, dropout_p: float, seed: Optional[Tensor],
-                           needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def triton_lora_linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    u: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
     geo = _Geometry.of(x, weight, lora_A, is_linear=True)
     g = grad_y.reshape(-1, geo.O)
@@ -397,8 +621,9 @@ def _as_grads(ctx, grads) -> Tuple[Optional[Tensor], ...]:
 
 def _linear_backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, u, ctx.scaling,
-                                                    ctx.dropout_p, seed, _needs(ctx))
+    grads = torch.ops.rvclora.triton_lora_linear_bwd(
+        grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, _needs(ctx)
+    )
     return _as_grads(ctx, grads) + (None, None, None)
 
 
@@ -409,12 +634,35 @@ triton_lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear
 
 
 @triton_op("rvclora::triton_lora_conv1d_fwd", mutates_args={})
-def triton_lora_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                           scaling: float, stride: int, pad_left: int, pad_right: int, dilation: int, groups: int,
-                           padding_mode: str, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def triton_lora_conv1d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    pad_left: int,
+    pad_right: int,
+    dilation: int,
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     """``y = conv(x, W) + b + s·conv1x1(conv(D(x), A), B)`` and ``u`` (fp32, ``(N·T_out, r)``)."""
-    geo = _Geometry.of(x, weight, lora_A, is_linear=False, stride=stride, pad_left=pad_left, pad_right=pad_right,
-                       dilation=dilation, groups=groups, padding_mode=padding_mode)
+    geo = _Geometry.of(
+        x,
+        weight,
+        lora_A,
+        is_linear=False,
+        stride=stride,
+        pad_left=pad_left,
+        pad_right=pad_right,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
     y = torch.empty((geo.N, geo.O, geo.T_out), device=x.device, dtype=x.dtype)
     with _device_guard(x):
         u = _forward(geo, bias, lora_A, lora_B, scaling, dropout_p, seed, y)
@@ -422,20 +670,58 @@ def triton_lora_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 
 
 @triton_op("rvclora::triton_lora_conv1d_bwd", mutates_args={})
-def triton_lora_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
-                           scaling: float, stride: int, pad_left: int, pad_right: int, dilation: int, groups: int,
-                           padding_mode: str, dropout_p: float, seed: Optional[Tensor],
-                           needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def triton_lora_conv1d_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    u: Tensor,
+    scaling: float,
+    stride: int,
+    pad_left: int,
+    pad_right: int,
+    dilation: int,
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)``; those not in ``needs`` are empty."""
-    geo = _Geometry.of(x, weight, lora_A, is_linear=False, stride=stride, pad_left=pad_left, pad_right=pad_right,
-                       dilation=dilation, groups=groups, padding_mode=padding_mode)
+    geo = _Geometry.of(
+        x,
+        weight,
+        lora_A,
+        is_linear=False,
+        stride=stride,
+        pad_left=pad_left,
+        pad_right=pad_right,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
     with _device_guard(x):
         return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
 
 
 def _conv_setup(ctx, inputs, output):
-    (x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right, dilation, groups, padding_mode,
-     dropout_p, seed) = inputs
+    (
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        stride,
+        pad_left,
+        pad_right,
+        dilation,
+        groups,
+        padding_mode,
+        dropout_p,
+        seed,
+    ) = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.options = (scaling, stride, pad_left, pad_right, dilation, groups, padding_mode, dropout_p)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -444,8 +730,9 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_conv1d_bwd(grad_y, x, weight, lora_A, lora_B, u, *ctx.options[:-1],
-                                                    ctx.options[-1], seed, _needs(ctx))
+    grads = torch.ops.rvclora.triton_lora_conv1d_bwd(
+        grad_y, x, weight, lora_A, lora_B, u, *ctx.options[:-1], ctx.options[-1], seed, _needs(ctx)
+    )
     return _as_grads(ctx, grads) + (None,) * 9
 
 
@@ -476,20 +763,54 @@ def triton_dropout_mask(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
 # --------------------------------------------------------------------------- entry points
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-                dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
     """Fused ``x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ``; ``x: (..., in)``."""
-    return torch.ops.rvclora.triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                   seed if dropout_p > 0.0 else None)[0]
+    return torch.ops.rvclora.triton_lora_linear_fwd(
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed if dropout_p > 0.0 else None
+    )[0]
 
 
-def lora_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-                stride: int, padding: Tuple[int, int], dilation: int, groups: int, padding_mode: str,
-                dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+def lora_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    padding: Tuple[int, int],
+    dilation: int,
+    groups: int,
+    padding_mode: str,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
     """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
     return torch.ops.rvclora.triton_lora_conv1d_fwd(
-        x, weight, bias, lora_A, lora_B, scaling, stride, padding[0], padding[1], dilation, groups, padding_mode,
-        dropout_p, seed if dropout_p > 0.0 else None)[0]
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        stride,
+        padding[0],
+        padding[1],
+        dilation,
+        groups,
+        padding_mode,
+        dropout_p,
+        seed if dropout_p > 0.0 else None,
+    )[0]
 
 
 def dropout_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:

@@ -45,8 +45,14 @@ from .io import RVCLoRAWarning
 from .ops.spec import spec_of_kind
 from .records import LayerRecord, layer_records, model_layer_records
 
-__all__ = ["BlendError", "blend_adapters", "adapter_delta_weights", "layer_records", "model_layer_records",
-           "parse_weighted"]
+__all__ = [
+    "BlendError",
+    "blend_adapters",
+    "adapter_delta_weights",
+    "layer_records",
+    "model_layer_records",
+    "parse_weighted",
+]
 
 
 class BlendError(ValueError):
@@ -73,8 +79,10 @@ def parse_weighted(text: str) -> tuple[str, float]:
     except ValueError:
         if os.path.exists(text) or any(c in tail for c in "/\\") or (len(path) == 1 and path.isalpha()):
             return text, 1.0  # a path holding ':' (C:\voices\a.safetensors): its reader says if it is missing
-        raise BlendError(f"adapter {text!r}: the weight after ':' must be a number, got {tail!r} "
-                         "(expected PATH:WEIGHT, e.g. voice.safetensors:0.5)") from None
+        raise BlendError(
+            f"adapter {text!r}: the weight after ':' must be a number, got {tail!r} "
+            "(expected PATH:WEIGHT, e.g. voice.safetensors:0.5)"
+        ) from None
     if not math.isfinite(w):
         raise BlendError(f"adapter {text!r}: the weight must be a finite number, got {tail!r}")
     return path, w
@@ -118,8 +126,9 @@ def _load(adapter: Any, index: int, given: dict[str, LayerRecord] | None = None)
         meta = adapter.get("metadata")
         label = str(meta.get("name", f"adapter #{index}")) if isinstance(meta, Mapping) else f"adapter #{index}"
     else:
-        raise BlendError(f"adapters[{index}] must be a path or an adapter read by read_lora_file, "
-                         f"got {type(adapter).__name__}")
+        raise BlendError(
+            f"adapters[{index}] must be a path or an adapter read by read_lora_file, got {type(adapter).__name__}"
+        )
     config = data["config"]
     if isinstance(config, Mapping):
         config = LoRAConfig.from_dict(dict(config))
@@ -134,8 +143,12 @@ def _load(adapter: Any, index: int, given: dict[str, LayerRecord] | None = None)
     return _Source(label, weights, config, data.get("base_fingerprint"), records)
 
 
-def _records(label: str, weights: Mapping[str, Tensor], saved: dict[str, tuple[str, int]] | None,
-             given: dict[str, LayerRecord] | None) -> dict[str, LayerRecord]:
+def _records(
+    label: str,
+    weights: Mapping[str, Tensor],
+    saved: dict[str, tuple[str, int]] | None,
+    given: dict[str, LayerRecord] | None,
+) -> dict[str, LayerRecord]:
     """Each layer's kind and groups: the file's layer records, else ``layers=``, else what the shapes tell for sure."""
     out: dict[str, LayerRecord] = {}
     for key in weights:
@@ -145,8 +158,9 @@ def _records(label: str, weights: Mapping[str, Tensor], saved: dict[str, tuple[s
         if saved is not None:
             out[name] = LayerRecord(*saved[name])
             if given is not None and name in given and given[name] != out[name]:
-                raise BlendError(f"{label}: {name} is a {out[name]} in the file's layer records but a {given[name]} "
-                                 "in layers=")
+                raise BlendError(
+                    f"{label}: {name} is a {out[name]} in the file's layer records but a {given[name]} in layers="
+                )
         elif given is not None:
             if name not in given:
                 raise BlendError(f"{label}: layers= has no layer {name!r} (the file has no layer records)")
@@ -166,11 +180,16 @@ def _infer(label: str, name: str, A: Tensor, B: Tensor) -> LayerRecord:
     """
     r = A.shape[0]
     if B.shape[0] == r:
-        fits = "fit both a Linear/Conv1d and a ConvTranspose1d" if r % B.shape[1] == 0 else \
-            "are a ConvTranspose1d's, whose groups cannot be read off its factors"
-        raise BlendError(f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} {fits}, and the file has "
-                         "no layer records; re-save it with this rvclora, or pass layers= (the model, or "
-                         "{name: {'kind', 'groups'}}; rvclora mix --layers-from BASE.pth)")
+        fits = (
+            "fit both a Linear/Conv1d and a ConvTranspose1d"
+            if r % B.shape[1] == 0
+            else "are a ConvTranspose1d's, whose groups cannot be read off its factors"
+        )
+        raise BlendError(
+            f"{label}: {name}'s factor shapes {tuple(A.shape)}, {tuple(B.shape)} {fits}, and the file has "
+            "no layer records; re-save it with this rvclora, or pass layers= (the model, or "
+            "{name: {'kind', 'groups'}}; rvclora mix --layers-from BASE.pth)"
+        )
     return LayerRecord("conv1d", r // B.shape[1])  # Linear is Conv1d with k = 1, groups = 1: same maths
 
 
@@ -209,8 +228,10 @@ def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
         if set(src.records) != set(first.records):
             only_a = sorted(set(first.records) - set(src.records))[:3]
             only_b = sorted(set(src.records) - set(first.records))[:3]
-            raise BlendError(f"{src.label} adapts other layers than {first.label} (only in the first: {only_a}; "
-                             f"only in the second: {only_b}); blended adapters must share their layer set")
+            raise BlendError(
+                f"{src.label} adapts other layers than {first.label} (only in the first: {only_a}; "
+                f"only in the second: {only_b}); blended adapters must share their layer set"
+            )
         for name, rec in first.records.items():
             if src.records[name] != rec:
                 raise BlendError(f"{name} is a {rec} in {first.label} but a {src.records[name]} in {src.label}")
@@ -218,26 +239,37 @@ def _check_compatible(sources: Sequence[_Source], force: bool) -> None:
             L1, R1 = _factors(rec, src.weights[f"{name}.lora_A"], src.weights[f"{name}.lora_B"])
             if L0.shape[:2] != L1.shape[:2] or R0.shape[::2] != R1.shape[::2]:
                 shape0, shape1 = tuple(L0.shape[:2]) + (R0.shape[2],), tuple(L1.shape[:2]) + (R1.shape[2],)
-                raise BlendError(f"{name}: {src.label} is for a layer of another shape than {first.label} "
-                                 f"(ΔW per group {shape1} vs {shape0})")
+                raise BlendError(
+                    f"{name}: {src.label} is for a layer of another shape than {first.label} "
+                    f"(ΔW per group {shape1} vs {shape0})"
+                )
         if src.config.bias != first.config.bias:
             raise BlendError(f"{src.label} trains biases {src.config.bias!r} but {first.label} {first.config.bias!r}")
         if sorted(src.config.modules_to_save) != sorted(first.config.modules_to_save):
-            raise BlendError(f"{src.label} saves modules {src.config.modules_to_save} but {first.label} "
-                             f"{first.config.modules_to_save}; blended adapters must save the same modules")
+            raise BlendError(
+                f"{src.label} saves modules {src.config.modules_to_save} but {first.label} "
+                f"{first.config.modules_to_save}; blended adapters must save the same modules"
+            )
     prints = {s.fingerprint for s in sources}
     missing = [s.label for s in sources if s.fingerprint is None]
     known = prints - {None}
     if len(known) > 1:
         detail = ", ".join(f"{s.label}: {s.fingerprint}" for s in sources)
         if not force:
-            raise BlendError(f"the adapters were trained on different base models ({detail}); a blend is only "
-                             "meaningful on one shared base (force=True / --force to blend anyway)")
-        warnings.warn(f"blending adapters of different base models ({detail}) because force=True",
-                      RVCLoRAWarning, stacklevel=3)
+            raise BlendError(
+                f"the adapters were trained on different base models ({detail}); a blend is only "
+                "meaningful on one shared base (force=True / --force to blend anyway)"
+            )
+        warnings.warn(
+            f"blending adapters of different base models ({detail}) because force=True", RVCLoRAWarning, stacklevel=3
+        )
     if missing:
-        warnings.warn(f"{', '.join(missing)}: no base fingerprint recorded (written by an older rvclora); "
-                      "cannot check that the adapters share a base", RVCLoRAWarning, stacklevel=3)
+        warnings.warn(
+            f"{', '.join(missing)}: no base fingerprint recorded (written by an older rvclora); "
+            "cannot check that the adapters share a base",
+            RVCLoRAWarning,
+            stacklevel=3,
+        )
 
 
 def _check_rank(rank: Any, sources: Sequence[_Source]) -> None:
@@ -251,8 +283,10 @@ def _check_rank(rank: Any, sources: Sequence[_Source]) -> None:
             raise BlendError(f"rank={rank} is not a multiple of {name}'s groups={rec.groups}")
         most = min(L.shape[1], R.shape[2])
         if rank // rec.groups > most:
-            raise BlendError(f"rank={rank} exceeds what {name} can hold (at most {most * rec.groups}: its ΔW is "
-                             f"{L.shape[1]}×{R.shape[2]} per group)")
+            raise BlendError(
+                f"rank={rank} exceeds what {name} can hold (at most {most * rec.groups}: its ΔW is "
+                f"{L.shape[1]}×{R.shape[2]} per group)"
+            )
 
 
 def _truncate(L: Tensor, R: Tensor, rg: int) -> tuple[Tensor, Tensor, float, float]:
@@ -331,24 +365,31 @@ def blend_adapters(
             raise BlendError(f"{src.label} stores other whole tensors (biases, modules_to_save) than {first.label}")
         for k in whole_keys:
             if src.weights[k].shape != first.weights[k].shape:
-                raise BlendError(f"{k}: {tuple(src.weights[k].shape)} in {src.label} but "
-                                 f"{tuple(first.weights[k].shape)} in {first.label}")
+                raise BlendError(
+                    f"{k}: {tuple(src.weights[k].shape)} in {src.label} but "
+                    f"{tuple(first.weights[k].shape)} in {first.label}"
+                )
     sums_to_one = abs(sum(ws) - 1.0) <= 1e-6
     if whole_keys and not sums_to_one:
-        what = (f"modules {first.config.modules_to_save}" if first.config.modules_to_save else "") + \
-            (" and " if first.config.modules_to_save and bias_mode != "none" else "") + \
-            (f"biases (bias={bias_mode!r})" if bias_mode != "none" else "")
+        what = (
+            (f"modules {first.config.modules_to_save}" if first.config.modules_to_save else "")
+            + (" and " if first.config.modules_to_save and bias_mode != "none" else "")
+            + (f"biases (bias={bias_mode!r})" if bias_mode != "none" else "")
+        )
         if base is None:
-            raise BlendError(f"the adapters store {what} whole, and these weights sum to {sum(ws):g}, not 1: the blend "
-                             "base + sum w_i (T_i - base) needs the base model's tensors (pass base=, as rvclora "
-                             "merge does)")
+            raise BlendError(
+                f"the adapters store {what} whole, and these weights sum to {sum(ws):g}, not 1: the blend "
+                "base + sum w_i (T_i - base) needs the base model's tensors (pass base=, as rvclora "
+                "merge does)"
+            )
         missing = [k for k in whole_keys if k not in base]
         if missing:
             raise BlendError(f"base has no tensor {missing[0]!r} to blend the adapters' {what} against")
         for k in whole_keys:
             if tuple(base[k].shape) != tuple(first.weights[k].shape):
-                raise BlendError(f"base's {k!r} has shape {tuple(base[k].shape)}, the adapters' "
-                                 f"{tuple(first.weights[k].shape)}")
+                raise BlendError(
+                    f"base's {k!r} has shape {tuple(base[k].shape)}, the adapters' {tuple(first.weights[k].shape)}"
+                )
     active = [(s, w) for s, w in zip(sources, ws) if w != 0.0] or [(first, 0.0)]
 
     out_w: dict[str, Tensor] = {}
@@ -372,8 +413,10 @@ def blend_adapters(
         exact = torch.bmm(L, R)
         for what, t in (("update", exact), ("lora_A", A), ("lora_B", B)):
             if not bool(torch.isfinite(t).all()):
-                raise BlendError(f"{name}: the blended {what} is not finite in "
-                                 f"{str(t.dtype).replace('torch.', '')} (weights too large for these adapters?)")
+                raise BlendError(
+                    f"{name}: the blended {what} is not finite in "
+                    f"{str(t.dtype).replace('torch.', '')} (weights too large for these adapters?)"
+                )
         Lc, Rc = _factors(rec, A.double(), B.double())
         norm = float(exact.norm())
         cast_errors[name] = float((torch.bmm(Lc, Rc) - exact).norm()) / norm if norm > 0 else 0.0
@@ -382,10 +425,14 @@ def blend_adapters(
         worst = max(cast_errors, key=cast_errors.get)
         limit = max(1e-3, 16 * torch.finfo(first.weights[f"{worst}.lora_A"].dtype).eps)
         if cast_errors[worst] > limit:
-            warnings.warn(f"blend: casting the float64 blend back to "
-                          f"{str(first.weights[f'{worst}.lora_A'].dtype).replace('torch.', '')} changes {worst}'s "
-                          f"update by {cast_errors[worst]:.3g} (relative); metadata['blend']['cast_errors'] has every "
-                          "layer's", RVCLoRAWarning, stacklevel=2)
+            warnings.warn(
+                f"blend: casting the float64 blend back to "
+                f"{str(first.weights[f'{worst}.lora_A'].dtype).replace('torch.', '')} changes {worst}'s "
+                f"update by {cast_errors[worst]:.3g} (relative); metadata['blend']['cast_errors'] has every "
+                "layer's",
+                RVCLoRAWarning,
+                stacklevel=2,
+            )
     for key in whole_keys:  # biases and modules_to_save: base + sum w_i (T_i - base), exactly
         acc = sum(w * src.weights[key].double() for src, w in zip(sources, ws))
         if not sums_to_one:
@@ -393,21 +440,40 @@ def blend_adapters(
         out_w[key] = acc.to(first.weights[key].dtype)
 
     total_rank = rank if rank is not None else sum(s.config.r for s, _ in active)
-    config = LoRAConfig(r=total_rank, lora_alpha=float(total_rank), lora_dropout=0.0,
-                        target_modules=list(first.config.target_modules), merge_weights=first.config.merge_weights,
-                        bias=bias_mode, modules_to_save=list(first.config.modules_to_save))
+    config = LoRAConfig(
+        r=total_rank,
+        lora_alpha=float(total_rank),
+        lora_dropout=0.0,
+        target_modules=list(first.config.target_modules),
+        merge_weights=first.config.merge_weights,
+        bias=bias_mode,
+        modules_to_save=list(first.config.modules_to_save),
+    )
     known = [s.fingerprint for s in sources if s.fingerprint is not None]
     fingerprint = known[0] if known and len(set(known)) == 1 else None
     blend_meta = {
-        "sources": [{"name": s.label, "weight": w, "r": s.config.r, "lora_alpha": s.config.lora_alpha,
-                     "base_fingerprint": s.fingerprint} for s, w in zip(sources, ws)],
+        "sources": [
+            {
+                "name": s.label,
+                "weight": w,
+                "r": s.config.r,
+                "lora_alpha": s.config.lora_alpha,
+                "base_fingerprint": s.fingerprint,
+            }
+            for s, w in zip(sources, ws)
+        ],
         "rank": rank,
         "errors": errors,
         "cast_errors": cast_errors,
     }
     if whole_keys:
-        blend_meta["whole_tensors"] = ("sum w_i T_i (weights sum to 1)" if sums_to_one
-                                       else "base + sum w_i (T_i - base)")
+        blend_meta["whole_tensors"] = "sum w_i T_i (weights sum to 1)" if sums_to_one else "base + sum w_i (T_i - base)"
     layers = {name: {"kind": rec.kind, "groups": rec.groups} for name, rec in first.records.items()}
-    return {"weights": out_w, "config": config, "base_fingerprint": fingerprint,
-            "metadata": {"blend": blend_meta, "layers": layers}, "epoch": None, "optimizer": None}
+    return {
+        "weights": out_w,
+        "config": config,
+        "base_fingerprint": fingerprint,
+        "metadata": {"blend": blend_meta, "layers": layers},
+        "epoch": None,
+        "optimizer": None,
+    }

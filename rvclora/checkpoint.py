@@ -93,9 +93,7 @@ def extract_lora_weights(model: nn.Module, bias: str | None = None) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        if leaf in _FACTORS or (
-            leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_owners))
-        ):
+        if leaf in _FACTORS or (leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_owners))):
             out[name] = p.detach().to("cpu", copy=True).contiguous()
     for key, p in saved_parameters(model).items():  # modules_to_save: whole tensors, RVC's key form
         out[key] = p.detach().to("cpu", copy=True).contiguous()
@@ -110,8 +108,10 @@ def _check_tensor_values(where: str, weights: dict[str, Any]) -> None:
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
         if not value.is_floating_point():
-            raise TypeError(f"{where}: {key!r} has dtype {str(value.dtype).replace('torch.', '')}; LoRA factors "
-                            "and biases must be floating point")
+            raise TypeError(
+                f"{where}: {key!r} has dtype {str(value.dtype).replace('torch.', '')}; LoRA factors "
+                "and biases must be floating point"
+            )
 
 
 def _validate_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool) -> None:
@@ -123,26 +123,36 @@ def _validate_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], s
     params.update(saved)
     for key, value in weights.items():
         if key not in params:
-            raise KeyError(f"load_lora_weights: key {key!r} is not a parameter of the model "
-                           "(were the same target_modules and modules_to_save injected?)")
+            raise KeyError(
+                f"load_lora_weights: key {key!r} is not a parameter of the model "
+                "(were the same target_modules and modules_to_save injected?)"
+            )
         if key.rpartition(".")[2] not in _FACTORS + ("bias",) and key not in saved:
-            raise KeyError(f"load_lora_weights: key {key!r} is a base weight, not a LoRA factor or bias; "
-                           "an adapter never replaces base weights")
+            raise KeyError(
+                f"load_lora_weights: key {key!r} is a base weight, not a LoRA factor or bias; "
+                "an adapter never replaces base weights"
+            )
         if tuple(value.shape) != tuple(params[key].shape):
-            raise ValueError(f"load_lora_weights: {key!r} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(params[key].shape)} (different rank or layer size?)")
+            raise ValueError(
+                f"load_lora_weights: {key!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(params[key].shape)} (different rank or layer size?)"
+            )
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise ValueError(f"load_lora_weights: {bad[0]!r} is not finite ({bad[1]})")
     if strict:
         for key in params:
             if key.rpartition(".")[2] in _FACTORS and key not in weights:
-                raise KeyError(f"load_lora_weights: the model's LoRA factor {key!r} is missing from the weights "
-                               "(pass strict=False to load a partial adapter)")
+                raise KeyError(
+                    f"load_lora_weights: the model's LoRA factor {key!r} is missing from the weights "
+                    "(pass strict=False to load a partial adapter)"
+                )
         for key in saved:
             if key not in weights:
-                raise KeyError(f"load_lora_weights: {key!r} of the model's modules_to_save is missing from the "
-                               "weights (pass strict=False to load a partial adapter)")
+                raise KeyError(
+                    f"load_lora_weights: {key!r} of the model's modules_to_save is missing from the "
+                    "weights (pass strict=False to load a partial adapter)"
+                )
 
 
 def load_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
@@ -175,29 +185,40 @@ def _saved_owner(key: str, patterns: list[str]) -> str | None:
     return None
 
 
-def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAConfig,
-                           saved_shapes: Any = None) -> None:
+def _check_adapter_content(
+    where: str, weights: dict[str, Tensor], config: LoRAConfig, saved_shapes: Any = None
+) -> None:
     """An adapter holds LoRA factor pairs of rank ``config.r``, the biases ``config.bias`` trains and the tensors of
     ``config.modules_to_save``, nothing else. ``saved_shapes`` (the file's record, when reading) must list exactly
     those tensors with their shapes."""
     _check_tensor_values(where, weights)
-    saved_keys = {k for k in weights if config.modules_to_save and k.rpartition(".")[2] not in _FACTORS
-                  and _saved_owner(k, config.modules_to_save) is not None}
+    saved_keys = {
+        k
+        for k in weights
+        if config.modules_to_save
+        and k.rpartition(".")[2] not in _FACTORS
+        and _saved_owner(k, config.modules_to_save) is not None
+    }
     if config.modules_to_save:
         if not saved_keys:
-            raise ValueError(f"{where}: the config names modules_to_save {config.modules_to_save} but the adapter "
-                             "holds no tensor of them")
+            raise ValueError(
+                f"{where}: the config names modules_to_save {config.modules_to_save} but the adapter "
+                "holds no tensor of them"
+            )
         if saved_shapes is not None:
             if not isinstance(saved_shapes, dict):
-                raise ValueError(f"{where}: its record of modules_to_save is a {type(saved_shapes).__name__}, "
-                                 "expected {key: shape}")
+                raise ValueError(
+                    f"{where}: its record of modules_to_save is a {type(saved_shapes).__name__}, "
+                    "expected {key: shape}"
+                )
             if set(saved_shapes) != saved_keys:
                 odd = sorted(set(saved_shapes) ^ saved_keys)
                 raise ValueError(f"{where}: its modules_to_save tensors and their record disagree (e.g. {odd[0]!r})")
             for k in saved_keys:
                 if list(weights[k].shape) != list(saved_shapes[k]):
-                    raise ValueError(f"{where}: {k!r} has shape {tuple(weights[k].shape)}, its record says "
-                                     f"{tuple(saved_shapes[k])}")
+                    raise ValueError(
+                        f"{where}: {k!r} has shape {tuple(weights[k].shape)}, its record says {tuple(saved_shapes[k])}"
+                    )
     factors: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")
@@ -211,8 +232,10 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             continue
         if leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and owner in factors)):
             continue
-        raise ValueError(f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
-                         f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those")
+        raise ValueError(
+            f"{where}: key {key!r} is not a LoRA factor, a bias that bias={config.bias!r} trains, or "
+            f"part of the modules_to_save {config.modules_to_save}; an adapter holds only those"
+        )
     if not factors:
         raise ValueError(f"{where}: holds no LoRA factors (lora_A/lora_B)")
     for owner, pair in factors.items():
@@ -220,8 +243,9 @@ def _check_adapter_content(where: str, weights: dict[str, Tensor], config: LoRAC
             if leaf not in pair:
                 raise ValueError(f"{where}: layer {owner!r} has no {leaf} (LoRA factors come in pairs)")
         if pair["lora_A"].shape[0] != config.r:
-            raise ValueError(f"{where}: {owner + '.lora_A'!r} has rank {pair['lora_A'].shape[0]}, the config "
-                             f"says r={config.r}")
+            raise ValueError(
+                f"{where}: {owner + '.lora_A'!r} has rank {pair['lora_A'].shape[0]}, the config says r={config.r}"
+            )
 
 
 def _check_metadata(where: str, metadata: Any) -> dict[str, Any] | None:
@@ -232,11 +256,13 @@ def _check_metadata(where: str, metadata: Any) -> dict[str, Any] | None:
     try:
         back = json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{where}: metadata must be JSON-safe (dict, list, str, int, finite float, bool, None): "
-                        f"{e}") from None
+        raise TypeError(
+            f"{where}: metadata must be JSON-safe (dict, list, str, int, finite float, bool, None): {e}"
+        ) from None
     if back != metadata:
-        raise TypeError(f"{where}: metadata must be JSON-safe and survive a round trip unchanged (str keys, lists "
-                        "not tuples)")
+        raise TypeError(
+            f"{where}: metadata must be JSON-safe and survive a round trip unchanged (str keys, lists not tuples)"
+        )
     return metadata
 
 
@@ -254,16 +280,19 @@ def _flatten_optimizer(where: str, state: dict[str, Any]) -> tuple[dict[str, tor
             tensors[key] = obj.detach().cpu().contiguous().clone()
             return {"__tensor__": key}
         if isinstance(obj, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in
-                                 enumerate(obj.items())]}
+            return {
+                "__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]
+            }
         if type(obj) in (list, tuple):
             kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
             return {kind: [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
         if obj is None or type(obj) in (bool, int, float, str):
             return obj
-        raise TypeError(f"{where}: optimizer state holds a {type(obj).__module__}.{type(obj).__qualname__} at "
-                        f"{path}; only tensors, dicts, lists, tuples, str, int, float, bool and None can be read "
-                        "back safely (convert it, e.g. to a tensor)")
+        raise TypeError(
+            f"{where}: optimizer state holds a {type(obj).__module__}.{type(obj).__qualname__} at "
+            f"{path}; only tensors, dicts, lists, tuples, str, int, float, bool and None can be read "
+            "back safely (convert it, e.g. to a tensor)"
+        )
 
     if not isinstance(state, dict):
         raise TypeError(f"{where}: optimizer_state must be a dict (optimizer.state_dict()), got {type(state).__name__}")
@@ -293,8 +322,10 @@ def _verify_format(expected: str, where: str):
     def verify(tmp: str) -> None:
         got = detect_format(tmp)
         if got != expected:
-            raise OSError(f"{where}: the written file reads back as {describe_format(got)}, not "
-                          f"{describe_format(expected)}")
+            raise OSError(
+                f"{where}: the written file reads back as {describe_format(got)}, not {describe_format(expected)}"
+            )
+
     return verify
 
 
@@ -329,17 +360,25 @@ def write_lora_file(
 
     metadata = _check_metadata(where, metadata)
     if config.modules_to_save:  # the file records each saved tensor's shape; reading checks them
-        saved = {k: list(getattr(v, "shape", ())) for k, v in weights.items() if isinstance(k, str)
-                 and k.rpartition(".")[2] not in _FACTORS and _saved_owner(k, config.modules_to_save) is not None}
+        saved = {
+            k: list(getattr(v, "shape", ()))
+            for k, v in weights.items()
+            if isinstance(k, str)
+            and k.rpartition(".")[2] not in _FACTORS
+            and _saved_owner(k, config.modules_to_save) is not None
+        }
         metadata = {**(metadata or {}), "modules_to_save": saved}
     check_adapter(where, weights, config, metadata)
     bad = first_nonfinite(weights.items())
     if bad is not None:
         raise ValueError(f"{where}: refusing to save {bad[0]!r}: not finite ({bad[1]})")
-    if base_fingerprint is not None and (not isinstance(base_fingerprint, str)
-                                         or not base_fingerprint.startswith(FINGERPRINT_PREFIX)):
-        raise ValueError(f"{where}: base_fingerprint must be a string from rvclora.fingerprint.base_fingerprint "
-                         f"or None, got {base_fingerprint!r}")
+    if base_fingerprint is not None and (
+        not isinstance(base_fingerprint, str) or not base_fingerprint.startswith(FINGERPRINT_PREFIX)
+    ):
+        raise ValueError(
+            f"{where}: base_fingerprint must be a string from rvclora.fingerprint.base_fingerprint "
+            f"or None, got {base_fingerprint!r}"
+        )
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise TypeError(f"{where}: epoch must be an int or None, got {epoch!r}")
     opt_tensors: dict[str, Tensor] = {}
@@ -350,8 +389,12 @@ def write_lora_file(
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
-        meta = {"format": "pt", "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict()),
-                "epoch": json.dumps(epoch)}
+        meta = {
+            "format": "pt",
+            "format_version": str(FORMAT_VERSION),
+            "config": json.dumps(config.to_dict()),
+            "epoch": json.dumps(epoch),
+        }
         if base_fingerprint is not None:
             meta["base_fingerprint"] = base_fingerprint
         if metadata is not None:
@@ -359,16 +402,24 @@ def write_lora_file(
         if skeleton is not None:
             meta["optimizer"] = skeleton
             tensors.update(opt_tensors)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta),
-                     verify=_verify_format("safetensors", where))
+        atomic_write(
+            path, lambda tmp: save_file(tensors, tmp, metadata=meta), verify=_verify_format("safetensors", where)
+        )
     else:
         blob = None
         if optimizer_state is not None:
             buf = _io.BytesIO()
             torch.save(optimizer_state, buf)
             blob = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-        payload = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "lora_weights": tensors,
-                   "epoch": epoch, "base_fingerprint": base_fingerprint, "metadata": metadata, "optimizer": blob}
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "lora_weights": tensors,
+            "epoch": epoch,
+            "base_fingerprint": base_fingerprint,
+            "metadata": metadata,
+            "optimizer": blob,
+        }
         atomic_write(path, lambda tmp: torch.save(payload, tmp), verify=_verify_format("torch-zip", where))
     return path
 
@@ -380,31 +431,45 @@ def _check_config_matches_model(where: str, model: nn.Module, config: LoRAConfig
         raise ValueError(f"{where}: the model has no LoRA weights (was inject_lora called?)")
     for name, m in layers:
         if m.r != config.r or m.lora_alpha != config.lora_alpha:
-            raise ValueError(f"{where}: layer {name!r} has r={m.r}, lora_alpha={m.lora_alpha:g}; the config says "
-                             f"r={config.r}, lora_alpha={config.lora_alpha:g}")
+            raise ValueError(
+                f"{where}: layer {name!r} has r={m.r}, lora_alpha={m.lora_alpha:g}; the config says "
+                f"r={config.r}, lora_alpha={config.lora_alpha:g}"
+            )
         if not any(target_matches(t, name) for t in config.target_modules):
-            raise ValueError(f"{where}: LoRA layer {name!r} is not selected by the config's target_modules "
-                             f"{config.target_modules}")
+            raise ValueError(
+                f"{where}: LoRA layer {name!r} is not selected by the config's target_modules {config.target_modules}"
+            )
     for name, m in model.named_modules():
-        if name and not isinstance(m, LoRALayer) and isinstance(m, _ADAPTABLE) \
-                and any(target_matches(t, name) for t in config.target_modules):
-            raise ValueError(f"{where}: the config's target_modules {config.target_modules} select {name!r}, "
-                             "which the model does not adapt")
+        if (
+            name
+            and not isinstance(m, LoRALayer)
+            and isinstance(m, _ADAPTABLE)
+            and any(target_matches(t, name) for t in config.target_modules)
+        ):
+            raise ValueError(
+                f"{where}: the config's target_modules {config.target_modules} select {name!r}, "
+                "which the model does not adapt"
+            )
     model_cfg = getattr(model, "rvclora_config", None)
     if isinstance(model_cfg, LoRAConfig):
         for f in ("lora_dropout", "bias"):
             if getattr(model_cfg, f) != getattr(config, f):
-                raise ValueError(f"{where}: config {f}={getattr(config, f)!r} but the model was injected with "
-                                 f"{f}={getattr(model_cfg, f)!r}")
+                raise ValueError(
+                    f"{where}: config {f}={getattr(config, f)!r} but the model was injected with "
+                    f"{f}={getattr(model_cfg, f)!r}"
+                )
     saved = set(extract_lora_weights(model, config.bias))
     model_saved = getattr(model_cfg, "modules_to_save", []) if isinstance(model_cfg, LoRAConfig) else []
     if sorted(model_saved) != sorted(config.modules_to_save):
-        raise ValueError(f"{where}: config modules_to_save={config.modules_to_save} but the model was injected with "
-                         f"{model_saved}")
+        raise ValueError(
+            f"{where}: config modules_to_save={config.modules_to_save} but the model was injected with {model_saved}"
+        )
     for name, p in model.named_parameters():
         if p.requires_grad and name not in saved and canonical_saved_key(name) not in saved:
-            raise ValueError(f"{where}: parameter {name!r} is trainable but bias={config.bias!r} does not save it; "
-                             "save with the bias mode the model was trained with")
+            raise ValueError(
+                f"{where}: parameter {name!r} is trainable but bias={config.bias!r} does not save it; "
+                "save with the bias mode the model was trained with"
+            )
 
 
 def save_lora_checkpoint(
@@ -441,13 +506,23 @@ def save_lora_checkpoint(
         except ValueError:
             pass
     if fingerprint is None:
-        warnings.warn(f"{where}: the model has no recorded base fingerprint (it was not injected with "
-                      "rvclora.inject_lora); the adapter cannot be checked against its base later",
-                      RVCLoRAWarning, stacklevel=2)
+        warnings.warn(
+            f"{where}: the model has no recorded base fingerprint (it was not injected with "
+            "rvclora.inject_lora); the adapter cannot be checked against its base later",
+            RVCLoRAWarning,
+            stacklevel=2,
+        )
     # each layer's kind and groups: what a blend needs to read the factors without the model
     metadata = {"layers": layer_records(model), **(metadata or {})}
-    write_lora_file(path, extract_lora_weights(model, config.bias), config, base_fingerprint=fingerprint,
-                    metadata=metadata, optimizer_state=optimizer_state, epoch=epoch)
+    write_lora_file(
+        path,
+        extract_lora_weights(model, config.bias),
+        config,
+        base_fingerprint=fingerprint,
+        metadata=metadata,
+        optimizer_state=optimizer_state,
+        epoch=epoch,
+    )
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -477,8 +552,16 @@ def _read_safetensors(path: str) -> dict[str, Any]:
         metadata = json.loads(meta["metadata"]) if "metadata" in meta else None
     except ValueError as e:
         raise ValueError(f"its metadata is not valid JSON ({e})") from None
-    return {"format_version": version, "config": config, "weights": weights, "epoch": epoch, "optimizer": opt,
-            "optimizer_error": opt_error, "base_fingerprint": meta.get("base_fingerprint"), "metadata": metadata}
+    return {
+        "format_version": version,
+        "config": config,
+        "weights": weights,
+        "epoch": epoch,
+        "optimizer": opt,
+        "optimizer_error": opt_error,
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "metadata": metadata,
+    }
 
 
 def _read_torch(path: str) -> dict[str, Any]:
@@ -500,9 +583,16 @@ def _read_torch(path: str) -> dict[str, Any]:
             opt = torch.load(_io.BytesIO(opt.numpy().tobytes()), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 -- the weights stay usable
             opt, opt_error = None, torch_load_error(e)
-    return {"format_version": raw["format_version"], "config": raw.get("config"), "weights": raw["lora_weights"],
-            "epoch": raw.get("epoch"), "optimizer": opt, "optimizer_error": opt_error,
-            "base_fingerprint": raw.get("base_fingerprint"), "metadata": raw.get("metadata")}
+    return {
+        "format_version": raw["format_version"],
+        "config": raw.get("config"),
+        "weights": raw["lora_weights"],
+        "epoch": raw.get("epoch"),
+        "optimizer": opt,
+        "optimizer_error": opt_error,
+        "base_fingerprint": raw.get("base_fingerprint"),
+        "metadata": raw.get("metadata"),
+    }
 
 
 def read_lora_file(path: PathLike) -> dict[str, Any]:
@@ -528,14 +618,18 @@ def read_lora_file(path: PathLike) -> dict[str, Any]:
         elif fmt in ("torch-zip", "pickle"):
             data = _read_torch(path)
         else:
-            raise ValueError(f"it is {describe_format(fmt)}; expected a safetensors or torch.save file written by "
-                             "rvclora.save_lora_checkpoint")
+            raise ValueError(
+                f"it is {describe_format(fmt)}; expected a safetensors or torch.save file written by "
+                "rvclora.save_lora_checkpoint"
+            )
     except Exception as e:  # noqa: BLE001 -- safetensors, unpickling and format errors all mean "not a checkpoint"
         msg = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"{prefix}: {msg}") from None
     if data["format_version"] not in READABLE_VERSIONS:
-        raise ValueError(f"{path!r} has format_version {data['format_version']!r}; this rvclora reads "
-                         f"versions {list(READABLE_VERSIONS)}")
+        raise ValueError(
+            f"{path!r} has format_version {data['format_version']!r}; this rvclora reads "
+            f"versions {list(READABLE_VERSIONS)}"
+        )
     try:
         data["config"] = LoRAConfig.from_dict(data["config"])
     except (TypeError, ValueError) as e:
@@ -548,8 +642,10 @@ def read_lora_file(path: PathLike) -> dict[str, Any]:
     try:
         record = data["metadata"].get("modules_to_save") if isinstance(data["metadata"], dict) else None
         if data["config"].modules_to_save and record is None:
-            raise ValueError(f"{prefix}: its config names modules_to_save {data['config'].modules_to_save} but the "
-                             "file has no record of their tensors (metadata 'modules_to_save')")
+            raise ValueError(
+                f"{prefix}: its config names modules_to_save {data['config'].modules_to_save} but the "
+                "file has no record of their tensors (metadata 'modules_to_save')"
+            )
         check_adapter(prefix, data["weights"], data["config"], data["metadata"])
     except TypeError as e:
         raise ValueError(str(e)) from None
@@ -561,22 +657,41 @@ def read_lora_config(path: PathLike) -> LoRAConfig:
     return read_lora_file(path)["config"]
 
 
-def check_base_fingerprint(where: str, adapter_fp: str | None, base_fp: str | None, force: bool,
-                           base_name: str = "this model", stacklevel: int = 3) -> None:
+def check_base_fingerprint(
+    where: str,
+    adapter_fp: str | None,
+    base_fp: str | None,
+    force: bool,
+    base_name: str = "this model",
+    stacklevel: int = 3,
+) -> None:
     """Refuse an adapter recorded against another base (unless ``force``); warn when either side is unknown."""
     if adapter_fp is None:
-        warnings.warn(f"{where}: the adapter records no base fingerprint (written by an older rvclora); "
-                      f"cannot check that it belongs to {base_name}", RVCLoRAWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{where}: the adapter records no base fingerprint (written by an older rvclora); "
+            f"cannot check that it belongs to {base_name}",
+            RVCLoRAWarning,
+            stacklevel=stacklevel,
+        )
     elif base_fp is None:
-        warnings.warn(f"{where}: {base_name} has no recorded base fingerprint; cannot check that the adapter "
-                      "belongs to it", RVCLoRAWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{where}: {base_name} has no recorded base fingerprint; cannot check that the adapter belongs to it",
+            RVCLoRAWarning,
+            stacklevel=stacklevel,
+        )
     elif adapter_fp != base_fp:
         if not force:
-            raise ValueError(f"{where}: the adapter was trained on another base model (fingerprint "
-                             f"{short_fingerprint(adapter_fp)}, {base_name} has {short_fingerprint(base_fp)}); "
-                             "pass force=True (--force) to use it anyway")
-        warnings.warn(f"{where}: base fingerprint mismatch ({short_fingerprint(adapter_fp)} vs "
-                      f"{short_fingerprint(base_fp)}), used anyway (force)", RVCLoRAWarning, stacklevel=stacklevel)
+            raise ValueError(
+                f"{where}: the adapter was trained on another base model (fingerprint "
+                f"{short_fingerprint(adapter_fp)}, {base_name} has {short_fingerprint(base_fp)}); "
+                "pass force=True (--force) to use it anyway"
+            )
+        warnings.warn(
+            f"{where}: base fingerprint mismatch ({short_fingerprint(adapter_fp)} vs "
+            f"{short_fingerprint(base_fp)}), used anyway (force)",
+            RVCLoRAWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def check_fits_before_injecting(where: str, model: nn.Module, config: LoRAConfig, weights: dict[str, Tensor]) -> None:
@@ -597,11 +712,15 @@ def check_fits_before_injecting(where: str, model: nn.Module, config: LoRAConfig
         for leaf, shape in zip(_FACTORS, shapes):
             t = weights.get(f"{name}.{leaf}")
             if t is None:
-                raise ValueError(f"{prefix}the config's target_modules select {name!r}, which the file has no {leaf} "
-                                 "for (is it for this model?)")
+                raise ValueError(
+                    f"{prefix}the config's target_modules select {name!r}, which the file has no {leaf} "
+                    "for (is it for this model?)"
+                )
             if tuple(t.shape) != shape:
-                raise ValueError(f"{prefix}{name + '.' + leaf!r} has shape {tuple(t.shape)}, the model's layer needs "
-                                 f"{shape} (different rank or layer size?)")
+                raise ValueError(
+                    f"{prefix}{name + '.' + leaf!r} has shape {tuple(t.shape)}, the model's layer needs "
+                    f"{shape} (different rank or layer size?)"
+                )
 
 
 def _undo_injection(model: nn.Module):
@@ -613,8 +732,10 @@ def _undo_injection(model: nn.Module):
     modules = list(model.named_modules(remove_duplicate=False))
     grads = [(p, p.requires_grad) for p in model.parameters()]
     missing = object()
-    attrs = {a: model.__dict__.get(a, missing)
-             for a in ("rvclora_config", "rvclora_base_fingerprint", "rvclora_base_fingerprints")}
+    attrs = {
+        a: model.__dict__.get(a, missing)
+        for a in ("rvclora_config", "rvclora_base_fingerprint", "rvclora_base_fingerprints")
+    }
 
     def undo() -> None:
         for name, original in modules:
@@ -667,8 +788,10 @@ def load_lora_checkpoint(
     where = f"adapter {os.fspath(path)!r}"
     cfg: LoRAConfig = data["config"]
     if load_optimizer and data["optimizer_error"] is not None:
-        raise ValueError(f"{where}: the optimizer state is damaged ({data['optimizer_error']}); the adapter "
-                         "weights are fine: load with load_optimizer=False")
+        raise ValueError(
+            f"{where}: the optimizer state is damaged ({data['optimizer_error']}); the adapter "
+            "weights are fine: load with load_optimizer=False"
+        )
     layers = [(n, m) for n, m in lora_modules(model)]
     undo = None
     if not layers:
@@ -680,20 +803,25 @@ def load_lora_checkpoint(
         owners = {k.rpartition(".")[0] for k in data["weights"] if k.rpartition(".")[2] in _FACTORS}
         for name, m in layers:
             if name in owners and (m.r != cfg.r or m.lora_alpha != cfg.lora_alpha):
-                raise ValueError(f"{where}: the file has r={cfg.r}, lora_alpha={cfg.lora_alpha:g}, but the model's "
-                                 f"layer {name!r} was injected with r={m.r}, lora_alpha={m.lora_alpha:g}; inject with "
-                                 "the file's config (rvclora.read_lora_config)")
+                raise ValueError(
+                    f"{where}: the file has r={cfg.r}, lora_alpha={cfg.lora_alpha:g}, but the model's "
+                    f"layer {name!r} was injected with r={m.r}, lora_alpha={m.lora_alpha:g}; inject with "
+                    "the file's config (rvclora.read_lora_config)"
+                )
         model_cfg = getattr(model, "rvclora_config", None)
         if isinstance(model_cfg, LoRAConfig) and model_cfg.bias != cfg.bias:
-            raise ValueError(f"{where}: the file has bias={cfg.bias!r}, the model was injected with "
-                             f"bias={model_cfg.bias!r}; inject with the file's config (rvclora.read_lora_config)")
+            raise ValueError(
+                f"{where}: the file has bias={cfg.bias!r}, the model was injected with "
+                f"bias={model_cfg.bias!r}; inject with the file's config (rvclora.read_lora_config)"
+            )
         try:
             _validate_lora_weights(model, data["weights"], strict=True)
         except (KeyError, TypeError, ValueError) as e:
             msg = str(e.args[0] if e.args else e).removeprefix("load_lora_weights: ")
             raise type(e)(f"{where}: {msg}") from None
-        check_base_fingerprint(where, data["base_fingerprint"], _model_fingerprint(model, data["base_fingerprint"]),
-                               force)
+        check_base_fingerprint(
+            where, data["base_fingerprint"], _model_fingerprint(model, data["base_fingerprint"]), force
+        )
         params = {**dict(model.named_parameters()), **saved_parameters(model)}
         before = {k: params[k].detach().clone() for k in data["weights"] if k in params}
         try:

@@ -84,22 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--teacher", action="store_true", help="run the teacher demo (generator only) instead")
-    demo.add_argument("--epochs", type=_positive_int, default=None, help="training epochs of the voice demo "
-                      "(default: 8)")
-    demo.add_argument("--out-dir", default=None,
-                      help="keep the files written (dataset, base, adapter, merged model) in this directory, "
-                           "replacing earlier demo files there; default: a temporary directory, removed")
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=None, help="training epochs of the voice demo (default: 8)"
+    )
+    demo.add_argument(
+        "--out-dir",
+        default=None,
+        help="keep the files written (dataset, base, adapter, merged model) in this directory, "
+        "replacing earlier demo files there; default: a temporary directory, removed",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed for the base, the data and the LoRA init")
     teacher = demo.add_argument_group("teacher demo (--teacher) options")
-    teacher.add_argument("--config", type=_config_name, default=None, help=f"RVC generator config ({configs}); "
-                         "default: 40k")
+    teacher.add_argument(
+        "--config", type=_config_name, default=None, help=f"RVC generator config ({configs}); default: 40k"
+    )
     teacher.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank r (default: 8; alpha = 2r)")
     teacher.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: 40)")
-    teacher.add_argument("--frames", type=_positive_int, default=None,
-                         help="input length in frames, batch 1 (default: 16; output = frames x hop samples)")
+    teacher.add_argument(
+        "--frames",
+        type=_positive_int,
+        default=None,
+        help="input length in frames, batch 1 (default: 16; output = frames x hop samples)",
+    )
     teacher.add_argument("--lr", type=_positive_float, default=None, help="AdamW learning rate (default: 5e-4)")
-    teacher.add_argument("--bench-rounds", type=_positive_int, default=None,
-                         help="timed rounds per training mode, after one warm-up (default: 7)")
+    teacher.add_argument(
+        "--bench-rounds",
+        type=_positive_int,
+        default=None,
+        help="timed rounds per training mode, after one warm-up (default: 7)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     merge = sub.add_parser(
@@ -117,16 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     merge.add_argument("base", metavar="BASE.pth", help="RVC export, G_*.pth checkpoint or pretrained generator")
-    merge.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
-                       help="rvclora adapter (.pth or .safetensors); several, each with an optional weight "
-                            "(a bare ADAPTER means weight 1), are blended exactly first: dW = sum of w_i dW_i")
+    merge.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER[:WEIGHT]",
+        help="rvclora adapter (.pth or .safetensors); several, each with an optional weight "
+        "(a bare ADAPTER means weight 1), are blended exactly first: dW = sum of w_i dW_i",
+    )
     merge.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="where to write the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT.pth if it exists")
-    merge.add_argument("--force", action="store_true",
-                       help="merge even if the adapter records a different base model's fingerprint")
-    merge.add_argument("--export", action="store_true",
-                       help="BASE is a training checkpoint (G_*.pth) or pretrained generator: write an RVC export "
-                            "(half, no enc_q, config/sr/f0/version derived from BASE's shapes) instead of a checkpoint")
+    merge.add_argument(
+        "--force", action="store_true", help="merge even if the adapter records a different base model's fingerprint"
+    )
+    merge.add_argument(
+        "--export",
+        action="store_true",
+        help="BASE is a training checkpoint (G_*.pth) or pretrained generator: write an RVC export "
+        "(half, no enc_q, config/sr/f0/version derived from BASE's shapes) instead of a checkpoint",
+    )
     merge.set_defaults(func=_cmd_merge)
 
     mix = sub.add_parser(
@@ -141,18 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
             "different layer sets, shapes or saved modules. The output is a normal adapter file."
         ),
     )
-    mix.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
-                     help="adapter file with an optional weight (default 1), e.g. alto.safetensors:0.6")
+    mix.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER[:WEIGHT]",
+        help="adapter file with an optional weight (default 1), e.g. alto.safetensors:0.6",
+    )
     mix.add_argument("--rank", type=_positive_int, default=None, help="truncate every layer to rank R by SVD")
     mix.add_argument("-o", "--output", required=True, metavar="MIX.safetensors", help="where to write the blend")
     mix.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     mix.add_argument("--force", action="store_true", help="blend adapters recorded against different base models")
-    mix.add_argument("--layers-from", metavar="BASE.pth", default=None,
-                     help="an exported RVC model whose decoder gives each layer's kind and groups, for adapters saved "
-                          "without layer records (older files)")
-    mix.add_argument("--base", metavar="BASE.pth", default=None,
-                     help="the RVC model the adapters were trained on (export, G_*.pth or pretrained): whole tensors "
-                          "(trained biases, modules_to_save) blend against it when the weights do not sum to 1")
+    mix.add_argument(
+        "--layers-from",
+        metavar="BASE.pth",
+        default=None,
+        help="an exported RVC model whose decoder gives each layer's kind and groups, for adapters saved "
+        "without layer records (older files)",
+    )
+    mix.add_argument(
+        "--base",
+        metavar="BASE.pth",
+        default=None,
+        help="the RVC model the adapters were trained on (export, G_*.pth or pretrained): whole tensors "
+        "(trained biases, modules_to_save) blend against it when the weights do not sum to 1",
+    )
     mix.set_defaults(func=_cmd_mix)
 
     info = sub.add_parser(
@@ -274,8 +307,17 @@ def _not_a_file(what: str, path: str) -> OSError:
         return OSError(f"{what} {path!r} cannot be read: {e.strerror}")
     if stat.S_ISDIR(mode):
         return IsADirectoryError(f"{what} {path!r} is a directory; expected an adapter or RVC model file")
-    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a file"
+    )
     return OSError(f"{what} {path!r} is {kind}, not a regular file; expected an adapter or RVC model file")
 
 
@@ -287,8 +329,11 @@ def _report_nonfinite(tensors: dict[str, Tensor]) -> int:
     if not bad:
         print("  all tensors finite")
         return 0
-    print(f"  NOT FINITE: {len(bad)} tensors hold NaN or Inf: "
-          + "; ".join(f"{k}: {why}" for k, why in bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    print(
+        f"  NOT FINITE: {len(bad)} tensors hold NaN or Inf: "
+        + "; ".join(f"{k}: {why}" for k, why in bad[:5])
+        + (" ..." if len(bad) > 5 else "")
+    )
     print(f"rvclora: error: {len(bad)} tensors are not finite (first: {bad[0][0]})", file=sys.stderr)
     return 1
 
@@ -303,8 +348,10 @@ def _info_backends() -> int:
         if reason is None and row["note"]:  # what it runs here, e.g. the cuda backend built without its CUDA part
             print(f"  {'':<10} note: {row['note']}")
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
-          f"CPU threads: {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}, "
+        f"CPU threads: {torch.get_num_threads()}"
+    )
     _info_autoselect()
     return 0
 
@@ -314,23 +361,30 @@ def _info_autoselect() -> None:
 
     rows = autoselect.decisions()
     selector = autoselect.get_selector()
-    print(f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
-          f"decisions cached in {selector.path or 'memory only'}: {len(rows)}")
+    print(
+        f"auto (CUDA and CPU): {autoselect.mode()} (RVCLORA_AUTOSELECT=measure|fixed); "
+        f"decisions cached in {selector.path or 'memory only'}: {len(rows)}"
+    )
     if selector.cache_problem:
         print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
         failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))
-        print(f"  [{env}] {key} -> {hit.get('choice')}" + (f" ({secs})" if secs else "")
-              + (f" [{failed}]" if failed else ""))
+        print(
+            f"  [{env}] {key} -> {hit.get('choice')}"
+            + (f" ({secs})" if secs else "")
+            + (f" [{failed}]" if failed else "")
+        )
 
 
 def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
     cfg: LoRAConfig = adapter["config"]
     weights: dict[str, Tensor] = adapter["weights"]
     print(f"{path}: rvclora adapter (format {adapter['format_version']}, {_fmt_bytes(os.path.getsize(path))})")
-    print(f"  config: r={cfg.r} lora_alpha={cfg.lora_alpha:g} (scaling {cfg.scaling:g}) "
-          f"dropout={cfg.lora_dropout:g} bias={cfg.bias} targets={cfg.target_modules}")
+    print(
+        f"  config: r={cfg.r} lora_alpha={cfg.lora_alpha:g} (scaling {cfg.scaling:g}) "
+        f"dropout={cfg.lora_dropout:g} bias={cfg.bias} targets={cfg.target_modules}"
+    )
     if cfg.modules_to_save:
         print(f"  modules_to_save: {cfg.modules_to_save}")
     fp = adapter.get("base_fingerprint")
@@ -349,12 +403,16 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
         kind = "exact" if blend.get("rank") is None else f"rank {blend['rank']} by SVD"
         print(f"  blend ({kind}) of:")
         for src in blend.get("sources", []):
-            print(f"    {src.get('weight', float('nan')):+g} x {src.get('name')} (r={src.get('r')}, "
-                  f"lora_alpha={src.get('lora_alpha')})")
+            print(
+                f"    {src.get('weight', float('nan')):+g} x {src.get('name')} (r={src.get('r')}, "
+                f"lora_alpha={src.get('lora_alpha')})"
+            )
         errors = blend.get("errors") or {}
         if errors:
-            print(f"  truncation error per layer: max {max(errors.values()):.3g}, "
-                  f"mean {sum(errors.values()) / len(errors):.3g}")
+            print(
+                f"  truncation error per layer: max {max(errors.values()):.3g}, "
+                f"mean {sum(errors.values()) / len(errors):.3g}"
+            )
     if meta:
         print(f"  metadata: {json.dumps(meta)[:300]}")
     if adapter.get("optimizer_error"):
@@ -381,18 +439,22 @@ def _info_adapter(path: str, adapter: dict[str, Any]) -> int:
         a, b = f.get("lora_A"), f.get("lora_B")
         n = sum(t.numel() for t in f.values())
         total += n
-        shape = (lambda t: "x".join(map(str, t.shape)) if t is not None else "-")
+        shape = lambda t: "x".join(map(str, t.shape)) if t is not None else "-"
         print(f"  {name:<{width}}  {a.shape[0] if a is not None else '-':>4}  {shape(a):<14} {shape(b):<14} {n:>8,}")
     print(f"  LoRA layers: {len(layers)}   LoRA parameters: {total:,}")
     if other:
         print(f"  trained biases: {len(other)} tensors, {sum(t.numel() for t in other.values()):,} parameters")
     if saved:
-        print(f"  saved whole (modules_to_save): {len(saved)} tensors, {sum(t.numel() for t in saved.values()):,} "
-              f"parameters: {', '.join(list(saved)[:6])}{' ...' if len(saved) > 6 else ''}")
+        print(
+            f"  saved whole (modules_to_save): {len(saved)} tensors, {sum(t.numel() for t in saved.values()):,} "
+            f"parameters: {', '.join(list(saved)[:6])}{' ...' if len(saved) > 6 else ''}"
+        )
     parts = sorted({n.split(".")[0] for n in list(layers) + list(saved)})
     if any(p in ("enc_p", "enc_q", "flow", "emb_g") for p in parts):
-        print(f"  whole-voice adapter: changes {', '.join(parts)} (merge into an export, G_*.pth or pretrained "
-              "file of its base)")
+        print(
+            f"  whole-voice adapter: changes {', '.join(parts)} (merge into an export, G_*.pth or pretrained "
+            "file of its base)"
+        )
     return _report_nonfinite(weights)
 
 
@@ -408,8 +470,10 @@ def _info_rvc(model_file: Any) -> int:
         print(f"{model_file.path}: exported RVC model ({size})")
         print(f"  version={d['version']} sr={d['sr']} f0={d['f0']} info={d['info']!r}")
         cfg = generator_config_from_rvc(d["config"], str(d["version"]))
-        print(f"  decoder config: {cfg.name} (upsample_rates {list(cfg.upsample_rates)}, kernels "
-              f"{list(cfg.upsample_kernel_sizes)}, hop {cfg.hop_length}, sampling rate {cfg.sampling_rate})")
+        print(
+            f"  decoder config: {cfg.name} (upsample_rates {list(cfg.upsample_rates)}, kernels "
+            f"{list(cfg.upsample_kernel_sizes)}, hop {cfg.hop_length}, sampling rate {cfg.sampling_rate})"
+        )
         extra = sorted(set(d) - {"weight", "config", "info", "sr", "f0", "version"})
         if extra:
             print(f"  other fields: {extra}")
@@ -419,11 +483,15 @@ def _info_rvc(model_file: Any) -> int:
             print(f"{model_file.path}: RVC pretrained generator, {{'model': state_dict}} ({size})")
         else:
             print(f"{model_file.path}: RVC training checkpoint ({size})")
-            print(f"  iteration={d.get('iteration')} learning_rate={d.get('learning_rate')} "
-                  f"optimizer state: {'yes' if d.get('optimizer') else 'no'}")
-    print(f"  decoder: {'GeneratorNSF (f0)' if model_file.f0 else 'Generator (no f0)'}, "
-          f"{model_file.weight_norm} weight_norm, {len(dec)} tensors, {sum(t.numel() for t in dec.values()):,} "
-          "parameters")
+            print(
+                f"  iteration={d.get('iteration')} learning_rate={d.get('learning_rate')} "
+                f"optimizer state: {'yes' if d.get('optimizer') else 'no'}"
+            )
+    print(
+        f"  decoder: {'GeneratorNSF (f0)' if model_file.f0 else 'Generator (no f0)'}, "
+        f"{model_file.weight_norm} weight_norm, {len(dec)} tensors, {sum(t.numel() for t in dec.values()):,} "
+        "parameters"
+    )
     print(f"  all weights: {len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} parameters, dtype {dtypes}")
     parts = sorted({k.split(".")[0] for k in sd})
     print(f"  parts: {', '.join(parts)}")
@@ -461,13 +529,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     sources = _weighted_adapters(args.adapters)
     adapter = sources[0][0] if len(sources) == 1 and sources[0][1] == 1.0 else sources
-    result = merge_adapter(args.base, adapter, args.output, overwrite=args.overwrite, force=args.force,
-                           export=args.export)
+    result = merge_adapter(
+        args.base, adapter, args.output, overwrite=args.overwrite, force=args.force, export=args.export
+    )
     kind = "RVC export" if result.kind == "exported" else "checkpoint"
-    dropped = (f"; {result.dropped_layers} enc_q layers left out (an export has no enc_q)"
-               if result.dropped_layers else "")
-    print(f"wrote {result.path} ({kind}): {result.merged_layers} LoRA layers merged, {result.changed_keys} tensors "
-          f"changed{dropped}; info: {result.info!r}")
+    dropped = (
+        f"; {result.dropped_layers} enc_q layers left out (an export has no enc_q)" if result.dropped_layers else ""
+    )
+    print(
+        f"wrote {result.path} ({kind}): {result.merged_layers} LoRA layers merged, {result.changed_keys} tensors "
+        f"changed{dropped}; info: {result.info!r}"
+    )
     return 0
 
 
@@ -477,8 +549,9 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     from .io import check_output_path
 
     sources = _weighted_adapters(args.adapters)
-    out = check_output_path(args.output, what="adapter", overwrite=args.overwrite,
-                            inputs=tuple(("adapter", p) for p, _ in sources))
+    out = check_output_path(
+        args.output, what="adapter", overwrite=args.overwrite, inputs=tuple(("adapter", p) for p, _ in sources)
+    )
     layers = None
     if args.layers_from is not None:
         from .rvc_files import decoder_layer_records, load_rvc_file
@@ -489,23 +562,35 @@ def _cmd_mix(args: argparse.Namespace) -> int:
         from .rvc_files import blend_base_tensors, load_rvc_file
 
         base = blend_base_tensors(load_rvc_file(args.base))
-    mix = blend_adapters([p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force,
-                         layers=layers, base=base)
-    write_lora_file(out, mix["weights"], mix["config"], base_fingerprint=mix["base_fingerprint"],
-                    metadata=mix["metadata"], overwrite=args.overwrite)
+    mix = blend_adapters(
+        [p for p, _ in sources], [w for _, w in sources], rank=args.rank, force=args.force, layers=layers, base=base
+    )
+    write_lora_file(
+        out,
+        mix["weights"],
+        mix["config"],
+        base_fingerprint=mix["base_fingerprint"],
+        metadata=mix["metadata"],
+        overwrite=args.overwrite,
+    )
     kind = "exact" if args.rank is None else f"rank {args.rank} by SVD"
-    print(f"wrote {out}: blend of {len(sources)} adapters ({kind}), r={mix['config'].r}, "
-          f"{len(mix['metadata']['layers'])} layers")
+    print(
+        f"wrote {out}: blend of {len(sources)} adapters ({kind}), r={mix['config'].r}, "
+        f"{len(mix['metadata']['layers'])} layers"
+    )
     cast = mix["metadata"]["blend"]["cast_errors"]
     if cast:
         worst = max(cast, key=cast.get)
-        print(f"  computed in float64; cast back to the adapters' dtype: relative change max {cast[worst]:.3g} "
-              f"({worst})")
+        print(
+            f"  computed in float64; cast back to the adapters' dtype: relative change max {cast[worst]:.3g} ({worst})"
+        )
     errors = mix["metadata"]["blend"]["errors"]
     if errors:
         worst = max(errors, key=errors.get)
-        print(f"  relative error per layer (discarded singular energy): max {errors[worst]:.3g} ({worst}), "
-              f"mean {sum(errors.values()) / len(errors):.3g}")
+        print(
+            f"  relative error per layer (discarded singular energy): max {errors[worst]:.3g} ({worst}), "
+            f"mean {sum(errors.values()) / len(errors):.3g}"
+        )
     whole = mix["metadata"]["blend"].get("whole_tensors")
     if whole:
         n = sum(1 for k in mix["weights"] if not k.endswith((".lora_A", ".lora_B")))

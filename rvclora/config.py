@@ -67,15 +67,19 @@ class LoRAConfig:
         elif isinstance(self.modules_to_save, (list, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         else:
-            raise TypeError(f"LoRAConfig.modules_to_save must be a list of module names (or one name, or None), "
-                            f"got {self.modules_to_save!r} ({type(self.modules_to_save).__name__})")
+            raise TypeError(
+                f"LoRAConfig.modules_to_save must be a list of module names (or one name, or None), "
+                f"got {self.modules_to_save!r} ({type(self.modules_to_save).__name__})"
+            )
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         elif isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
         else:
-            raise TypeError(f"LoRAConfig.target_modules must be a list of module names (or one name), got "
-                            f"{self.target_modules!r} ({type(self.target_modules).__name__})")
+            raise TypeError(
+                f"LoRAConfig.target_modules must be a list of module names (or one name), got "
+                f"{self.target_modules!r} ({type(self.target_modules).__name__})"
+            )
         self.validate()
 
     def validate(self) -> None:
@@ -156,7 +160,15 @@ DECODER_CONFIG = LoRAConfig(r=8, lora_alpha=16, target_modules=["ups", "resblock
 VOICE_CONFIG = LoRAConfig(
     r=8,
     lora_alpha=16,
-    target_modules=["enc_p", "enc_q", "flow", "dec.conv_pre", "dec.cond", "dec.ups", "dec.resblocks",
-                    "dec.noise_convs.0"],
+    target_modules=[
+        "enc_p",
+        "enc_q",
+        "flow",
+        "dec.conv_pre",
+        "dec.cond",
+        "dec.ups",
+        "dec.resblocks",
+        "dec.noise_convs.0",
+    ],
     modules_to_save=["emb_g", "enc_p.emb_pitch", "dec.conv_post", "dec.m_source", r"dec\.noise_convs\.[1-9]"],
 )

@@ -47,8 +47,13 @@ def _peft_classes() -> dict | None:
         from peft.tuners.tuners_utils import BaseTuner
     except ImportError:
         return None
-    return {"PeftModel": PeftModel, "BaseTuner": BaseTuner, "LoraLayer": peft_lora.LoraLayer,
-            "Linear": peft_lora.Linear, "Conv1d": peft_lora.Conv1d}
+    return {
+        "PeftModel": PeftModel,
+        "BaseTuner": BaseTuner,
+        "LoraLayer": peft_lora.LoraLayer,
+        "Linear": peft_lora.Linear,
+        "Conv1d": peft_lora.Conv1d,
+    }
 
 
 def _loralib_classes() -> dict | None:
@@ -189,8 +194,9 @@ def _convert_loralib(name: str, m: nn.Module, lib: dict) -> LoRALayer:
         if m.r == 0:
             return LoRALinear.from_base(_plain_linear(m), r=0).train(was_training)
         p = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
-        new = LoRALinear.from_base(_plain_linear(m), r=m.r, lora_alpha=m.lora_alpha, lora_dropout=p,
-                                   merge_weights=m.merge_weights)
+        new = LoRALinear.from_base(
+            _plain_linear(m), r=m.r, lora_alpha=m.lora_alpha, lora_dropout=p, merge_weights=m.merge_weights
+        )
         _set_factors(new, m.lora_A, m.lora_B, m.lora_A.requires_grad)
         new.scaling = m.scaling
         return new.train(was_training)
@@ -221,8 +227,9 @@ def _convert_loralib(name: str, m: nn.Module, lib: dict) -> LoRALayer:
         B_new = B.new_zeros(cout, g, r)
         B_new[o, o % g] = B[o // g]
         B_new = B_new.reshape(cout, g * r)
-    new = LoRAConv1d.from_base(conv, r=rank, lora_alpha=m.scaling * rank, lora_dropout=0.0,
-                               merge_weights=m.merge_weights)  # ConvLoRA applies no dropout
+    new = LoRAConv1d.from_base(
+        conv, r=rank, lora_alpha=m.scaling * rank, lora_dropout=0.0, merge_weights=m.merge_weights
+    )  # ConvLoRA applies no dropout
     _set_factors(new, A_new, B_new, m.lora_A.requires_grad)
     new.scaling = m.scaling
     return new.train(was_training)
@@ -250,8 +257,13 @@ def _single_config(model: nn.Module, names: list[str]) -> LoRAConfig | None:
     if len(keys) != 1:
         return None
     r, alpha, p, merge = keys.pop()
-    return LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=merge,
-                      target_modules=["|".join(re.escape(n) for n in names)])
+    return LoRAConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=p,
+        merge_weights=merge,
+        target_modules=["|".join(re.escape(n) for n in names)],
+    )
 
 
 def convert(model: nn.Module) -> nn.Module:

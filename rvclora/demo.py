@@ -67,8 +67,9 @@ def run_demo(args: argparse.Namespace) -> int:
         return run_teacher_demo(args)
     given = [key for key in TEACHER_DEFAULTS if getattr(args, key, None) is not None]
     if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} is an option of the teacher demo; run "
-                         "'rvclora demo --teacher' to use it")
+        raise ValueError(
+            f"--{given[0].replace('_', '-')} is an option of the teacher demo; run 'rvclora demo --teacher' to use it"
+        )
     return run_voice_demo(args)
 
 
@@ -91,9 +92,11 @@ def run_teacher_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = get_generator_config(args.config)
     lora_cfg = LoRAConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["ups", "resblocks"])
-    print(f"rvclora demo: RVC {cfg.name} generator (hop {cfg.hop_length}), LoRA r={lora_cfg.r} "
-          f"alpha={lora_cfg.lora_alpha:g} on {lora_cfg.target_modules}, {args.frames} frames "
-          f"({args.frames * cfg.hop_length} samples), batch 1, {torch.get_num_threads()} CPU threads")
+    print(
+        f"rvclora demo: RVC {cfg.name} generator (hop {cfg.hop_length}), LoRA r={lora_cfg.r} "
+        f"alpha={lora_cfg.lora_alpha:g} on {lora_cfg.target_modules}, {args.frames} frames "
+        f"({args.frames * cfg.hop_length} samples), batch 1, {torch.get_num_threads()} CPU threads"
+    )
 
     torch.manual_seed(args.seed)  # LoRA A init
     student = build_generator(cfg, seed=args.seed)
@@ -131,8 +134,10 @@ def run_teacher_demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         unmerged_out = run(student)
     loss_after = F.mse_loss(unmerged_out, target).item()
-    print(f"loss (MSE to the teacher's waveform): before {loss_before:.4e}, after {loss_after:.4e} "
-          f"({loss_before / max(loss_after, 1e-30):.1f}x lower)")
+    print(
+        f"loss (MSE to the teacher's waveform): before {loss_before:.4e}, after {loss_after:.4e} "
+        f"({loss_before / max(loss_after, 1e-30):.1f}x lower)"
+    )
 
     print(_speed_report(cfg, student, x, f0, g, noise_seed, args))
     print(_strategy_report())
@@ -144,13 +149,14 @@ def run_teacher_demo(args: argparse.Namespace) -> int:
         merged_path = os.path.join(out_dir, f"rvclora-demo-{cfg.name}-r{lora_cfg.r}.merged.pth")
         save_lora_checkpoint(student, adapter_path, lora_cfg, epoch=args.steps)
         base = build_generator(cfg, seed=args.seed)
-        write_exported_model(base, base_path, cfg, extra_weights={"emb_g.weight": emb_g}, info="0epoch",
-                             overwrite=True)
+        write_exported_model(base, base_path, cfg, extra_weights={"emb_g.weight": emb_g}, info="0epoch", overwrite=True)
         del base
         merge_adapter(base_path, adapter_path, merged_path, overwrite=True)
         adapter_size, model_size = os.path.getsize(adapter_path), os.path.getsize(base_path)
-        print(f"files: adapter {_fmt_bytes(adapter_size)} vs model {_fmt_bytes(model_size)} (RVC export, fp16, "
-              f"decoder + emb_g) = {100 * adapter_size / model_size:.2f} %")
+        print(
+            f"files: adapter {_fmt_bytes(adapter_size)} vs model {_fmt_bytes(model_size)} (RVC export, fp16, "
+            f"decoder + emb_g) = {100 * adapter_size / model_size:.2f} %"
+        )
 
         with torch.no_grad():
             # Both outputs from the same weights: the speed report's optimizer steps moved them since the
@@ -161,10 +167,12 @@ def run_teacher_demo(args: argparse.Namespace) -> int:
             unmerge_lora_weights(student)
             exported = build_generator_from_rvc(load_rvc_file(merged_path)).eval()
             exported_out = run(exported)
-        print(f"merged vs unmerged output, max |diff|: in memory (fp32) "
-              f"{(merged_out - unmerged_out).abs().max().item():.2e}; RVC export (fp16 weights, loaded as RVC "
-              f"does) {(exported_out - unmerged_out).abs().max().item():.2e}; output peak "
-              f"{unmerged_out.abs().max().item():.3f}")
+        print(
+            f"merged vs unmerged output, max |diff|: in memory (fp32) "
+            f"{(merged_out - unmerged_out).abs().max().item():.2e}; RVC export (fp16 weights, loaded as RVC "
+            f"does) {(exported_out - unmerged_out).abs().max().item():.2e}; output peak "
+            f"{unmerged_out.abs().max().item():.3f}"
+        )
         if args.out_dir:
             print(f"kept: {base_path}, {adapter_path}, {merged_path}")
     print(f"done in {time.perf_counter() - started:.1f} s")
@@ -195,13 +203,14 @@ def _speed_report(
             opt.zero_grad(set_to_none=True)
             model(x, f0, g, generator=_seeded(noise_seed)).square().mean().backward()
             opt.step()
+
         return step
 
     steps = {"frozen base": frozen_step, "LoRA": trained_step(student, lora_opt), "full": trained_step(full, full_opt)}
     names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(args.bench_rounds + 1):  # round 0 warms up (allocator, oneDNN primitives)
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
             t0 = time.perf_counter()
             steps[name]()
@@ -228,8 +237,7 @@ def _strategy_report() -> str:
     """The CPU (or GPU) this ran on and what ``auto`` chose for the LoRA layers, with the cost of measuring."""
     from .ops import autoselect
 
-    where = (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-             else f"CPU {autoselect.describe_cpu()}")
+    where = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU {autoselect.describe_cpu()}"
     lines = [f"ran on: {where}"]
     summary = autoselect.strategy_summary()
     if summary:
@@ -258,8 +266,16 @@ def _fold_weight_norm(model: nn.Module) -> None:
 
 
 #: The voice demo's dataset and run (sized for about two minutes on 2 CPU cores, build included).
-VOICE_DEMO = {"synthesizer": "v2-40k", "clips": 10, "seconds": (0.8, 1.0), "segment_frames": 8, "batch_size": 4,
-              "epochs": 8, "learning_rate": 1e-3, "d_shrink": 16}
+VOICE_DEMO = {
+    "synthesizer": "v2-40k",
+    "clips": 10,
+    "seconds": (0.8, 1.0),
+    "segment_frames": 8,
+    "batch_size": 4,
+    "epochs": 8,
+    "learning_rate": 1e-3,
+    "d_shrink": 16,
+}
 
 
 def run_voice_demo(args: argparse.Namespace) -> int:
@@ -275,8 +291,10 @@ def run_voice_demo(args: argparse.Namespace) -> int:
     d = VOICE_DEMO
     epochs = args.epochs or d["epochs"]
     spec = get_synthesizer_config(d["synthesizer"])
-    print(f"rvclora demo: trains a voice adapter with `rvclora train`'s trainer on a generated dataset, from a random "
-          f"base; {torch.get_num_threads()} CPU threads")
+    print(
+        f"rvclora demo: trains a voice adapter with `rvclora train`'s trainer on a generated dataset, from a random "
+        f"base; {torch.get_num_threads()} CPU threads"
+    )
     with tempfile.TemporaryDirectory(prefix="rvclora-demo-") as tmp:
         out_dir = os.path.abspath(args.out_dir or tmp)
         exp = os.path.join(out_dir, "logs", "rvclora-demo-voice")
@@ -284,13 +302,24 @@ def run_voice_demo(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(exp)  # an earlier demo's folder in --out-dir: the demo replaces its own files
-        ds = make_synthetic_experiment(exp, spec.generator, version=spec.version, f0=True, clips=d["clips"],
-                                       seconds=d["seconds"], segment_frames=d["segment_frames"],
-                                       batch_size=d["batch_size"], epochs=epochs, learning_rate=d["learning_rate"],
-                                       seed=args.seed)
-        print(f"dataset: {ds.clips} clips, {ds.seconds:.1f} s of harmonic 'singing' at {ds.sampling_rate} Hz with "
-              f"known f0 and stand-in {768 if spec.version == 'v2' else 256}-dim content features, in RVC's folder "
-              f"layout (0_gt_wavs/, 3_feature768/, 2a_f0/, 2b-f0nsf/, filelist.txt, config.json)")
+        ds = make_synthetic_experiment(
+            exp,
+            spec.generator,
+            version=spec.version,
+            f0=True,
+            clips=d["clips"],
+            seconds=d["seconds"],
+            segment_frames=d["segment_frames"],
+            batch_size=d["batch_size"],
+            epochs=epochs,
+            learning_rate=d["learning_rate"],
+            seed=args.seed,
+        )
+        print(
+            f"dataset: {ds.clips} clips, {ds.seconds:.1f} s of harmonic 'singing' at {ds.sampling_rate} Hz with "
+            f"known f0 and stand-in {768 if spec.version == 'v2' else 256}-dim content features, in RVC's folder "
+            f"layout (0_gt_wavs/, 3_feature768/, 2a_f0/, 2b-f0nsf/, filelist.txt, config.json)"
+        )
         g_path = os.path.join(out_dir, "rvclora-demo-G.pth")
         d_path = os.path.join(out_dir, "rvclora-demo-D.pth")
         synth = build_synthesizer(spec, f0=True, seed=args.seed)
@@ -299,21 +328,34 @@ def run_voice_demo(args: argparse.Namespace) -> int:
         torch.save({"model": synth.state_dict()}, g_path)
         torch.save({"model": disc.state_dict()}, d_path)
         del synth, disc
-        print(f"base: RVC's {spec.name} f0 synthesizer with random weights ({n_g / 1e6:.1f} M parameters; there is no "
-              f"pretrained model on this machine) and RVC's {spec.version} discriminator narrowed {d['d_shrink']}x "
-              f"({n_d / 1e6:.1f} M parameters) to fit the time")
+        print(
+            f"base: RVC's {spec.name} f0 synthesizer with random weights ({n_g / 1e6:.1f} M parameters; there is no "
+            f"pretrained model on this machine) and RVC's {spec.version} discriminator narrowed {d['d_shrink']}x "
+            f"({n_d / 1e6:.1f} M parameters) to fit the time"
+        )
         adapter = os.path.join(out_dir, "rvclora-demo-voice.safetensors")
         export = os.path.join(out_dir, "rvclora-demo-voice.pth")
-        settings = TrainSettings(exp, g_path, d_path, output=adapter, export=g_path, export_output=export,
-                                 overwrite=True, seed=args.seed, plot=True)
+        settings = TrainSettings(
+            exp,
+            g_path,
+            d_path,
+            output=adapter,
+            export=g_path,
+            export_output=export,
+            overwrite=True,
+            seed=args.seed,
+            plot=True,
+        )
         trainer = Trainer(settings)
         cfg = trainer.experiment.config
-        print(f"training: RVC's step (D step, then G step: adversarial + feature matching + {cfg.c_mel:g} x mel L1 + "
-              f"{cfg.c_kl:g} x KL), AdamW lr {trainer.learning_rate:g} (RVC uses 1e-4 from a pretrained base), "
-              f"batch {trainer.batch_size}, {epochs} epochs of {trainer.sampler.steps_per_epoch()} steps, "
-              f"{cfg.segment_frames}-frame decoder slices; LoRA r={trainer.lora_config.r} on "
-              f"{len(trainer.lora_config.target_modules)} target groups, "
-              f"{len(trainer.lora_config.modules_to_save)} saved whole (VOICE_CONFIG)")
+        print(
+            f"training: RVC's step (D step, then G step: adversarial + feature matching + {cfg.c_mel:g} x mel L1 + "
+            f"{cfg.c_kl:g} x KL), AdamW lr {trainer.learning_rate:g} (RVC uses 1e-4 from a pretrained base), "
+            f"batch {trainer.batch_size}, {epochs} epochs of {trainer.sampler.steps_per_epoch()} steps, "
+            f"{cfg.segment_frames}-frame decoder slices; LoRA r={trainer.lora_config.r} on "
+            f"{len(trainer.lora_config.target_modules)} target groups, "
+            f"{len(trainer.lora_config.modules_to_save)} saved whole (VOICE_CONFIG)"
+        )
         result = trainer.train()
         for line in summary_lines(trainer, result):
             print(line)
@@ -326,17 +368,25 @@ def run_voice_demo(args: argparse.Namespace) -> int:
             outs = [_infer_clip(m, clip) for m in (adapted, exported)]
         diff = (outs[0] - outs[1]).abs().max().item()
         size_a, size_e = os.path.getsize(adapter), os.path.getsize(export)
-        print(f"merged export vs adapted model, infer() on a training clip: max |diff| {diff:.2e} (the export stores "
-              f"half precision, as RVC's do), output peak {outs[0].abs().max().item():.3f}")
-        print(f"files: adapter {format_bytes(size_a)} vs the merged RVC export {format_bytes(size_e)} "
-              f"({100 * size_a / size_e:.1f} %)")
-        print("what this shows: the pipeline runs end to end (RVC's folder -> checked -> trained as RVC trains -> "
-              "adapter -> merged RVC model) and the losses fall. What it cannot show: voice quality, which needs "
-              "RVC's real pretrained G/D and real recordings (rvclora train EXP_DIR --pretrained-g … --pretrained-d …)")
+        print(
+            f"merged export vs adapted model, infer() on a training clip: max |diff| {diff:.2e} (the export stores "
+            f"half precision, as RVC's do), output peak {outs[0].abs().max().item():.3f}"
+        )
+        print(
+            f"files: adapter {format_bytes(size_a)} vs the merged RVC export {format_bytes(size_e)} "
+            f"({100 * size_a / size_e:.1f} %)"
+        )
+        print(
+            "what this shows: the pipeline runs end to end (RVC's folder -> checked -> trained as RVC trains -> "
+            "adapter -> merged RVC model) and the losses fall. What it cannot show: voice quality, which needs "
+            "RVC's real pretrained G/D and real recordings (rvclora train EXP_DIR --pretrained-g … --pretrained-d …)"
+        )
         if args.out_dir:
-            print(f"kept in {out_dir}: {os.path.relpath(exp, out_dir)}/ (with rvclora/: losses, plot, state), "
-                  f"{os.path.basename(adapter)}, {os.path.basename(export)}, {os.path.basename(g_path)}, "
-                  f"{os.path.basename(d_path)}")
+            print(
+                f"kept in {out_dir}: {os.path.relpath(exp, out_dir)}/ (with rvclora/: losses, plot, state), "
+                f"{os.path.basename(adapter)}, {os.path.basename(export)}, {os.path.basename(g_path)}, "
+                f"{os.path.basename(d_path)}"
+            )
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -354,6 +404,12 @@ def _load_like_rvc(path: str) -> nn.Module:
 
 def _infer_clip(model: nn.Module, clip: Any) -> Tensor:
     n = clip.phone.shape[0]
-    out = model.infer(clip.phone[None], torch.tensor([n]), clip.pitch[None], clip.pitchf[None],
-                      torch.tensor([clip.speaker]), generator=_seeded(0))
+    out = model.infer(
+        clip.phone[None],
+        torch.tensor([n]),
+        clip.pitch[None],
+        clip.pitchf[None],
+        torch.tensor([clip.speaker]),
+        generator=_seeded(0),
+    )
     return out[0]

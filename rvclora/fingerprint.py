@@ -40,8 +40,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FINGERPRINT_PREFIX", "SCOPES", "SYNTH_PREFIX", "base_fingerprint", "fingerprint_scope",
-           "fingerprint_scopes", "short_fingerprint"]
+__all__ = [
+    "FINGERPRINT_PREFIX",
+    "SCOPES",
+    "SYNTH_PREFIX",
+    "base_fingerprint",
+    "fingerprint_scope",
+    "fingerprint_scopes",
+    "short_fingerprint",
+]
 
 #: Every fingerprint starts with this (the definition's version).
 FINGERPRINT_PREFIX = "fp16-sha256:"
@@ -66,8 +73,11 @@ def fingerprint_scope(fp: str) -> str:
 
 def fingerprint_scopes(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> tuple[str, ...]:
     """The scopes that mean something for this model: both for an RVC synthesizer, ``("decoder",)`` otherwise."""
-    keys = (n for n, _ in model_or_state_dict.named_parameters()) if isinstance(model_or_state_dict, nn.Module) \
+    keys = (
+        (n for n, _ in model_or_state_dict.named_parameters())
+        if isinstance(model_or_state_dict, nn.Module)
         else iter(model_or_state_dict)
+    )
     has_dec = has_other = False
     for k in keys:
         if isinstance(k, str) and k.startswith("dec."):
@@ -122,9 +132,11 @@ def base_fingerprint(model_or_state_dict: nn.Module | Mapping[str, Tensor], scop
         from .layers import LoRALayer
 
         if any(isinstance(m, LoRALayer) and m.weight_norm_kind is not None for m in model_or_state_dict.modules()):
-            raise ValueError("base_fingerprint: this model has LoRA layers with folded weight_norm and no recorded "
-                             "rvclora_base_fingerprint (it is recorded by inject_lora); fingerprint the base "
-                             "model or its exported file instead")
+            raise ValueError(
+                "base_fingerprint: this model has LoRA layers with folded weight_norm and no recorded "
+                "rvclora_base_fingerprint (it is recorded by inject_lora); fingerprint the base "
+                "model or its exported file instead"
+            )
         # LoRA layers without weight_norm keep the base weight, unmerged, under the base's own key
         state: Mapping[str, Tensor] = model_or_state_dict.state_dict()
     elif isinstance(model_or_state_dict, Mapping):

@@ -59,9 +59,11 @@ def _check_not_wrapped(model: nn.Module) -> None:
         kind = type(m).__name__
         if kind in _WRAPPERS and type(m).__module__.startswith("torch."):
             where = "the model" if not name else f"module {name!r}"
-            raise ValueError(f"inject_lora: {where} is wrapped in {kind}, which registered its parameters when it "
-                             "wrapped them: the new LoRA factors would not be synchronised and the ranks would drift "
-                             "apart; inject into the bare model first, then wrap it")
+            raise ValueError(
+                f"inject_lora: {where} is wrapped in {kind}, which registered its parameters when it "
+                "wrapped them: the new LoRA factors would not be synchronised and the ranks would drift "
+                "apart; inject into the bare model first, then wrap it"
+            )
 
 
 def _weight_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +117,8 @@ def _check_no_shared_weights(model: nn.Module, chosen: list[tuple[str, nn.Module
                     raise ValueError(
                         f"inject_lora: {first!r} shares its memory with {second!r} (tied weights); merging would "
                         "add the update to both (or both updates to one tensor). Untie them (give one a copy: "
-                        "nn.Parameter(w.detach().clone())) or leave one out of target_modules")
+                        "nn.Parameter(w.detach().clone())) or leave one out of target_modules"
+                    )
             active.append((hi, name))
 
 
@@ -192,17 +195,21 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
         names = aliases[id(module)]
         unselected = [n for n in names if not any(target_matches(t, n) for t in config.target_modules)]
         if len(names) > 1 and unselected:
-            raise ValueError(f"inject_lora: the module {name!r} is also registered as {unselected[0]!r}, which "
-                             f"target_modules {config.target_modules} do not select; one module is one layer: "
-                             "select all of its names or none")
+            raise ValueError(
+                f"inject_lora: the module {name!r} is also registered as {unselected[0]!r}, which "
+                f"target_modules {config.target_modules} do not select; one module is one layer: "
+                "select all of its names or none"
+            )
     _check_no_shared_weights(model, chosen)
     saved = saved_module_names(model, config.modules_to_save, where="inject_lora")
     for name, _, _ in chosen:
         for s_name in saved:
             if _within(name, s_name) or _within(s_name, name):
-                raise ValueError(f"inject_lora: {name!r} is both a LoRA target (target_modules="
-                                 f"{config.target_modules}) and saved whole (modules_to_save {s_name!r}); "
-                                 "a module is either adapted or saved, not both")
+                raise ValueError(
+                    f"inject_lora: {name!r} is both a LoRA target (target_modules="
+                    f"{config.target_modules}) and saved whole (modules_to_save {s_name!r}); "
+                    "a module is either adapted or saved, not both"
+                )
     from .fingerprint import base_fingerprint, fingerprint_scopes
 
     # before any layer is replaced: the weights as stored. Adapters reaching outside the decoder of an
@@ -217,8 +224,16 @@ def inject_lora(model: nn.Module, config: LoRAConfig, freeze_base: bool = True) 
         fingerprint = fingerprints[scope]
     # every new layer is built before any is put in place: a refusal leaves the model as it was
     new_layers = [
-        (module, _LORA_CLASS[base].from_base(module, r=config.r, lora_alpha=config.lora_alpha,
-                                             lora_dropout=config.lora_dropout, merge_weights=config.merge_weights))
+        (
+            module,
+            _LORA_CLASS[base].from_base(
+                module,
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                merge_weights=config.merge_weights,
+            ),
+        )
         for _, module, base in chosen
     ]
     for module, new in new_layers:
@@ -291,8 +306,9 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
-def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
-                                modules_to_save: list[str] | None = None) -> nn.Module:
+def mark_only_lora_as_trainable(
+    model: nn.Module, bias: str = "none", modules_to_save: list[str] | None = None
+) -> nn.Module:
     """Freeze everything but ``lora_A``/``lora_B``; ``bias`` ∈ ``none|all|lora_only`` keeps those biases trainable,
     and every parameter of the ``modules_to_save`` modules (default: those of the config
     :func:`inject_lora` recorded) stays trainable."""
@@ -350,8 +366,9 @@ def merge_lora_weights(model: nn.Module, safe_merge: bool = True) -> nn.Module:
                 if m.r > 0 and not m.merged:
                     bad = first_nonfinite([(name + ".weight", m.weight + m.get_delta_weight().to(m.weight.dtype))])
                     if bad is not None:
-                        raise ValueError(f"merge_lora_weights: merged {bad[0]!r} would not be finite ({bad[1]}); "
-                                         "nothing was merged")
+                        raise ValueError(
+                            f"merge_lora_weights: merged {bad[0]!r} would not be finite ({bad[1]}); nothing was merged"
+                        )
     for _, m in lora_modules(model):
         m.merge()
     return model
@@ -419,17 +436,19 @@ def lora_summary(model: nn.Module) -> list[dict[str, object]]:
     """One row per LoRA layer: name, kind, weight/A/B shapes, rank, LoRA params, merged, weight_norm."""
     rows = []
     for name, m in lora_modules(model):
-        rows.append({
-            "layer": name,
-            "kind": _kind(m),
-            "weight": tuple(m.weight.shape),
-            "lora_A": tuple(m.lora_A.shape) if m.r else None,
-            "lora_B": tuple(m.lora_B.shape) if m.r else None,
-            "r": m.r,
-            "lora_params": (m.lora_A.numel() + m.lora_B.numel()) if m.r else 0,
-            "merged": m.merged,
-            "weight_norm": m.weight_norm_kind or "-",
-        })
+        rows.append(
+            {
+                "layer": name,
+                "kind": _kind(m),
+                "weight": tuple(m.weight.shape),
+                "lora_A": tuple(m.lora_A.shape) if m.r else None,
+                "lora_B": tuple(m.lora_B.shape) if m.r else None,
+                "r": m.r,
+                "lora_params": (m.lora_A.numel() + m.lora_B.numel()) if m.r else 0,
+                "merged": m.merged,
+                "weight_norm": m.weight_norm_kind or "-",
+            }
+        )
     return rows
 
 
@@ -445,8 +464,10 @@ def print_lora_info(model: nn.Module, file=None) -> str:
     lora = count_lora_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append("")
-    lines.append(f"LoRA layers: {len(rows)}   LoRA parameters: {lora:,}   trainable: {trainable:,}   "
-                 f"all parameters: {total:,}   LoRA share: {100.0 * lora / max(total, 1):.2f} %")
+    lines.append(
+        f"LoRA layers: {len(rows)}   LoRA parameters: {lora:,}   trainable: {trainable:,}   "
+        f"all parameters: {total:,}   LoRA share: {100.0 * lora / max(total, 1):.2f} %"
+    )
     text = "\n".join(lines)
     print(text, file=file)
     return text

@@ -118,8 +118,9 @@ def _write_failure(e: BaseException, directory: str) -> str:
     return f"{type(e).__name__}: {first} (a full disk or a file size limit?)"
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: bool = True,
-                 verify: Callable[[str], None] | None = None) -> None:
+def atomic_write(
+    path: PathLike, write: Callable[[str], None], *, overwrite: bool = True, verify: Callable[[str], None] | None = None
+) -> None:
     """Call ``write(tmp_path)``, fsync, then move ``tmp_path`` to ``path`` atomically.
 
     The new file gets the mode ``0o666 & ~umask`` (as ``open()`` would give it), or the mode of
@@ -180,7 +181,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None], *, overwrite: boo
 
 
 def check_output_path(
-    path: PathLike, *, what: str = "output", overwrite: bool = False, inputs: Iterable[tuple[str, PathLike]] = (),
+    path: PathLike,
+    *,
+    what: str = "output",
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, PathLike]] = (),
     suffixes: tuple[str, ...] | None = None,
 ) -> str:
     """Validate an output path before any work is done; returns it as a ``str``.
@@ -316,17 +321,21 @@ def check_torch_archive(path: PathLike) -> None:
     size = os.path.getsize(path)
     n = _zip_entries(path)
     if n > MAX_ZIP_MEMBERS:
-        raise ValueError(f"its zip archive has {n} members; a torch.save file of rvclora or RVC has at most "
-                         f"{MAX_ZIP_MEMBERS} (MAX_ZIP_MEMBERS)")
+        raise ValueError(
+            f"its zip archive has {n} members; a torch.save file of rvclora or RVC has at most "
+            f"{MAX_ZIP_MEMBERS} (MAX_ZIP_MEMBERS)"
+        )
     try:
         with zipfile.ZipFile(path) as z:
             declared = sum(i.file_size for i in z.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"its zip archive is damaged ({e})") from None
     if declared > size + ZIP_SLACK_BYTES:
-        raise ValueError(f"its zip members declare {format_bytes(declared)} uncompressed in a {format_bytes(size)} "
-                         "file; torch.save never compresses, so this archive was deflated by something else (a zip "
-                         "bomb?) and is not inflated")
+        raise ValueError(
+            f"its zip members declare {format_bytes(declared)} uncompressed in a {format_bytes(size)} "
+            "file; torch.save never compresses, so this archive was deflated by something else (a zip "
+            "bomb?) and is not inflated"
+        )
 
 
 def describe_format(fmt: str) -> str:
@@ -347,8 +356,7 @@ def torch_load_error(e: BaseException) -> str:
     m = _GLOBAL.search(text)
     if m:
         name = next(g for g in m.groups() if g)
-        return (f"it contains pickled code ({name}) that the safe loader refused to run; "
-                "a weights file needs none")
+        return f"it contains pickled code ({name}) that the safe loader refused to run; a weights file needs none"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for i, ln in enumerate(lines):
         if "WeightsUnpickler error:" in ln:
@@ -368,9 +376,7 @@ def torch_load_error(e: BaseException) -> str:
 # --------------------------------------------------------------------------- finiteness
 
 
-def first_nonfinite(
-    items: Iterable[tuple[str, Tensor]], dtype: torch.dtype | None = None
-) -> tuple[str, str] | None:
+def first_nonfinite(items: Iterable[tuple[str, Tensor]], dtype: torch.dtype | None = None) -> tuple[str, str] | None:
     """The first ``(key, why)`` whose tensor is not finite, cast to ``dtype`` if given (else as is).
 
     ``why`` counts the NaN and Inf elements, and says when the tensor is finite as it is but
@@ -384,8 +390,10 @@ def first_nonfinite(
             continue
         if target is not t and bool(torch.isfinite(t).all()):
             peak = t.detach().abs().max().item()
-            return key, (f"overflows {str(dtype).replace('torch.', '')} (largest |value| {peak:.4g} > "
-                         f"{torch.finfo(dtype).max:.6g})")
+            return key, (
+                f"overflows {str(dtype).replace('torch.', '')} (largest |value| {peak:.4g} > "
+                f"{torch.finfo(dtype).max:.6g})"
+            )
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         parts = ([f"{n_nan} NaN"] if n_nan else []) + ([f"{n_inf} Inf"] if n_inf else [])

@@ -25,8 +25,16 @@ from torch import Tensor
 from . import ops
 from .ops.spec import SPECS, OpSpec
 
-__all__ = ["LoRALayer", "LoRALinear", "LoRAConv1d", "LoRAConvTranspose1d", "LoRAConv2d", "LORA_CLASSES",
-           "lora_class_of_kind", "check_no_foreign_weight_hooks"]
+__all__ = [
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAConv1d",
+    "LoRAConvTranspose1d",
+    "LoRAConv2d",
+    "LORA_CLASSES",
+    "lora_class_of_kind",
+    "check_no_foreign_weight_hooks",
+]
 
 T = TypeVar("T", bound="LoRALayer")
 
@@ -397,8 +405,18 @@ class LoRAConv1d(LoRALayer, nn.Conv1d):
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         y = ops.lora_conv1d(
-            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride[0], _conv1d_padding(self),
-            self.dilation[0], self.groups, self.padding_mode, self._dropout_p(),
+            x,
+            w,
+            b,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.stride[0],
+            _conv1d_padding(self),
+            self.dilation[0],
+            self.groups,
+            self.padding_mode,
+            self._dropout_p(),
         )
         return y.squeeze(0) if unbatched else y
 
@@ -447,8 +465,18 @@ class LoRAConvTranspose1d(LoRALayer, nn.ConvTranspose1d):
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         y = ops.lora_conv_transpose1d(
-            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride[0], self.padding[0],
-            output_padding[0], self.dilation[0], self.groups, self._dropout_p(),
+            x,
+            w,
+            b,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.stride[0],
+            self.padding[0],
+            output_padding[0],
+            self.dilation[0],
+            self.groups,
+            self._dropout_p(),
         )
         return y.squeeze(0) if unbatched else y
 
@@ -501,8 +529,18 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         x, w, b = _autocast(x, self.weight, self.bias)
         _check_dtype(type(self).__name__, x, w)
         y = ops.lora_conv2d(
-            x, w, b, self.lora_A, self.lora_B, self.scaling, self.stride, _conv2d_padding(self),
-            self.dilation, self.groups, self.padding_mode, self._dropout_p(),
+            x,
+            w,
+            b,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.stride,
+            _conv2d_padding(self),
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self._dropout_p(),
         )
         return y.squeeze(0) if unbatched else y
 

@@ -67,8 +67,10 @@ def _exportable(name: str, m: LoRALayer) -> None:
                 "LoRA pads lora_A's input with zeros, so it cannot express this layer's adapter"
             )
     elif not isinstance(m, LoRALinear):
-        raise ValueError(f"export_peft_adapter: layer {name!r} is a {type(m).__name__}; PEFT supports "
-                         "Linear and Conv1d LoRA layers only")
+        raise ValueError(
+            f"export_peft_adapter: layer {name!r} is a {type(m).__name__}; PEFT supports "
+            "Linear and Conv1d LoRA layers only"
+        )
 
 
 def _peft_tensors(m: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +92,10 @@ def _rvclora_tensors(name: str, m: LoRALayer, A: torch.Tensor, B: torch.Tensor) 
     elif isinstance(m, LoRAConv1d):
         want_a, want_b = (m.r, m.in_channels, m.kernel_size[0]), (m.out_channels, m.r // m.groups, 1)
     else:
-        raise ValueError(f"import_peft_adapter: layer {name!r} is a {type(m).__name__}; PEFT adapters hold "
-                         "Linear and Conv1d LoRA layers only")
+        raise ValueError(
+            f"import_peft_adapter: layer {name!r} is a {type(m).__name__}; PEFT adapters hold "
+            "Linear and Conv1d LoRA layers only"
+        )
     if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
         raise ValueError(
             f"import_peft_adapter: layer {name!r}: the adapter has lora_A {tuple(A.shape)} and lora_B "
@@ -125,20 +129,26 @@ def export_peft_adapter(model: nn.Module, directory: PathLike) -> None:
         raise ValueError("export_peft_adapter: model has no LoRA layer with r > 0 (was inject_lora called?)")
     saved = getattr(getattr(model, "rvclora_config", None), "modules_to_save", None)
     if saved:
-        raise ValueError(f"export_peft_adapter: the adapter saves modules whole (modules_to_save={saved}); rvclora "
-                         "exports LoRA factors only, so a whole-voice adapter has no PEFT form here (use rvclora's "
-                         "adapter file, or merge it)")
+        raise ValueError(
+            f"export_peft_adapter: the adapter saves modules whole (modules_to_save={saved}); rvclora "
+            "exports LoRA factors only, so a whole-voice adapter has no PEFT form here (use rvclora's "
+            "adapter file, or merge it)"
+        )
     for name, m in layers:
         _exportable(name, m)
     dropouts = {m.lora_dropout for _, m in layers}
     if len(dropouts) != 1:
-        raise ValueError(f"export_peft_adapter: the layers use the dropouts {sorted(dropouts)}; a PEFT adapter "
-                         "has one lora_dropout for all of them")
+        raise ValueError(
+            f"export_peft_adapter: the layers use the dropouts {sorted(dropouts)}; a PEFT adapter "
+            "has one lora_dropout for all of them"
+        )
     cfg = getattr(model, "rvclora_config", None)
     bias = getattr(cfg, "bias", "none")
     if bias != "none":
-        raise ValueError(f"export_peft_adapter: the model trains biases (bias={bias!r}); rvclora exports "
-                         "LoRA factors only, so export with bias='none' to lose nothing")
+        raise ValueError(
+            f"export_peft_adapter: the model trains biases (bias={bias!r}); rvclora exports "
+            "LoRA factors only, so export with bias='none' to lose nothing"
+        )
     names = [n for n, _ in layers]
     first = layers[0][1]
     ranks = {n: m.r for n, m in layers}
@@ -228,25 +238,38 @@ def import_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
         with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
             config = json.load(f)
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"import_peft_adapter: {os.path.join(directory, CONFIG_NAME)!r} is not valid JSON "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        raise ValueError(
+            f"import_peft_adapter: {os.path.join(directory, CONFIG_NAME)!r} is not valid JSON "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        ) from None
     if not isinstance(config, dict):
         raise ValueError(f"import_peft_adapter: {CONFIG_NAME} holds a {type(config).__name__}, expected a dict")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"import_peft_adapter: {CONFIG_NAME} has peft_type={config.get('peft_type')!r}, "
-                         "expected 'LORA'")
-    for key, plain in (("use_rslora", False), ("use_dora", False), ("lora_bias", False), ("bias", "none"),
-                       ("modules_to_save", None), ("fan_in_fan_out", False)):
+        raise ValueError(
+            f"import_peft_adapter: {CONFIG_NAME} has peft_type={config.get('peft_type')!r}, expected 'LORA'"
+        )
+    for key, plain in (
+        ("use_rslora", False),
+        ("use_dora", False),
+        ("lora_bias", False),
+        ("bias", "none"),
+        ("modules_to_save", None),
+        ("fan_in_fan_out", False),
+    ):
         if config.get(key, plain) not in (plain, [] if plain is None else plain):
-            raise ValueError(f"import_peft_adapter: {CONFIG_NAME} has {key}={config[key]!r}; rvclora imports "
-                             f"plain LoRA factors only ({key}={plain!r})")
+            raise ValueError(
+                f"import_peft_adapter: {CONFIG_NAME} has {key}={config[key]!r}; rvclora imports "
+                f"plain LoRA factors only ({key}={plain!r})"
+            )
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = re.fullmatch(re.escape(_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
         if m is None:
-            raise KeyError(f"import_peft_adapter: unexpected key {key!r} in {WEIGHTS_NAME}; expected "
-                           f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+            raise KeyError(
+                f"import_peft_adapter: unexpected key {key!r} in {WEIGHTS_NAME}; expected "
+                f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+            )
         factors.setdefault(m.group(1), {})[m.group(2)] = value
     layers = dict(lora_modules(model))
     missing = sorted(n for n, layer in layers.items() if layer.r > 0 and n not in factors)
@@ -256,15 +279,19 @@ def import_peft_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     for name, pair in factors.items():
         layer = layers.get(name)
         if layer is None or layer.r == 0:
-            raise KeyError(f"import_peft_adapter: the adapter adapts {name!r}, which is not a LoRA layer of the "
-                           "model (were the same target_modules injected?)")
+            raise KeyError(
+                f"import_peft_adapter: the adapter adapts {name!r}, which is not a LoRA layer of the "
+                "model (were the same target_modules injected?)"
+            )
         if set(pair) != {"lora_A", "lora_B"}:
             raise KeyError(f"import_peft_adapter: {name!r} has only {sorted(pair)} in {WEIGHTS_NAME}")
         r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         if r != layer.r or not math.isclose(alpha / r, layer.scaling, rel_tol=1e-12):
-            raise ValueError(f"import_peft_adapter: layer {name!r} has r={layer.r}, scaling={layer.scaling}; the "
-                             f"adapter has r={r}, lora_alpha={alpha} (scaling {alpha / r})")
+            raise ValueError(
+                f"import_peft_adapter: layer {name!r} has r={layer.r}, scaling={layer.scaling}; the "
+                f"adapter has r={r}, lora_alpha={alpha} (scaling {alpha / r})"
+            )
         loaded.append((layer, *_rvclora_tensors(name, layer, pair["lora_A"], pair["lora_B"])))
     for layer, a, b in loaded:
         was_merged = layer.merged

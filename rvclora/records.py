@@ -38,8 +38,10 @@ def layer_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             continue
         kind = getattr(type(m), "spec", None) and m.kind
         if kind not in KINDS:
-            raise TypeError(f"layer_records: {name!r} is a {type(m).__name__} of kind {kind!r}; a saved layer's kind "
-                            f"must be one of {KINDS} (give the class a spec of rvclora.ops.spec.SPECS)")
+            raise TypeError(
+                f"layer_records: {name!r} is a {type(m).__name__} of kind {kind!r}; a saved layer's kind "
+                f"must be one of {KINDS} (give the class a spec of rvclora.ops.spec.SPECS)"
+            )
         out[name] = {"kind": kind, "groups": m.lora_groups}
     return out
 

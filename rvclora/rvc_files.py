@@ -67,8 +67,10 @@ _SPK_EMBED_DIM = 109
 def _torch_output(path: PathLike) -> None:
     """RVC loads models with ``torch.load``: a model is never written under a safetensors name."""
     if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".safetensors"):
-        raise ValueError(f"output {os.fspath(path)!r}: an RVC model file is a torch.save file, which RVC loads "
-                         "with torch.load; name it .pth, not .safetensors")
+        raise ValueError(
+            f"output {os.fspath(path)!r}: an RVC model file is a torch.save file, which RVC loads "
+            "with torch.load; name it .pth, not .safetensors"
+        )
 
 
 class RVCFileError(ValueError):
@@ -100,7 +102,7 @@ class RVCModelFile:
 
     def decoder_state_dict(self) -> OrderedDict[str, Tensor]:
         """The ``dec.`` keys with the prefix stripped: a state dict of :class:`GeneratorNSF`/:class:`Generator`."""
-        return OrderedDict((k[len(_DEC):], v) for k, v in self.state_dict.items() if k.startswith(_DEC))
+        return OrderedDict((k[len(_DEC) :], v) for k, v in self.state_dict.items() if k.startswith(_DEC))
 
     @property
     def f0(self) -> bool:
@@ -134,8 +136,9 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
         raise _fail(path, "not a regular file; expected an RVC model file (.pth)")
     fmt = detect_format(path)
     if fmt == "safetensors":
-        raise AdapterFileError(f"{path}: a safetensors file (an rvclora adapter?), not an RVC model file "
-                               "(a torch.save .pth)")
+        raise AdapterFileError(
+            f"{path}: a safetensors file (an rvclora adapter?), not an RVC model file (a torch.save .pth)"
+        )
     if fmt not in ("torch-zip", "pickle"):
         raise _fail(path, f"{describe_format(fmt)}, not an RVC model file (expected a torch.save .pth)")
     if fmt == "torch-zip":
@@ -157,17 +160,23 @@ def load_rvc_file(path: PathLike, *, validate: bool = True) -> RVCModelFile:
     if "weight" in obj:
         missing = [f for f in EXPORTED_FIELDS if f not in obj]
         if missing:
-            raise _fail(path, f"looks like an exported RVC model but lacks the field(s) {missing}; "
-                              f"expected {list(EXPORTED_FIELDS)}")
+            raise _fail(
+                path,
+                f"looks like an exported RVC model but lacks the field(s) {missing}; expected {list(EXPORTED_FIELDS)}",
+            )
         kind, weights = "exported", obj["weight"]
     elif "model" in obj:
         kind, weights = "checkpoint", obj["model"]
     else:
-        raise _fail(path, f"neither an exported RVC model (keys {list(EXPORTED_FIELDS)}) nor a training "
-                          f"checkpoint (key 'model'); its keys are {sorted(map(str, obj))[:10]}")
+        raise _fail(
+            path,
+            f"neither an exported RVC model (keys {list(EXPORTED_FIELDS)}) nor a training "
+            f"checkpoint (key 'model'); its keys are {sorted(map(str, obj))[:10]}",
+        )
     field = "weight" if kind == "exported" else "model"
-    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                   for k, v in weights.items()):
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()
+    ):
         raise _fail(path, f"field {field!r} must be a state dict (str -> tensor)")
     if not any(str(k).startswith(_DEC) for k in weights):
         raise _fail(path, "its state dict has no decoder ('dec.' keys)")
@@ -203,22 +212,34 @@ def check_exported_model(model_file: RVCModelFile) -> GeneratorConfig:
     dec = model_file.decoder_state_dict()
     has_source = any(k.startswith("m_source.") for k in dec)
     if bool(d["f0"]) != has_source:
-        raise _fail(path, f"f0={d['f0']} but the decoder {'has' if has_source else 'lacks'} the harmonic source "
-                          "(m_source) of an f0 model")
+        raise _fail(
+            path,
+            f"f0={d['f0']} but the decoder {'has' if has_source else 'lacks'} the harmonic source "
+            "(m_source) of an f0 model",
+        )
     lora = [k for k in dec if k.endswith((".lora_A", ".lora_B"))]
     if lora:
-        raise _fail(path, f"its decoder holds LoRA factors ({_DEC + lora[0]!r}, an unmerged training state); "
-                          "RVC would ignore them: merge the adapter with rvclora merge")
+        raise _fail(
+            path,
+            f"its decoder holds LoRA factors ({_DEC + lora[0]!r}, an unmerged training state); "
+            "RVC would ignore them: merge the adapter with rvclora merge",
+        )
     with torch.device("meta"):
         expected = generator_from_config(cfg, f0=bool(d["f0"]), weight_norm=model_file.weight_norm).state_dict()
     extra, missing = sorted(set(dec) - set(expected)), sorted(set(expected) - set(dec))
     if extra or missing:
-        raise _fail(path, f"its decoder keys do not fit its config ({cfg.name}, f0={d['f0']}): unexpected "
-                          f"{[_DEC + k for k in extra[:3]]}, missing {[_DEC + k for k in missing[:3]]}")
+        raise _fail(
+            path,
+            f"its decoder keys do not fit its config ({cfg.name}, f0={d['f0']}): unexpected "
+            f"{[_DEC + k for k in extra[:3]]}, missing {[_DEC + k for k in missing[:3]]}",
+        )
     for k, t in expected.items():
         if tuple(dec[k].shape) != tuple(t.shape):
-            raise _fail(path, f"{_DEC + k!r} has shape {tuple(dec[k].shape)} but its config ({cfg.name}, "
-                              f"sampling rate {cfg.sampling_rate}) gives {tuple(t.shape)}")
+            raise _fail(
+                path,
+                f"{_DEC + k!r} has shape {tuple(dec[k].shape)} but its config ({cfg.name}, "
+                f"sampling rate {cfg.sampling_rate}) gives {tuple(t.shape)}",
+            )
     return cfg
 
 
@@ -249,8 +270,17 @@ def generator_config_from_rvc(config: list[Any], version: str = "v1") -> Generat
 
 
 def _same_decoder(a: GeneratorConfig, b: GeneratorConfig) -> bool:
-    fields = ("sampling_rate", "upsample_rates", "upsample_kernel_sizes", "inter_channels", "upsample_initial_channel",
-              "resblock", "resblock_kernel_sizes", "resblock_dilation_sizes", "gin_channels")
+    fields = (
+        "sampling_rate",
+        "upsample_rates",
+        "upsample_kernel_sizes",
+        "inter_channels",
+        "upsample_initial_channel",
+        "resblock",
+        "resblock_kernel_sizes",
+        "resblock_dilation_sizes",
+        "gin_channels",
+    )
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
@@ -287,8 +317,10 @@ def build_generator_from_rvc(
     config raises :class:`RVCFileError`.
     """
     if model_file.kind != "exported":
-        raise RVCFileError(f"{model_file.path}: a training checkpoint has no config to build the decoder from; "
-                           "export it with RVC first (or use rvclora.models.build_generator with its config name)")
+        raise RVCFileError(
+            f"{model_file.path}: a training checkpoint has no config to build the decoder from; "
+            "export it with RVC first (or use rvclora.models.build_generator with its config name)"
+        )
     cfg = generator_config_from_rvc(model_file.data["config"], str(model_file.data["version"]))
     model = generator_from_config(cfg, f0=model_file.f0, weight_norm=model_file.weight_norm).to(dtype)
     if load_weights:
@@ -297,8 +329,10 @@ def build_generator_from_rvc(
             model.load_state_dict(dec, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise RVCFileError(f"{model_file.path}: the decoder weights do not fit the file's own config "
-                               f"({cfg.name}, f0={model_file.f0}): {' '.join(x.strip() for x in first[:3])}") from None
+            raise RVCFileError(
+                f"{model_file.path}: the decoder weights do not fit the file's own config "
+                f"({cfg.name}, f0={model_file.f0}): {' '.join(x.strip() for x in first[:3])}"
+            ) from None
     return model
 
 
@@ -348,8 +382,9 @@ def write_exported_model(
         raise TypeError(f"config must be a GeneratorConfig, got {type(config).__name__}")
     is_nsf = hasattr(generator, "m_source")
     state = merged_state_dict(generator) if any(True for _ in lora_modules(generator)) else generator.state_dict()
-    bad = first_nonfinite([(_DEC + k, v) for k, v in state.items()] + list((extra_weights or {}).items()),
-                          dtype=torch.half)
+    bad = first_nonfinite(
+        [(_DEC + k, v) for k, v in state.items()] + list((extra_weights or {}).items()), dtype=torch.half
+    )
     if bad is not None:
         raise ValueError(f"{path}: refusing to write {bad[0]!r}: {bad[1]}")
     weight: OrderedDict[str, Tensor] = OrderedDict()
@@ -419,8 +454,9 @@ def _adapter_sources(adapter_path: Any) -> list[tuple[str, float]]:
             else:
                 raise TypeError(f"merge_adapter: each adapter must be a path or a (path, weight) pair, got {item!r}")
         return out
-    raise TypeError(f"merge_adapter: adapter_path must be a path or a non-empty list of (path, weight) pairs, "
-                    f"got {adapter_path!r}")
+    raise TypeError(
+        f"merge_adapter: adapter_path must be a path or a non-empty list of (path, weight) pairs, got {adapter_path!r}"
+    )
 
 
 #: The top-level modules of RVC's synthesizer: an adapter key starting with one of these is synthesizer-relative.
@@ -455,9 +491,11 @@ def synthesizer_spec_of(model_file: RVCModelFile) -> tuple[str, bool, str]:
         wrong = len(set(ref) ^ set(shapes)) + sum(1 for k in set(ref) & set(shapes) if ref[k] != shapes[k])
         if best is None or wrong < best[0]:
             best = (wrong, name)
-    raise RVCFileError(f"{model_file.path}: its weights are not those of any shipped RVC synthesizer (v1/v2, "
-                       f"32k/40k/48k, f0={int(f0)}); closest: {best[1] if best else '-'} with {best[0] if best else 0} "
-                       "keys missing, extra or of another shape")
+    raise RVCFileError(
+        f"{model_file.path}: its weights are not those of any shipped RVC synthesizer (v1/v2, "
+        f"32k/40k/48k, f0={int(f0)}); closest: {best[1] if best else '-'} with {best[0] if best else 0} "
+        "keys missing, extra or of another shape"
+    )
 
 
 def _export_fields(spec: tuple[str, bool, str], weights: Mapping[str, Tensor], info: str) -> dict[str, Any]:
@@ -468,8 +506,13 @@ def _export_fields(spec: tuple[str, bool, str], weights: Mapping[str, Tensor], i
     config = cfg.rvc_args()
     config[1] = _EXPORT_SEGMENT  # as RVC's export writes it
     config[15] = int(weights["emb_g.weight"].shape[0])  # spk_embed_dim: the trained speaker table
-    return {"config": config, "info": info, "sr": cfg.generator.sr_label, "f0": 1 if spec[1] else 0,
-            "version": cfg.version}
+    return {
+        "config": config,
+        "info": info,
+        "sr": cfg.generator.sr_label,
+        "f0": 1 if spec[1] else 0,
+        "version": cfg.version,
+    }
 
 
 def _adapter_form(adapter_path: str, weights: Mapping[str, Tensor]) -> str:
@@ -478,8 +521,10 @@ def _adapter_form(adapter_path: str, weights: Mapping[str, Tensor]) -> str:
     synth = [k for k in weights if k.split(".")[0] in SYNTH_PARTS]
     rel = [k for k in weights if k.split(".")[0] not in SYNTH_PARTS]
     if synth and rel:
-        raise RVCFileError(f"{adapter_path}: adapter keys mix names relative to the decoder (e.g. {rel[0]!r}) and to "
-                           f"RVC's synthesizer (e.g. {synth[0]!r}); an adapter is trained on one model or the other")
+        raise RVCFileError(
+            f"{adapter_path}: adapter keys mix names relative to the decoder (e.g. {rel[0]!r}) and to "
+            f"RVC's synthesizer (e.g. {synth[0]!r}); an adapter is trained on one model or the other"
+        )
     return "synth" if synth else "decoder"
 
 
@@ -530,17 +575,21 @@ def merge_adapter(
     if not isinstance(export, bool):
         raise TypeError(f"merge_adapter: export must be a bool, got {export!r}")
     _torch_output(out_path)
-    out_path = check_output_path(out_path, overwrite=overwrite,
-                                 inputs=(("base model", base_path),) + tuple(("adapter", p) for p, _ in sources))
+    out_path = check_output_path(
+        out_path, overwrite=overwrite, inputs=(("base model", base_path),) + tuple(("adapter", p) for p, _ in sources)
+    )
     base = load_rvc_file(base_path)
     if export and base.kind == "exported":
-        raise RVCFileError(f"{base_path}: is already an exported model; --export writes an export from a training "
-                           "checkpoint (G_*.pth) or a pretrained generator")
+        raise RVCFileError(
+            f"{base_path}: is already an exported model; --export writes an export from a training "
+            "checkpoint (G_*.pth) or a pretrained generator"
+        )
     base_weights = base.state_dict
     bad = first_nonfinite(base_weights.items())
     if bad is not None:
-        raise RVCFileError(f"{base_path}: refusing to merge: the base model's {bad[0]!r} is already not finite "
-                           f"({bad[1]})")
+        raise RVCFileError(
+            f"{base_path}: refusing to merge: the base model's {bad[0]!r} is already not finite ({bad[1]})"
+        )
 
     synth, spec = _base_model(base)
     records = {**model_layer_records(synth), **model_layer_records(synth.dec)}
@@ -554,8 +603,13 @@ def merge_adapter(
         adapter_path = " + ".join(f"{p}:{w:g}" for p, w in sources)
         adapter_label = "blend " + " + ".join(f"{os.path.basename(p)}:{w:g}" for p, w in sources)
         try:
-            adapter = blend_adapters([p for p, _ in sources], [w for _, w in sources], force=force, layers=records,
-                                     base=blend_base_tensors(base))
+            adapter = blend_adapters(
+                [p for p, _ in sources],
+                [w for _, w in sources],
+                force=force,
+                layers=records,
+                base=blend_base_tensors(base),
+            )
         except BlendError as e:
             raise RVCFileError(f"cannot blend {adapter_path}: {e}") from None
     weights: dict[str, Tensor] = dict(adapter["weights"])
@@ -569,9 +623,11 @@ def merge_adapter(
     if form == "synth" and isinstance(synth, _Synthesizer):
         outside = sorted({k.split(".")[0] for k in weights if not k.startswith(_DEC)})
         if outside:
-            raise RVCFileError(f"{adapter_path}: a whole-voice adapter (it changes {outside}) but {base_path} holds "
-                               "only a decoder (and keys that are not RVC's whole synthesizer): merge it into the "
-                               "model's full export, G_*.pth or pretrained file")
+            raise RVCFileError(
+                f"{adapter_path}: a whole-voice adapter (it changes {outside}) but {base_path} holds "
+                "only a decoder (and keys that are not RVC's whole synthesizer): merge it into the "
+                "model's full export, G_*.pth or pretrained file"
+            )
     dropped = 0
     if base.kind == "exported":  # RVC's export has no enc_q: its LoRA layers have nothing to merge into
         enc_q = {k for k in weights if k.startswith("enc_q.")}
@@ -588,8 +644,14 @@ def merge_adapter(
     fp = adapter["base_fingerprint"]
     scope = fingerprint_scope(fp) if fp is not None else "decoder"
     try:
-        check_base_fingerprint(adapter_path, fp, base_fingerprint(base_weights, scope=scope), force,
-                               base_name=f"base model {base_path}", stacklevel=2)
+        check_base_fingerprint(
+            adapter_path,
+            fp,
+            base_fingerprint(base_weights, scope=scope),
+            force,
+            base_name=f"base model {base_path}",
+            stacklevel=2,
+        )
     except ValueError as e:
         raise RVCFileError(str(e)) from None
 
@@ -608,16 +670,20 @@ def merge_adapter(
         if k in changed:
             bad = first_nonfinite([(k, merged[k])], dtype=v.dtype)
             if bad is not None:
-                raise RVCFileError(f"{adapter_path}: refusing to write a broken model: merged {k!r} "
-                                   f"{bad[1]} (the adapter's update is too large for this base)")
+                raise RVCFileError(
+                    f"{adapter_path}: refusing to write a broken model: merged {k!r} "
+                    f"{bad[1]} (the adapter's update is too large for this base)"
+                )
             new_weights[k] = merged[k].to(v.dtype).contiguous()
         else:
             new_weights[k] = v
 
     n_layers = len(layers)
     saved = f", saved {','.join(lora_config.modules_to_save)}" if lora_config.modules_to_save else ""
-    note = (f"rvclora adapter {adapter_label} merged (r={lora_config.r}, alpha={lora_config.lora_alpha:g}, "
-            f"targets={','.join(lora_config.target_modules)}{saved}, {n_layers} layers)")
+    note = (
+        f"rvclora adapter {adapter_label} merged (r={lora_config.r}, alpha={lora_config.lora_alpha:g}, "
+        f"targets={','.join(lora_config.target_modules)}{saved}, {n_layers} layers)"
+    )
     if base.kind == "exported":
         base_info = str(base.data.get("info", ""))
         info = f"{base_info} + {note}" if base_info else note
@@ -640,8 +706,9 @@ def merge_adapter(
         out["model"] = new_weights
         kind = "checkpoint"
     _write_torch(out, out_path, overwrite)
-    return MergeResult(out_path, n_layers, sum(1 for k in new_weights if k.startswith(_DEC)), info, kind,
-                       len(changed), dropped)
+    return MergeResult(
+        out_path, n_layers, sum(1 for k in new_weights if k.startswith(_DEC)), info, kind, len(changed), dropped
+    )
 
 
 def _base_model(base: RVCModelFile) -> tuple[nn.Module, tuple[str, bool, str] | None]:
@@ -660,8 +727,9 @@ def _base_model(base: RVCModelFile) -> tuple[nn.Module, tuple[str, bool, str] | 
     try:
         with torch.device("meta"):
             if base.kind == "exported":  # load_rvc_file checked that it agrees with itself
-                synth = synthesizer_from_rvc_config(base.data["config"], str(base.data["version"]), base.f0,
-                                                    weight_norm=base.weight_norm)
+                synth = synthesizer_from_rvc_config(
+                    base.data["config"], str(base.data["version"]), base.f0, weight_norm=base.weight_norm
+                )
                 del synth.enc_q
             else:
                 spec = synthesizer_spec_of(base)
@@ -673,12 +741,15 @@ def _base_model(base: RVCModelFile) -> tuple[nn.Module, tuple[str, bool, str] | 
     if base.kind == "exported" and set(sd) != set(synth.state_dict()):
         return _Synthesizer(build_generator_from_rvc(base, dtype=torch.float32)), None
     try:
-        synth.load_state_dict({k: v.detach().to(torch.float32, copy=True) for k, v in sd.items()}, strict=True,
-                              assign=True)
+        synth.load_state_dict(
+            {k: v.detach().to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True
+        )
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
-        raise RVCFileError(f"{path}: its weights do not fit RVC's synthesizer for its own config: "
-                           f"{' '.join(x.strip() for x in lines[:3])}") from None
+        raise RVCFileError(
+            f"{path}: its weights do not fit RVC's synthesizer for its own config: "
+            f"{' '.join(x.strip() for x in lines[:3])}"
+        ) from None
     return synth, spec
 
 
@@ -691,7 +762,7 @@ def blend_base_tensors(model_file: RVCModelFile) -> dict[str, Tensor]:
     from .inject import canonical_saved_key
 
     out = {canonical_saved_key(k): v for k, v in model_file.state_dict.items()}
-    out.update({k[len(_DEC):]: v for k, v in list(out.items()) if k.startswith(_DEC)})
+    out.update({k[len(_DEC) :]: v for k, v in list(out.items()) if k.startswith(_DEC)})
     return out
 
 
@@ -707,12 +778,17 @@ def _check_export_loads(cpt: dict[str, Any], out_path: str) -> None:
     from .models.synthesizer import synthesizer_from_rvc_config
 
     with torch.device("meta"):
-        net = synthesizer_from_rvc_config(cpt["config"], cpt["version"], bool(cpt["f0"]),
-                                          weight_norm="parametrizations" if any(
-                                              ".parametrizations." in k for k in cpt["weight"]) else "legacy")
+        net = synthesizer_from_rvc_config(
+            cpt["config"],
+            cpt["version"],
+            bool(cpt["f0"]),
+            weight_norm="parametrizations" if any(".parametrizations." in k for k in cpt["weight"]) else "legacy",
+        )
         del net.enc_q
     result = net.load_state_dict(cpt["weight"], strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
-        raise RVCFileError(f"{out_path}: the export would not load in RVC: missing {result.missing_keys[:3]}, "
-                           f"unexpected {result.unexpected_keys[:3]}")
+        raise RVCFileError(
+            f"{out_path}: the export would not load in RVC: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
     check_exported_model(RVCModelFile(out_path, "exported", cpt))

@@ -94,16 +94,18 @@ def _forward_and_grads(fn, t: dict[str, torch.Tensor], dtypes, grad_out):
     return y, dict(zip(leaves, gs))
 
 
-def check_case(backend: str, op: str, device, act: torch.dtype, fac: torch.dtype, p: float, n: int = 2,
-               seed: int = 0) -> dict[str, Any]:
+def check_case(
+    backend: str, op: str, device, act: torch.dtype, fac: torch.dtype, p: float, n: int = 2, seed: int = 0
+) -> dict[str, Any]:
     """One oracle check; returns ``{"ok": bool, "worst": ratio of error to tolerance, ...}``."""
     from . import ops
     from .ops import dispatch
 
     gen = torch.Generator().manual_seed(seed)
     t, dtypes, kw = _case_tensors(op, n, device, act, fac, gen)
-    why = dispatch.unsupported(backend, op, t["x"].to(act), weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac),
-                               dropout_p=p, **kw)
+    why = dispatch.unsupported(
+        backend, op, t["x"].to(act), weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac), dropout_p=p, **kw
+    )
     if why is not None:
         return {"ok": None, "skipped": why}
     mod = dispatch.load_backend(backend)
@@ -113,15 +115,22 @@ def check_case(backend: str, op: str, device, act: torch.dtype, fac: torch.dtype
     y64 = _oracle(op, {k: v.detach().requires_grad_(True) for k, v in t.items()}, kw, mask, scaling)
     grad_out = torch.randn(y64.shape, generator=gen, dtype=torch.float64).to(act).double().to(device)
     all_act = {k: act for k in t}
-    y_ref, g_ref = _forward_and_grads(lambda lv: _oracle(op, lv, kw, mask, scaling), t, {k: torch.float64 for k in t},
-                                      grad_out)
+    y_ref, g_ref = _forward_and_grads(
+        lambda lv: _oracle(op, lv, kw, mask, scaling), t, {k: torch.float64 for k in t}, grad_out
+    )
     y_plain, g_plain = _forward_and_grads(
-        lambda lv: _oracle(op, lv, kw, None if mask is None else mask.to(act), scaling), t, all_act, grad_out)
+        lambda lv: _oracle(op, lv, kw, None if mask is None else mask.to(act), scaling), t, all_act, grad_out
+    )
     ops.set_backend(backend)
     try:
-        y, g = _forward_and_grads(lambda lv: getattr(ops, op)(lv["x"], lv["weight"], lv["bias"], lv["lora_A"],
-                                                              lv["lora_B"], scaling, dropout_p=p, seed=seed_t, **kw),
-                                  t, dtypes, grad_out)
+        y, g = _forward_and_grads(
+            lambda lv: getattr(ops, op)(
+                lv["x"], lv["weight"], lv["bias"], lv["lora_A"], lv["lora_B"], scaling, dropout_p=p, seed=seed_t, **kw
+            ),
+            t,
+            dtypes,
+            grad_out,
+        )
     finally:
         ops.set_backend(None)
     tiny = _TINY.get(act, 1e-3)
@@ -142,8 +151,13 @@ def check_case(backend: str, op: str, device, act: torch.dtype, fac: torch.dtype
 def _dtype_plan(device_type: str):
     """(activation dtype, factor dtype) pairs per device: plain dtypes, then autocast-style mixes."""
     if device_type == "cuda":
-        return [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
+        return [
+            (torch.float32, torch.float32),
+            (torch.float16, torch.float16),
+            (torch.bfloat16, torch.bfloat16),
+            (torch.float16, torch.float32),
+            (torch.bfloat16, torch.float32),
+        ]
     plan = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float64, torch.float32)]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         plan.append((torch.float16, torch.float32))
@@ -168,8 +182,11 @@ def run_checks(device: torch.device, log: Callable[[str], None]) -> list[dict[st
                     try:
                         res = check_case(backend, op, device, act, fac, p)
                     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its cause
-                        res = {"ok": False, "problems": [f"raised {type(e).__name__}: {e}"],
-                               "traceback": traceback.format_exc(limit=4)}
+                        res = {
+                            "ok": False,
+                            "problems": [f"raised {type(e).__name__}: {e}"],
+                            "traceback": traceback.format_exc(limit=4),
+                        }
                     res.update(device=str(device), backend=backend, op=op, act=str(act), factors=str(fac), p=p)
                     results.append(res)
                     if res["ok"] is None:
@@ -230,8 +247,13 @@ def _rvc_cases(batches=(1, 4)):
             cases.append((f"conv1d {c}ch k3 d1 T{t} N{n}", "lora_conv1d", dict(n=n, c=c, o=c, k=3, d=1, t=t)))
         cases.append((f"conv1d 256ch k11 d5 T320 N{n}", "lora_conv1d", dict(n=n, c=256, o=256, k=11, d=5, t=320)))
         for cin, cout, k, s, t in ups:
-            cases.append((f"convT {cin}->{cout} k{k} u{s} T{t} N{n}", "lora_conv_transpose1d",
-                          dict(n=n, c=cin, o=cout, k=k, s=s, t=t)))
+            cases.append(
+                (
+                    f"convT {cin}->{cout} k{k} u{s} T{t} N{n}",
+                    "lora_conv_transpose1d",
+                    dict(n=n, c=cin, o=cout, k=k, s=s, t=t),
+                )
+            )
     cases.append(("linear 4096x4096 M4096", "lora_linear", dict(m=4096, c=4096, o=4096)))
     return cases
 
@@ -320,6 +342,7 @@ def _time_case(op: str, sh: dict[str, int], device, dtype, rounds: int) -> dict[
                 t.grad = None
             y = fn()
             y.backward(torch.ones_like(y))
+
         return run
 
     steps = {k: step(fn) for k, fn in impls.items()}
@@ -349,8 +372,10 @@ def run_timing(device: torch.device, dtypes: Sequence[torch.dtype], rounds: int,
     name = torch.cuda.get_device_name(device)
     peak_key, peaks = _peaks(name)
     rows_out = []
-    log(f"  roofline peaks: {peak_key or 'unknown GPU (no roofline column)'} {peaks or ''} "
-        "(datasheet: fp16 TF/s, tf32 TF/s, fp32 TF/s, TB/s)")
+    log(
+        f"  roofline peaks: {peak_key or 'unknown GPU (no roofline column)'} {peaks or ''} "
+        "(datasheet: fp16 TF/s, tf32 TF/s, fp32 TF/s, TB/s)"
+    )
     for dtype in dtypes:
         for label, op, sh in _rvc_cases(batches):
             res = _time_case(op, sh, device, dtype, rounds)
@@ -359,8 +384,11 @@ def run_timing(device: torch.device, dtypes: Sequence[torch.dtype], rounds: int,
             for k, t_med in res["seconds"].items():
                 entry = {"seconds": t_med, "tflops": flops / t_med / 1e12, "gbps": nbytes / t_med / 1e9}
                 if peaks is not None:
-                    tf32 = torch.backends.cuda.matmul.allow_tf32 if op == "lora_linear" else \
-                        torch.backends.cudnn.allow_tf32
+                    tf32 = (
+                        torch.backends.cuda.matmul.allow_tf32
+                        if op == "lora_linear"
+                        else torch.backends.cudnn.allow_tf32
+                    )
                     peak = peaks[0] if dtype != torch.float32 else (peaks[1] if tf32 else peaks[2])
                     roof = max(flops / (peak * 1e12), nbytes / (peaks[3] * 1e12))
                     entry["roofline_fraction"] = roof / t_med
@@ -369,7 +397,9 @@ def run_timing(device: torch.device, dtypes: Sequence[torch.dtype], rounds: int,
             cells = "  ".join(
                 f"{k} {row[k]['seconds'] * 1e3:7.3f} ms {row[k]['tflops']:6.1f} TF/s {row[k]['gbps']:6.0f} GB/s"
                 + (f" {100 * row[k]['roofline_fraction']:4.0f}%" if "roofline_fraction" in row[k] else "")
-                for k in ("fused", "torch", "unfused") if k in row)
+                for k in ("fused", "torch", "unfused")
+                if k in row
+            )
             log(f"  {str(dtype)[6:]:>8} {label:<34} {cells}")
     return {"device": name, "peaks": {"matched": peak_key, "values": peaks}, "rows": rows_out}
 
@@ -389,8 +419,11 @@ def run(out_dir: str | None = None, rounds: int = 10, timing: bool = True, log=p
 
     report: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "rvclora": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "backends": backend_status(), "not_run": [],
+        "rvclora": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "backends": backend_status(),
+        "not_run": [],
     }
     try:
         import triton
@@ -401,11 +434,15 @@ def run(out_dir: str | None = None, rounds: int = 10, timing: bool = True, log=p
     cuda = torch.cuda.is_available()
     devices = [torch.device("cuda", 0)] if cuda else [torch.device("cpu")]
     report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    log(f"rvclora {__version__} selftest: torch {torch.__version__}, triton {report['triton']}, "
-        f"GPUs: {', '.join(report['gpus']) or 'none'}")
+    log(
+        f"rvclora {__version__} selftest: torch {torch.__version__}, triton {report['triton']}, "
+        f"GPUs: {', '.join(report['gpus']) or 'none'}"
+    )
     for row in report["backends"]:
-        log(f"  backend {row['backend']:<9} " + ("available" if row["unavailable"] is None
-                                                 else f"unavailable: {row['unavailable']}"))
+        log(
+            f"  backend {row['backend']:<9} "
+            + ("available" if row["unavailable"] is None else f"unavailable: {row['unavailable']}")
+        )
     t0 = time.perf_counter()
     log("correctness against the float64 oracle (forward and every gradient):")
     checks = []
@@ -443,8 +480,10 @@ def run(out_dir: str | None = None, rounds: int = 10, timing: bool = True, log=p
         failed.append(report["compile"])
     report["failed"] = len(failed)
     ran = sum(1 for c in checks if c.get("ok") is not None)
-    log(f"{ran} checks run, {len(failed)} failed, {sum(1 for c in checks if c.get('ok') is None)} skipped "
-        f"(backend or dtype not supported here), {report['seconds']:.0f} s")
+    log(
+        f"{ran} checks run, {len(failed)} failed, {sum(1 for c in checks if c.get('ok') is None)} skipped "
+        f"(backend or dtype not supported here), {report['seconds']:.0f} s"
+    )
     for item in report["not_run"]:
         log(f"NOT RUN: {item}")
     out_dir = out_dir or _default_out()

@@ -113,8 +113,9 @@ class _Pattern:
             raise ValueError("it nests groups too deeply") from None
         flags = parsed.state.flags
         if flags & ~_ALLOWED_FLAGS:
-            raise ValueError("inline flags that change what a character matches ((?i), (?a), (?L), (?m)) are "
-                             "not supported")
+            raise ValueError(
+                "inline flags that change what a character matches ((?i), (?a), (?L), (?m)) are not supported"
+            )
         self.dotall = bool(flags & _c.SRE_FLAG_DOTALL)
         self.kind: list[int] = []
         self.arg: list = []
@@ -125,8 +126,10 @@ class _Pattern:
         except RecursionError:
             raise ValueError("it nests groups too deeply") from None
         except _TooLarge:
-            raise ValueError(f"it expands to more than {self.budget} states (of MAX_STATES={MAX_STATES} for all "
-                             "entries); use shorter alternations or smaller repeat counts") from None
+            raise ValueError(
+                f"it expands to more than {self.budget} states (of MAX_STATES={MAX_STATES} for all "
+                "entries); use shorter alternations or smaller repeat counts"
+            ) from None
         self._closures: dict = {}
         self._steps: dict = {}
 
@@ -181,8 +184,10 @@ class _Pattern:
         if op is _c.AT:
             return self._new(_ASSERT, av, [nxt])
         what = {
-            _c.GROUPREF: "backreferences", _c.GROUPREF_EXISTS: "conditionals",
-            _c.ASSERT: "lookahead/lookbehind", _c.ASSERT_NOT: "lookahead/lookbehind",
+            _c.GROUPREF: "backreferences",
+            _c.GROUPREF_EXISTS: "conditionals",
+            _c.ASSERT: "lookahead/lookbehind",
+            _c.ASSERT_NOT: "lookahead/lookbehind",
         }.get(op)
         if what is None and str(op) in ("ATOMIC_GROUP", "POSSESSIVE_REPEAT"):
             what = "atomic groups and possessive repeats"
@@ -246,8 +251,13 @@ class _Pattern:
         n = len(name)
         current = frozenset((self.start,))
         for pos in range(n + 1):
-            ctx = (pos == 0, pos == n, pos == n - 1 and name[pos] == "\n",
-                   pos > 0 and _is_word(name[pos - 1]), pos < n and _is_word(name[pos]))
+            ctx = (
+                pos == 0,
+                pos == n,
+                pos == n - 1 and name[pos] == "\n",
+                pos > 0 and _is_word(name[pos - 1]),
+                pos < n and _is_word(name[pos]),
+            )
             closed = self._closure(current, ctx)
             if pos == n:
                 return self.match in closed
@@ -268,14 +278,16 @@ def compile_target(target: str, budget: int = MAX_STATES) -> Callable[[str], boo
     if not isinstance(target, str) or not target:
         raise ValueError(f"target_modules entries must be non-empty strings, got {target!r}")
     if len(target) > MAX_TARGET_CHARS:
-        raise ValueError(f"target_modules entry {target[:40]!r}... has {len(target)} characters; at most "
-                         f"{MAX_TARGET_CHARS} (MAX_TARGET_CHARS) are accepted")
+        raise ValueError(
+            f"target_modules entry {target[:40]!r}... has {len(target)} characters; at most "
+            f"{MAX_TARGET_CHARS} (MAX_TARGET_CHARS) are accepted"
+        )
     if _PLAIN_NAME.fullmatch(target):
         want = target.split(".")
 
         def run(name: str) -> bool:
             have = name.split(".")
-            return any(have[i: i + len(want)] == want for i in range(len(have) - len(want) + 1))
+            return any(have[i : i + len(want)] == want for i in range(len(have) - len(want) + 1))
 
         run.states = 0  # type: ignore[attr-defined]
         return run

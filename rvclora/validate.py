@@ -63,25 +63,33 @@ def layer_records_of(where: str, metadata: Any, layers: Mapping[str, Any]) -> di
         return None
     saved = metadata["layers"]
     if not isinstance(saved, Mapping):
-        raise ValueError(f"{where}: metadata 'layers' is a {type(saved).__name__}; expected a dict of layer records "
-                         "{name: {'kind', 'groups'}}")
+        raise ValueError(
+            f"{where}: metadata 'layers' is a {type(saved).__name__}; expected a dict of layer records "
+            "{name: {'kind', 'groups'}}"
+        )
     out: dict[str, tuple[str, int]] = {}
     for name, rec in saved.items():
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{where}: layer record of {name!r} is {rec!r}; expected {{'kind': one of {KINDS}, "
-                             "'groups': int >= 1}")
+            raise ValueError(
+                f"{where}: layer record of {name!r} is {rec!r}; expected {{'kind': one of {KINDS}, 'groups': int >= 1}}"
+            )
         kind, groups = rec.get("kind"), rec.get("groups", 1)
         if kind not in KINDS or isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"{where}: layer record of {name!r} is {dict(rec)!r}; expected kind in {KINDS} and "
-                             "groups an int >= 1")
+            raise ValueError(
+                f"{where}: layer record of {name!r} is {dict(rec)!r}; expected kind in {KINDS} and groups an int >= 1"
+            )
         if not spec_of_kind(kind).grouped and groups != 1:
-            raise ValueError(f"{where}: layer record of {name!r} says a {kind} layer with groups={groups}; "
-                             f"{kind} layers have groups=1")
+            raise ValueError(
+                f"{where}: layer record of {name!r} says a {kind} layer with groups={groups}; "
+                f"{kind} layers have groups=1"
+            )
         out[str(name)] = (kind, groups)
     missing = sorted(set(layers) - set(out))
     if missing:
-        raise ValueError(f"{where}: layers {missing[:3]} have factors but no layer record (metadata 'layers' must "
-                         "record every adapted layer)")
+        raise ValueError(
+            f"{where}: layers {missing[:3]} have factors but no layer record (metadata 'layers' must "
+            "record every adapted layer)"
+        )
     return out
 
 
@@ -95,8 +103,10 @@ def _check_pair(where: str, name: str, A: Tensor, B: Tensor, r: int, record: tup
         raise ValueError(f"{where}: {name}'s factors have shapes {a}, {b}; every dimension must be >= 1")
     if record is None:  # no record: lora_B must fit one of the kinds
         if b[0] != r and r % b[1] != 0:
-            raise ValueError(f"{where}: {name + '.lora_B'!r} has shape {b}, which fits rank r={r} for no layer kind "
-                             f"(expected (out, r/groups) or ({r}, out/groups*k))")
+            raise ValueError(
+                f"{where}: {name + '.lora_B'!r} has shape {b}, which fits rank r={r} for no layer kind "
+                f"(expected (out, r/groups) or ({r}, out/groups*k))"
+            )
         return
     kind, g = record
     if r % g:
@@ -111,8 +121,10 @@ def _is_number(x: Any) -> bool:
 
 
 def _check_blend_record(where: str, blend: Any, layers: Mapping[str, Any]) -> None:
-    expected = ("{'sources': [{'name', 'weight', 'r', 'lora_alpha', 'base_fingerprint'}], 'rank': int or None, "
-                "'errors': {layer: number}}")
+    expected = (
+        "{'sources': [{'name', 'weight', 'r', 'lora_alpha', 'base_fingerprint'}], 'rank': int or None, "
+        "'errors': {layer: number}}"
+    )
     if not isinstance(blend, Mapping):
         raise ValueError(f"{where}: metadata 'blend' is a {type(blend).__name__}; expected {expected}")
     sources = blend.get("sources", [])
@@ -120,8 +132,10 @@ def _check_blend_record(where: str, blend: Any, layers: Mapping[str, Any]) -> No
         raise ValueError(f"{where}: blend record 'sources' is {sources!r:.80}; expected a list of dicts")
     for i, s in enumerate(sources):
         if not _is_number(s.get("weight", 0.0)) or not isinstance(s.get("name", ""), str):
-            raise ValueError(f"{where}: blend record sources[{i}] is {dict(s)!r:.120}; expected a str 'name' and a "
-                             "finite number 'weight'")
+            raise ValueError(
+                f"{where}: blend record sources[{i}] is {dict(s)!r:.120}; expected a str 'name' and a "
+                "finite number 'weight'"
+            )
         for key in ("r", "lora_alpha"):
             if key in s and s[key] is not None and not _is_number(s[key]):
                 raise ValueError(f"{where}: blend record sources[{i}][{key!r}] is {s[key]!r:.40}; expected a number")
@@ -130,8 +144,9 @@ def _check_blend_record(where: str, blend: Any, layers: Mapping[str, Any]) -> No
         raise ValueError(f"{where}: blend record 'rank' is {rank!r:.40}; expected None or an int >= 1")
     for field in ("errors", "cast_errors"):
         table = blend.get(field, {})
-        if not isinstance(table, Mapping) or not all(isinstance(k, str) and _is_number(v) and v >= 0
-                                                     for k, v in table.items()):
+        if not isinstance(table, Mapping) or not all(
+            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in table.items()
+        ):
             raise ValueError(f"{where}: blend record {field!r} is {table!r:.80}; expected {{layer: number >= 0}}")
 
 
@@ -150,16 +165,17 @@ def check_adapter(where: str, weights: Any, config: Any, metadata: Any) -> dict[
     if not isinstance(weights, Mapping):
         raise TypeError(f"{where}: weights must be a dict of tensors, got {type(weights).__name__}")
     if len(weights) > MAX_TENSORS:
-        raise ValueError(f"{where}: holds {len(weights)} tensors; an adapter holds at most {MAX_TENSORS} "
-                         "(MAX_TENSORS)")
+        raise ValueError(f"{where}: holds {len(weights)} tensors; an adapter holds at most {MAX_TENSORS} (MAX_TENSORS)")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(f"{where}: metadata is a {type(metadata).__name__}, expected a dict")
     record = metadata.get("modules_to_save") if isinstance(metadata, Mapping) else None
     _check_adapter_content(where, dict(weights), config, saved_shapes=record)
     for key, t in weights.items():
         if t.dtype not in DTYPES:
-            raise ValueError(f"{where}: {key!r} has dtype {str(t.dtype).replace('torch.', '')}; adapter tensors are "
-                             "float16, bfloat16, float32 or float64")
+            raise ValueError(
+                f"{where}: {key!r} has dtype {str(t.dtype).replace('torch.', '')}; adapter tensors are "
+                "float16, bfloat16, float32 or float64"
+            )
     layers: dict[str, dict[str, Tensor]] = {}
     for key, t in weights.items():
         owner, _, leaf = key.rpartition(".")
@@ -206,29 +222,38 @@ def check_rvc_decoder_args(args: Any) -> dict[str, Any]:
     rates = _ints("upsample_rates (config[12])", args[12], 1, _MAX_RATE)
     kernels = _ints("upsample_kernel_sizes (config[14])", args[14], 1, _MAX_KERNEL)
     if len(rates) != len(kernels):
-        raise ValueError(f"upsample_rates {list(rates)} and upsample_kernel_sizes {list(kernels)} must have equal "
-                         "length")
+        raise ValueError(
+            f"upsample_rates {list(rates)} and upsample_kernel_sizes {list(kernels)} must have equal length"
+        )
     for i, (u, k) in enumerate(zip(rates, kernels)):
         if k < u:
-            raise ValueError(f"upsample_kernel_sizes[{i}]={k} is shorter than upsample_rates[{i}]={u}; the stage's "
-                             "padding (k - u) // 2 would be negative")
+            raise ValueError(
+                f"upsample_kernel_sizes[{i}]={k} is shorter than upsample_rates[{i}]={u}; the stage's "
+                "padding (k - u) // 2 would be negative"
+            )
     initial = _int("upsample_initial_channel (config[13])", args[13], 1, MAX_CHANNELS)
     if initial % (2 ** len(rates)):
-        raise ValueError(f"upsample_initial_channel (config[13])={initial} must be divisible by 2^{len(rates)} (it "
-                         f"is halved at each of the {len(rates)} stages)")
+        raise ValueError(
+            f"upsample_initial_channel (config[13])={initial} must be divisible by 2^{len(rates)} (it "
+            f"is halved at each of the {len(rates)} stages)"
+        )
     resblock = args[9]
     if isinstance(resblock, bool) or str(resblock) != "1":
-        raise ValueError(f"resblock (config[9]) must be '1' (the type every shipped RVC config uses), got "
-                         f"{resblock!r:.40}")
+        raise ValueError(
+            f"resblock (config[9]) must be '1' (the type every shipped RVC config uses), got {resblock!r:.40}"
+        )
     rk = _ints("resblock_kernel_sizes (config[10])", args[10], 1, _MAX_KERNEL)
     for i, k in enumerate(rk):
         if k % 2 == 0:
-            raise ValueError(f"resblock_kernel_sizes[{i}] (config[10])={k} must be odd (a resblock keeps the length "
-                             "of its input)")
+            raise ValueError(
+                f"resblock_kernel_sizes[{i}] (config[10])={k} must be odd (a resblock keeps the length of its input)"
+            )
     rd = args[11]
     if not isinstance(rd, (list, tuple)) or len(rd) != len(rk):
-        raise ValueError(f"resblock_dilation_sizes (config[11]) must be a list of {len(rk)} lists (one per resblock "
-                         f"kernel), got {rd!r:.80}")
+        raise ValueError(
+            f"resblock_dilation_sizes (config[11]) must be a list of {len(rk)} lists (one per resblock "
+            f"kernel), got {rd!r:.80}"
+        )
     dil = tuple(_ints(f"resblock_dilation_sizes[{i}] (config[11])", d, 1, _MAX_KERNEL) for i, d in enumerate(rd))
     return {
         "upsample_rates": rates,

@@ -145,8 +145,15 @@ def test_update_below_half_resolution_is_not_rounded_away(kind, dtype):
     (y.float() * g_pattern).sum().backward()
 
     x64 = x.detach().double().requires_grad_(True)
-    y_ref = _reference(kind, lora, x64, lora.weight.detach().double(), None,
-                       lora.lora_A.detach().double(), lora.lora_B.detach().double())
+    y_ref = _reference(
+        kind,
+        lora,
+        x64,
+        lora.weight.detach().double(),
+        None,
+        lora.lora_A.detach().double(),
+        lora.lora_B.detach().double(),
+    )
     (y_ref * g_pattern.double()).sum().backward()
     assert y_ref.abs().min() > 0 and x64.grad.abs().min() > 0, "the test must see ΔW everywhere"
     torch.testing.assert_close(y.double(), y_ref, rtol=eps, atol=0)

@@ -41,6 +41,7 @@ def _fake_backend(name, clock, cost, wrong=False, raises=False):
             clock.now += cost
             y = getattr(tb, op)(*args)
             return y + 1.0 if wrong else y
+
         return run
 
     mod = types.SimpleNamespace(NAME=name, calls=calls, dropout_mask=tb.dropout_mask)
@@ -54,14 +55,19 @@ def _torch_timed(clock, cost):
 
 
 def _selector(tmp_path, clock, **kw):
-    return autoselect.AutoSelector(str(tmp_path / "autoselect.json"), timer=autoselect.ClockTimer(clock),
-                                   device_info=lambda d: dict(FAKE_GPU), versions=dict(VERSIONS), rounds=3, **kw)
+    return autoselect.AutoSelector(
+        str(tmp_path / "autoselect.json"),
+        timer=autoselect.ClockTimer(clock),
+        device_info=lambda d: dict(FAKE_GPU),
+        versions=dict(VERSIONS),
+        rounds=3,
+        **kw,
+    )
 
 
 def _linear_call(rows=40, requires_grad=True, p=0.0):
     x = torch.randn(rows, 12)
-    params = {"weight": torch.randn(10, 12), "lora_A": torch.randn(4, 12, requires_grad=requires_grad),
-              "dropout_p": p}
+    params = {"weight": torch.randn(10, 12), "lora_A": torch.randn(4, 12, requires_grad=requires_grad), "dropout_p": p}
     return x, params
 
 
@@ -123,9 +129,13 @@ def test_decisions_persist_per_machine_and_versions(tmp_path):
     # same class (rows 40 and 60 round to 64): cached; another GPU or another triton: measured anew
     assert again.choose("lora_linear", torch.randn(60, 12), params, [fused], torch_mod, torch_mod).NAME == "fused"
     assert fused.calls["n"] == n
-    other = autoselect.AutoSelector(str(tmp_path / "autoselect.json"), timer=autoselect.ClockTimer(clock),
-                                    device_info=lambda d: {"name": "Other GPU", "capability": "8.0"},
-                                    versions={**VERSIONS, "triton": "3.6.0"}, rounds=3)
+    other = autoselect.AutoSelector(
+        str(tmp_path / "autoselect.json"),
+        timer=autoselect.ClockTimer(clock),
+        device_info=lambda d: {"name": "Other GPU", "capability": "8.0"},
+        versions={**VERSIONS, "triton": "3.6.0"},
+        rounds=3,
+    )
     other.choose("lora_linear", x, params, [fused], torch_mod, torch_mod)
     assert fused.calls["n"] > n
     assert len(json.loads((tmp_path / "autoselect.json").read_text())["entries"]) == 2
@@ -220,8 +230,13 @@ def test_real_triton_kernels_validate_through_the_dispatcher(tmp_path, monkeypat
         def __call__(self, fns, rounds):
             return {name: (1.0 if name == "triton" else 2.0) for name in fns}
 
-    sel = autoselect.AutoSelector(str(tmp_path / "a.json"), timer=SlowTorchClock(clock),
-                                  device_info=lambda d: dict(FAKE_GPU), versions=dict(VERSIONS), rounds=1)
+    sel = autoselect.AutoSelector(
+        str(tmp_path / "a.json"),
+        timer=SlowTorchClock(clock),
+        device_info=lambda d: dict(FAKE_GPU),
+        versions=dict(VERSIONS),
+        rounds=1,
+    )
     _use_selector(monkeypatch, sel)
     x = torch.randn(3, 30, 20, device=device)
     w = torch.randn(24, 20, device=device)
@@ -257,8 +272,16 @@ def test_auto_measures_on_cpu_and_caches_per_cpu_model_isa_and_threads(tmp_path,
     monkeypatch.setenv("RVCLORA_AUTOSELECT_CACHE", str(tmp_path / "autoselect.json"))
     monkeypatch.setattr(autoselect, "_selector", None)
     x = torch.randn(1, 8, 5000, requires_grad=True)
-    params = dict(weight=torch.randn(8, 8, 3), lora_A=torch.randn(4, 24, requires_grad=True), stride=1,
-                  padding=(1, 1), dilation=1, groups=1, padding_mode="zeros", dropout_p=0.0)
+    params = dict(
+        weight=torch.randn(8, 8, 3),
+        lora_A=torch.randn(4, 24, requires_grad=True),
+        stride=1,
+        padding=(1, 1),
+        dilation=1,
+        groups=1,
+        padding_mode="zeros",
+        dropout_p=0.0,
+    )
     assert autoselect._measure_shape("lora_conv1d", x, params) == (1, 8, autoselect.CPU_MEASURE_LEN)
     assert dispatch.select_backend("lora_conv1d", x, **params).NAME in ("cpu", "torch")
     ((env, key, hit),) = autoselect.decisions()

@@ -18,8 +18,21 @@ pytestmark = pytest.mark.subprocess  # every test here runs rvclora or pytest in
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("base", "rvclora", "plain", "peft", "loralib", "full")
-HEADER = ["case", "floor", "base ms", "rvclora ms ovh", "plain ms ovh", "rv/plain", "peft ms ovh", "rv/peft",
-          "loralib ms ovh", "rv/loralib", "full ms ovh", "rv/full", "saved MiB: base"]
+HEADER = [
+    "case",
+    "floor",
+    "base ms",
+    "rvclora ms ovh",
+    "plain ms ovh",
+    "rv/plain",
+    "peft ms ovh",
+    "rv/peft",
+    "loralib ms ovh",
+    "rv/loralib",
+    "full ms ovh",
+    "rv/full",
+    "saved MiB: base",
+]
 MACHINE_KEYS = ("cpu_model", "cpu_count", "torch_threads", "torch", "triton", "git_commit", "date", "mode")
 
 
@@ -30,7 +43,11 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ, RVCLORA_BENCH_QUICK="1", RVCLORA_BENCH_JSON=str(out))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return proc, out
 

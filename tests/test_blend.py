@@ -39,13 +39,24 @@ def _adapter(r: int, alpha: float, seed: int, bias: str = "none", fingerprint: s
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 7), dtype=p.dtype))
-    return {"weights": extract_lora_weights(model), "config": model.rvclora_config,
-            "base_fingerprint": fingerprint, "metadata": {"layers": layer_records(model), "name": f"ad{seed}"}}
+    return {
+        "weights": extract_lora_weights(model),
+        "config": model.rvclora_config,
+        "base_fingerprint": fingerprint,
+        "metadata": {"layers": layer_records(model), "name": f"ad{seed}"},
+    }
 
 
 def _deltas(adapter: dict) -> dict:
-    model = inject_lora(_base(), LoRAConfig(r=adapter["config"].r, lora_alpha=adapter["config"].lora_alpha,
-                                            target_modules=["lin", "conv", "up"], bias=adapter["config"].bias))
+    model = inject_lora(
+        _base(),
+        LoRAConfig(
+            r=adapter["config"].r,
+            lora_alpha=adapter["config"].lora_alpha,
+            target_modules=["lin", "conv", "up"],
+            bias=adapter["config"].bias,
+        ),
+    )
     load_lora_weights(model, adapter["weights"])
     return {name: m.get_delta_weight().detach() for name, m in lora_modules(model)}
 
@@ -79,7 +90,7 @@ def test_svd_blend_error_is_the_discarded_energy(rank):
         g = groups[name]
         mats = dw.reshape(g, dw.shape[0] // g, -1)  # (out/g, in/g·k) for Conv1d, (in/g, out/g·k) for ConvT
         s = torch.linalg.svdvals(mats)
-        want = math.sqrt(float(s[:, rank // g:].square().sum() / s.square().sum()))
+        want = math.sqrt(float(s[:, rank // g :].square().sum() / s.square().sum()))
         assert math.isclose(err, want, rel_tol=1e-9, abs_tol=1e-12)
     assert any(e > 1e-3 for e in trunc["metadata"]["blend"]["errors"].values())  # a real truncation happened
 
@@ -132,16 +143,19 @@ def test_refuses_other_layer_shapes():
         blend_adapters([a, b], [0.5, 0.5])
 
 
-@pytest.mark.parametrize("adapters, weights, match", [
-    ([], [], "empty"),
-    (None, [1.0], "list of paths"),
-    ("voice.safetensors", [1.0], "list of paths"),
-    ([{"weights": {}, "config": LoRAConfig()}], [1.0, 2.0], "one per adapter"),
-    ([{"weights": {}, "config": LoRAConfig()}], ["x"], "finite number"),
-    ([{"weights": {}, "config": LoRAConfig()}], [float("nan")], "finite number"),
-    ([{"weights": {}, "config": LoRAConfig()}], [1.0], "no LoRA factors"),
-    ([3], [1.0], "must be a path or an adapter"),
-])
+@pytest.mark.parametrize(
+    "adapters, weights, match",
+    [
+        ([], [], "empty"),
+        (None, [1.0], "list of paths"),
+        ("voice.safetensors", [1.0], "list of paths"),
+        ([{"weights": {}, "config": LoRAConfig()}], [1.0, 2.0], "one per adapter"),
+        ([{"weights": {}, "config": LoRAConfig()}], ["x"], "finite number"),
+        ([{"weights": {}, "config": LoRAConfig()}], [float("nan")], "finite number"),
+        ([{"weights": {}, "config": LoRAConfig()}], [1.0], "no LoRA factors"),
+        ([3], [1.0], "must be a path or an adapter"),
+    ],
+)
 def test_bad_inputs(adapters, weights, match):
     with pytest.raises(BlendError, match=match):
         blend_adapters(adapters, weights)
@@ -174,13 +188,16 @@ def test_shapes_are_inferred_for_files_without_layer_records():
     assert mix["metadata"]["layers"] == {"lin": {"kind": "conv1d", "groups": 1}}
 
 
-@pytest.mark.parametrize("text, want", [
-    ("a.safetensors:0.6", ("a.safetensors", 0.6)),
-    ("a.safetensors", ("a.safetensors", 1.0)),
-    ("a.safetensors:-1.5", ("a.safetensors", -1.5)),
-    ("C:/v/a.safetensors:0.5", ("C:/v/a.safetensors", 0.5)),
-    ("a.safetensors:1e-2", ("a.safetensors", 0.01)),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("a.safetensors:0.6", ("a.safetensors", 0.6)),
+        ("a.safetensors", ("a.safetensors", 1.0)),
+        ("a.safetensors:-1.5", ("a.safetensors", -1.5)),
+        ("C:/v/a.safetensors:0.5", ("C:/v/a.safetensors", 0.5)),
+        ("a.safetensors:1e-2", ("a.safetensors", 0.01)),
+    ],
+)
 def test_parse_weighted(text, want):
     assert parse_weighted(text) == want
 

@@ -25,8 +25,9 @@ TARGETS = ["ups", "resblocks"]
 
 
 def _adapted(r: int, alpha: float, seed: int, base_seed: int = 0, targets=TARGETS):
-    model = inject_lora(build_generator("40k", seed=base_seed), LoRAConfig(r=r, lora_alpha=alpha,
-                                                                           target_modules=list(targets)))
+    model = inject_lora(
+        build_generator("40k", seed=base_seed), LoRAConfig(r=r, lora_alpha=alpha, target_modules=list(targets))
+    )
     randomize_lora_(model, relative_norm=0.2, seed=seed)
     return model
 
@@ -93,8 +94,10 @@ def test_mix_writes_an_exact_blend_and_info_shows_its_sources(files, capsys):
 
 def test_mix_with_rank_reports_the_truncation_error(files, capsys):
     d = files["dir"]
-    assert main(["mix", f"{d}/a.safetensors:0.5", f"{d}/b.safetensors:0.5", "--rank", "3",
-                 "-o", f"{d}/mix3.safetensors"]) == 0
+    assert (
+        main(["mix", f"{d}/a.safetensors:0.5", f"{d}/b.safetensors:0.5", "--rank", "3", "-o", f"{d}/mix3.safetensors"])
+        == 0
+    )
     assert "relative error per layer" in capsys.readouterr().out
     mix = read_lora_file(d / "mix3.safetensors")
     assert mix["config"].r == 3
@@ -106,8 +109,10 @@ def test_mix_with_rank_reports_the_truncation_error(files, capsys):
 
 def test_merge_several_weighted_adapters_into_one_export(files, capsys):
     d = files["dir"]
-    assert main(["merge", f"{d}/base.pth", f"{d}/a.safetensors:0.6", f"{d}/b.safetensors:0.4",
-                 "-o", f"{d}/blend.pth"]) == 0
+    assert (
+        main(["merge", f"{d}/base.pth", f"{d}/a.safetensors:0.6", f"{d}/b.safetensors:0.4", "-o", f"{d}/blend.pth"])
+        == 0
+    )
     assert "blend a.safetensors:0.6 + b.safetensors:0.4" in capsys.readouterr().out
     got = _run(_load_merged(d / "blend.pth"))
     want = _run(_weighted_sum_model(files, 0.6, 0.4))
@@ -125,22 +130,25 @@ def test_merge_several_weighted_adapters_into_one_export(files, capsys):
 def test_weights_one_and_zero_merge_like_the_single_adapter(files):
     d = files["dir"]
     assert main(["merge", f"{d}/base.pth", f"{d}/a.safetensors", "-o", f"{d}/single.pth"]) == 0
-    assert main(["merge", f"{d}/base.pth", f"{d}/a.safetensors:1", f"{d}/b.safetensors:0", "-o",
-                 f"{d}/one_zero.pth"]) == 0
+    assert (
+        main(["merge", f"{d}/base.pth", f"{d}/a.safetensors:1", f"{d}/b.safetensors:0", "-o", f"{d}/one_zero.pth"]) == 0
+    )
     a = torch.load(d / "single.pth", weights_only=True)["weight"]
     b = torch.load(d / "one_zero.pth", weights_only=True)["weight"]
-    worst = max((a[k].float() - b[k].float()).abs().max().item() / (a[k].float().abs().max().item() + 1e-12)
-                for k in a)
-    assert worst <= 2 ** -10  # at most one fp16 rounding step apart (ΔW computed from folded factors)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() / (a[k].float().abs().max().item() + 1e-12) for k in a)
+    assert worst <= 2**-10  # at most one fp16 rounding step apart (ΔW computed from folded factors)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{d}/a.safetensors:0.5", "{d}/other_base.safetensors:0.5"], "different base models"),
-    (["{d}/a.safetensors:0.5", "{d}/ups_only.safetensors:0.5"], "other layers"),
-    (["{d}/a.safetensors:x"], "must be a number"),
-    (["{d}/a.safetensors:nan"], "finite"),
-    (["{d}/missing.safetensors:0.5"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{d}/a.safetensors:0.5", "{d}/other_base.safetensors:0.5"], "different base models"),
+        (["{d}/a.safetensors:0.5", "{d}/ups_only.safetensors:0.5"], "other layers"),
+        (["{d}/a.safetensors:x"], "must be a number"),
+        (["{d}/a.safetensors:nan"], "finite"),
+        (["{d}/missing.safetensors:0.5"], "does not exist"),
+    ],
+)
 @pytest.mark.parametrize("command", ["mix", "merge"])
 def test_bad_blends_are_refused_in_one_line(files, capsys, command, args, message):
     d = files["dir"]
@@ -160,7 +168,18 @@ def test_empty_adapter_list_is_a_usage_error(files):
 
 def test_force_blends_different_bases_with_a_warning(files, capsys):
     d = files["dir"]
-    assert main(["mix", f"{d}/a.safetensors:0.5", f"{d}/other_base.safetensors:0.5", "--force",
-                 "-o", f"{d}/forced.safetensors"]) == 0
+    assert (
+        main(
+            [
+                "mix",
+                f"{d}/a.safetensors:0.5",
+                f"{d}/other_base.safetensors:0.5",
+                "--force",
+                "-o",
+                f"{d}/forced.safetensors",
+            ]
+        )
+        == 0
+    )
     assert "different base models" in capsys.readouterr().err
     assert read_lora_file(d / "forced.safetensors")["base_fingerprint"] is None

@@ -105,8 +105,11 @@ def test_errors_name_the_first_mismatch(tmp_path):
     path = tmp_path / "a.pth"
     save_lora_checkpoint(model, path, cfg)
     bigger, _ = make_model(r=4)
-    with pytest.raises(ValueError, match=r"the file has r=2, lora_alpha=4, but the model's layer '1' was injected "
-                                         r"with r=4, lora_alpha=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"the file has r=2, lora_alpha=4, but the model's layer '1' was injected "
+        r"with r=4, lora_alpha=8",
+    ):
         load_lora_checkpoint(bigger, path)
     weights = extract_lora_weights(model)
     with pytest.raises(ValueError, match=r"'1.lora_A' has shape \(2, 8\), the model expects \(4, 8\)"):
@@ -174,16 +177,21 @@ def test_write_lora_file_needs_no_model_and_round_trips_metadata(tmp_path, suffi
     weights = extract_lora_weights(model)
     meta = {"sources": [{"path": "a.pth", "weight": 0.25}, {"path": "b.pth", "weight": 0.75}], "note": "blend"}
     path = tmp_path / f"blend{suffix}"
-    assert write_lora_file(path, weights, cfg, base_fingerprint=model.rvclora_base_fingerprint,
-                           metadata=meta) == str(path)
+    assert write_lora_file(path, weights, cfg, base_fingerprint=model.rvclora_base_fingerprint, metadata=meta) == str(
+        path
+    )
     data = read_lora_file(path)
     assert data["metadata"] == meta and data["base_fingerprint"] == model.rvclora_base_fingerprint
     assert data["config"] == cfg and set(data["weights"]) == set(weights)
     assert all(torch.equal(data["weights"][k], v) for k, v in weights.items())
     write_lora_file(path, weights, cfg, base_fingerprint=None)  # an adapter of unknown base
     assert read_lora_file(path)["base_fingerprint"] is None and read_lora_file(path)["metadata"] is None
-    for bad, pattern in [((1, 2), "survive a round trip"), ({"x": float("nan")}, "JSON-safe"),
-                         ({"x": object()}, "JSON-safe"), ([1], "must be a dict")]:
+    for bad, pattern in [
+        ((1, 2), "survive a round trip"),
+        ({"x": float("nan")}, "JSON-safe"),
+        ({"x": object()}, "JSON-safe"),
+        ([1], "must be a dict"),
+    ]:
         with pytest.raises(TypeError, match=pattern):
             write_lora_file(path, weights, cfg, base_fingerprint=None, metadata={"k": bad} if bad != [1] else bad)
     with pytest.raises(ValueError, match="base_fingerprint must be a string from"):
@@ -209,8 +217,16 @@ def test_adapter_of_another_base_is_refused_unless_forced(tmp_path, suffix):
 def test_old_files_without_fingerprint_load_with_a_warning(tmp_path):
     model, cfg = make_model()
     path = tmp_path / "v1.pth"
-    torch.save({"format_version": 1, "config": cfg.to_dict(), "lora_weights": extract_lora_weights(model),
-                "epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, path)
+    torch.save(
+        {
+            "format_version": 1,
+            "config": cfg.to_dict(),
+            "lora_weights": extract_lora_weights(model),
+            "epoch": 3,
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        path,
+    )
     data = read_lora_file(path)
     assert data["base_fingerprint"] is None and data["format_version"] == 1 and data["optimizer"]["state"] == {}
     fresh, _ = make_model(seed=2)
@@ -224,9 +240,12 @@ def test_loading_into_a_plain_model_injects_the_files_config(tmp_path):
     path = tmp_path / "a.safetensors"
     save_lora_checkpoint(model, path)  # config defaults to the one injected
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1),
-                          nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
-                          nn.Conv1d(6, 6, 3, padding=1), nn.Linear(7, 5))
+    plain = nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1),
+        nn.utils.weight_norm(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
+        nn.Conv1d(6, 6, 3, padding=1),
+        nn.Linear(7, 5),
+    )
     _, _, _, got = load_lora_checkpoint(plain, path)
     assert got == cfg and plain.rvclora_config == cfg and plain[1].r == 3 and plain[1].lora_alpha == 6
     assert torch.equal(plain[2].lora_B, model[2].lora_B)

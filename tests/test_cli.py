@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 def rvclora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "rvclora", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rvclora", *args], capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=300
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -32,8 +33,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("args", [[], ["demo"], ["merge"], ["info"], ["train"]],
-                         ids=["top", "demo", "merge", "info", "train"])
+@pytest.mark.parametrize(
+    "args", [[], ["demo"], ["merge"], ["info"], ["train"]], ids=["top", "demo", "merge", "info", "train"]
+)
 def test_help(args: list[str]) -> None:
     proc = rvclora(*args, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -49,8 +51,22 @@ def test_info_lists_backends() -> None:
 
 
 def test_demo_merge_info_end_to_end(tmp_path: Path) -> None:
-    proc = rvclora("demo", "--teacher", "--steps", "3", "--frames", "2", "--rank", "4", "--bench-rounds", "1",
-                   "--seed", "3", "--out-dir", str(tmp_path))
+    proc = rvclora(
+        "demo",
+        "--teacher",
+        "--steps",
+        "3",
+        "--frames",
+        "2",
+        "--rank",
+        "4",
+        "--bench-rounds",
+        "1",
+        "--seed",
+        "3",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     m = re.search(r"before (\S+), after (\S+)", out)
@@ -80,13 +96,18 @@ def test_demo_merge_info_end_to_end(tmp_path: Path) -> None:
     merged = rvclora("merge", str(base), str(adapter), "-o", str(out_path))
     assert merged.returncode == 0, merged.stderr
     assert out_path.exists() and "76 LoRA layers merged" in merged.stdout
-    assert_one_line_error(rvclora("merge", str(base), str(adapter), "-o", str(out_path)),
-                          r"already exists; pass overwrite=True \(--overwrite\)")
+    assert_one_line_error(
+        rvclora("merge", str(base), str(adapter), "-o", str(out_path)),
+        r"already exists; pass overwrite=True \(--overwrite\)",
+    )
     assert rvclora("merge", str(base), str(adapter), "-o", str(out_path), "--overwrite").returncode == 0
-    assert_one_line_error(rvclora("merge", str(base), str(adapter), "-o", str(base), "--overwrite"),
-                          r"is the base model file")
-    assert_one_line_error(rvclora("merge", str(adapter), str(adapter), "-o", str(tmp_path / "x.pth")),
-                          r"rvclora adapter, not an RVC model file")
+    assert_one_line_error(
+        rvclora("merge", str(base), str(adapter), "-o", str(base), "--overwrite"), r"is the base model file"
+    )
+    assert_one_line_error(
+        rvclora("merge", str(adapter), str(adapter), "-o", str(tmp_path / "x.pth")),
+        r"rvclora adapter, not an RVC model file",
+    )
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
@@ -95,8 +116,11 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(rvclora("info", str(junk)), r"junk\.pth: an unrecognised binary file, not an RVC model file")
     assert_one_line_error(rvclora("info", str(tmp_path / "missing.pth")), r"'.*missing\.pth' does not exist")
     assert_one_line_error(rvclora("demo", "--out-dir", str(tmp_path / "nope")), r"--out-dir .* not an existing")
-    assert_one_line_error(rvclora("demo", "--steps", "3"), r"--steps is an option of the teacher demo; run "
-                          r"'rvclora demo --teacher'")
+    assert_one_line_error(
+        rvclora("demo", "--steps", "3"),
+        r"--steps is an option of the teacher demo; run "
+        r"'rvclora demo --teacher'",
+    )
     usage = rvclora("demo", "--rank", "0")
     assert usage.returncode == 2 and "expected a positive integer, got 0" in usage.stderr
     assert "Traceback" not in usage.stderr
@@ -133,8 +157,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from rvclora.checkpoint import read_lora_file
 
     data = read_lora_file(d / "adapter.safetensors")
-    raw = {"format_version": 2, "config": lora.to_dict(), "lora_weights": data["weights"], "epoch": None,
-           "base_fingerprint": data["base_fingerprint"], "metadata": None, "optimizer": None}
+    raw = {
+        "format_version": 2,
+        "config": lora.to_dict(),
+        "lora_weights": data["weights"],
+        "epoch": None,
+        "base_fingerprint": data["base_fingerprint"],
+        "metadata": None,
+        "optimizer": None,
+    }
     torch.save(raw, d / "proto3.pth", pickle_protocol=3)  # loads, with a torch warning about the protocol
     nan = {k: v.clone() for k, v in data["weights"].items()}
     nan["ups.0.lora_B"][0, 0] = float("nan")
@@ -169,25 +200,36 @@ def test_info_flags_non_finite_tensors(files: dict) -> None:
 def test_merge_refuses_another_base_and_force_warns_in_one_line(files: dict) -> None:
     d = files["dir"]
     out = d / "merged.pth"
-    assert_one_line_error(rvclora("merge", str(d / "other.pth"), str(d / "adapter.safetensors"), "-o", str(out)),
-                          r"adapter\.safetensors: the adapter was trained on another base model .*--force")
+    assert_one_line_error(
+        rvclora("merge", str(d / "other.pth"), str(d / "adapter.safetensors"), "-o", str(out)),
+        r"adapter\.safetensors: the adapter was trained on another base model .*--force",
+    )
     assert not out.exists()
     forced = rvclora("merge", str(d / "other.pth"), str(d / "adapter.safetensors"), "-o", str(out), "--force")
     assert forced.returncode == 0, forced.stderr
     assert forced.stderr.startswith("rvclora: warning: ") and len(forced.stderr.strip().splitlines()) == 1
     assert "used anyway" in forced.stderr and out.exists()
-    assert_one_line_error(rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m2.pth")),
-                          r"nan\.pth: refusing to merge: the adapter's 'ups\.0\.lora_B' is not finite")
-    assert_one_line_error(rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m.safetensors")),
-                          r"name it \.pth, not \.safetensors")
+    assert_one_line_error(
+        rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m2.pth")),
+        r"nan\.pth: refusing to merge: the adapter's 'ups\.0\.lora_B' is not finite",
+    )
+    assert_one_line_error(
+        rvclora("merge", str(d / "base.pth"), str(d / "nan.pth"), "-o", str(d / "m.safetensors")),
+        r"name it \.pth, not \.safetensors",
+    )
     assert not (d / "m2.pth").exists() and not (d / "m.safetensors").exists()
 
 
 def test_a_closed_pipe_is_quiet(files: dict) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "rvclora", "info", str(files["dir"] / "base.pth")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rvclora", "info", str(files["dir"] / "base.pth")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
     proc.stdout.close()  # the reader goes away before the first line (as `| head -0` would)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and err == "", err

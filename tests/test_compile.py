@@ -23,8 +23,17 @@ from rvclora.ops import dispatch
 
 # A miniature of RVC's decoder layout: two weight-normed upsamplers, ResBlock1s, speaker cond.
 TINY_RVC = GeneratorConfig(
-    "tiny", "v2", 16000, (4, 2), (8, 4), 8, inter_channels=8, upsample_initial_channel=16,
-    resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),), gin_channels=4,
+    "tiny",
+    "v2",
+    16000,
+    (4, 2),
+    (8, 4),
+    8,
+    inter_channels=8,
+    upsample_initial_channel=16,
+    resblock_kernel_sizes=(3,),
+    resblock_dilation_sizes=((1, 3),),
+    gin_channels=4,
 )
 
 
@@ -62,8 +71,9 @@ def _layer(kind: str, dropout: float, batch: int = 2) -> tuple[torch.nn.Module, 
         from rvclora.ops.spec import SPECS
 
         sample = SPECS["lora_conv2d"].samples[0]
-        layer = LoRAConv2d(sample.cin, sample.cout, sample.k, r=sample.r, lora_dropout=dropout, stride=(3, 1),
-                           padding=(2, 0))
+        layer = LoRAConv2d(
+            sample.cin, sample.cout, sample.k, r=sample.r, lora_dropout=dropout, stride=(3, 1), padding=(2, 0)
+        )
         x = torch.randn(batch, *sample.x[1:])
     else:
         layer = LoRAConvTranspose1d(4, 6, 4, stride=2, padding=1, r=2, lora_dropout=dropout)

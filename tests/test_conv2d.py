@@ -78,8 +78,9 @@ def test_every_base_option_matches_the_base_and_the_oracle(opts):
     g = torch.randn_like(ym)
     params = [xl, lora.weight, lora.lora_A, lora.lora_B] + ([lora.bias] if lora.bias is not None else [])
     want = [xm, w, *dw_in] + ([merged.bias] if merged.bias is not None else [])
-    for name, a, b in zip(["x", "weight", "lora_A", "lora_B", "bias"], torch.autograd.grad(y, params, g),
-                          torch.autograd.grad(ym, want, g)):
+    for name, a, b in zip(
+        ["x", "weight", "lora_A", "lora_B", "bias"], torch.autograd.grad(y, params, g), torch.autograd.grad(ym, want, g)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
@@ -93,11 +94,14 @@ def test_low_precision_is_held_to_the_oracle_tolerance(dt):
     sample = spec.samples[1]
     t = sample_tensors(spec, sample, seed=3)
     compare_with_oracle(
-        lambda x, weight, bias, lora_A, lora_B: ops.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.7,
-                                                                **sample.options),
-        lambda x, weight, bias, lora_A, lora_B: spec.run_reference(x, weight, bias, lora_A, lora_B, 0.7,
-                                                                   sample.options),
-        t, dt, ["x", "weight", "bias", "lora_A", "lora_B"], f"conv2d {sample.label} {dt}",
+        lambda x, weight, bias, lora_A, lora_B: ops.lora_conv2d(x, weight, bias, lora_A, lora_B, 0.7, **sample.options),
+        lambda x, weight, bias, lora_A, lora_B: spec.run_reference(
+            x, weight, bias, lora_A, lora_B, 0.7, sample.options
+        ),
+        t,
+        dt,
+        ["x", "weight", "bias", "lora_A", "lora_B"],
+        f"conv2d {sample.label} {dt}",
     )
 
 
@@ -114,8 +118,9 @@ def test_dropout_mask_is_the_seeds_and_regenerated_in_backward():
     mask = tb.dropout_mask(seed, x.shape, 0.4, x.device, x.dtype)
     assert (mask == 0).any() and (mask != 0).any()
     x2 = x.detach().clone().requires_grad_(True)
-    want = ref.lora_conv2d_ref(x2, lora.weight, lora.bias, lora.lora_A, lora.lora_B, lora.scaling,
-                               padding=(1, 1, 0, 0), dropout_mask=mask)
+    want = ref.lora_conv2d_ref(
+        x2, lora.weight, lora.bias, lora.lora_A, lora.lora_B, lora.scaling, padding=(1, 1, 0, 0), dropout_mask=mask
+    )
     torch.testing.assert_close(y, want)
     g = torch.randn_like(y)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(want, x2, g)[0])
@@ -212,8 +217,9 @@ def test_a_backend_without_the_op_is_skipped(monkeypatch):
     fake = types.SimpleNamespace(NAME="cpu", unavailable_reason=lambda: None, unsupported_reason=fake_unsupported)
     monkeypatch.setitem(dispatch._loaded, "cpu", fake)
     x = torch.randn(1, 2, 5, 3)
-    be = dispatch.select_backend("lora_conv2d", x, weight=torch.randn(3, 2, 3, 1), lora_A=torch.randn(2, 6),
-                                 dropout_p=0.0)
+    be = dispatch.select_backend(
+        "lora_conv2d", x, weight=torch.randn(3, 2, 3, 1), lora_A=torch.randn(2, 6), dropout_p=0.0
+    )
     assert be.NAME == "torch"
 
 
@@ -287,8 +293,9 @@ def test_blend_is_exact_for_conv2d_layers(tmp_path):
         if isinstance(m, LoRAConv2d):
             want = 0.25 * layers[name].get_delta_weight() + 0.75 * m.get_delta_weight()
             s = out["config"].scaling
-            got = m.spec.delta_weight(out["weights"][f"{name}.lora_A"], out["weights"][f"{name}.lora_B"], s,
-                                      1, m.weight.shape)
+            got = m.spec.delta_weight(
+                out["weights"][f"{name}.lora_A"], out["weights"][f"{name}.lora_B"], s, 1, m.weight.shape
+            )
             torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-7)
 
 
@@ -341,11 +348,14 @@ def test_autocast_gives_the_base_dtype_and_float32_factor_gradients():
     assert y.dtype == want_dtype == torch.bfloat16
     gA, gB = torch.autograd.grad(y.float().square().sum(), [lora.lora_A, lora.lora_B])
     assert gA.dtype == gB.dtype == torch.float32
-    d = {k: v.detach().double() for k, v in (("w", lora.weight), ("b", lora.bias), ("A", lora.lora_A),
-                                              ("B", lora.lora_B))}
+    d = {
+        k: v.detach().double()
+        for k, v in (("w", lora.weight), ("b", lora.bias), ("A", lora.lora_A), ("B", lora.lora_B))
+    }
     from rvclora import reference as ref
 
-    want = ref.lora_conv2d_ref(x.double(), d["w"], d["b"], d["A"], d["B"], lora.scaling, stride=(3, 1),
-                               padding=(2, 2, 0, 0))
+    want = ref.lora_conv2d_ref(
+        x.double(), d["w"], d["b"], d["A"], d["B"], lora.scaling, stride=(3, 1), padding=(2, 2, 0, 0)
+    )
     err = (y.double() - want).abs().max().item()
     assert err <= 2e-2 * want.abs().max().item(), f"bf16 autocast error {err:.3g}"

@@ -78,12 +78,18 @@ def _zero_cross_group(peft_model: nn.Module, module_name: str, groups: int) -> N
         for a in range(groups):
             for b in range(groups):
                 if a != b:
-                    w[a * r // groups: (a + 1) * r // groups, b * cin // groups: (b + 1) * cin // groups] = 0
+                    w[a * r // groups : (a + 1) * r // groups, b * cin // groups : (b + 1) * cin // groups] = 0
 
 
 def _peft_model(**config):
-    cfg = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["pre", "grouped", "mix", "proj"],
-               rank_pattern={"proj": 2}, alpha_pattern={"mix": 3.0})
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["pre", "grouped", "mix", "proj"],
+        rank_pattern={"proj": 2},
+        alpha_pattern={"mix": 3.0},
+    )
     cfg.update(config)
     model = peft.get_peft_model(_net(), peft.LoraConfig(**cfg))
     _randomise(model)
@@ -122,8 +128,11 @@ def test_convert_peft_model_trains_like_peft():
     pm = _peft_model(lora_dropout=0.0).train()
     x = _x()
     pm(x).square().sum().backward()
-    expected = {n.replace("base_model.model.", "").replace(".default", ""): p.grad.clone()
-                for n, p in pm.named_parameters() if p.requires_grad}
+    expected = {
+        n.replace("base_model.model.", "").replace(".default", ""): p.grad.clone()
+        for n, p in pm.named_parameters()
+        if p.requires_grad
+    }
     model = convert(pm)
     model.zero_grad(set_to_none=True)
     model(x).square().sum().backward()
@@ -137,7 +146,7 @@ def test_convert_peft_model_trains_like_peft():
                 cin_g = m.in_channels // g
                 for a in range(g):
                     rows = slice(a * r // g, (a + 1) * r // g)
-                    got_full[rows, a * cin_g:(a + 1) * cin_g] = got[rows].reshape(-1, cin_g, k)
+                    got_full[rows, a * cin_g : (a + 1) * cin_g] = got[rows].reshape(-1, cin_g, k)
                 # PEFT also trains the cross-group entries (zero here); rvclora has none: compare the blocks
                 mask = got_full != 0
                 torch.testing.assert_close(got_full[mask], grad[mask])
@@ -246,8 +255,11 @@ def test_peft_loads_exported_adapter(tmp_path, use_rslora):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    adapted = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
-               if isinstance(m, peft.tuners.lora.LoraLayer)}
+    adapted = {
+        n.removeprefix("base_model.model.")
+        for n, m in loaded.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert adapted == {"pre", "grouped", "mix", "proj"}
 
 

@@ -26,13 +26,47 @@ def _op_args(name, n, dtype, p):
     d = dict(dtype=dtype, requires_grad=True)
     seed = torch.tensor(11) if p else None
     if name == "linear":
-        return (torch.randn(n, 3, 5, **d), torch.randn(4, 5, **d), torch.randn(4, **d), torch.randn(2, 5, **d),
-                torch.randn(4, 2, **d), 1.5, p, seed)
+        return (
+            torch.randn(n, 3, 5, **d),
+            torch.randn(4, 5, **d),
+            torch.randn(4, **d),
+            torch.randn(2, 5, **d),
+            torch.randn(4, 2, **d),
+            1.5,
+            p,
+            seed,
+        )
     if name == "conv1d":
-        return (torch.randn(n, 4, 9, **d), torch.randn(6, 2, 3, **d), torch.randn(6, **d), torch.randn(2, 6, **d),
-                torch.randn(6, 1, **d), 1.5, 1, [1, 2], 2, 2, "reflect", p, seed)
-    return (torch.randn(n, 4, 5, **d), torch.randn(4, 3, 4, **d), torch.randn(3, **d), torch.randn(2, 4, **d),
-            torch.randn(2, 12, **d), 1.5, 2, 1, 1, 1, 1, p, seed)
+        return (
+            torch.randn(n, 4, 9, **d),
+            torch.randn(6, 2, 3, **d),
+            torch.randn(6, **d),
+            torch.randn(2, 6, **d),
+            torch.randn(6, 1, **d),
+            1.5,
+            1,
+            [1, 2],
+            2,
+            2,
+            "reflect",
+            p,
+            seed,
+        )
+    return (
+        torch.randn(n, 4, 5, **d),
+        torch.randn(4, 3, 4, **d),
+        torch.randn(3, **d),
+        torch.randn(2, 4, **d),
+        torch.randn(2, 12, **d),
+        1.5,
+        2,
+        1,
+        1,
+        1,
+        1,
+        p,
+        seed,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -47,8 +81,11 @@ def test_opcheck(cpu_backend, name, n, p, dtype):
     y, u = getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)
     needs = [True, True, True, True, True]
     bwd = getattr(torch.ops.rvclora, f"cpu_{name}_bwd").default
-    torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), u, w.detach(), a.detach(), bb.detach(), *args[5:],
-                                needs), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        bwd,
+        (torch.randn_like(y), x.detach(), u, w.detach(), a.detach(), bb.detach(), *args[5:], needs),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("n", [0, 1, 3])
@@ -110,11 +147,13 @@ def test_gradcheck_float64(cpu_backend):
     w, a, bb, b = torch.randn(6, 2, 3, **d), torch.randn(2, 6, **d), torch.randn(6, 1, **d), torch.randn(6, **d)
     for p in (0.0, 0.3):
         assert torch.autograd.gradcheck(
-            lambda *t, p=p: ops.lora_conv1d(*t, 0.5, 2, (1, 2), 1, 2, "circular", p, seed), (x, w, b, a, bb))
+            lambda *t, p=p: ops.lora_conv1d(*t, 0.5, 2, (1, 2), 1, 2, "circular", p, seed), (x, w, b, a, bb)
+        )
     w, a, bb, b = torch.randn(4, 3, 4, **d), torch.randn(2, 4, **d), torch.randn(2, 3 * 4, **d), torch.randn(3, **d)
     for p in (0.0, 0.3):
         assert torch.autograd.gradcheck(
-            lambda *t, p=p: ops.lora_conv_transpose1d(*t, 0.5, 2, 1, 1, 1, 1, p, seed), (x, w, b, a, bb))
+            lambda *t, p=p: ops.lora_conv_transpose1d(*t, 0.5, 2, 1, 1, 1, 1, p, seed), (x, w, b, a, bb)
+        )
 
 
 def test_long_sequences_cross_time_blocks(cpu_backend):
@@ -135,10 +174,15 @@ def test_long_sequences_cross_time_blocks(cpu_backend):
         t["mask"] = cpu_backend.dropout_mask(torch.tensor(9), t["x"].shape, p, "cpu", torch.float32) if p else None
         compare_with_oracle(
             lambda x, weight, bias, lora_A, lora_B, mask, p=p: ops.lora_conv1d(
-                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", p, torch.tensor(9)),
+                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", p, torch.tensor(9)
+            ),
             lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv1d_ref(
-                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", mask),
-            t, torch.float32, ["x", "lora_A", "lora_B"], f"long conv1d p={p}",
+                x, weight, bias, lora_A, lora_B, 0.7, 1, (4, 4), 2, 1, "zeros", mask
+            ),
+            t,
+            torch.float32,
+            ["x", "lora_A", "lora_B"],
+            f"long conv1d p={p}",
         )
     # ConvTranspose1d: u at the input's rate, its blocks over input time (2 ranks per group)
     t = {
@@ -152,10 +196,15 @@ def test_long_sequences_cross_time_blocks(cpu_backend):
         t["mask"] = cpu_backend.dropout_mask(torch.tensor(4), t["x"].shape, p, "cpu", torch.float32) if p else None
         compare_with_oracle(
             lambda x, weight, bias, lora_A, lora_B, mask, p=p: ops.lora_conv_transpose1d(
-                x, weight, bias, lora_A, lora_B, 0.7, 4, 2, 1, 1, 2, p, torch.tensor(4)),
+                x, weight, bias, lora_A, lora_B, 0.7, 4, 2, 1, 1, 2, p, torch.tensor(4)
+            ),
             lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv_transpose1d_ref(
-                x, weight, bias, lora_A, lora_B, 0.7, 4, 2, 1, 1, 2, mask),
-            t, torch.float32, ["x", "weight", "bias", "lora_A", "lora_B"], f"long convT p={p}",
+                x, weight, bias, lora_A, lora_B, 0.7, 4, 2, 1, 1, 2, mask
+            ),
+            t,
+            torch.float32,
+            ["x", "weight", "bias", "lora_A", "lora_B"],
+            f"long convT p={p}",
         )
 
 
@@ -173,13 +222,39 @@ def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
     assert "thin LoRA passes: BLAS" in info or "exports no sgemm_" in info, info
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, RVCLORA_CPU_BLAS="0", RVCLORA_CPU_SIMD="0")
-    probe = subprocess.run([sys.executable, "-c", "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
-                            "import torch; print(torch.ops.rvclora.cpu_info())"],
-                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "import torch; print(torch.ops.rvclora.cpu_info())",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert "hand-written loops (RVCLORA_CPU_BLAS=0)" in probe.stdout, probe.stdout + probe.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_ops.py",
-                          "-k", "cpu and matches_oracle"], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_ops.py",
+            "-k",
+            "cpu and matches_oracle",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
 
@@ -218,10 +293,15 @@ def test_simd_thin_passes_edges(cpu_backend, case):
     for names in (["x", "lora_A", "lora_B"], ["lora_A"], ["lora_B"], ["x", "weight", "bias", "lora_A", "lora_B"]):
         compare_with_oracle(
             lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_conv1d(
-                x, weight, bias, lora_A, lora_B, 0.7, 1, pad, dil, 1, "zeros", 0.0, None),
+                x, weight, bias, lora_A, lora_B, 0.7, 1, pad, dil, 1, "zeros", 0.0, None
+            ),
             lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv1d_ref(
-                x, weight, bias, lora_A, lora_B, 0.7, 1, pad, dil, 1, "zeros", mask),
-            t, torch.float32, names, f"simd conv1d {case} grads {names}",
+                x, weight, bias, lora_A, lora_B, 0.7, 1, pad, dil, 1, "zeros", mask
+            ),
+            t,
+            torch.float32,
+            names,
+            f"simd conv1d {case} grads {names}",
         )
 
 
@@ -237,17 +317,43 @@ def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, RVCLORA_CPU_SIMD=variant)
-    probe = subprocess.run([sys.executable, "-c", "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
-                            "import torch; print(torch.ops.rvclora.cpu_info())"],
-                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "import torch; print(torch.ops.rvclora.cpu_info())",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     info = probe.stdout
     if variant == "avx2" and "AVX2+FMA kernels" not in info:
         pytest.skip(f"this CPU has no AVX2+FMA ({info.strip() or probe.stderr[-300:]})")
     if variant == "0":
         assert "kernels" not in info, info + probe.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "tests/test_cpu_backend.py", "-k", "simd_thin_passes_edges or long_sequences"],
-                         env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_cpu_backend.py",
+            "-k",
+            "simd_thin_passes_edges or long_sequences",
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
 
@@ -261,7 +367,8 @@ def test_the_parallel_passes_run_on_every_thread(cpu_backend):
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs one thread here: there is no second thread to use")
     if not cuda_ext.openmp_flags() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
-        pytest.skip("this platform's build has no -fopenmp (not Linux): the passes run on one thread, as "
-                    "rvclora info says")
+        pytest.skip(
+            "this platform's build has no -fopenmp (not Linux): the passes run on one thread, as rvclora info says"
+        )
     assert torch.ops.rvclora.cpu_parallel_threads() == torch.get_num_threads()
     assert f"parallel passes on {torch.get_num_threads()} threads" in torch.ops.rvclora.cpu_info()

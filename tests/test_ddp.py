@@ -30,17 +30,30 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rvclora import LoRAConfig, get_lora_parameters, inject_lora, load_lora_checkpoint, save_lora_checkpoint
 from rvclora.models.rvc import GeneratorConfig, build_generator
 
-pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                 reason="torch.distributed with the gloo backend is not available in this build"),
-              pytest.mark.subprocess]
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with the gloo backend is not available in this build",
+    ),
+    pytest.mark.subprocess,
+]
 
 WORLD = 2
 STEPS = 3
 PER_RANK = 2
 TIMEOUT_S = 240  # the whole spawn; a hung collective can never block CI longer than this
 TINY_RVC = GeneratorConfig(
-    "tiny", "v2", 16000, (4, 2), (8, 4), 8, inter_channels=8, upsample_initial_channel=16,
-    resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),), gin_channels=4,
+    "tiny",
+    "v2",
+    16000,
+    (4, 2),
+    (8, 4),
+    8,
+    inter_channels=8,
+    upsample_initial_channel=16,
+    resblock_kernel_sizes=(3,),
+    resblock_dilation_sizes=((1, 3),),
+    gin_channels=4,
 )
 LORA = LoRAConfig(r=2, lora_alpha=4, target_modules=["ups", "resblocks", "cond"], merge_weights=True)
 
@@ -92,8 +105,13 @@ def _all_equal_across_ranks(t: torch.Tensor) -> bool:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)  # two processes on a 2-core machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         model = _model()
         if rank == 1:
@@ -164,8 +182,9 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):

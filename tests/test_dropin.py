@@ -28,8 +28,11 @@ from rvclora.ops import dispatch, set_backend
 from rvclora.ops import torch_backend as tb
 
 # the CPU backends whose outputs must be drop-ins (the compiled ``cpu`` backend joins when it is available)
-CPU_BACKENDS = [row["backend"] for row in dispatch.backend_status()
-                if row["backend"] in ("torch", "cpu") and row["unavailable"] is None]
+CPU_BACKENDS = [
+    row["backend"]
+    for row in dispatch.backend_status()
+    if row["backend"] in ("torch", "cpu") and row["unavailable"] is None
+]
 LORA = {nn.Linear: LoRALinear, nn.Conv1d: LoRAConv1d, nn.ConvTranspose1d: LoRAConvTranspose1d}
 
 
@@ -63,20 +66,30 @@ def _same_layout(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 def _linear_inputs():
     return {
-        "2d": torch.randn(4, 10), "batch1": torch.randn(1, 10), "unbatched": torch.randn(10),
-        "batch0": torch.randn(0, 10), "3d": torch.randn(3, 5, 10), "4d": torch.randn(2, 1, 3, 10),
-        "3d_empty": torch.randn(3, 0, 10), "transposed": torch.randn(10, 4).t(),
-        "3d_permuted": torch.randn(5, 3, 10).transpose(0, 1), "3d_inner_stride": torch.randn(3, 10, 5).transpose(1, 2),
+        "2d": torch.randn(4, 10),
+        "batch1": torch.randn(1, 10),
+        "unbatched": torch.randn(10),
+        "batch0": torch.randn(0, 10),
+        "3d": torch.randn(3, 5, 10),
+        "4d": torch.randn(2, 1, 3, 10),
+        "3d_empty": torch.randn(3, 0, 10),
+        "transposed": torch.randn(10, 4).t(),
+        "3d_permuted": torch.randn(5, 3, 10).transpose(0, 1),
+        "3d_inner_stride": torch.randn(3, 10, 5).transpose(1, 2),
         "sliced": torch.randn(4, 20)[:, ::2],
     }
 
 
 def _conv_inputs(c: int):
     return {
-        "batch2": torch.randn(2, c, 9), "batch1": torch.randn(1, c, 9), "unbatched": torch.randn(c, 9),
-        "batch0": torch.randn(0, c, 9), "length1": torch.randn(2, c, 1),
+        "batch2": torch.randn(2, c, 9),
+        "batch1": torch.randn(1, c, 9),
+        "unbatched": torch.randn(c, 9),
+        "batch0": torch.randn(0, c, 9),
+        "length1": torch.randn(2, c, 1),
         "channels_last": torch.randn(2, 9, c).transpose(1, 2),
-        "batch_inner": torch.randn(c, 2, 9).transpose(0, 1), "unbatched_transposed": torch.randn(9, c).t(),
+        "batch_inner": torch.randn(c, 2, 9).transpose(0, 1),
+        "unbatched_transposed": torch.randn(9, c).t(),
         "time_sliced": torch.randn(2, c, 18)[..., ::2],
     }
 
@@ -85,8 +98,11 @@ CASES = (
     [("linear", nn.Linear(10, 8), name, x) for name, x in _linear_inputs().items()]
     + [("linear_nobias", nn.Linear(10, 8, bias=False), "3d", torch.randn(3, 5, 10))]
     + [("conv1d", nn.Conv1d(4, 6, 3, padding=1), name, x) for name, x in _conv_inputs(4).items()]
-    + [("conv1d_reflect_same", nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect"), name, x)
-       for name, x in _conv_inputs(4).items() if name not in ("batch0", "length1")]  # the base refuses these
+    + [
+        ("conv1d_reflect_same", nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect"), name, x)
+        for name, x in _conv_inputs(4).items()
+        if name not in ("batch0", "length1")
+    ]  # the base refuses these
     + [("conv1d_groups", nn.Conv1d(4, 6, 3, padding=1, groups=2), name, x) for name, x in _conv_inputs(4).items()]
     + [("convt", nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1), name, x) for name, x in _conv_inputs(4).items()]
 )
@@ -118,23 +134,38 @@ def test_output_and_gradients_have_the_base_layout(backend, kind, base, name, x,
 
 
 def test_forward_signature_is_the_base_class_signature():
-    for lora_cls, base_cls in ((LoRALinear, nn.Linear), (LoRAConv1d, nn.Conv1d),
-                               (LoRAConvTranspose1d, nn.ConvTranspose1d)):
+    for lora_cls, base_cls in (
+        (LoRALinear, nn.Linear),
+        (LoRAConv1d, nn.Conv1d),
+        (LoRAConvTranspose1d, nn.ConvTranspose1d),
+    ):
         want = list(inspect.signature(base_cls.forward).parameters)
         assert list(inspect.signature(lora_cls.forward).parameters) == want, lora_cls.__name__
 
 
 def test_forward_by_keyword(backend):
-    for base, x in ((nn.Linear(10, 8), torch.randn(3, 10)), (nn.Conv1d(4, 6, 3), torch.randn(2, 4, 9)),
-                    (nn.ConvTranspose1d(4, 6, 4, stride=2), torch.randn(2, 4, 9))):
+    for base, x in (
+        (nn.Linear(10, 8), torch.randn(3, 10)),
+        (nn.Conv1d(4, 6, 3), torch.randn(2, 4, 9)),
+        (nn.ConvTranspose1d(4, 6, 4, stride=2), torch.randn(2, 4, 9)),
+    ):
         _, lora = _pair(base)
         torch.testing.assert_close(lora(input=x), lora(x))
 
 
-@pytest.mark.parametrize("x_shape, output_size", [
-    ((2, 4, 9), [19]), ((2, 4, 9), [2, 6, 19]), ((2, 4, 9), (18,)), ((2, 4, 9), None),
-    ((4, 9), [6, 19]), ((4, 9), [19]), ((4, 9), [18]),
-], ids=str)
+@pytest.mark.parametrize(
+    "x_shape, output_size",
+    [
+        ((2, 4, 9), [19]),
+        ((2, 4, 9), [2, 6, 19]),
+        ((2, 4, 9), (18,)),
+        ((2, 4, 9), None),
+        ((4, 9), [6, 19]),
+        ((4, 9), [19]),
+        ((4, 9), [18]),
+    ],
+    ids=str,
+)
 def test_conv_transpose1d_output_size_like_the_base(backend, x_shape, output_size):
     base, lora = _pair(nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1))
     x = torch.randn(x_shape)
@@ -158,12 +189,16 @@ def test_conv_transpose1d_bad_output_size_raises_like_the_base():
     assert str(el.value) == str(eb.value)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: nn.Conv1d(4, 6, 3, padding=2), (2, 4, 0)),
-    (lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 1)),
-    (lambda: nn.ConvTranspose1d(4, 6, 4, stride=2), (2, 4, 0)),
-    (lambda: nn.Linear(4, 6), (3, 5)),
-], ids=["conv1d_t0", "conv1d_reflect_t1", "convt_t0", "linear_wrong_features"])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Conv1d(4, 6, 3, padding=2), (2, 4, 0)),
+        (lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 1)),
+        (lambda: nn.ConvTranspose1d(4, 6, 4, stride=2), (2, 4, 0)),
+        (lambda: nn.Linear(4, 6), (3, 5)),
+    ],
+    ids=["conv1d_t0", "conv1d_reflect_t1", "convt_t0", "linear_wrong_features"],
+)
 def test_inputs_the_base_refuses_are_refused(backend, make, shape):
     base, lora = _pair(make())
     x = torch.randn(shape)
@@ -176,8 +211,11 @@ def test_inputs_the_base_refuses_are_refused(backend, make, shape):
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "convt"])
 def test_empty_batch_backward_through_a_model(backend, kind):
     """A zero-size batch runs forward and backward like the base layer (empty output, zero gradients)."""
-    base = {"linear": nn.Linear(6, 5), "conv1d": nn.Conv1d(6, 5, 3, padding=1),
-            "convt": nn.ConvTranspose1d(6, 5, 4, stride=2)}[kind]
+    base = {
+        "linear": nn.Linear(6, 5),
+        "conv1d": nn.Conv1d(6, 5, 3, padding=1),
+        "convt": nn.ConvTranspose1d(6, 5, 4, stride=2),
+    }[kind]
     _, lora = _pair(base)
     x = torch.randn((0, 6) if kind == "linear" else (0, 6, 7), requires_grad=True)
     y = lora(x)
@@ -190,11 +228,15 @@ def test_empty_batch_backward_through_a_model(backend, kind):
 # ------------------------------------------------------------------ refusals
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda m: nn.utils.spectral_norm(m),
-    lambda m: prune.l1_unstructured(m, "weight", 0.5),
-    lambda m: nn.utils.spectral_norm(m, name="weight", dim=0),
-], ids=["spectral_norm", "prune", "spectral_norm_dim0"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: nn.utils.spectral_norm(m),
+        lambda m: prune.l1_unstructured(m, "weight", 0.5),
+        lambda m: nn.utils.spectral_norm(m, name="weight", dim=0),
+    ],
+    ids=["spectral_norm", "prune", "spectral_norm_dim0"],
+)
 def test_layer_with_a_weight_rewriting_hook_is_refused(wrap):
     model = nn.Sequential(nn.Conv1d(4, 4, 3), wrap(nn.Conv1d(4, 4, 3)))
     with pytest.raises(ValueError, match=r"1 \(Conv1d\).*(forward pre-hook|not a parameter)"):
@@ -276,9 +318,15 @@ def test_unmerge_is_bit_exact_without_a_step():
     assert torch.equal(layer.weight, w0)
 
 
-@pytest.mark.parametrize("convert", [
-    lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.to("cpu").bfloat16(),
-], ids=["half", "double", "bfloat16"])
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda m: m.half(),
+        lambda m: m.to(torch.float64),
+        lambda m: m.to("cpu").bfloat16(),
+    ],
+    ids=["half", "double", "bfloat16"],
+)
 def test_state_dicts_follow_dtype_conversion_while_merged(convert):
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 6, 3)))
     inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
@@ -321,10 +369,16 @@ def _op_case(op: str, x_dtype, factor_dtype):
 
 
 @pytest.mark.parametrize("op", ["linear", "conv1d", "convt"])
-@pytest.mark.parametrize("x_dtype, factor_dtype", [
-    (torch.float64, torch.float32), (torch.float32, torch.float64),
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-], ids=["x64_f32", "x32_f64", "x16_f32", "xbf16_f32"])
+@pytest.mark.parametrize(
+    "x_dtype, factor_dtype",
+    [
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=["x64_f32", "x32_f64", "x16_f32", "xbf16_f32"],
+)
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "dropout"])
 def test_factors_of_another_dtype_are_accepted(op, x_dtype, factor_dtype, dropout):
     """Autocast keeps the factors fp32 while x, W, b follow the autocast dtype; a float64 model may carry
@@ -417,21 +471,28 @@ _CUDA32 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32
 
 
 def _flags(matmul="none", cudnn_conv="none", cudnn="none", glob="none", legacy_mm=False, legacy_cudnn=True):
-    return {"matmul": types.SimpleNamespace(fp32_precision=matmul, allow_tf32=legacy_mm),
-            "cudnn": types.SimpleNamespace(conv=types.SimpleNamespace(fp32_precision=cudnn_conv), fp32_precision=cudnn,
-                                           allow_tf32=legacy_cudnn),
-            "glob": glob}
+    return {
+        "matmul": types.SimpleNamespace(fp32_precision=matmul, allow_tf32=legacy_mm),
+        "cudnn": types.SimpleNamespace(
+            conv=types.SimpleNamespace(fp32_precision=cudnn_conv), fp32_precision=cudnn, allow_tf32=legacy_cudnn
+        ),
+        "glob": glob,
+    }
 
 
-@pytest.mark.parametrize("flags, want_linear, want_conv", [
-    (_flags(cudnn_conv="tf32"), True, False),  # PyTorch's defaults: matmuls IEEE fp32, cuDNN convolutions TF32
-    (_flags(matmul="tf32", cudnn_conv="tf32"), False, False),
-    (_flags(cudnn_conv="ieee"), True, True),
-    (_flags(legacy_mm=True), False, False),  # torch.set_float32_matmul_precision("high"), old flags only
-    (_flags(legacy_cudnn=False), True, True),
-    (_flags(glob="tf32"), False, False),
-    (_flags(cudnn="ieee"), True, True),
-], ids=["defaults", "matmul_tf32", "conv_ieee", "legacy_matmul", "legacy_cudnn_off", "global_tf32", "cudnn_ieee"])
+@pytest.mark.parametrize(
+    "flags, want_linear, want_conv",
+    [
+        (_flags(cudnn_conv="tf32"), True, False),  # PyTorch's defaults: matmuls IEEE fp32, cuDNN convolutions TF32
+        (_flags(matmul="tf32", cudnn_conv="tf32"), False, False),
+        (_flags(cudnn_conv="ieee"), True, True),
+        (_flags(legacy_mm=True), False, False),  # torch.set_float32_matmul_precision("high"), old flags only
+        (_flags(legacy_cudnn=False), True, True),
+        (_flags(glob="tf32"), False, False),
+        (_flags(cudnn="ieee"), True, True),
+    ],
+    ids=["defaults", "matmul_tf32", "conv_ieee", "legacy_matmul", "legacy_cudnn_off", "global_tf32", "cudnn_ieee"],
+)
 def test_merged_weight_only_where_the_base_op_is_true_fp32(monkeypatch, flags, want_linear, want_conv):
     """Where PyTorch would run the base op in TF32 on CUDA, the torch backend runs it so too and keeps the
     LoRA term separate (the merged ``W + ΔW`` only for true fp32/fp64 maths). The settings are stand-ins here:

@@ -22,8 +22,10 @@ def forms(tmp_path_factory) -> dict:
     fp32 = build_generator(cfg, seed=0)
     emb = {"emb_g.weight": torch.randn(3, cfg.gin_channels)}
     write_exported_model(fp32, d / "export.pth", cfg, extra_weights=emb)
-    checkpoint = {"model": {**{"dec." + k: v for k, v in fp32.state_dict().items()}, "enc_q.x": torch.ones(2)},
-                  "iteration": 7}
+    checkpoint = {
+        "model": {**{"dec." + k: v for k, v in fp32.state_dict().items()}, "enc_q.x": torch.ones(2)},
+        "iteration": 7,
+    }
     torch.save(checkpoint, d / "G_7.pth")
     return {"dir": d, "cfg": cfg, "fp32": fp32}
 
@@ -48,9 +50,14 @@ def test_same_value_for_checkpoint_export_and_injected_model(forms: dict) -> Non
 def test_parametrizations_names_give_the_same_value(forms: dict) -> None:
     legacy = forms["fp32"]
     param = build_generator(forms["cfg"], seed=0, weight_norm="parametrizations")
-    param.load_state_dict({k.replace("weight_g", "parametrizations.weight.original0")
-                           .replace("weight_v", "parametrizations.weight.original1"): v
-                           for k, v in legacy.state_dict().items()})
+    param.load_state_dict(
+        {
+            k.replace("weight_g", "parametrizations.weight.original0").replace(
+                "weight_v", "parametrizations.weight.original1"
+            ): v
+            for k, v in legacy.state_dict().items()
+        }
+    )
     assert base_fingerprint(param) == base_fingerprint(legacy)
 
 
@@ -59,7 +66,7 @@ def test_any_weight_change_changes_it_but_not_a_bias(forms: dict) -> None:
     ref = base_fingerprint(sd)
     assert base_fingerprint(build_generator(forms["cfg"], seed=1)) != ref  # another voice's base
     w = sd["ups.1.weight_v"]
-    w.view(-1)[5] = w.view(-1)[5].half().float() * (1 + 2 ** -9)  # one half ulp on one element
+    w.view(-1)[5] = w.view(-1)[5].half().float() * (1 + 2**-9)  # one half ulp on one element
     assert base_fingerprint(sd) != ref
     sd = {k: v.clone() for k, v in forms["fp32"].state_dict().items()}
     sd["ups.1.weight_v"].view(-1)[5] += 1e-12  # below half precision: the export could not tell either

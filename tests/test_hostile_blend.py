@@ -35,8 +35,12 @@ def _adapter(r: int, seed: int, records: bool = True) -> dict:
     model = inject_lora(_base(), LoRAConfig(r=r, lora_alpha=2.0 * r, target_modules=TARGETS))
     randomize_lora_(model, 0.1, seed)
     meta = {"layers": layer_records(model)} if records else None
-    return {"weights": extract_lora_weights(model), "config": model.rvclora_config, "base_fingerprint": None,
-            "metadata": meta}
+    return {
+        "weights": extract_lora_weights(model),
+        "config": model.rvclora_config,
+        "base_fingerprint": None,
+        "metadata": meta,
+    }
 
 
 def _deltas(adapter: dict) -> dict[str, torch.Tensor]:

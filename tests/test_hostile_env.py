@@ -35,6 +35,7 @@ def _backend(name: str, clock: _Clock, cost: float):
         def run(*args):
             clock.now += cost
             return getattr(tb, op)(*args)
+
         return run
 
     mod = types.SimpleNamespace(NAME=name, dropout_mask=tb.dropout_mask)
@@ -44,8 +45,13 @@ def _backend(name: str, clock: _Clock, cost: float):
 
 
 def _selector(path, clock):
-    return autoselect.AutoSelector(str(path), timer=autoselect.ClockTimer(clock), device_info=lambda d: dict(FAKE_GPU),
-                                   versions=dict(VERSIONS), rounds=3)
+    return autoselect.AutoSelector(
+        str(path),
+        timer=autoselect.ClockTimer(clock),
+        device_info=lambda d: dict(FAKE_GPU),
+        versions=dict(VERSIONS),
+        rounds=3,
+    )
 
 
 def _choose(sel, clock):
@@ -76,11 +82,20 @@ def test_the_cache_writer_never_follows_a_planted_symlink(tmp_path) -> None:
 def _bad_cache(path) -> dict:
     env = autoselect.environment_key(FAKE_GPU, VERSIONS)
     good = {"choice": "torch", "seconds": {"torch": 1e-5}, "failed": {}, "tolerance": 1e-4, "measured_at": "x"}
-    data = {"format": 1, "entries": {
-        env: {"good": good, "no-choice": {"seconds": {}}, "choice-int": {"choice": 3},
-              "seconds-str": {**good, "seconds": {"torch": "fast"}}, "failed-list": {**good, "failed": ["fused"]},
-              "not-a-dict": "torch"},
-        "other-env": ["not", "a", "table"]}}
+    data = {
+        "format": 1,
+        "entries": {
+            env: {
+                "good": good,
+                "no-choice": {"seconds": {}},
+                "choice-int": {"choice": 3},
+                "seconds-str": {**good, "seconds": {"torch": "fast"}},
+                "failed-list": {**good, "failed": ["fused"]},
+                "not-a-dict": "torch",
+            },
+            "other-env": ["not", "a", "table"],
+        },
+    }
     path.write_text(json.dumps(data))
     return data
 
@@ -115,14 +130,18 @@ def test_a_cached_key_with_a_malformed_decision_is_measured_again(tmp_path) -> N
         assert _choose(sel, clock) == "fused"
 
 
-@pytest.mark.parametrize("content,why", [
-    ('{"format": 2, "entries": {}}', "not an rvclora autoselect cache"),
-    ("[1, 2, 3]", "not an rvclora autoselect cache"),
-    ("{not json", "unreadable"),
-    ("[" * 100_000 + "]" * 100_000, "unreadable"),
-])
-def test_a_cache_file_that_is_not_one_is_reported_not_shown_as_zero_decisions(tmp_path, monkeypatch, capsys,
-                                                                              content, why) -> None:
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        ('{"format": 2, "entries": {}}', "not an rvclora autoselect cache"),
+        ("[1, 2, 3]", "not an rvclora autoselect cache"),
+        ("{not json", "unreadable"),
+        ("[" * 100_000 + "]" * 100_000, "unreadable"),
+    ],
+)
+def test_a_cache_file_that_is_not_one_is_reported_not_shown_as_zero_decisions(
+    tmp_path, monkeypatch, capsys, content, why
+) -> None:
     from rvclora import cli
 
     cache = tmp_path / "autoselect.json"
@@ -137,9 +156,12 @@ def test_a_cache_file_that_is_not_one_is_reported_not_shown_as_zero_decisions(tm
 _BATON_TORCH = cuda_ext.lock_file_is_a_baton(cpp_extension)
 
 
-@pytest.mark.skipif(not _BATON_TORCH, reason="this torch holds an advisory lock on the file (torch >= 2.14): a "
-                    "killed build's lock is released by the kernel, so no stale lock exists to time out on "
-                    "(test_a_finished_builds_advisory_lock_file_is_not_waited_on covers that regime)")
+@pytest.mark.skipif(
+    not _BATON_TORCH,
+    reason="this torch holds an advisory lock on the file (torch >= 2.14): a "
+    "killed build's lock is released by the kernel, so no stale lock exists to time out on "
+    "(test_a_finished_builds_advisory_lock_file_is_not_waited_on covers that regime)",
+)
 def test_a_stale_build_lock_times_out_naming_the_directory(tmp_path, monkeypatch) -> None:
     """A lock left by a killed build made the first LoRA forward and rvclora info wait forever."""
     monkeypatch.setattr(cuda_ext, "_state", {})
@@ -201,8 +223,10 @@ def test_the_build_waits_for_a_lock_that_goes_away(tmp_path) -> None:
     assert 0.15 < time.perf_counter() - t0 < 5
 
 
-@pytest.mark.parametrize("value,want", [("", 120.0), ("2.5", 2.5), ("0", 0.0), ("-1", 120.0), ("soon", 120.0),
-                                        ("inf", 120.0), ("nan", 120.0)])
+@pytest.mark.parametrize(
+    "value,want",
+    [("", 120.0), ("2.5", 2.5), ("0", 0.0), ("-1", 120.0), ("soon", 120.0), ("inf", 120.0), ("nan", 120.0)],
+)
 def test_the_build_lock_timeout_comes_from_the_environment(monkeypatch, value, want) -> None:
     monkeypatch.setenv("RVCLORA_BUILD_LOCK_TIMEOUT", value)
     with warnings.catch_warnings():

@@ -23,9 +23,19 @@ from rvclora.models.rvc import GeneratorConfig, build_generator
 from rvclora.rvc_files import load_rvc_file, merge_adapter, write_exported_model
 
 # a tiny custom RVC decoder: every reader runs in milliseconds
-CFG = GeneratorConfig(name="custom", version="v2", sampling_rate=40000, upsample_rates=(2, 2),
-                      upsample_kernel_sizes=(4, 4), segment_frames=8, inter_channels=8, upsample_initial_channel=16,
-                      resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3, 5),), gin_channels=8)
+CFG = GeneratorConfig(
+    name="custom",
+    version="v2",
+    sampling_rate=40000,
+    upsample_rates=(2, 2),
+    upsample_kernel_sizes=(4, 4),
+    segment_frames=8,
+    inter_channels=8,
+    upsample_initial_channel=16,
+    resblock_kernel_sizes=(3,),
+    resblock_dilation_sizes=((1, 3, 5),),
+    gin_channels=8,
+)
 LORA = LoRAConfig(r=2, lora_alpha=4, target_modules=["ups", "resblocks"])
 
 
@@ -43,9 +53,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _adapter(files: dict, name: str, *, weights=None, metadata: Any = "keep", config=None) -> Path:
     good = files["good"]
     w = {k: v.clone() for k, v in (weights or good["weights"]).items()}
-    payload = {"format_version": 2, "config": (config or good["config"]).to_dict(), "lora_weights": w, "epoch": None,
-               "base_fingerprint": good["base_fingerprint"],
-               "metadata": good["metadata"] if metadata == "keep" else metadata, "optimizer": None}
+    payload = {
+        "format_version": 2,
+        "config": (config or good["config"]).to_dict(),
+        "lora_weights": w,
+        "epoch": None,
+        "base_fingerprint": good["base_fingerprint"],
+        "metadata": good["metadata"] if metadata == "keep" else metadata,
+        "optimizer": None,
+    }
     path = files["dir"] / f"{name}.pth"
     torch.save(payload, path)
     return path
@@ -57,9 +73,11 @@ def _every_reader_refuses(files: dict, path: Path, pattern: str, capsys) -> None
     with pytest.raises(ValueError, match=pattern) as e:
         read_lora_file(path)
     assert name in str(e.value) and "\n" not in str(e.value)
-    for argv in (["info", str(path)], ["mix", str(path), f"{d}/good.pth:0.5", "-o", f"{d}/mix_out.safetensors",
-                                         "--overwrite"],
-                 ["merge", f"{d}/base.pth", str(path), "-o", f"{d}/merge_out.pth", "--overwrite"]):
+    for argv in (
+        ["info", str(path)],
+        ["mix", str(path), f"{d}/good.pth:0.5", "-o", f"{d}/mix_out.safetensors", "--overwrite"],
+        ["merge", f"{d}/base.pth", str(path), "-o", f"{d}/merge_out.pth", "--overwrite"],
+    ):
         capsys.readouterr()
         assert main(argv) == 1, argv
         err = capsys.readouterr().err.strip()
@@ -93,14 +111,17 @@ def test_a_lora_B_fitting_no_layer_kind_is_refused_without_records(files, capsys
     _every_reader_refuses(files, _adapter(files, "rank_b_norec", weights=w, metadata=None), "fits rank", capsys)
 
 
-@pytest.mark.parametrize("layers", [
-    "not a dict",
-    {"ups.0": "conv_transpose1d"},
-    {"ups.0": {"kind": "conv3d", "groups": 1}},
-    {"ups.0": {"kind": "conv_transpose1d", "groups": True}},
-    {"ups.0": {"kind": "conv_transpose1d", "groups": 0}},
-    {"ups.0": {"kind": "linear", "groups": 2}},
-])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        "not a dict",
+        {"ups.0": "conv_transpose1d"},
+        {"ups.0": {"kind": "conv3d", "groups": 1}},
+        {"ups.0": {"kind": "conv_transpose1d", "groups": True}},
+        {"ups.0": {"kind": "conv_transpose1d", "groups": 0}},
+        {"ups.0": {"kind": "linear", "groups": 2}},
+    ],
+)
 def test_malformed_layer_records_are_refused_in_one_line(files, capsys, layers) -> None:
     meta = dict(files["good"]["metadata"])
     meta["layers"] = {**meta["layers"], **layers} if isinstance(layers, dict) else layers
@@ -114,14 +135,17 @@ def test_a_layer_record_contradicting_the_factors_is_refused(files, capsys) -> N
     _every_reader_refuses(files, _adapter(files, "contradicting", metadata=meta), "ConvTranspose1d's lora_B", capsys)
 
 
-@pytest.mark.parametrize("blend", [
-    "x",
-    {"sources": "abc"},
-    {"sources": [{"name": "a", "weight": "heavy"}]},
-    {"sources": [], "rank": "2"},
-    {"sources": [], "errors": {"ups.0": "big"}},
-    {"sources": [], "errors": [1, 2]},
-])
+@pytest.mark.parametrize(
+    "blend",
+    [
+        "x",
+        {"sources": "abc"},
+        {"sources": [{"name": "a", "weight": "heavy"}]},
+        {"sources": [], "rank": "2"},
+        {"sources": [], "errors": {"ups.0": "big"}},
+        {"sources": [], "errors": [1, 2]},
+    ],
+)
 def test_malformed_blend_records_are_refused_in_one_line(files, capsys, blend) -> None:
     meta = {**files["good"]["metadata"], "blend": blend}
     _every_reader_refuses(files, _adapter(files, "bad_blend", metadata=meta), "blend record|'blend'", capsys)
@@ -136,24 +160,27 @@ def _export(files: dict, name: str, index: int, value: Any) -> Path:
     return path
 
 
-@pytest.mark.parametrize("index,value,pattern", [
-    (12, [10.5, 2], r"upsample_rates.*must be an int"),
-    (12, [True, 2], r"upsample_rates.*must be an int"),
-    (12, [0, 2], r"upsample_rates.*in 1\.\."),
-    (12, [-10, 2], r"upsample_rates.*in 1\.\."),
-    (12, [2], "equal length"),
-    (14, [1, 4], "shorter than upsample_rates"),
-    (9, "3", "resblock"),
-    (13, 0, "upsample_initial_channel"),
-    (13, -16, "upsample_initial_channel"),
-    (13, 10**12, "upsample_initial_channel"),
-    (13, 18, "divisible"),
-    (2, 0, "inter_channels"),
-    (16, 10**9, "gin_channels"),
-    (10, [4], "odd"),
-    (11, [[1, 0, 5]], "dilation"),
-    (11, "abc", "dilation"),
-])
+@pytest.mark.parametrize(
+    "index,value,pattern",
+    [
+        (12, [10.5, 2], r"upsample_rates.*must be an int"),
+        (12, [True, 2], r"upsample_rates.*must be an int"),
+        (12, [0, 2], r"upsample_rates.*in 1\.\."),
+        (12, [-10, 2], r"upsample_rates.*in 1\.\."),
+        (12, [2], "equal length"),
+        (14, [1, 4], "shorter than upsample_rates"),
+        (9, "3", "resblock"),
+        (13, 0, "upsample_initial_channel"),
+        (13, -16, "upsample_initial_channel"),
+        (13, 10**12, "upsample_initial_channel"),
+        (13, 18, "divisible"),
+        (2, 0, "inter_channels"),
+        (16, 10**9, "gin_channels"),
+        (10, [4], "odd"),
+        (11, [[1, 0, 5]], "dilation"),
+        (11, "abc", "dilation"),
+    ],
+)
 def test_export_configs_rvc_cannot_run_are_refused_naming_the_path(files, capsys, index, value, pattern) -> None:
     """upsample_rates 10.5, True, 0 or -10 passed the consistency check and merged; channel counts gave C++ text."""
     path = _export(files, "bad_config", index, value)

@@ -23,9 +23,19 @@ from rvclora.models.rvc import GeneratorConfig, build_generator
 from rvclora.rvc_files import RVCFileError, load_rvc_file, write_exported_model
 
 ROOT = Path(__file__).resolve().parent.parent
-CFG = GeneratorConfig(name="custom", version="v2", sampling_rate=40000, upsample_rates=(2, 2),
-                      upsample_kernel_sizes=(4, 4), segment_frames=8, inter_channels=8, upsample_initial_channel=16,
-                      resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3, 5),), gin_channels=8)
+CFG = GeneratorConfig(
+    name="custom",
+    version="v2",
+    sampling_rate=40000,
+    upsample_rates=(2, 2),
+    upsample_kernel_sizes=(4, 4),
+    segment_frames=8,
+    inter_channels=8,
+    upsample_initial_channel=16,
+    resblock_kernel_sizes=(3,),
+    resblock_dilation_sizes=((1, 3, 5),),
+    gin_channels=8,
+)
 WEIGHTS = {"a.lora_A": torch.ones(2, 300), "a.lora_B": torch.ones(300, 2)}
 
 
@@ -86,8 +96,11 @@ def test_too_many_safetensors_tensors_are_refused_before_reading_them(tmp_path, 
 
     monkeypatch.setattr(val, "MAX_TENSORS", 10)
     tensors = {f"l{i}.lora_A": torch.zeros(1, 1) for i in range(11)}
-    save_file(tensors, str(tmp_path / "many.safetensors"),
-              metadata={"format_version": "2", "config": json.dumps(LoRAConfig(r=1).to_dict())})
+    save_file(
+        tensors,
+        str(tmp_path / "many.safetensors"),
+        metadata={"format_version": "2", "config": json.dumps(LoRAConfig(r=1).to_dict())},
+    )
     with pytest.raises(ValueError, match=r"many\.safetensors.*11 tensors.*at most 10"):
         read_lora_file(tmp_path / "many.safetensors")
 
@@ -161,8 +174,9 @@ def test_a_write_that_hits_a_file_size_limit_is_one_line_and_replaces_nothing(tm
     save_lora_checkpoint(small, f"{out}_small.safetensors")
     Path(f"{out}_mix.safetensors").write_bytes(b"old")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _WRITER, str(out)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITER, str(out)], capture_output=True, text=True, env=env, timeout=120
+    )
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("OSError writing") for line in lines), proc.stdout + proc.stderr
     assert all("File too large" in line and "nothing was replaced" in line for line in lines)

@@ -139,13 +139,24 @@ def test_a_model_wrapped_in_ddp_is_refused() -> None:
 
 
 def _state(m: nn.Module) -> tuple:
-    return (type(m[0]), type(m[2]), {k: v.clone() for k, v in m.state_dict().items()},
-            [p.requires_grad for p in m.parameters()], hasattr(m, "rvclora_config"))
+    return (
+        type(m[0]),
+        type(m[2]),
+        {k: v.clone() for k, v in m.state_dict().items()},
+        [p.requires_grad for p in m.parameters()],
+        hasattr(m, "rvclora_config"),
+    )
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return (a[0] is b[0] and a[1] is b[1] and a[2].keys() == b[2].keys()
-            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]) and a[3] == b[3] and a[4] == b[4])
+    return (
+        a[0] is b[0]
+        and a[1] is b[1]
+        and a[2].keys() == b[2].keys()
+        and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+        and a[3] == b[3]
+        and a[4] == b[4]
+    )
 
 
 def test_a_failed_load_leaves_a_plain_model_as_it_was(tmp_path) -> None:

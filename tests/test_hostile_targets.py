@@ -13,12 +13,45 @@ from rvclora import LoRAConfig, inject_lora
 from rvclora.checkpoint import read_lora_file
 from rvclora.targets import MAX_TARGETS, compile_target, target_matches
 
-NAMES = ["dec.ups.0", "ups.1", "resblocks.2.convs1.0", "conv_pre", "m_source.l_linear", "a", "", "abc\n", "x_y",
-         "dec.ups.10", "0ups", "dec.resblocks.11.convs2.2"]
-PATTERNS = [r"ups\.\d", r".*ups.*", r"(dec\.)?ups\.[0-9]+", r"^dec.*$", r"resblocks\.\d+\.convs[12]\.\d", r"[^.]+",
-            r"\w+", r"\W?\w*", r"a|b|conv_pre", r"(a*)*", r"x{1,3}_y", r"\bups\b.*", r".*\B.*", r"(?s).*", r".*",
-            r"abc$", r"dec\.ups\.1{0,2}0?", r"[a-c]+", r"(?x) a # c", r"(?:dec\.)??ups\.\d+?", r"[\d.]+\D*",
-            r"\S+\s?", r"ups|dec\.ups\.1|resblocks\..*"]
+NAMES = [
+    "dec.ups.0",
+    "ups.1",
+    "resblocks.2.convs1.0",
+    "conv_pre",
+    "m_source.l_linear",
+    "a",
+    "",
+    "abc\n",
+    "x_y",
+    "dec.ups.10",
+    "0ups",
+    "dec.resblocks.11.convs2.2",
+]
+PATTERNS = [
+    r"ups\.\d",
+    r".*ups.*",
+    r"(dec\.)?ups\.[0-9]+",
+    r"^dec.*$",
+    r"resblocks\.\d+\.convs[12]\.\d",
+    r"[^.]+",
+    r"\w+",
+    r"\W?\w*",
+    r"a|b|conv_pre",
+    r"(a*)*",
+    r"x{1,3}_y",
+    r"\bups\b.*",
+    r".*\B.*",
+    r"(?s).*",
+    r".*",
+    r"abc$",
+    r"dec\.ups\.1{0,2}0?",
+    r"[a-c]+",
+    r"(?x) a # c",
+    r"(?:dec\.)??ups\.\d+?",
+    r"[\d.]+\D*",
+    r"\S+\s?",
+    r"ups|dec\.ups\.1|resblocks\..*",
+]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -33,8 +66,9 @@ def test_plain_names_match_component_runs() -> None:
     assert not target_matches("ups", "dec.upsample.0") and not target_matches("convs1.0", "convs1.01")
 
 
-@pytest.mark.parametrize("pattern", [r"(([\w.]+)+)+Z", r"(a|a)*Z", r"(\w*)*\w*\w*\w*\w*Z", r"(.*.*)*=",
-                                     r"([\w.]*\.?)+Z"])
+@pytest.mark.parametrize(
+    "pattern", [r"(([\w.]+)+)+Z", r"(a|a)*Z", r"(\w*)*\w*\w*\w*\w*Z", r"(.*.*)*=", r"([\w.]*\.?)+Z"]
+)
 def test_backtracking_patterns_match_in_linear_time(pattern: str) -> None:
     """Python's re takes minutes on these (exponential or high-degree backtracking); here each is instant."""
     model = nn.Sequential()
@@ -47,17 +81,20 @@ def test_backtracking_patterns_match_in_linear_time(pattern: str) -> None:
     assert time.perf_counter() - t0 < 2.0
 
 
-@pytest.mark.parametrize("pattern,why", [
-    (r"(a)\1", "backreferences"),
-    (r"(?=a)a", "lookahead"),
-    (r"(?<!b)a", "lookahead/lookbehind"),
-    (r"(a)?(?(1)b|c)", "conditionals"),
-    (r"(?i)ups", "inline flags"),
-    (r"(?i:u)ps", "scoped flags"),
-    ("(" * 3000 + ")" * 3000, "too deeply"),
-    (r"(a{1000}){1000}", "states"),
-    (r"ups(", "not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "pattern,why",
+    [
+        (r"(a)\1", "backreferences"),
+        (r"(?=a)a", "lookahead"),
+        (r"(?<!b)a", "lookahead/lookbehind"),
+        (r"(a)?(?(1)b|c)", "conditionals"),
+        (r"(?i)ups", "inline flags"),
+        (r"(?i:u)ps", "scoped flags"),
+        ("(" * 3000 + ")" * 3000, "too deeply"),
+        (r"(a{1000}){1000}", "states"),
+        (r"ups(", "not a valid regular expression"),
+    ],
+)
 def test_unsupported_or_oversized_patterns_are_refused_naming_the_entry(pattern: str, why: str) -> None:
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=re.escape(why)) as e:
@@ -81,13 +118,22 @@ def test_an_adapter_declaring_a_million_targets_is_refused_quickly(tmp_path) -> 
     """A 13 MB list of 10⁶ targets took minutes to read; now the count is refused first, naming the file."""
     from safetensors.torch import save_file
 
-    cfg = {"r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "target_modules": [f"layer{i}" for i in range(10**6)],
-           "merge_weights": False, "bias": "none"}
+    cfg = {
+        "r": 1,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "target_modules": [f"layer{i}" for i in range(10**6)],
+        "merge_weights": False,
+        "bias": "none",
+    }
     import json
 
     path = tmp_path / "many.safetensors"
-    save_file({"a.lora_A": torch.zeros(1, 2), "a.lora_B": torch.zeros(2, 1)}, str(path),
-              metadata={"format_version": "2", "config": json.dumps(cfg)})
+    save_file(
+        {"a.lora_A": torch.zeros(1, 2), "a.lora_B": torch.zeros(2, 1)},
+        str(path),
+        metadata={"format_version": "2", "config": json.dumps(cfg)},
+    )
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=r"many\.safetensors.*at most 1024") as e:
         read_lora_file(path)
@@ -101,11 +147,20 @@ def test_a_huge_declared_rank_is_refused_before_allocation(tmp_path) -> None:
 
     from safetensors.torch import save_file
 
-    cfg = {"r": 10**8, "lora_alpha": 1, "lora_dropout": 0.0, "target_modules": ["ups"], "merge_weights": False,
-           "bias": "none"}
+    cfg = {
+        "r": 10**8,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "target_modules": ["ups"],
+        "merge_weights": False,
+        "bias": "none",
+    }
     path = tmp_path / "huge_r.safetensors"
-    save_file({"ups.0.lora_A": torch.zeros(1, 2), "ups.0.lora_B": torch.zeros(2, 1)}, str(path),
-              metadata={"format_version": "2", "config": json.dumps(cfg)})
+    save_file(
+        {"ups.0.lora_A": torch.zeros(1, 2), "ups.0.lora_B": torch.zeros(2, 1)},
+        str(path),
+        metadata={"format_version": "2", "config": json.dumps(cfg)},
+    )
     with pytest.raises(ValueError, match=r"huge_r\.safetensors.*r must be at most 8192"):
         read_lora_file(path)
     with pytest.raises(ValueError, match="MAX_RANK"):
@@ -122,8 +177,9 @@ def test_peft_rank_patterns_from_a_file_run_in_linear_time(tmp_path) -> None:
     def make() -> nn.Module:  # a long module name: backtracking re takes ~2^len(name) steps on it
         torch.manual_seed(0)
         model = nn.Module()
-        model.add_module("a_long_module_name_that_backtracking_would_choke_on",
-                         nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]))
+        model.add_module(
+            "a_long_module_name_that_backtracking_would_choke_on", nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
+        )
         return inject_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
 
     src = randomize_lora_(make(), 0.1, 1)

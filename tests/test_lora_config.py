@@ -22,8 +22,14 @@ def test_presets():
 
 
 def test_dict_round_trip_is_json_safe():
-    c = LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["ups", r"dec\.conv_\w+"],
-                   merge_weights=True, bias="lora_only")
+    c = LoRAConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=["ups", r"dec\.conv_\w+"],
+        merge_weights=True,
+        bias="lora_only",
+    )
     d = json.loads(json.dumps(c.to_dict()))
     assert LoRAConfig.from_dict(d) == c
 

@@ -57,11 +57,14 @@ def test_factor_shapes_and_isinstance():
     assert lin.scaling == 16 / 4
 
 
-@pytest.mark.parametrize("make", [
-    lambda r: LoRALinear(9, 7, r=r),
-    lambda r: LoRAConv1d(4, 6, 3, r=r, padding=1),
-    lambda r: LoRAConvTranspose1d(4, 6, 4, r=r, stride=2, padding=1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: LoRALinear(9, 7, r=r),
+        lambda r: LoRAConv1d(4, 6, 3, r=r, padding=1),
+        lambda r: LoRAConvTranspose1d(4, 6, 4, r=r, stride=2, padding=1),
+    ],
+)
 def test_fresh_layer_equals_base_and_r0_is_the_base(make):
     layer = make(4)
     base_cls = type(layer).base_class
@@ -76,13 +79,16 @@ def test_fresh_layer_equals_base_and_r0_is_the_base(make):
     assert torch.equal(layer0.weight, w) and not layer0.merged
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=-1), "r must be an int >= 0"),
-    (dict(r=2.0), "r must be an int >= 0"),
-    (dict(lora_alpha=0), "lora_alpha must be a number > 0"),
-    (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
-    (dict(merge_weights=1), "merge_weights must be a bool"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=-1), "r must be an int >= 0"),
+        (dict(r=2.0), "r must be an int >= 0"),
+        (dict(lora_alpha=0), "lora_alpha must be a number > 0"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\)"),
+        (dict(merge_weights=1), "merge_weights must be a bool"),
+    ],
+)
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRALinear(4, 4, **kwargs)
@@ -180,11 +186,15 @@ def test_conv_transpose1d_output_size_argument():
         assert torch.allclose(y, base(x, output_size=size), atol=1e-10)
 
 
-@pytest.mark.parametrize("layer", [
-    LoRALinear(20, 30, r=3),
-    LoRAConv1d(8, 12, 3, r=4, groups=2),
-    LoRAConvTranspose1d(12, 8, 4, r=4, stride=2, groups=2),
-], ids=["linear", "conv1d", "convT"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        LoRALinear(20, 30, r=3),
+        LoRAConv1d(8, 12, 3, r=4, groups=2),
+        LoRAConvTranspose1d(12, 8, 4, r=4, stride=2, groups=2),
+    ],
+    ids=["linear", "conv1d", "convT"],
+)
 def test_delta_weight_has_rank_at_most_r(layer):
     torch.manual_seed(4)
     _randomise(layer.double())
@@ -209,11 +219,15 @@ def test_non_contiguous_inputs():
 # --------------------------------------------------------------------------- merging
 
 
-@pytest.mark.parametrize("layer, x", [
-    (LoRALinear(16, 8, r=4), torch.randn(3, 16)),
-    (LoRAConv1d(4, 6, 3, r=2, padding=1, groups=2), torch.randn(2, 4, 10)),
-    (LoRAConvTranspose1d(4, 6, 4, r=2, stride=2, padding=1), torch.randn(2, 4, 10)),
-], ids=["linear", "conv1d", "convT"])
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (LoRALinear(16, 8, r=4), torch.randn(3, 16)),
+        (LoRAConv1d(4, 6, 3, r=2, padding=1, groups=2), torch.randn(2, 4, 10)),
+        (LoRAConvTranspose1d(4, 6, 4, r=2, stride=2, padding=1), torch.randn(2, 4, 10)),
+    ],
+    ids=["linear", "conv1d", "convT"],
+)
 def test_merge_unmerge_exact_and_no_drift(layer, x):
     torch.manual_seed(6)
     _randomise(layer)

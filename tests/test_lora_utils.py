@@ -45,8 +45,9 @@ class TinyGen(nn.Module):
     def __init__(self, wn=nn.utils.weight_norm):
         super().__init__()
         self.conv_pre = nn.Conv1d(4, 8, 3, padding=1)
-        self.ups = nn.ModuleList([wn(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)),
-                                  wn(nn.ConvTranspose1d(6, 4, 4, 2, padding=1))])
+        self.ups = nn.ModuleList(
+            [wn(nn.ConvTranspose1d(8, 6, 4, 2, padding=1)), wn(nn.ConvTranspose1d(6, 4, 4, 2, padding=1))]
+        )
         self.resblocks = nn.ModuleList([Block(6, wn), Block(4, wn)])
         self.conv_post = nn.Conv1d(4, 1, 3, padding=1, bias=False)
 
@@ -64,16 +65,19 @@ def _randomise_b(model):
                 m.lora_B.normal_(0, 0.1)
 
 
-@pytest.mark.parametrize("target, name, hit", [
-    ("ups", "dec.ups.0", True),
-    ("ups", "dec.upsample", False),
-    ("convs1.0", "resblocks.2.convs1.0", True),
-    ("convs1.0", "resblocks.2.convs1.01", False),
-    ("resblocks", "resblocks.0.convs2.1", True),
-    (r"ups\.[01]", "ups.1", True),
-    (r"ups\.[01]", "dec.ups.1", False),
-    (r".*convs2\.\d", "resblocks.0.convs2.1", True),
-])
+@pytest.mark.parametrize(
+    "target, name, hit",
+    [
+        ("ups", "dec.ups.0", True),
+        ("ups", "dec.upsample", False),
+        ("convs1.0", "resblocks.2.convs1.0", True),
+        ("convs1.0", "resblocks.2.convs1.01", False),
+        ("resblocks", "resblocks.0.convs2.1", True),
+        (r"ups\.[01]", "ups.1", True),
+        (r"ups\.[01]", "dec.ups.1", False),
+        (r".*convs2\.\d", "resblocks.0.convs2.1", True),
+    ],
+)
 def test_target_matching(target, name, hit):
     assert target_matches(target, name) is hit
 
@@ -93,8 +97,11 @@ def test_injection_is_exact_at_step_zero_and_folds_weight_norm(wn):
     with torch.no_grad():
         before = model(x)
         adaptable = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
-        folded_before = {name: m.weight.detach().clone() for name, m in model.named_modules()
-                         if name.startswith(("ups.", "resblocks.")) and isinstance(m, adaptable)}
+        folded_before = {
+            name: m.weight.detach().clone()
+            for name, m in model.named_modules()
+            if name.startswith(("ups.", "resblocks.")) and isinstance(m, adaptable)
+        }
     inject_lora(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["ups", "resblocks"]))
     for name, w in folded_before.items():
         assert torch.equal(model.get_submodule(name).weight, w), name
@@ -120,8 +127,11 @@ def test_injection_is_exact_at_step_zero_and_folds_weight_norm(wn):
 
 
 def test_targets_that_match_nothing_raise_with_candidates():
-    with pytest.raises(ValueError, match=r"match no Linear/Conv1d/ConvTranspose1d/Conv2d module; adaptable modules "
-                                         r"are: conv_pre, ups.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"match no Linear/Conv1d/ConvTranspose1d/Conv2d module; adaptable modules "
+        r"are: conv_pre, ups.0",
+    ):
         inject_lora(TinyGen(), LoRAConfig(target_modules=["upsamplers"]))
     with pytest.raises(TypeError, match="config must be a LoRAConfig"):
         inject_lora(TinyGen(), {"r": 8})
@@ -143,13 +153,27 @@ def test_groups_not_dividing_rank_is_refused_at_injection():
         inject_lora(m, LoRAConfig(r=2, target_modules=["0"]))
 
 
-@pytest.mark.parametrize("bias, trainable_biases", [
-    ("none", set()),
-    ("all", {"conv_pre.bias", "ups.0.bias", "ups.1.bias", "resblocks.0.convs1.0.bias", "resblocks.0.convs1.1.bias",
-             "resblocks.0.proj.bias", "resblocks.1.convs1.0.bias", "resblocks.1.convs1.1.bias",
-             "resblocks.1.proj.bias"}),
-    ("lora_only", {"ups.0.bias", "ups.1.bias"}),
-])
+@pytest.mark.parametrize(
+    "bias, trainable_biases",
+    [
+        ("none", set()),
+        (
+            "all",
+            {
+                "conv_pre.bias",
+                "ups.0.bias",
+                "ups.1.bias",
+                "resblocks.0.convs1.0.bias",
+                "resblocks.0.convs1.1.bias",
+                "resblocks.0.proj.bias",
+                "resblocks.1.convs1.0.bias",
+                "resblocks.1.convs1.1.bias",
+                "resblocks.1.proj.bias",
+            },
+        ),
+        ("lora_only", {"ups.0.bias", "ups.1.bias"}),
+    ],
+)
 def test_bias_modes(bias, trainable_biases):
     model = inject_lora(TinyGen(), LoRAConfig(r=2, target_modules=["ups"], bias=bias))
     got = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
@@ -206,8 +230,17 @@ def test_print_lora_info_table():
     text = print_lora_info(model, file=buf)
     assert buf.getvalue().strip() == text.strip()
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "kind", "weight", "lora_A", "lora_B", "r", "lora_params", "merged",
-                                "weight_norm"]
+    assert lines[0].split() == [
+        "layer",
+        "kind",
+        "weight",
+        "lora_A",
+        "lora_B",
+        "r",
+        "lora_params",
+        "merged",
+        "weight_norm",
+    ]
     assert lines[2].split()[:2] == ["ups.0", "ConvTranspose1d"]
     assert "LoRA parameters: 108" in text
 

@@ -34,13 +34,22 @@ CASES = {
     "linear": (lambda: nn.Linear(48, 40), LoRALinear, lambda n: torch.randn(n, 30, 48)),
     "linear_rows": (lambda: nn.Linear(48, 400), LoRALinear, lambda n: torch.randn(n, 48)),
     "conv1d": (lambda: nn.Conv1d(32, 32, 3, padding=3, dilation=3), LoRAConv1d, lambda n: torch.randn(n, 32, 200)),
-    "conv1d_reflect": (lambda: nn.Conv1d(16, 24, 5, padding=2, padding_mode="reflect"), LoRAConv1d,
-                       lambda n: torch.randn(n, 16, 100)),
+    "conv1d_reflect": (
+        lambda: nn.Conv1d(16, 24, 5, padding=2, padding_mode="reflect"),
+        LoRAConv1d,
+        lambda n: torch.randn(n, 16, 100),
+    ),
     "conv1d_groups": (lambda: nn.Conv1d(16, 32, 3, padding=1, groups=2), LoRAConv1d, lambda n: torch.randn(n, 16, 90)),
-    "convT": (lambda: nn.ConvTranspose1d(32, 16, 16, 10, padding=3), LoRAConvTranspose1d,
-              lambda n: torch.randn(n, 32, 20)),
-    "convT_wide_input": (lambda: nn.ConvTranspose1d(16, 8, 4, 2, padding=1), LoRAConvTranspose1d,
-                         lambda n: torch.randn(n, 16, 300)),
+    "convT": (
+        lambda: nn.ConvTranspose1d(32, 16, 16, 10, padding=3),
+        LoRAConvTranspose1d,
+        lambda n: torch.randn(n, 32, 20),
+    ),
+    "convT_wide_input": (
+        lambda: nn.ConvTranspose1d(16, 8, 4, 2, padding=1),
+        LoRAConvTranspose1d,
+        lambda n: torch.randn(n, 16, 300),
+    ),
 }
 
 

@@ -28,8 +28,13 @@ OPS = {
     },
 }
 
-DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32),
-          (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
 
 
 def _x_cases(kind):
@@ -51,8 +56,21 @@ def _fwd_args(kind, x_name, shape, dt, fdt, dropout):
     if kind == "linear":
         return (x, rnd(8, 10), rnd(8), rnd(2, 10, dtype=fdt), rnd(8, 2, dtype=fdt), 0.5, dropout, seed)
     if kind == "conv1d":
-        return (x, rnd(6, 4, 3), rnd(6), rnd(2, 12, dtype=fdt), rnd(6, 2, dtype=fdt), 0.5, 1, [1, 1], 1, 1, "zeros",
-                dropout, seed)
+        return (
+            x,
+            rnd(6, 4, 3),
+            rnd(6),
+            rnd(2, 12, dtype=fdt),
+            rnd(6, 2, dtype=fdt),
+            0.5,
+            1,
+            [1, 1],
+            1,
+            1,
+            "zeros",
+            dropout,
+            seed,
+        )
     return (x, rnd(4, 6, 4), rnd(6), rnd(2, 4, dtype=fdt), rnd(2, 24, dtype=fdt), 0.5, 2, 1, 0, 1, 1, dropout, seed)
 
 
@@ -64,8 +82,16 @@ def _cases():
                 # each sample several ways: the full product would take minutes on a small CI machine)
                 if (dt, fdt) != (torch.float32, torch.float32) and (x_name != "batch1" or dropout):
                     continue
-                yield pytest.param(backend, kind, x_name, shape, dt, fdt, dropout,
-                                   id=f"{backend}-{kind}-{x_name}-{str(dt)[6:]}-f{str(fdt)[6:]}-p{dropout}")
+                yield pytest.param(
+                    backend,
+                    kind,
+                    x_name,
+                    shape,
+                    dt,
+                    fdt,
+                    dropout,
+                    id=f"{backend}-{kind}-{x_name}-{str(dt)[6:]}-f{str(fdt)[6:]}-p{dropout}",
+                )
 
 
 def _significant(t):
@@ -90,8 +116,9 @@ def test_opcheck_forward_and_backward(backend, kind, x_name, shape, dt, fdt, dro
     fwd, bwd = OPS[backend][kind]
     args = _fwd_args(kind, x_name, shape, dt, fdt, dropout)
     y, u = _assert_fake_matches_real(fwd, args, f"{kind} forward")
-    grad_args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                      else a for a in args)
+    grad_args = tuple(
+        a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
     torch.library.opcheck(fwd, grad_args)
     x, weight, bias, lora_A, lora_B, *rest = args
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
@@ -116,8 +143,15 @@ def _spec_cases():
             if (dt, fdt) != (torch.float32, torch.float32) and i:
                 continue  # every sample in float32, every dtype on the first
             for layout in ("contiguous", "channels_last") if i == 0 and dt == torch.float32 else ("contiguous",):
-                yield pytest.param(op, backend, i, dt, fdt, layout,
-                                   id=f"{backend}-{op}-{sample.label}-{str(dt)[6:]}-f{str(fdt)[6:]}-{layout}")
+                yield pytest.param(
+                    op,
+                    backend,
+                    i,
+                    dt,
+                    fdt,
+                    layout,
+                    id=f"{backend}-{op}-{sample.label}-{str(dt)[6:]}-f{str(fdt)[6:]}-{layout}",
+                )
 
 
 @pytest.mark.parametrize("op, backend, index, dt, fdt, layout", list(_spec_cases()))
@@ -134,11 +168,21 @@ def test_opcheck_spec_samples(op, backend, index, dt, fdt, layout):
     bias = t["bias"].to(dt) if t["bias"] is not None else None
     options = [list(v) if isinstance(v, tuple) else v for v in spec.option_values(sample.options)]
     seed = torch.tensor(7, dtype=torch.int64) if sample.dropout_p else None
-    args = (x, t["weight"].to(dt), bias, t["lora_A"].to(fdt), t["lora_B"].to(fdt), 0.5, *options,
-            sample.dropout_p, seed)
+    args = (
+        x,
+        t["weight"].to(dt),
+        bias,
+        t["lora_A"].to(fdt),
+        t["lora_B"].to(fdt),
+        0.5,
+        *options,
+        sample.dropout_p,
+        seed,
+    )
     y, u = _assert_fake_matches_real(fwd, args, f"{op} forward")
-    grad_args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                      else a for a in args)
+    grad_args = tuple(
+        a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
     torch.library.opcheck(fwd, grad_args)
     x, weight, _bias, lora_A, lora_B, *rest = args
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)

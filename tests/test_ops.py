@@ -109,11 +109,16 @@ def test_linear_matches_oracle(backend, case):
         t["mask"] = _mask_for(backend, t["x"].shape, p, seed, dt)
         gnames = [n for n in GRAD_ALL if t[n] is not None]
         compare_with_oracle(
-            lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_linear(x, weight, bias, lora_A, lora_B, 1.7, p,
-                                                                          seed),
-            lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_linear_ref(x, weight, bias, lora_A, lora_B, 1.7,
-                                                                              mask),
-            t, dt, gnames, f"{backend} linear {case} {dt}",
+            lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_linear(
+                x, weight, bias, lora_A, lora_B, 1.7, p, seed
+            ),
+            lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_linear_ref(
+                x, weight, bias, lora_A, lora_B, 1.7, mask
+            ),
+            t,
+            dt,
+            gnames,
+            f"{backend} linear {case} {dt}",
         )
 
 
@@ -158,10 +163,15 @@ def test_conv1d_matches_oracle(backend, case, p, n):
         gnames = [nm for nm in GRAD_ALL if t[nm] is not None]
         compare_with_oracle(
             lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_conv1d(
-                x, weight, bias, lora_A, lora_B, 0.9, dropout_p=p, seed=seed, **kw),
+                x, weight, bias, lora_A, lora_B, 0.9, dropout_p=p, seed=seed, **kw
+            ),
             lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv1d_ref(
-                x, weight, bias, lora_A, lora_B, 0.9, dropout_mask=mask, **kw),
-            t, dt, gnames, f"{backend} conv1d {case} p={p} {dt}",
+                x, weight, bias, lora_A, lora_B, 0.9, dropout_mask=mask, **kw
+            ),
+            t,
+            dt,
+            gnames,
+            f"{backend} conv1d {case} p={p} {dt}",
         )
 
 
@@ -203,10 +213,15 @@ def test_conv_transpose1d_matches_oracle(backend, case, p, n):
         gnames = [nm for nm in GRAD_ALL if t[nm] is not None]
         compare_with_oracle(
             lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_conv_transpose1d(
-                x, weight, bias, lora_A, lora_B, 1.3, dropout_p=p, seed=seed, **kw),
+                x, weight, bias, lora_A, lora_B, 1.3, dropout_p=p, seed=seed, **kw
+            ),
             lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv_transpose1d_ref(
-                x, weight, bias, lora_A, lora_B, 1.3, dropout_mask=mask, **kw),
-            t, dt, gnames, f"{backend} convT {case} p={p} {dt}",
+                x, weight, bias, lora_A, lora_B, 1.3, dropout_mask=mask, **kw
+            ),
+            t,
+            dt,
+            gnames,
+            f"{backend} convT {case} p={p} {dt}",
         )
 
 
@@ -226,11 +241,13 @@ def test_torch_backend_gradcheck_float64():
         w, a, bb = torch.randn(6, 2, 3, **d), torch.randn(2, 2 * 3, **d), torch.randn(6, 1, **d)
         b = torch.randn(6, **d)
         assert torch.autograd.gradcheck(
-            lambda *t: ops.lora_conv1d(*t, 0.5, 2, (1, 2), 1, 2, "reflect", 0.3, seed), (x, w, b, a, bb))
+            lambda *t: ops.lora_conv1d(*t, 0.5, 2, (1, 2), 1, 2, "reflect", 0.3, seed), (x, w, b, a, bb)
+        )
         w, a, bb = torch.randn(4, 3, 4, **d), torch.randn(2, 4, **d), torch.randn(2, 3 * 4, **d)
         b = torch.randn(3, **d)
         assert torch.autograd.gradcheck(
-            lambda *t: ops.lora_conv_transpose1d(*t, 0.5, 2, 1, 1, 1, 1, 0.3, seed), (x, w, b, a, bb))
+            lambda *t: ops.lora_conv_transpose1d(*t, 0.5, 2, 1, 1, 1, 1, 0.3, seed), (x, w, b, a, bb)
+        )
     finally:
         ops.set_backend(None)
 
@@ -291,16 +308,50 @@ def test_opcheck_torch_custom_ops(name):
     d = dict(dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(11)
     if name == "linear":
-        args = (torch.randn(3, 5, **d), torch.randn(4, 5, **d), torch.randn(4, **d), torch.randn(2, 5, **d),
-                torch.randn(4, 2, **d), 1.5, 0.2, seed)
+        args = (
+            torch.randn(3, 5, **d),
+            torch.randn(4, 5, **d),
+            torch.randn(4, **d),
+            torch.randn(2, 5, **d),
+            torch.randn(4, 2, **d),
+            1.5,
+            0.2,
+            seed,
+        )
         op = tb._linear_fwd
     elif name == "conv1d":
-        args = (torch.randn(2, 4, 9, **d), torch.randn(6, 4, 3, **d), torch.randn(6, **d), torch.randn(2, 12, **d),
-                torch.randn(6, 2, **d), 1.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
+        args = (
+            torch.randn(2, 4, 9, **d),
+            torch.randn(6, 4, 3, **d),
+            torch.randn(6, **d),
+            torch.randn(2, 12, **d),
+            torch.randn(6, 2, **d),
+            1.5,
+            1,
+            [1, 1],
+            1,
+            1,
+            "zeros",
+            0.0,
+            None,
+        )
         op = tb._conv1d_fwd
     else:
-        args = (torch.randn(2, 4, 5, **d), torch.randn(4, 3, 4, **d), torch.randn(3, **d), torch.randn(2, 4, **d),
-                torch.randn(2, 12, **d), 1.5, 2, 1, 0, 1, 1, 0.0, None)
+        args = (
+            torch.randn(2, 4, 5, **d),
+            torch.randn(4, 3, 4, **d),
+            torch.randn(3, **d),
+            torch.randn(2, 4, **d),
+            torch.randn(2, 12, **d),
+            1.5,
+            2,
+            1,
+            0,
+            1,
+            1,
+            0.0,
+            None,
+        )
         op = tb._convt_fwd
     torch.library.opcheck(op, args)
 
@@ -362,8 +413,9 @@ def _compare_mixed(run, oracle, tensors, act, fac, label):
     """
     factor_names = ("lora_A", "lora_B")
     dtype_of = {k: (fac if k in factor_names else act) for k in tensors}
-    rounded = {k: (v.to(dtype_of[k]).double() if v is not None and v.is_floating_point() else v)
-               for k, v in tensors.items()}
+    rounded = {
+        k: (v.to(dtype_of[k]).double() if v is not None and v.is_floating_point() else v) for k, v in tensors.items()
+    }
 
     def copies(cast):
         out = {}
@@ -400,8 +452,11 @@ def _mixed_params():
         for name in _backends_for(op):
             for act, fac in _mixes(name):
                 for n, p in ((1, 0.0), (1, 0.25), (3, 0.0), (3, 0.25)):
-                    out.append(pytest.param(name, op, act, fac, n, p,
-                                            id=f"{name}-{op}-{str(act)[6:]}x-{str(fac)[6:]}AB-n{n}-p{p}"))
+                    out.append(
+                        pytest.param(
+                            name, op, act, fac, n, p, id=f"{name}-{op}-{str(act)[6:]}x-{str(fac)[6:]}AB-n{n}-p{p}"
+                        )
+                    )
     return out
 
 
@@ -412,49 +467,81 @@ def test_factor_dtype_differs_from_x(backend, op, act, fac, n, p):
     seed = torch.tensor(321)
     if op == "lora_linear":
         cin, cout, r = 9, 11, 4
-        t = {"x": torch.randn(n, 2, cin, dtype=torch.float64), "weight": torch.randn(cout, cin, dtype=torch.float64),
-             "bias": torch.randn(cout, dtype=torch.float64), "lora_A": torch.randn(r, cin, dtype=torch.float64),
-             "lora_B": torch.randn(cout, r, dtype=torch.float64)}
+        t = {
+            "x": torch.randn(n, 2, cin, dtype=torch.float64),
+            "weight": torch.randn(cout, cin, dtype=torch.float64),
+            "bias": torch.randn(cout, dtype=torch.float64),
+            "lora_A": torch.randn(r, cin, dtype=torch.float64),
+            "lora_B": torch.randn(cout, r, dtype=torch.float64),
+        }
         kw = {}
     elif op == "lora_conv1d":
         cin, cout, k, r = 4, 6, 3, 2
-        t = {"x": torch.randn(n, cin, 11, dtype=torch.float64),
-             "weight": torch.randn(cout, cin // 2, k, dtype=torch.float64),
-             "bias": torch.randn(cout, dtype=torch.float64),
-             "lora_A": torch.randn(r, cin // 2 * k, dtype=torch.float64),
-             "lora_B": torch.randn(cout, r // 2, dtype=torch.float64)}
+        t = {
+            "x": torch.randn(n, cin, 11, dtype=torch.float64),
+            "weight": torch.randn(cout, cin // 2, k, dtype=torch.float64),
+            "bias": torch.randn(cout, dtype=torch.float64),
+            "lora_A": torch.randn(r, cin // 2 * k, dtype=torch.float64),
+            "lora_B": torch.randn(cout, r // 2, dtype=torch.float64),
+        }
         kw = dict(stride=2, padding=(2, 1), dilation=1, groups=2, padding_mode="reflect")
     else:
         cin, cout, k, r = 4, 6, 4, 2
-        t = {"x": torch.randn(n, cin, 7, dtype=torch.float64), "weight": torch.randn(cin, cout, k, dtype=torch.float64),
-             "bias": torch.randn(cout, dtype=torch.float64), "lora_A": torch.randn(r, cin, dtype=torch.float64),
-             "lora_B": torch.randn(r, cout * k, dtype=torch.float64)}
+        t = {
+            "x": torch.randn(n, cin, 7, dtype=torch.float64),
+            "weight": torch.randn(cin, cout, k, dtype=torch.float64),
+            "bias": torch.randn(cout, dtype=torch.float64),
+            "lora_A": torch.randn(r, cin, dtype=torch.float64),
+            "lora_B": torch.randn(r, cout * k, dtype=torch.float64),
+        }
         kw = dict(stride=2, padding=1, output_padding=1, dilation=1, groups=1)
     x_act = t["x"].to(act)
     params = {k_: v for k_, v in kw.items() if k_ != "padding_mode" or op == "lora_conv1d"}
     why = dispatch.load_backend(backend).unsupported_reason(
-        op, x_act, weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac), dropout_p=p, **params)
+        op, x_act, weight=t["weight"].to(act), lora_A=t["lora_A"].to(fac), dropout_p=p, **params
+    )
     if why is not None:
         # declining is allowed, but then auto must run the call without raising
         ops.set_backend(None)
-        y = getattr(ops, op)(x_act, t["weight"].to(act), t["bias"].to(act), t["lora_A"].to(fac),
-                             t["lora_B"].to(fac), 0.7, dropout_p=p, seed=seed, **kw)
+        y = getattr(ops, op)(
+            x_act,
+            t["weight"].to(act),
+            t["bias"].to(act),
+            t["lora_A"].to(fac),
+            t["lora_B"].to(fac),
+            0.7,
+            dropout_p=p,
+            seed=seed,
+            **kw,
+        )
         assert y.dtype == act
         pytest.skip(f"backend {backend} declines {op} with {act} x and {fac} factors: {why}")
-    mask = None if p == 0 else dispatch.load_backend(backend).dropout_mask(seed, t["x"].shape, p,
-                                                                          torch.device("cpu"), torch.float64)
-    oracle = {"lora_linear": ref.lora_linear_ref, "lora_conv1d": ref.lora_conv1d_ref,
-              "lora_conv_transpose1d": ref.lora_conv_transpose1d_ref}[op]
+    mask = (
+        None
+        if p == 0
+        else dispatch.load_backend(backend).dropout_mask(seed, t["x"].shape, p, torch.device("cpu"), torch.float64)
+    )
+    oracle = {
+        "lora_linear": ref.lora_linear_ref,
+        "lora_conv1d": ref.lora_conv1d_ref,
+        "lora_conv_transpose1d": ref.lora_conv_transpose1d_ref,
+    }[op]
     _compare_mixed(
-        lambda x, weight, bias, lora_A, lora_B: getattr(ops, op)(x, weight, bias, lora_A, lora_B, 0.7, dropout_p=p,
-                                                                 seed=seed, **kw),
-        lambda x, weight, bias, lora_A, lora_B: oracle(x, weight, bias, lora_A, lora_B, 0.7,
-                                                       dropout_mask=None if mask is None else mask.to(x.dtype), **kw),
-        t, act, fac, f"{backend} {op} {act} x, {fac} factors, n={n}, p={p}",
+        lambda x, weight, bias, lora_A, lora_B: getattr(ops, op)(
+            x, weight, bias, lora_A, lora_B, 0.7, dropout_p=p, seed=seed, **kw
+        ),
+        lambda x, weight, bias, lora_A, lora_B: oracle(
+            x, weight, bias, lora_A, lora_B, 0.7, dropout_mask=None if mask is None else mask.to(x.dtype), **kw
+        ),
+        t,
+        act,
+        fac,
+        f"{backend} {op} {act} x, {fac} factors, n={n}, p={p}",
     )
 
 
 # --------------------------------------------------------------------------- the shared sample table
+
 
 def _spec_sample_cases():
     from rvclora.ops.spec import SPECS
@@ -482,18 +569,30 @@ def test_spec_samples_match_oracle(backend, op, index, dtypes):
     ops.set_backend(backend)
     try:
         for dt in dtypes:
-            why = dispatch.unsupported(backend, op, t["x"].to(dt), weight=t["weight"].to(dt), lora_A=t["lora_A"],
-                                       dropout_p=sample.dropout_p, **spec.full_options(sample.options))
+            why = dispatch.unsupported(
+                backend,
+                op,
+                t["x"].to(dt),
+                weight=t["weight"].to(dt),
+                lora_A=t["lora_A"],
+                dropout_p=sample.dropout_p,
+                **spec.full_options(sample.options),
+            )
             if why is not None:
                 assert backend != "torch" and backend != "reference", f"{backend} must run every op: {why}"
                 continue  # declined (another op's backend, or a dtype it does not compute in): auto runs torch
             t["mask"] = _mask_for(backend, t["x"].shape, sample.dropout_p, seed, dt)
             compare_with_oracle(
                 lambda x, weight, bias, lora_A, lora_B, mask: getattr(ops, op)(
-                    x, weight, bias, lora_A, lora_B, 1.3, dropout_p=sample.dropout_p, seed=seed, **sample.options),
+                    x, weight, bias, lora_A, lora_B, 1.3, dropout_p=sample.dropout_p, seed=seed, **sample.options
+                ),
                 lambda x, weight, bias, lora_A, lora_B, mask: spec.run_reference(
-                    x, weight, bias, lora_A, lora_B, 1.3, sample.options, mask),
-                t, dt, gnames, f"{backend} {op} {sample.label} {dt}",
+                    x, weight, bias, lora_A, lora_B, 1.3, sample.options, mask
+                ),
+                t,
+                dt,
+                gnames,
+                f"{backend} {op} {sample.label} {dt}",
             )
     finally:
         ops.set_backend(None)

@@ -48,8 +48,26 @@ class RVCStyleSynthesizer(nn.Module):
 
     def __init__(self, *config: object, f0: bool) -> None:
         super().__init__()
-        (_spec, _segment, inter, _hidden, _filter, _heads, _layers, _kernel, _p, resblock, res_kernels, res_dilations,
-         up_rates, up_initial, up_kernels, spk_embed_dim, gin, sr) = config
+        (
+            _spec,
+            _segment,
+            inter,
+            _hidden,
+            _filter,
+            _heads,
+            _layers,
+            _kernel,
+            _p,
+            resblock,
+            res_kernels,
+            res_dilations,
+            up_rates,
+            up_initial,
+            up_kernels,
+            spk_embed_dim,
+            gin,
+            sr,
+        ) = config
         dec_args = (inter, resblock, res_kernels, res_dilations, up_rates, up_initial, up_kernels, gin)
         self.dec = GeneratorNSF(*dec_args, sr=sr) if f0 else Generator(*dec_args)
         self.emb_g = nn.Embedding(spk_embed_dim, gin)
@@ -186,8 +204,10 @@ def test_training_checkpoint(files: dict, tmp_path: Path) -> None:
     base = files["base"]
     sd = {f"dec.{k}": v for k, v in base.state_dict().items()}
     sd["enc_q.pre.weight"] = torch.zeros(2, 2)
-    torch.save({"model": sd, "iteration": 7, "optimizer": {"state": {}, "param_groups": []}, "learning_rate": 1e-4},
-               tmp_path / "G_7.pth")
+    torch.save(
+        {"model": sd, "iteration": 7, "optimizer": {"state": {}, "param_groups": []}, "learning_rate": 1e-4},
+        tmp_path / "G_7.pth",
+    )
     mf = load_rvc_file(tmp_path / "G_7.pth")
     assert mf.kind == "checkpoint" and mf.f0 and mf.data["iteration"] == 7
     fresh = build_generator("40k", seed=9)

@@ -57,8 +57,9 @@ def _loss(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: torch.Tens
     return F.mse_loss(out.float(), target)  # the loss in fp32, outside any autocast region
 
 
-def _train(student: nn.Module, inputs: tuple, target: torch.Tensor, steps: int, stop_at: float = 0.0,
-           bf16: bool = False) -> list[float]:
+def _train(
+    student: nn.Module, inputs: tuple, target: torch.Tensor, steps: int, stop_at: float = 0.0, bf16: bool = False
+) -> list[float]:
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     losses: list[float] = []
     student.train()

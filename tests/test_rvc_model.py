@@ -85,8 +85,10 @@ def test_layout_matches_rvc(name: str, f0: bool) -> None:
 
 def test_key_order_follows_rvc() -> None:
     keys = list(build_generator("40k", seed=0).state_dict())
-    firsts = [next(i for i, k in enumerate(keys) if k.startswith(p)) for p in
-              ("m_source.", "noise_convs.", "conv_pre.", "ups.", "resblocks.", "conv_post.", "cond.")]
+    firsts = [
+        next(i for i, k in enumerate(keys) if k.startswith(p))
+        for p in ("m_source.", "noise_convs.", "conv_pre.", "ups.", "resblocks.", "conv_post.", "cond.")
+    ]
     assert firsts == sorted(firsts)
 
 
@@ -133,7 +135,7 @@ def test_strict_round_trip_with_rvc_dec_prefix() -> None:
     rvc_sd = {f"dec.{k}": v.clone() for k, v in src.state_dict().items()}
     rvc_sd["enc_p.emb_phone.weight"] = torch.zeros(2, 2)  # other synthesizer keys are not the decoder's
     dst = build_generator("40k", seed=2)
-    dec = {k[len("dec."):]: v for k, v in rvc_sd.items() if k.startswith("dec.")}
+    dec = {k[len("dec.") :]: v for k, v in rvc_sd.items() if k.startswith("dec.")}
     dst.load_state_dict(dec, strict=True)
     for k, v in dst.state_dict().items():
         assert torch.equal(v, rvc_sd[f"dec.{k}"]), k

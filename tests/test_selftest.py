@@ -35,15 +35,24 @@ runpy.run_module("rvclora.selftest", run_name="__main__")
 @pytest.mark.subprocess
 def test_selftest_runs_from_a_plain_checkout_without_a_gpu(tmp_path):
     tree = tmp_path / "checkout"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "results",
-                                                               ".pytest_cache", "build"))
+    shutil.copytree(
+        ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "results", ".pytest_cache", "build"),
+    )
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["PYTHONPATH"] = "."
     # the copy's extension build must not replace the build of this checkout's sources
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
-    proc = subprocess.run([sys.executable, "-c", _BARE, "--out", str(out), "--no-timing"], cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BARE, "--out", str(out), "--no-timing"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     resolved = next(line for line in proc.stdout.splitlines() if line.startswith("RESOLVED")).split()
     assert resolved[1].startswith(str(tree)) and resolved[2].startswith(str(tree / "kernels")), resolved

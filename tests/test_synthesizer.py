@@ -36,8 +36,14 @@ from rvclora.models.synthesizer import (
 
 HIDDEN, FILTER, INTER, GIN, SPK, LAYERS = 192, 768, 192, 256, 109, 6
 SPEC = {"32k": 513, "40k": 1025, "48k": 1025}
-GEN_NAME = {"v1-32k": "v1-32k", "v1-40k": "40k", "v1-48k": "v1-48k", "v2-32k": "v2-32k", "v2-40k": "40k",
-            "v2-48k": "v2-48k"}
+GEN_NAME = {
+    "v1-32k": "v1-32k",
+    "v1-40k": "40k",
+    "v1-48k": "v1-48k",
+    "v2-32k": "v2-32k",
+    "v2-40k": "40k",
+    "v2-48k": "v2-48k",
+}
 
 
 def _wn(prefix: str, out: int, inp: int, k: int) -> dict[str, tuple[int, ...]]:
@@ -103,8 +109,12 @@ def _meta_synth(name: str, f0: bool, weight_norm: str = "legacy"):
 def test_state_dict_is_rvcs_key_for_key(name: str, f0: bool) -> None:
     version, sr = name.split("-")
     model = _meta_synth(name, f0)
-    cls = {("v1", True): SynthesizerTrnMs256NSFsid, ("v2", True): SynthesizerTrnMs768NSFsid,
-           ("v1", False): SynthesizerTrnMs256NSFsid_nono, ("v2", False): SynthesizerTrnMs768NSFsid_nono}
+    cls = {
+        ("v1", True): SynthesizerTrnMs256NSFsid,
+        ("v2", True): SynthesizerTrnMs768NSFsid,
+        ("v1", False): SynthesizerTrnMs256NSFsid_nono,
+        ("v2", False): SynthesizerTrnMs768NSFsid_nono,
+    }
     assert type(model) is cls[(version, f0)]
     sd = model.state_dict()
     parts = expected_outside_dec(version, sr, f0)
@@ -122,8 +132,12 @@ def test_state_dict_is_rvcs_key_for_key(name: str, f0: bool) -> None:
 def test_parametrizations_names_every_weight_norm() -> None:
     legacy = _meta_synth("v1-40k", True).state_dict()
     param = _meta_synth("v1-40k", True, "parametrizations").state_dict()
-    renamed = {k.replace("weight_g", "parametrizations.weight.original0")
-               .replace("weight_v", "parametrizations.weight.original1"): tuple(v.shape) for k, v in legacy.items()}
+    renamed = {
+        k.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1"
+        ): tuple(v.shape)
+        for k, v in legacy.items()
+    }
     assert {k: tuple(v.shape) for k, v in param.items()} == renamed
     assert any(k.startswith("flow.") and "original1" in k for k in param)
 
@@ -144,7 +158,7 @@ def test_init_follows_rvc() -> None:
         post = m.flow.flows[n].post
         assert post.weight.abs().max() == 0 and post.bias.abs().max() == 0  # mean-only coupling starts at identity
     attn = m.enc_p.encoder.attn_layers[0]
-    assert abs(float(attn.emb_rel_k.detach().std()) - 96 ** -0.5) < 0.01
+    assert abs(float(attn.emb_rel_k.detach().std()) - 96**-0.5) < 0.01
     bound = math.sqrt(6 / (HIDDEN + HIDDEN))  # xavier_uniform on the 1x1 q/k/v convs
     w = float(attn.conv_q.weight.detach().abs().max())
     assert 0.1 < w <= bound  # PyTorch's default init would stay below 1/sqrt(192) = 0.072
@@ -157,8 +171,12 @@ def test_init_follows_rvc() -> None:
 def tiny(version: str = "v1", f0: bool = True, **kw):
     """RVC's class with small arguments: same code paths, fast."""
     args = [33, 4, 8, 16, 32, 2, 2, 3, 0.0, "1", [3, 5], [[1, 3], [1, 3]], [4, 2], 16, [8, 4], 5, 8, 8000]
-    cls = {("v1", True): SynthesizerTrnMs256NSFsid, ("v2", True): SynthesizerTrnMs768NSFsid,
-           ("v1", False): SynthesizerTrnMs256NSFsid_nono, ("v2", False): SynthesizerTrnMs768NSFsid_nono}
+    cls = {
+        ("v1", True): SynthesizerTrnMs256NSFsid,
+        ("v2", True): SynthesizerTrnMs768NSFsid,
+        ("v1", False): SynthesizerTrnMs256NSFsid_nono,
+        ("v2", False): SynthesizerTrnMs768NSFsid_nono,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(kw.pop("seed", 0))
         return cls[(version, f0)](*args, **kw)
@@ -183,8 +201,16 @@ def test_training_forward(version: str, f0: bool) -> None:
     x = inputs(m)
     gen = torch.Generator().manual_seed(5)
     if f0:
-        out = m(x["phone"], x["phone_lengths"], x["pitch"], x["pitchf"], x["spec"], x["phone_lengths"], x["sid"],
-                generator=gen)
+        out = m(
+            x["phone"],
+            x["phone_lengths"],
+            x["pitch"],
+            x["pitchf"],
+            x["spec"],
+            x["phone_lengths"],
+            x["sid"],
+            generator=gen,
+        )
     else:
         out = m(x["phone"], x["phone_lengths"], x["spec"], x["phone_lengths"], x["sid"], generator=gen)
     o, ids_slice, x_mask, z_mask, (z, z_p, m_p, logs_p, m_q, logs_q) = out
@@ -234,10 +260,22 @@ def test_rvc_style_load_from_config_list() -> None:
     back.load_state_dict(m.state_dict(), strict=True)
     x = inputs(m, batch=1)
     with torch.no_grad():
-        a = m.infer(x["phone"], x["phone_lengths"], x["pitch"], x["pitchf"], x["sid"],
-                    generator=torch.Generator().manual_seed(0))[0]
-        b = back.infer(x["phone"], x["phone_lengths"], x["pitch"], x["pitchf"], x["sid"],
-                       generator=torch.Generator().manual_seed(0))[0]
+        a = m.infer(
+            x["phone"],
+            x["phone_lengths"],
+            x["pitch"],
+            x["pitchf"],
+            x["sid"],
+            generator=torch.Generator().manual_seed(0),
+        )[0]
+        b = back.infer(
+            x["phone"],
+            x["phone_lengths"],
+            x["pitch"],
+            x["pitchf"],
+            x["sid"],
+            generator=torch.Generator().manual_seed(0),
+        )[0]
     assert torch.equal(a, b)
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         SynthesizerTrnMs256NSFsid(*m.rvc_config(), is_half=False, bogus=1)

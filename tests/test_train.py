@@ -40,11 +40,21 @@ def _pretrained(tmp: Path, version: str, f0: bool) -> tuple[str, str]:
     return str(g), str(d)
 
 
-def _experiment(tmp: Path, name: str, *, version="v2", f0=True, layout="rvc", clips=4, seconds=(0.35, 0.45),
-                **kw) -> str:
+def _experiment(
+    tmp: Path, name: str, *, version="v2", f0=True, layout="rvc", clips=4, seconds=(0.35, 0.45), **kw
+) -> str:
     path = tmp / "logs" / name
-    make_synthetic_experiment(path, get_generator_config("40k"), version=version, f0=f0, layout=layout, clips=clips,
-                              segment_frames=SEGMENT, seconds=seconds, **kw)
+    make_synthetic_experiment(
+        path,
+        get_generator_config("40k"),
+        version=version,
+        f0=f0,
+        layout=layout,
+        clips=clips,
+        segment_frames=SEGMENT,
+        seconds=seconds,
+        **kw,
+    )
     return str(path)
 
 
@@ -91,14 +101,28 @@ def _infer(model, f0: bool, n: int = 30, dtype=torch.float32):
 LAYOUTS = [("v1", True, "rvc"), ("v2", True, "applio"), ("v1", False, "applio"), ("v2", False, "rvc")]
 
 
-@pytest.mark.parametrize("version,f0,layout", LAYOUTS, ids=[f"{v}-{'f0' if f else 'nof0'}-{lay}"
-                                                            for v, f, lay in LAYOUTS])
+@pytest.mark.parametrize(
+    "version,f0,layout", LAYOUTS, ids=[f"{v}-{'f0' if f else 'nof0'}-{lay}" for v, f, lay in LAYOUTS]
+)
 def test_trains_each_layout(work, one_thread, version, f0, layout):
     exp = _experiment(work, f"{version}{f0}{layout}", version=version, f0=f0, layout=layout)
     g, d = _pretrained(work, version, f0)
     out = work / f"{version}{f0}{layout}.safetensors"
-    trainer = Trainer(TrainSettings(exp, g, d, output=str(out), export=g, batch_size=2, epochs=3, learning_rate=LR,
-                                    threads=one_thread, progress=False, plot=False))
+    trainer = Trainer(
+        TrainSettings(
+            exp,
+            g,
+            d,
+            output=str(out),
+            export=g,
+            batch_size=2,
+            epochs=3,
+            learning_rate=LR,
+            threads=one_thread,
+            progress=False,
+            plot=False,
+        )
+    )
     assert (trainer.version, trainer.f0) == (version, f0)
     synth0 = {k: v.clone() for k, v in trainer.synth.state_dict().items()}
     disc0 = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
@@ -138,8 +162,9 @@ FIXED_BACKEND = dict(os.environ, RVCLORA_BACKEND="torch")
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rvclora", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "rvclora", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.subprocess
@@ -171,8 +196,11 @@ def test_bad_folders_are_refused_in_one_line_before_training(work, tmp_path):
     exp = fresh("rate")
     wave, sr = sf.read(exp / "0_gt_wavs" / "0_1.wav", dtype="float32")
     sf.write(exp / "0_gt_wavs" / "0_1.wav", wave, 32000, subtype="PCM_16")
-    with pytest.raises(ValueError, match=r"line 2: wav file .*0_1\.wav' is sampled at 32000 Hz; config\.json says "
-                                         r"40000 Hz"):
+    with pytest.raises(
+        ValueError,
+        match=r"line 2: wav file .*0_1\.wav' is sampled at 32000 Hz; config\.json says "
+        r"40000 Hz",
+    ):
         load_experiment(exp)
 
     # through the command: one line, status 1, before any training (no run folder, no adapter)
@@ -219,17 +247,56 @@ raise SystemExit(main(sys.argv[2:]))
 def test_resume_after_sigkill_mid_save_continues_from_the_saved_step(work, tmp_path):
     exp = _experiment(tmp_path, "kill", clips=2)
     g, d = _pretrained(work, "v2", True)
-    common = ["--pretrained-g", g, "--pretrained-d", d, "--batch-size", "2", "--epochs", "3", "--lr", str(LR),
-              "--threads", "1", "--no-progress", "--no-plot"]
+    common = [
+        "--pretrained-g",
+        g,
+        "--pretrained-d",
+        d,
+        "--batch-size",
+        "2",
+        "--epochs",
+        "3",
+        "--lr",
+        str(LR),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-plot",
+    ]
     # the reference: three epochs without interruption
-    ref = _cli("train", exp, "-o", str(tmp_path / "ref.safetensors"), "--run-dir", str(tmp_path / "ref"), *common,
-               env=FIXED_BACKEND)
+    ref = _cli(
+        "train",
+        exp,
+        "-o",
+        str(tmp_path / "ref.safetensors"),
+        "--run-dir",
+        str(tmp_path / "ref"),
+        *common,
+        env=FIXED_BACKEND,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run_dir, adapter, marker = tmp_path / "run", tmp_path / "voice.safetensors", tmp_path / "in-save"
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(marker), "train", exp, "-o", str(adapter),
-                              "--run-dir", str(run_dir), *common], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=FIXED_BACKEND)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_CHILD,
+            str(marker),
+            "train",
+            exp,
+            "-o",
+            str(adapter),
+            "--run-dir",
+            str(run_dir),
+            *common,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=FIXED_BACKEND,
+    )
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert child.poll() is None, child.communicate()[1][-2000:]
@@ -260,8 +327,17 @@ def test_resume_after_sigkill_mid_save_continues_from_the_saved_step(work, tmp_p
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_state(work, one_thread, tmp_path):
     exp = _experiment(tmp_path, "again", clips=2)
     g, d = _pretrained(work, "v2", True)
-    base = dict(exp_dir=exp, pretrained_g=g, pretrained_d=d, output=str(tmp_path / "a.safetensors"), batch_size=2,
-                epochs=1, threads=one_thread, progress=False, plot=False)
+    base = dict(
+        exp_dir=exp,
+        pretrained_g=g,
+        pretrained_d=d,
+        output=str(tmp_path / "a.safetensors"),
+        batch_size=2,
+        epochs=1,
+        threads=one_thread,
+        progress=False,
+        plot=False,
+    )
     Trainer(TrainSettings(**base)).train()
     with pytest.raises(FileExistsError, match="holds a training state from an earlier run; pass --resume"):
         Trainer(TrainSettings(**{**base, "overwrite": False, "output": str(tmp_path / "b.safetensors")}))

@@ -39,20 +39,42 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     g, d = tmp_path / "G.pth", tmp_path / "D.pth"
     torch.save({"model": build_synthesizer("v2-40k", seed=1).state_dict()}, g)
     torch.save({"model": build_discriminator("v2", seed=2, shrink=16).state_dict()}, d)
-    common = ["train", str(exp), "--pretrained-g", str(g), "--pretrained-d", str(d), "--batch-size", "4",
-              "--epochs", str(STEPS), "--lr", str(LR), "--threads", "1", "--no-progress", "--no-plot"]
+    common = [
+        "train",
+        str(exp),
+        "--pretrained-g",
+        str(g),
+        "--pretrained-d",
+        str(d),
+        "--batch-size",
+        "4",
+        "--epochs",
+        str(STEPS),
+        "--lr",
+        str(LR),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-plot",
+    ]
 
     def run(prefix: list[str], name: str) -> tuple[dict, list[dict], str]:
         out = tmp_path / f"{name}.safetensors"
-        proc = subprocess.run([*prefix, *common, "-o", str(out), "--run-dir", str(tmp_path / name)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [*prefix, *common, "-o", str(out), "--run-dir", str(tmp_path / name)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / LOSS_FILE).read_text().splitlines()]
         return read_lora_file(out)["weights"], rows, proc.stdout
 
     one, rows1, _ = run([sys.executable, "-m", "rvclora"], "single")
-    two, rows2, stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              "-m", "rvclora"], "ddp")
+    two, rows2, stdout = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rvclora"], "ddp"
+    )
     assert "2 processes" in stdout  # rank 0 reports; the other rank writes nothing
     assert stdout.count("steps in") == 1
 

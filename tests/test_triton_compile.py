@@ -24,8 +24,9 @@ def test_every_kernel_config_compiles_for_sm80_and_sm90():
     if not os.path.exists(cuobjdump):
         pytest.skip(f"this Triton wheel ships no cuobjdump at {cuobjdump}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "rvclora.checks.triton_compile"], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rvclora.checks.triton_compile"], env=env, capture_output=True, text=True, timeout=900
+    )
     print(proc.stdout)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert f"triton {triton.__version__}: " in proc.stdout and "0 with problems" in proc.stdout

@@ -32,8 +32,10 @@ from rvclora import reference as ref  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py on GPU-less machines)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py on GPU-less machines)",
+        allow_module_level=True,
+    )
 
 backend = pytest.importorskip("rvclora.kernels.backend")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -98,8 +100,11 @@ def _compare(run_candidate, run_reference, tensors, dropout_mask, dtype, factor_
     torch_grads = _grads(ys, g.to(dtype), ts)
 
     _assert_close("y", y.detach(), y64.detach(), ys.detach())
-    wanted = [(n, t) for n, t in zip(("grad_x", "grad_W", "grad_b", "grad_A", "grad_B"), tensors)
-              if t is not None and t.requires_grad]
+    wanted = [
+        (n, t)
+        for n, t in zip(("grad_x", "grad_W", "grad_b", "grad_A", "grad_B"), tensors)
+        if t is not None and t.requires_grad
+    ]
     assert len(cand_grads) == len(wanted)
     for (name, t), c, r, s in zip(wanted, cand_grads, ref_grads, torch_grads):
         assert c.dtype == t.dtype, f"{name} has dtype {c.dtype}, expected {t.dtype}"
@@ -148,8 +153,13 @@ def test_linear_matches_oracle(dtype, p):
 def test_linear_below_one_tile_no_bias():
     torch.manual_seed(2)
     tensors = _linear_tensors((1,), 5, 3, 1, torch.float32, bias=False, base_grad=True)
-    _compare(lambda *t: rops.lora_linear(*t, 2.0), lambda *t: ref.lora_linear_ref(*t[:5], 2.0, t[5]),
-             tensors, None, torch.float32)
+    _compare(
+        lambda *t: rops.lora_linear(*t, 2.0),
+        lambda *t: ref.lora_linear_ref(*t[:5], 2.0, t[5]),
+        tensors,
+        None,
+        torch.float32,
+    )
 
 
 def test_linear_non_contiguous_input_and_factors():
@@ -164,15 +174,25 @@ def test_linear_non_contiguous_input_and_factors():
     p = 0.25
     seed = _seed(p)
     mask = _mask(seed, x, p)
-    _compare(lambda *t: rops.lora_linear(*t, 1.5, p, seed), lambda *t: ref.lora_linear_ref(*t[:5], 1.5, t[5]),
-             [x, w, b, a, bb], mask, torch.float32)
+    _compare(
+        lambda *t: rops.lora_linear(*t, 1.5, p, seed),
+        lambda *t: ref.lora_linear_ref(*t[:5], 1.5, t[5]),
+        [x, w, b, a, bb],
+        mask,
+        torch.float32,
+    )
 
 
 def test_linear_mixed_precision_fp32_factors():
     torch.manual_seed(4)
     tensors = _linear_tensors((37,), 45, 40, 8, torch.float16, factor_dtype=torch.float32, base_grad=True)
-    _compare(lambda *t: rops.lora_linear(*t, 0.5), lambda *t: ref.lora_linear_ref(*t[:5], 0.5, t[5]),
-             tensors, None, torch.float16)
+    _compare(
+        lambda *t: rops.lora_linear(*t, 0.5),
+        lambda *t: ref.lora_linear_ref(*t[:5], 0.5, t[5]),
+        tensors,
+        None,
+        torch.float16,
+    )
 
 
 # --------------------------------------------------------------------------- Conv1d
@@ -217,9 +237,15 @@ def _run_conv_case(case, dtype, n=2, c=12, t=31, o=40, r=4, x_transform=None):
     _compare(cand, oracle, tensors, mask, dtype)
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=[f"s{c[0]}-p{c[1][0]}{c[1][1]}-d{c[2]}-g{c[3]}-{c[4]}-k{c[5]}"
-                                                 f"{'' if c[6] else '-nobias'}{'-drop' if c[7] else ''}"
-                                                 for c in CONV_CASES])
+@pytest.mark.parametrize(
+    "case",
+    CONV_CASES,
+    ids=[
+        f"s{c[0]}-p{c[1][0]}{c[1][1]}-d{c[2]}-g{c[3]}-{c[4]}-k{c[5]}"
+        f"{'' if c[6] else '-nobias'}{'-drop' if c[7] else ''}"
+        for c in CONV_CASES
+    ],
+)
 def test_conv1d_matches_oracle_fp32(case):
     torch.manual_seed(5)
     _run_conv_case(case, torch.float32)
@@ -234,8 +260,11 @@ def test_conv1d_matches_oracle_fp16(case):
 def test_conv1d_non_contiguous_and_tiny():
     torch.manual_seed(7)
     # x as a transposed (N, T, C) buffer: channel stride 1, time stride C
-    _run_conv_case((2, (1, 2), 1, 1, "zeros", 3, True, 0.25, True), torch.float32,
-                   x_transform=lambda x: x.transpose(1, 2).contiguous().transpose(1, 2))
+    _run_conv_case(
+        (2, (1, 2), 1, 1, "zeros", 3, True, 0.25, True),
+        torch.float32,
+        x_transform=lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),
+    )
     # smaller than one tile in every dimension, batch 1
     _run_conv_case((1, (1, 1), 1, 1, "reflect", 3, True, 0.0, True), torch.float32, n=1, c=3, t=5, o=2, r=1)
 
@@ -306,8 +335,10 @@ def test_auto_mode_rule_prefers_torch_for_tiny_row_counts():
 
 def test_torch_compile_fullgraph_traces_the_ops():
     if INTERPRET:
-        pytest.skip("under TRITON_INTERPRET, Dynamo's fake-tensor pass runs wrap_triton's interpreted kernel on fake "
-                    "tensors (no data pointer); this test needs a CUDA device")
+        pytest.skip(
+            "under TRITON_INTERPRET, Dynamo's fake-tensor pass runs wrap_triton's interpreted kernel on fake "
+            "tensors (no data pointer); this test needs a CUDA device"
+        )
     torch.manual_seed(9)
     x, w, b, a, bb = _linear_tensors((2, 17), 20, 24, 4, torch.float32)
     seed = torch.tensor(5, dtype=torch.int64)

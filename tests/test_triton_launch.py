@@ -22,8 +22,10 @@ import rvclora.ops as rops  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py on GPU-less machines)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py on GPU-less machines)",
+        allow_module_level=True,
+    )
 
 kops = pytest.importorskip("rvclora.kernels.ops")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -53,9 +55,16 @@ def launches(monkeypatch):
                     jit = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner or a JITFunction
                     names = jit.arg_names
                     bound = dict(zip(names, args))
-                    state["launches"].append({"kernel": jit.__name__, "guard": list(state["guard"]),
-                                              "seed": bound.get("seed"), "seed_is_ptr": kwargs.get("SEED_IS_PTR")})
+                    state["launches"].append(
+                        {
+                            "kernel": jit.__name__,
+                            "guard": list(state["guard"]),
+                            "seed": bound.get("seed"),
+                            "seed_is_ptr": kwargs.get("SEED_IS_PTR"),
+                        }
+                    )
                     return launcher[grid](*args, **kwargs)
+
                 return launch
 
         return _Grid()
@@ -87,8 +96,7 @@ def _linear_and_conv(p: float):
 def test_every_launch_runs_inside_the_device_guard_of_its_tensors(launches, p):
     _linear_and_conv(p)
     kernels = {rec["kernel"] for rec in launches["launches"]}
-    assert {"lora_forward_kernel", "lora_grad_u_kernel", "lora_grad_input_kernel",
-            "lora_weight_grad_kernel"} <= kernels
+    assert {"lora_forward_kernel", "lora_grad_u_kernel", "lora_grad_input_kernel", "lora_weight_grad_kernel"} <= kernels
     for rec in launches["launches"]:
         assert rec["guard"] and rec["guard"][-1].type == DEVICE, rec
 

@@ -33,8 +33,12 @@ VOICE = dict(target_modules=["enc_p", "flow", "dec"], modules_to_save=["emb_g"])
 
 
 def tiny(version: str = "v1", f0: bool = True, seed: int = 0, weight_norm: str = "legacy"):
-    cls = {("v1", True): SynthesizerTrnMs256NSFsid, ("v2", True): SynthesizerTrnMs768NSFsid,
-           ("v1", False): SynthesizerTrnMs256NSFsid_nono, ("v2", False): SynthesizerTrnMs768NSFsid_nono}
+    cls = {
+        ("v1", True): SynthesizerTrnMs256NSFsid,
+        ("v2", True): SynthesizerTrnMs768NSFsid,
+        ("v1", False): SynthesizerTrnMs256NSFsid_nono,
+        ("v2", False): SynthesizerTrnMs768NSFsid_nono,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls[(version, f0)](*TINY_ARGS, weight_norm=weight_norm)
@@ -87,8 +91,12 @@ def test_saved_modules_round_trip_through_a_file(tmp_path, weight_norm: str) -> 
     m = perturb_(inject_lora(tiny(weight_norm=weight_norm), cfg), 1)
     weights = extract_lora_weights(m)
     # saved keys in RVC's file form, whatever weight_norm the model uses
-    assert {"emb_g.weight", "flow.flows.0.enc.cond_layer.weight_g", "flow.flows.0.enc.cond_layer.weight_v",
-            "flow.flows.0.enc.cond_layer.bias"} <= set(weights)
+    assert {
+        "emb_g.weight",
+        "flow.flows.0.enc.cond_layer.weight_g",
+        "flow.flows.0.enc.cond_layer.weight_v",
+        "flow.flows.0.enc.cond_layer.bias",
+    } <= set(weights)
     path = tmp_path / "voice.safetensors"
     save_lora_checkpoint(m, path)
     data = read_lora_file(path)
@@ -132,8 +140,12 @@ def test_blend_of_saved_modules_is_weighted_against_the_base() -> None:
     b = perturb_(inject_lora(tiny(), cfg), 2)
 
     def adapter(m):
-        return {"weights": extract_lora_weights(m), "config": cfg, "base_fingerprint": m.rvclora_base_fingerprint,
-                "metadata": {"layers": layer_records(m)}}
+        return {
+            "weights": extract_lora_weights(m),
+            "config": cfg,
+            "base_fingerprint": m.rvclora_base_fingerprint,
+            "metadata": {"layers": layer_records(m)},
+        }
 
     ta, tb = a.emb_g.weight.detach(), b.emb_g.weight.detach()
     mix = blend_adapters([adapter(a), adapter(b)], [0.25, 0.75])  # sums to 1: no base needed
@@ -180,8 +192,17 @@ def _export(model, path, sr, info: str = "9epoch") -> None:
     sd = model.state_dict()
     cfg = model.rvc_config()
     cfg[1] = 32
-    torch.save({"weight": {k: v.half() for k, v in sd.items() if "enc_q" not in k}, "config": cfg, "info": info,
-                "sr": sr, "f0": int(model.f0), "version": model.version}, path)
+    torch.save(
+        {
+            "weight": {k: v.half() for k, v in sd.items() if "enc_q" not in k},
+            "config": cfg,
+            "info": info,
+            "sr": sr,
+            "f0": int(model.f0),
+            "version": model.version,
+        },
+        path,
+    )
 
 
 def _load_like_rvc(path):
@@ -301,8 +322,13 @@ def _train_step(model) -> dict[str, torch.Tensor]:
     return before
 
 
-SLOW_SHIPPED = [("v1-32k", True, "legacy"), ("v1-40k", False, "legacy"), ("v1-48k", True, "legacy"),
-                ("v2-32k", True, "legacy"), ("v2-40k", True, "legacy")]
+SLOW_SHIPPED = [
+    ("v1-32k", True, "legacy"),
+    ("v1-40k", False, "legacy"),
+    ("v1-48k", True, "legacy"),
+    ("v2-32k", True, "legacy"),
+    ("v2-40k", True, "legacy"),
+]
 
 
 @pytest.mark.parametrize("version,f0", [("v1", True), ("v2", False)])
@@ -321,8 +347,9 @@ def test_voice_adapter_of_a_shipped_config_merges_into_every_kind_of_file(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,f0,weight_norm", SLOW_SHIPPED,
-                         ids=[f"{n}-{'f0' if f else 'nono'}-{w}" for n, f, w in SLOW_SHIPPED])
+@pytest.mark.parametrize(
+    "name,f0,weight_norm", SLOW_SHIPPED, ids=[f"{n}-{'f0' if f else 'nono'}-{w}" for n, f, w in SLOW_SHIPPED]
+)
 def test_voice_config_trains_and_merges_per_shipped_config(tmp_path, name: str, f0: bool, weight_norm: str) -> None:
     _merges_into_every_kind_of_file(tmp_path, name, f0, weight_norm, train=True)
 
@@ -354,8 +381,10 @@ def _merges_into_every_kind_of_file(tmp_path, name: str, f0: bool, weight_norm: 
     merge_adapter(tmp_path / "base.pth", tmp_path / "voice.safetensors", tmp_path / "m_export.pth")
     o = _infer(_load_like_rvc(tmp_path / "m_export.pth"))
     assert float((o - o_adapted).abs().max()) < 0.05 * moved  # half rounding of an fp16 export
-    _check_same_form(torch.load(tmp_path / "base.pth", weights_only=True)["weight"],
-                     torch.load(tmp_path / "m_export.pth", weights_only=True)["weight"])
+    _check_same_form(
+        torch.load(tmp_path / "base.pth", weights_only=True)["weight"],
+        torch.load(tmp_path / "m_export.pth", weights_only=True)["weight"],
+    )
     for src in ("G_12.pth", "pretrained.pth"):
         res = merge_adapter(tmp_path / src, tmp_path / "voice.safetensors", tmp_path / f"m_{src}")
         out = torch.load(tmp_path / f"m_{src}", weights_only=True)
@@ -393,8 +422,13 @@ def test_mix_info_and_peft_with_whole_voice_adapters(tmp_path, capsys) -> None:
     _export(base, tmp_path / "base.pth", 8000)
     for i in (1, 2):
         save_lora_checkpoint(_voice_ready(tiny(seed=6), seed=i), tmp_path / f"v{i}.safetensors")
-    args = ["mix", str(tmp_path / "v1.safetensors:0.5"), str(tmp_path / "v2.safetensors:1.0"), "-o",
-            str(tmp_path / "mix.safetensors")]
+    args = [
+        "mix",
+        str(tmp_path / "v1.safetensors:0.5"),
+        str(tmp_path / "v2.safetensors:1.0"),
+        "-o",
+        str(tmp_path / "mix.safetensors"),
+    ]
     assert main(args) == 1
     assert "sum to 1.5, not 1" in capsys.readouterr().err
     assert main(args + ["--base", str(tmp_path / "base.pth")]) == 0
@@ -404,8 +438,10 @@ def test_mix_info_and_peft_with_whole_voice_adapters(tmp_path, capsys) -> None:
     t1, t2 = (read_lora_file(tmp_path / f"v{i}.safetensors")["weights"]["emb_g.weight"].double() for i in (1, 2))
     assert torch.allclose(mix["weights"]["emb_g.weight"].double(), b + 0.5 * (t1 - b) + (t2 - b), atol=1e-6)
     # the blend merges like any adapter, in one pass
-    assert main(["merge", str(tmp_path / "base.pth"), str(tmp_path / "mix.safetensors"), "-o",
-                 str(tmp_path / "out.pth")]) == 0
+    assert (
+        main(["merge", str(tmp_path / "base.pth"), str(tmp_path / "mix.safetensors"), "-o", str(tmp_path / "out.pth")])
+        == 0
+    )
     assert "enc_q layers left out" in capsys.readouterr().out
 
     assert main(["info", str(tmp_path / "v1.safetensors")]) == 0

@@ -60,8 +60,15 @@ class Result:
 def _ptr_types(kernel: str, act: str, factor: str, use: str) -> dict:
     """Element type of each pointer argument of ``kernel`` for one variant."""
     if kernel == "lora_forward_kernel":
-        return {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "a_ptr": factor, "b_ptr": factor, "y_ptr": act,
-                "u_ptr": "fp32"}
+        return {
+            "x_ptr": act,
+            "w_ptr": act,
+            "bias_ptr": act,
+            "a_ptr": factor,
+            "b_ptr": factor,
+            "y_ptr": act,
+            "u_ptr": "fp32",
+        }
     if kernel == "lora_grad_u_kernel":
         return {"g_ptr": act, "b_ptr": factor, "gu_ptr": "fp32"}
     if kernel == "lora_grad_input_kernel":
@@ -80,29 +87,76 @@ def _variants():
     out = []
     linear = {"KS": 1, "PAD_MODE": 0, "IS_LINEAR": True}
     conv = {"KS": 3, "PAD_MODE": 1, "IS_LINEAR": False}
-    out.append(("lora_forward_kernel", "linear fp16 r≤32", "fp16",
-                _ptr_types("lora_forward_kernel", "fp16", "fp16", ""),
-                {**linear, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32}))
+    out.append(
+        (
+            "lora_forward_kernel",
+            "linear fp16 r≤32",
+            "fp16",
+            _ptr_types("lora_forward_kernel", "fp16", "fp16", ""),
+            {**linear, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32},
+        )
+    )
     for label, act in (("conv k3 fp16", "fp16"), ("conv k3 fp32", "fp32")):
-        out.append(("lora_forward_kernel", f"{label} r≤32", act, _ptr_types("lora_forward_kernel", act, act, ""),
-                    {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32}))
-        out.append(("lora_grad_u_kernel", f"{label} r≤32", act, _ptr_types("lora_grad_u_kernel", act, act, ""),
-                    {"IS_LINEAR": False, "BLOCK_R": 32}))
-        out.append(("lora_grad_input_kernel", label, act, _ptr_types("lora_grad_input_kernel", act, act, ""),
-                    {**conv, "HAS_DROPOUT": True}))
+        out.append(
+            (
+                "lora_forward_kernel",
+                f"{label} r≤32",
+                act,
+                _ptr_types("lora_forward_kernel", act, act, ""),
+                {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32},
+            )
+        )
+        out.append(
+            (
+                "lora_grad_u_kernel",
+                f"{label} r≤32",
+                act,
+                _ptr_types("lora_grad_u_kernel", act, act, ""),
+                {"IS_LINEAR": False, "BLOCK_R": 32},
+            )
+        )
+        out.append(
+            (
+                "lora_grad_input_kernel",
+                label,
+                act,
+                _ptr_types("lora_grad_input_kernel", act, act, ""),
+                {**conv, "HAS_DROPOUT": True},
+            )
+        )
         if act == "fp32":
             # the base dots in TF32 (what cuDNN does for an fp32 Conv1d by default): tensor cores expected
             tf32 = {"BASE_PRECISION": "tf32"}
-            out.append(("lora_forward_kernel", "conv k3 fp32 tf32-base r≤32", act,
-                        _ptr_types("lora_forward_kernel", act, act, ""),
-                        {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32, **tf32}))
-            out.append(("lora_grad_input_kernel", "conv k3 fp32 tf32-base", act,
-                        _ptr_types("lora_grad_input_kernel", act, act, ""), {**conv, "HAS_DROPOUT": True, **tf32}))
+            out.append(
+                (
+                    "lora_forward_kernel",
+                    "conv k3 fp32 tf32-base r≤32",
+                    act,
+                    _ptr_types("lora_forward_kernel", act, act, ""),
+                    {**conv, "HAS_BIAS": True, "HAS_DROPOUT": True, "BLOCK_R": 32, **tf32},
+                )
+            )
+            out.append(
+                (
+                    "lora_grad_input_kernel",
+                    "conv k3 fp32 tf32-base",
+                    act,
+                    _ptr_types("lora_grad_input_kernel", act, act, ""),
+                    {**conv, "HAS_DROPOUT": True, **tf32},
+                )
+            )
         for use in ("grad_A", "grad_B"):
             consts = dict(conv) if use == "grad_A" else {"KS": 1, "PAD_MODE": 0, "IS_LINEAR": False}
             consts.update(HAS_DROPOUT=use == "grad_A", DOT_FROM_Q=use == "grad_A", SPLIT=4)
-            out.append(("lora_weight_grad_kernel", f"{label} {use}", act,
-                        _ptr_types("lora_weight_grad_kernel", act, act, use), consts))
+            out.append(
+                (
+                    "lora_weight_grad_kernel",
+                    f"{label} {use}",
+                    act,
+                    _ptr_types("lora_weight_grad_kernel", act, act, use),
+                    consts,
+                )
+            )
     return out
 
 
@@ -166,14 +220,16 @@ def _compile_one(job) -> Result:
             if name.startswith("s_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
 
     def field(key):
         m = re.search(rf"\b{key}:(\d+)", usage)
@@ -215,8 +271,19 @@ def _jobs(archs):
             for cfg in getattr(lora_kernels, kernel_name).configs:
                 if (cfg.kwargs["BLOCK_K"] == 16) != (act == "fp32"):
                     continue  # the autotuner prunes configs by dot dtype the same way
-                jobs.append((arch, kernel_name, variant, act, ptr_types, consts, dict(cfg.kwargs), cfg.num_warps,
-                             cfg.num_stages))
+                jobs.append(
+                    (
+                        arch,
+                        kernel_name,
+                        variant,
+                        act,
+                        ptr_types,
+                        consts,
+                        dict(cfg.kwargs),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
+                )
     return jobs
 
 
@@ -239,14 +306,18 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.arch:>3} {r.kernel:<24} {r.variant:<28} {r.config:<18} {r.registers:>4} {r.stack:>5} "
-              f"{r.shared / 1024:>8.1f}  {r.tensor_core}" + (f"  !! {'; '.join(r.problems)}" if r.problems else ""))
+        print(
+            f"{r.arch:>3} {r.kernel:<24} {r.variant:<28} {r.config:<18} {r.registers:>4} {r.stack:>5} "
+            f"{r.shared / 1024:>8.1f}  {r.tensor_core}" + (f"  !! {'; '.join(r.problems)}" if r.problems else "")
+        )
     bad = [r for r in results if r.problems]
     for arch in sorted({r.arch for r in results}):
         mine = [r for r in results if r.arch == arch]
         tcs = sorted({r.tensor_core for r in mine if r.tensor_core != "none"})
-        print(f"sm_{arch}: {len(mine)} compiles, max REG {max(r.registers for r in mine)}, "
-              f"max shared {max(r.shared for r in mine) / 1024:.1f} KiB, tensor-core instructions: {', '.join(tcs)}")
+        print(
+            f"sm_{arch}: {len(mine)} compiles, max REG {max(r.registers for r in mine)}, "
+            f"max shared {max(r.shared for r in mine) / 1024:.1f} KiB, tensor-core instructions: {', '.join(tcs)}"
+        )
     print(f"triton {triton.__version__}: {len(results)} compiles, {len(bad)} with problems")
     return 1 if bad else 0
 

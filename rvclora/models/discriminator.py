@@ -69,11 +69,20 @@ class DiscriminatorS(nn.Module):
         def n(c: int) -> int:
             return _narrow(c, shrink)
 
-        spec = [(1, 16, 15, 1, 1, 7), (16, 64, 41, 4, 4, 20), (64, 256, 41, 4, 16, 20), (256, 1024, 41, 4, 64, 20),
-                (1024, 1024, 41, 4, 256, 20), (1024, 1024, 5, 1, 1, 2)]
+        spec = [
+            (1, 16, 15, 1, 1, 7),
+            (16, 64, 41, 4, 4, 20),
+            (64, 256, 41, 4, 16, 20),
+            (256, 1024, 41, 4, 64, 20),
+            (1024, 1024, 41, 4, 256, 20),
+            (1024, 1024, 5, 1, 1, 2),
+        ]
         self.convs = nn.ModuleList(
-            _norm(nn.Conv1d(1 if i == 1 else n(i), n(o), k, s, groups=1 if g == 1 else n(g), padding=p),
-                  use_spectral_norm, weight_norm)
+            _norm(
+                nn.Conv1d(1 if i == 1 else n(i), n(o), k, s, groups=1 if g == 1 else n(g), padding=p),
+                use_spectral_norm,
+                weight_norm,
+            )
             for i, o, k, s, g, p in spec
         )
         self.conv_post = _norm(nn.Conv1d(n(1024), 1, 3, 1, padding=1), use_spectral_norm, weight_norm)
@@ -91,8 +100,16 @@ class DiscriminatorS(nn.Module):
 class DiscriminatorP(nn.Module):
     """The period-``p`` discriminator: the wave reflect-padded to a multiple of ``p``, viewed as ``(T/p, p)``."""
 
-    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, use_spectral_norm: bool = False, *,
-                 weight_norm: str = "legacy", shrink: int = 1) -> None:
+    def __init__(
+        self,
+        period: int,
+        kernel_size: int = 5,
+        stride: int = 3,
+        use_spectral_norm: bool = False,
+        *,
+        weight_norm: str = "legacy",
+        shrink: int = 1,
+    ) -> None:
         super().__init__()
         _check(shrink, weight_norm)
         self.period = int(period)
@@ -101,8 +118,13 @@ class DiscriminatorP(nn.Module):
         def n(c: int) -> int:
             return _narrow(c, shrink)
 
-        chans = [(1, n(32), stride), (n(32), n(128), stride), (n(128), n(512), stride), (n(512), n(1024), stride),
-                 (n(1024), n(1024), 1)]
+        chans = [
+            (1, n(32), stride),
+            (n(32), n(128), stride),
+            (n(128), n(512), stride),
+            (n(512), n(1024), stride),
+            (n(1024), n(1024), 1),
+        ]
         self.convs = nn.ModuleList(
             _norm(nn.Conv2d(i, o, (kernel_size, 1), (s, 1), padding=(pad, 0)), use_spectral_norm, weight_norm)
             for i, o, s in chans
@@ -141,8 +163,9 @@ class MultiPeriodDiscriminator(nn.Module):
         discs += [DiscriminatorP(p, use_spectral_norm=use_spectral_norm, **kw) for p in self.periods]
         self.discriminators = nn.ModuleList(discs)
 
-    def forward(self, y: Tensor, y_hat: Tensor) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]],
-                                                         list[list[Tensor]]]:
+    def forward(
+        self, y: Tensor, y_hat: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]], list[list[Tensor]]]:
         y_d_rs, y_d_gs, fmap_rs, fmap_gs = [], [], [], []
         for d in self.discriminators:
             y_d_r, fmap_r = d(y)
@@ -160,8 +183,9 @@ class MultiPeriodDiscriminatorV2(MultiPeriodDiscriminator):
     periods = PERIODS_V2
 
 
-def build_discriminator(version: str = "v2", *, weight_norm: str = "legacy", shrink: int = 1,
-                        seed: int | None = None) -> MultiPeriodDiscriminator:
+def build_discriminator(
+    version: str = "v2", *, weight_norm: str = "legacy", shrink: int = 1, seed: int | None = None
+) -> MultiPeriodDiscriminator:
     """RVC's discriminator for ``version`` (``"v1"`` or ``"v2"``); ``seed`` makes the init reproducible."""
     classes = {"v1": MultiPeriodDiscriminator, "v2": MultiPeriodDiscriminatorV2}
     if version not in classes:
@@ -185,8 +209,9 @@ def feature_loss(fmap_r: Sequence[Sequence[Tensor]], fmap_g: Sequence[Sequence[T
     return loss * 2
 
 
-def discriminator_loss(disc_real_outputs: Sequence[Tensor],
-                       disc_generated_outputs: Sequence[Tensor]) -> tuple[Tensor, list[float], list[float]]:
+def discriminator_loss(
+    disc_real_outputs: Sequence[Tensor], disc_generated_outputs: Sequence[Tensor]
+) -> tuple[Tensor, list[float], list[float]]:
     """LSGAN discriminator loss ``Σ mean((1 − D(real))²) + mean(D(fake)²)``, with each term as a float."""
     loss = 0
     r_losses, g_losses = [], []

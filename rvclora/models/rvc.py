@@ -383,8 +383,16 @@ class GeneratorNSF(_HiFiGANBody):
         weight_norm: str = "legacy",
     ) -> None:
         super().__init__(
-            initial_channel, resblock, resblock_kernel_sizes, resblock_dilation_sizes, upsample_rates,
-            upsample_initial_channel, upsample_kernel_sizes, gin_channels, weight_norm, sr,
+            initial_channel,
+            resblock,
+            resblock_kernel_sizes,
+            resblock_dilation_sizes,
+            upsample_rates,
+            upsample_initial_channel,
+            upsample_kernel_sizes,
+            gin_channels,
+            weight_norm,
+            sr,
         )
 
     def forward(
@@ -414,8 +422,16 @@ class Generator(_HiFiGANBody):
         weight_norm: str = "legacy",
     ) -> None:
         super().__init__(
-            initial_channel, resblock, resblock_kernel_sizes, resblock_dilation_sizes, upsample_rates,
-            upsample_initial_channel, upsample_kernel_sizes, gin_channels, weight_norm, None,
+            initial_channel,
+            resblock,
+            resblock_kernel_sizes,
+            resblock_dilation_sizes,
+            upsample_rates,
+            upsample_initial_channel,
+            upsample_kernel_sizes,
+            gin_channels,
+            weight_norm,
+            None,
         )
 
     def forward(self, x: Tensor, g: Tensor | None = None) -> Tensor:

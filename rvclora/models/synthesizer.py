@@ -95,7 +95,7 @@ def slice_segments(x: Tensor, ids_str: Tensor, segment_size: int = 4) -> Tensor:
     ret = torch.zeros_like(x[:, :, :segment_size])
     for i in range(x.size(0)):
         start = int(ids_str[i])
-        ret[i] = x[i, :, start: start + segment_size]
+        ret[i] = x[i, :, start : start + segment_size]
     return ret
 
 
@@ -104,12 +104,14 @@ def slice_segments2(x: Tensor, ids_str: Tensor, segment_size: int = 4) -> Tensor
     ret = torch.zeros_like(x[:, :segment_size])
     for i in range(x.size(0)):
         start = int(ids_str[i])
-        ret[i] = x[i, start: start + segment_size]
+        ret[i] = x[i, start : start + segment_size]
     return ret
 
 
 def rand_slice_segments(
-    x: Tensor, x_lengths: Tensor | int | None = None, segment_size: int = 4,
+    x: Tensor,
+    x_lengths: Tensor | int | None = None,
+    segment_size: int = 4,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A random ``segment_size`` slice of each sequence: ``(slices, start indices)``."""
@@ -162,8 +164,9 @@ class MultiHeadAttention(nn.Module):
     normal(0, (channels/heads)^-½); ``conv_q``/``conv_k``/``conv_v`` Xavier-uniform.
     """
 
-    def __init__(self, channels: int, out_channels: int, n_heads: int, p_dropout: float = 0.0,
-                 window_size: int | None = None) -> None:
+    def __init__(
+        self, channels: int, out_channels: int, n_heads: int, p_dropout: float = 0.0, window_size: int | None = None
+    ) -> None:
         super().__init__()
         if channels % n_heads:
             raise ValueError(f"channels={channels} must be a multiple of n_heads={n_heads}")
@@ -179,7 +182,7 @@ class MultiHeadAttention(nn.Module):
         self.conv_o = nn.Conv1d(channels, out_channels, 1)
         self.drop = nn.Dropout(p_dropout)
         if window_size is not None:
-            std = self.k_channels ** -0.5
+            std = self.k_channels**-0.5
             self.emb_rel_k = nn.Parameter(torch.randn(1, window_size * 2 + 1, self.k_channels) * std)
             self.emb_rel_v = nn.Parameter(torch.randn(1, window_size * 2 + 1, self.k_channels) * std)
         nn.init.xavier_uniform_(self.conv_q.weight)
@@ -218,7 +221,7 @@ class MultiHeadAttention(nn.Module):
         start = max((self.window_size + 1) - length, 0)
         if pad > 0:
             emb = F.pad(emb, [0, 0, pad, pad, 0, 0])
-        return emb[:, start: start + 2 * length - 1]
+        return emb[:, start : start + 2 * length - 1]
 
     @staticmethod
     def _relative_to_absolute(x: Tensor) -> Tensor:
@@ -226,7 +229,7 @@ class MultiHeadAttention(nn.Module):
         batch, heads, length, _ = x.size()
         x = F.pad(x, [0, 1, 0, 0, 0, 0, 0, 0])
         x_flat = F.pad(x.view(batch, heads, length * 2 * length), [0, length - 1, 0, 0, 0, 0])
-        return x_flat.view(batch, heads, length + 1, 2 * length - 1)[:, :, :length, length - 1:]
+        return x_flat.view(batch, heads, length + 1, 2 * length - 1)[:, :, :length, length - 1 :]
 
     @staticmethod
     def _absolute_to_relative(x: Tensor) -> Tensor:
@@ -240,8 +243,9 @@ class MultiHeadAttention(nn.Module):
 class FFN(nn.Module):
     """Two Conv1d (kernel ``k``, 'same' padding applied to the masked input) with ReLU between."""
 
-    def __init__(self, in_channels: int, out_channels: int, filter_channels: int, kernel_size: int,
-                 p_dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, filter_channels: int, kernel_size: int, p_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.conv_1 = nn.Conv1d(in_channels, filter_channels, kernel_size)
@@ -262,8 +266,16 @@ class FFN(nn.Module):
 class RelativeEncoder(nn.Module):
     """RVC's ``attentions.Encoder``: ``n_layers`` × (attention → LayerNorm, FFN → LayerNorm), residual."""
 
-    def __init__(self, hidden_channels: int, filter_channels: int, n_heads: int, n_layers: int,
-                 kernel_size: int = 1, p_dropout: float = 0.0, window_size: int = 10) -> None:
+    def __init__(
+        self,
+        hidden_channels: int,
+        filter_channels: int,
+        n_heads: int,
+        n_layers: int,
+        kernel_size: int = 1,
+        p_dropout: float = 0.0,
+        window_size: int = 10,
+    ) -> None:
         super().__init__()
         self.n_layers = int(n_layers)
         self.drop = nn.Dropout(p_dropout)
@@ -272,8 +284,9 @@ class RelativeEncoder(nn.Module):
         self.ffn_layers = nn.ModuleList()
         self.norm_layers_2 = nn.ModuleList()
         for _ in range(self.n_layers):
-            self.attn_layers.append(MultiHeadAttention(hidden_channels, hidden_channels, n_heads, p_dropout,
-                                                       window_size=window_size))
+            self.attn_layers.append(
+                MultiHeadAttention(hidden_channels, hidden_channels, n_heads, p_dropout, window_size=window_size)
+            )
             self.norm_layers_1.append(LayerNorm(hidden_channels))
             self.ffn_layers.append(FFN(hidden_channels, hidden_channels, filter_channels, kernel_size, p_dropout))
             self.norm_layers_2.append(LayerNorm(hidden_channels))
@@ -281,8 +294,7 @@ class RelativeEncoder(nn.Module):
     def forward(self, x: Tensor, x_mask: Tensor) -> Tensor:
         attn_mask = x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)
         x = x * x_mask
-        for attn, norm1, ffn, norm2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers,
-                                           self.norm_layers_2):
+        for attn, norm1, ffn, norm2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
             x = norm1(x + self.drop(attn(x, x, attn_mask)))
             x = norm2(x + self.drop(ffn(x, x_mask)))
         return x * x_mask
@@ -291,8 +303,18 @@ class RelativeEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """``enc_p``: phone features (+ coarse pitch) → prior mean and log-std ``(B, out, T)`` and the mask."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, filter_channels: int,
-                 n_heads: int, n_layers: int, kernel_size: int, p_dropout: float, f0: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int,
+        filter_channels: int,
+        n_heads: int,
+        n_layers: int,
+        kernel_size: int,
+        p_dropout: float,
+        f0: bool = True,
+    ) -> None:
         super().__init__()
         self.out_channels = out_channels
         self.hidden_channels = hidden_channels
@@ -300,12 +322,14 @@ class TextEncoder(nn.Module):
         self.lrelu = nn.LeakyReLU(0.1, inplace=True)
         if f0:
             self.emb_pitch = nn.Embedding(256, hidden_channels)
-        self.encoder = RelativeEncoder(hidden_channels, filter_channels, n_heads, n_layers, kernel_size,
-                                       float(p_dropout))
+        self.encoder = RelativeEncoder(
+            hidden_channels, filter_channels, n_heads, n_layers, kernel_size, float(p_dropout)
+        )
         self.proj = nn.Conv1d(hidden_channels, out_channels * 2, 1)
 
-    def forward(self, phone: Tensor, pitch: Tensor | None, lengths: Tensor,
-                skip_head: Tensor | int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, phone: Tensor, pitch: Tensor | None, lengths: Tensor, skip_head: Tensor | int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         x = self.emb_phone(phone)
         if pitch is not None:
             x = x + self.emb_pitch(pitch)
@@ -326,8 +350,16 @@ class TextEncoder(nn.Module):
 class WN(nn.Module):
     """WaveNet-style stack: weight-normed dilated ``in_layers``, ``res_skip_layers`` and one ``cond_layer``."""
 
-    def __init__(self, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
-                 gin_channels: int = 0, p_dropout: float = 0.0, weight_norm: str = "legacy") -> None:
+    def __init__(
+        self,
+        hidden_channels: int,
+        kernel_size: int,
+        dilation_rate: int,
+        n_layers: int,
+        gin_channels: int = 0,
+        p_dropout: float = 0.0,
+        weight_norm: str = "legacy",
+    ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"WN kernel_size must be odd, got {kernel_size}")
@@ -338,14 +370,19 @@ class WN(nn.Module):
         self.res_skip_layers = nn.ModuleList()
         self.drop = nn.Dropout(float(p_dropout))
         if gin_channels != 0:
-            self.cond_layer = _weight_norm(nn.Conv1d(gin_channels, 2 * hidden_channels * n_layers, 1),
-                                           weight_norm, None)
+            self.cond_layer = _weight_norm(
+                nn.Conv1d(gin_channels, 2 * hidden_channels * n_layers, 1), weight_norm, None
+            )
         for i in range(n_layers):
             dilation = dilation_rate**i
             padding = (kernel_size * dilation - dilation) // 2
-            self.in_layers.append(_weight_norm(
-                nn.Conv1d(hidden_channels, 2 * hidden_channels, kernel_size, dilation=dilation, padding=padding),
-                weight_norm, None))
+            self.in_layers.append(
+                _weight_norm(
+                    nn.Conv1d(hidden_channels, 2 * hidden_channels, kernel_size, dilation=dilation, padding=padding),
+                    weight_norm,
+                    None,
+                )
+            )
             res_skip = 2 * hidden_channels if i < n_layers - 1 else hidden_channels
             self.res_skip_layers.append(_weight_norm(nn.Conv1d(hidden_channels, res_skip, 1), weight_norm, None))
 
@@ -357,14 +394,14 @@ class WN(nn.Module):
             x_in = in_layer(x)
             if g is not None:
                 off = i * 2 * self.hidden_channels
-                g_l = g[:, off: off + 2 * self.hidden_channels, :]
+                g_l = g[:, off : off + 2 * self.hidden_channels, :]
             else:
                 g_l = torch.zeros_like(x_in)
             acts = self.drop(_fused_add_tanh_sigmoid_multiply(x_in, g_l, self.hidden_channels))
             res_skip_acts = res_skip_layer(acts)
             if i < self.n_layers - 1:
                 x = (x + res_skip_acts[:, : self.hidden_channels, :]) * x_mask
-                output = output + res_skip_acts[:, self.hidden_channels:, :]
+                output = output + res_skip_acts[:, self.hidden_channels :, :]
             else:
                 output = output + res_skip_acts
         return output * x_mask
@@ -373,24 +410,41 @@ class WN(nn.Module):
 class ResidualCouplingLayer(nn.Module):
     """Affine coupling (mean-only in RVC): ``pre`` 1×1, :class:`WN`, ``post`` 1×1 zero-initialised."""
 
-    def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
-                 p_dropout: float = 0.0, gin_channels: int = 0, mean_only: bool = False,
-                 weight_norm: str = "legacy") -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        kernel_size: int,
+        dilation_rate: int,
+        n_layers: int,
+        p_dropout: float = 0.0,
+        gin_channels: int = 0,
+        mean_only: bool = False,
+        weight_norm: str = "legacy",
+    ) -> None:
         super().__init__()
         if channels % 2:
             raise ValueError(f"ResidualCouplingLayer channels must be even, got {channels}")
         self.half_channels = channels // 2
         self.mean_only = mean_only
         self.pre = nn.Conv1d(self.half_channels, hidden_channels, 1)
-        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels,
-                      p_dropout=float(p_dropout), weight_norm=weight_norm)
+        self.enc = WN(
+            hidden_channels,
+            kernel_size,
+            dilation_rate,
+            n_layers,
+            gin_channels=gin_channels,
+            p_dropout=float(p_dropout),
+            weight_norm=weight_norm,
+        )
         self.post = nn.Conv1d(hidden_channels, self.half_channels * (2 - mean_only), 1)
         with torch.no_grad():
             self.post.weight.zero_()
             self.post.bias.zero_()
 
-    def forward(self, x: Tensor, x_mask: Tensor, g: Tensor | None = None,
-                reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x_mask: Tensor, g: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         x0, x1 = torch.split(x, [self.half_channels] * 2, 1)
         h = self.pre(x0) * x_mask
         h = self.enc(h, x_mask, g=g)
@@ -409,8 +463,9 @@ class ResidualCouplingLayer(nn.Module):
 class Flip(nn.Module):
     """Reverses the channel order (no parameters)."""
 
-    def forward(self, x: Tensor, x_mask: Tensor, g: Tensor | None = None,
-                reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x_mask: Tensor, g: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
         x = torch.flip(x, [1])
         if not reverse:
             return x, torch.zeros(x.size(0), dtype=x.dtype, device=x.device)
@@ -420,18 +475,36 @@ class Flip(nn.Module):
 class ResidualCouplingBlock(nn.Module):
     """``flow``: ``n_flows`` × (mean-only :class:`ResidualCouplingLayer`, :class:`Flip`)."""
 
-    def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
-                 n_flows: int = 4, gin_channels: int = 0, weight_norm: str = "legacy") -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        kernel_size: int,
+        dilation_rate: int,
+        n_layers: int,
+        n_flows: int = 4,
+        gin_channels: int = 0,
+        weight_norm: str = "legacy",
+    ) -> None:
         super().__init__()
         self.flows = nn.ModuleList()
         for _ in range(n_flows):
-            self.flows.append(ResidualCouplingLayer(channels, hidden_channels, kernel_size, dilation_rate, n_layers,
-                                                    gin_channels=gin_channels, mean_only=True,
-                                                    weight_norm=weight_norm))
+            self.flows.append(
+                ResidualCouplingLayer(
+                    channels,
+                    hidden_channels,
+                    kernel_size,
+                    dilation_rate,
+                    n_layers,
+                    gin_channels=gin_channels,
+                    mean_only=True,
+                    weight_norm=weight_norm,
+                )
+            )
             self.flows.append(Flip())
 
     def forward(self, x: Tensor, x_mask: Tensor, g: Tensor | None = None, reverse: bool = False) -> Tensor:
-        for flow in (reversed(self.flows) if reverse else self.flows):
+        for flow in reversed(self.flows) if reverse else self.flows:
             x, _ = flow(x, x_mask, g=g, reverse=reverse)
         return x
 
@@ -439,17 +512,28 @@ class ResidualCouplingBlock(nn.Module):
 class PosteriorEncoder(nn.Module):
     """``enc_q``: linear spectrogram → posterior sample ``z``, its mean and log-std, and the mask."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int,
-                 dilation_rate: int, n_layers: int, gin_channels: int = 0, weight_norm: str = "legacy") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int,
+        kernel_size: int,
+        dilation_rate: int,
+        n_layers: int,
+        gin_channels: int = 0,
+        weight_norm: str = "legacy",
+    ) -> None:
         super().__init__()
         self.out_channels = out_channels
         self.pre = nn.Conv1d(in_channels, hidden_channels, 1)
-        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels,
-                      weight_norm=weight_norm)
+        self.enc = WN(
+            hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels=gin_channels, weight_norm=weight_norm
+        )
         self.proj = nn.Conv1d(hidden_channels, out_channels * 2, 1)
 
-    def forward(self, x: Tensor, x_lengths: Tensor, g: Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x_lengths: Tensor, g: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x_mask = torch.unsqueeze(sequence_mask(x_lengths, x.size(2)), 1).to(x.dtype)
         x = self.pre(x) * x_mask
         x = self.enc(x, x_mask, g=g)
@@ -526,23 +610,42 @@ class _SynthesizerBase(nn.Module):
         self.weight_norm = weight_norm
 
         def text_encoder() -> TextEncoder:
-            return TextEncoder(self.phone_channels, inter_channels, hidden_channels, filter_channels, n_heads,
-                               n_layers, kernel_size, float(p_dropout), f0=self.f0)
+            return TextEncoder(
+                self.phone_channels,
+                inter_channels,
+                hidden_channels,
+                filter_channels,
+                n_heads,
+                n_layers,
+                kernel_size,
+                float(p_dropout),
+                f0=self.f0,
+            )
 
         # Registration order is RVC's, so state_dict() lists the keys as RVC's files do. The v2 classes
         # build a v1 enc_p, delete it and add a 768-dim one, which moves enc_p to the end of their keys.
         if self.phone_channels == 256:
             self.enc_p = text_encoder()
-        dec_args = (inter_channels, resblock, resblock_kernel_sizes, resblock_dilation_sizes, upsample_rates,
-                    upsample_initial_channel, upsample_kernel_sizes, gin_channels)
+        dec_args = (
+            inter_channels,
+            resblock,
+            resblock_kernel_sizes,
+            resblock_dilation_sizes,
+            upsample_rates,
+            upsample_initial_channel,
+            upsample_kernel_sizes,
+            gin_channels,
+        )
         if self.f0:
             self.dec = GeneratorNSF(*dec_args, sr=sr, weight_norm=weight_norm)
         else:
             self.dec = Generator(*dec_args, weight_norm=weight_norm)
-        self.enc_q = PosteriorEncoder(spec_channels, inter_channels, hidden_channels, 5, 1, 16,
-                                      gin_channels=gin_channels, weight_norm=weight_norm)
-        self.flow = ResidualCouplingBlock(inter_channels, hidden_channels, 5, 1, 3, gin_channels=gin_channels,
-                                          weight_norm=weight_norm)
+        self.enc_q = PosteriorEncoder(
+            spec_channels, inter_channels, hidden_channels, 5, 1, 16, gin_channels=gin_channels, weight_norm=weight_norm
+        )
+        self.flow = ResidualCouplingBlock(
+            inter_channels, hidden_channels, 5, 1, 3, gin_channels=gin_channels, weight_norm=weight_norm
+        )
         self.emb_g = nn.Embedding(self.spk_embed_dim, gin_channels)
         if self.phone_channels != 256:
             self.enc_p = text_encoder()
@@ -554,11 +657,26 @@ class _SynthesizerBase(nn.Module):
 
     def rvc_config(self) -> list:
         """RVC's 18 constructor arguments, as an export's ``config`` list holds them."""
-        return [self.spec_channels, self.segment_size, self.inter_channels, self.hidden_channels,
-                self.filter_channels, self.n_heads, self.n_layers, self.kernel_size, self.p_dropout, self.resblock,
-                list(self.resblock_kernel_sizes), [list(d) for d in self.resblock_dilation_sizes],
-                list(self.upsample_rates), self.upsample_initial_channel, list(self.upsample_kernel_sizes),
-                self.spk_embed_dim, self.gin_channels, self.sampling_rate]
+        return [
+            self.spec_channels,
+            self.segment_size,
+            self.inter_channels,
+            self.hidden_channels,
+            self.filter_channels,
+            self.n_heads,
+            self.n_layers,
+            self.kernel_size,
+            self.p_dropout,
+            self.resblock,
+            list(self.resblock_kernel_sizes),
+            [list(d) for d in self.resblock_dilation_sizes],
+            list(self.upsample_rates),
+            self.upsample_initial_channel,
+            list(self.upsample_kernel_sizes),
+            self.spk_embed_dim,
+            self.gin_channels,
+            self.sampling_rate,
+        ]
 
     def _check_phone(self, phone: Tensor, phone_lengths: Tensor) -> None:
         if phone.dim() != 3 or phone.shape[2] != self.phone_channels:
@@ -590,17 +708,19 @@ class _SynthesizerBase(nn.Module):
             m_p, logs_p, x_mask = self.enc_p(phone, pitch, phone_lengths, flow_head)
             z_p = (m_p + torch.exp(logs_p) * _randn_like(m_p, generator) * 0.66666) * x_mask
             z = self.flow(z_p, x_mask, g=g, reverse=True)
-            z = z[:, :, dec_head: dec_head + length]
-            x_mask = x_mask[:, :, dec_head: dec_head + length]
+            z = z[:, :, dec_head : dec_head + length]
+            x_mask = x_mask[:, :, dec_head : dec_head + length]
             if nsff0 is not None:
-                nsff0 = nsff0[:, head: head + length]
+                nsff0 = nsff0[:, head : head + length]
         else:
             m_p, logs_p, x_mask = self.enc_p(phone, pitch, phone_lengths)
             z_p = (m_p + torch.exp(logs_p) * _randn_like(m_p, generator) * 0.66666) * x_mask
             z = self.flow(z_p, x_mask, g=g, reverse=True)
         if return_length2 is not None and _length(return_length2) != z.shape[-1]:
-            raise ValueError(f"return_length2={_length(return_length2)}: resampling the decoder input to another "
-                             f"length is not supported (the latent has {z.shape[-1]} frames)")
+            raise ValueError(
+                f"return_length2={_length(return_length2)}: resampling the decoder input to another "
+                f"length is not supported (the latent has {z.shape[-1]} frames)"
+            )
         if self.f0:
             o = self.dec(z * x_mask, nsff0, g=g, generator=generator)
         else:
@@ -622,15 +742,34 @@ class SynthesizerTrnMs256NSFsid(_SynthesizerBase):
     f0 = True
     version = "v1"
 
-    def forward(self, phone: Tensor, phone_lengths: Tensor, pitch: Tensor, pitchf: Tensor, y: Tensor,
-                y_lengths: Tensor, ds: Tensor | None = None, *, generator: torch.Generator | None = None):
+    def forward(
+        self,
+        phone: Tensor,
+        phone_lengths: Tensor,
+        pitch: Tensor,
+        pitchf: Tensor,
+        y: Tensor,
+        y_lengths: Tensor,
+        ds: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ):
         return self._train_forward(phone, phone_lengths, pitch, pitchf, y, y_lengths, ds, generator)
 
-    def infer(self, phone: Tensor, phone_lengths: Tensor, pitch: Tensor, nsff0: Tensor, sid: Tensor,
-              skip_head: Tensor | int | None = None, return_length: Tensor | int | None = None,
-              return_length2: Tensor | int | None = None, *, generator: torch.Generator | None = None):
-        return self._infer(phone, phone_lengths, pitch, nsff0, sid, skip_head, return_length, return_length2,
-                           generator)
+    def infer(
+        self,
+        phone: Tensor,
+        phone_lengths: Tensor,
+        pitch: Tensor,
+        nsff0: Tensor,
+        sid: Tensor,
+        skip_head: Tensor | int | None = None,
+        return_length: Tensor | int | None = None,
+        return_length2: Tensor | int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        return self._infer(phone, phone_lengths, pitch, nsff0, sid, skip_head, return_length, return_length2, generator)
 
 
 class SynthesizerTrnMs768NSFsid(SynthesizerTrnMs256NSFsid):
@@ -651,15 +790,30 @@ class SynthesizerTrnMs256NSFsid_nono(_SynthesizerBase):
     f0 = False
     version = "v1"
 
-    def forward(self, phone: Tensor, phone_lengths: Tensor, y: Tensor, y_lengths: Tensor, ds: Tensor, *,
-                generator: torch.Generator | None = None):
+    def forward(
+        self,
+        phone: Tensor,
+        phone_lengths: Tensor,
+        y: Tensor,
+        y_lengths: Tensor,
+        ds: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ):
         return self._train_forward(phone, phone_lengths, None, None, y, y_lengths, ds, generator)
 
-    def infer(self, phone: Tensor, phone_lengths: Tensor, sid: Tensor, skip_head: Tensor | int | None = None,
-              return_length: Tensor | int | None = None, return_length2: Tensor | int | None = None, *,
-              generator: torch.Generator | None = None):
-        return self._infer(phone, phone_lengths, None, None, sid, skip_head, return_length, return_length2,
-                           generator)
+    def infer(
+        self,
+        phone: Tensor,
+        phone_lengths: Tensor,
+        sid: Tensor,
+        skip_head: Tensor | int | None = None,
+        return_length: Tensor | int | None = None,
+        return_length2: Tensor | int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        return self._infer(phone, phone_lengths, None, None, sid, skip_head, return_length, return_length2, generator)
 
 
 class SynthesizerTrnMs768NSFsid_nono(SynthesizerTrnMs256NSFsid_nono):
@@ -707,11 +861,26 @@ class SynthesizerConfig:
     def rvc_args(self) -> list:
         """RVC's 18 positional constructor arguments (the training segment in frames)."""
         g = self.generator
-        return [self.spec_channels, g.segment_frames, g.inter_channels, self.hidden_channels, self.filter_channels,
-                self.n_heads, self.n_layers, self.kernel_size, self.p_dropout, g.resblock,
-                list(g.resblock_kernel_sizes), [list(d) for d in g.resblock_dilation_sizes], list(g.upsample_rates),
-                g.upsample_initial_channel, list(g.upsample_kernel_sizes), self.spk_embed_dim, g.gin_channels,
-                g.sampling_rate]
+        return [
+            self.spec_channels,
+            g.segment_frames,
+            g.inter_channels,
+            self.hidden_channels,
+            self.filter_channels,
+            self.n_heads,
+            self.n_layers,
+            self.kernel_size,
+            self.p_dropout,
+            g.resblock,
+            list(g.resblock_kernel_sizes),
+            [list(d) for d in g.resblock_dilation_sizes],
+            list(g.upsample_rates),
+            g.upsample_initial_channel,
+            list(g.upsample_kernel_sizes),
+            self.spk_embed_dim,
+            g.gin_channels,
+            g.sampling_rate,
+        ]
 
 
 _SPEC_CHANNELS = {32000: 513, 40000: 1025, 48000: 1025}  # filter_length // 2 + 1 of RVC's configs
@@ -741,15 +910,20 @@ def get_synthesizer_config(name: str) -> SynthesizerConfig:
 
 def synthesizer_class(version: str, f0: bool) -> type[_SynthesizerBase]:
     """RVC's class for ``(version, f0)``, as its inference picks it."""
-    classes = {("v1", True): SynthesizerTrnMs256NSFsid, ("v1", False): SynthesizerTrnMs256NSFsid_nono,
-               ("v2", True): SynthesizerTrnMs768NSFsid, ("v2", False): SynthesizerTrnMs768NSFsid_nono}
+    classes = {
+        ("v1", True): SynthesizerTrnMs256NSFsid,
+        ("v1", False): SynthesizerTrnMs256NSFsid_nono,
+        ("v2", True): SynthesizerTrnMs768NSFsid,
+        ("v2", False): SynthesizerTrnMs768NSFsid_nono,
+    }
     if (version, bool(f0)) not in classes:
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
     return classes[(version, bool(f0))]
 
 
-def synthesizer_from_rvc_config(config: Sequence, version: str, f0: bool, *,
-                                weight_norm: str = "legacy") -> _SynthesizerBase:
+def synthesizer_from_rvc_config(
+    config: Sequence, version: str, f0: bool, *, weight_norm: str = "legacy"
+) -> _SynthesizerBase:
     """Build the synthesizer as RVC's inference does: ``cls(*config)`` for the class of ``(version, f0)``."""
     if not isinstance(config, (list, tuple)) or len(config) != 18:
         n = len(config) if isinstance(config, (list, tuple)) else type(config).__name__
@@ -757,8 +931,9 @@ def synthesizer_from_rvc_config(config: Sequence, version: str, f0: bool, *,
     return synthesizer_class(version, f0)(*config, weight_norm=weight_norm)
 
 
-def build_synthesizer(name: str | SynthesizerConfig = "v2-40k", f0: bool = True, *, seed: int | None = None,
-                      weight_norm: str = "legacy") -> _SynthesizerBase:
+def build_synthesizer(
+    name: str | SynthesizerConfig = "v2-40k", f0: bool = True, *, seed: int | None = None, weight_norm: str = "legacy"
+) -> _SynthesizerBase:
     """A freshly initialised RVC synthesizer of config ``name`` (``v1-32k`` … ``v2-48k``).
 
     ``f0=False`` builds the ``_nono`` class. ``seed`` makes the initialisation reproducible without

@@ -120,8 +120,18 @@ def lora_conv2d(
     return _call("lora_conv2d", x, weight, bias, lora_A, lora_B, scaling, options, dropout_p, seed)
 
 
-def _call(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
-          options: dict, dropout_p: float, seed: Tensor | None) -> Tensor:
+def _call(
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    options: dict,
+    dropout_p: float,
+    seed: Tensor | None,
+) -> Tensor:
     """Every op's path: normalise the options (:mod:`rvclora.ops.spec`), pick a backend, call it in the one
     calling convention ``op(x, weight, bias, lora_A, lora_B, scaling, *options, dropout_p, seed)``."""
     spec = SPECS[op]

@@ -212,8 +212,10 @@ def shape_class(op: str, x: Tensor, params: dict[str, Any], training: bool) -> s
             geo.append(f"{name}={tuple(value) if isinstance(value, (tuple, list)) else value}")
     dtypes = f"{str(x.dtype)[6:]}/{str(weight.dtype)[6:]}/{str(lora_A.dtype)[6:]}"
     t = "" if op == "lora_linear" else f" T~{_pow2(x.shape[-1])}"
-    return (f"{op} {' '.join(geo)} rows~{_pow2(rows_of(op, x, weight, params))}{t} {dtypes} "
-            f"dropout={'on' if p > 0 else 'off'} {'train' if training else 'infer'}")
+    return (
+        f"{op} {' '.join(geo)} rows~{_pow2(rows_of(op, x, weight, params))}{t} {dtypes} "
+        f"dropout={'on' if p > 0 else 'off'} {'train' if training else 'infer'}"
+    )
 
 
 # --------------------------------------------------------------------------- timers
@@ -300,7 +302,7 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
     out_ch = spec.out_channels(weight.shape, groups)
     tensors = {
         "x": rand(x_shape, x.dtype),
-        "weight": rand(weight.shape, weight.dtype, fan ** -0.5),
+        "weight": rand(weight.shape, weight.dtype, fan**-0.5),
         "bias": rand((out_ch,), weight.dtype),
         "lora_A": rand(lora_A.shape, lora_A.dtype, max(lora_A.shape[1], 1) ** -0.5),
         "lora_B": rand(_lora_B_shape(op, weight, lora_A, groups), lora_A.dtype, 0.5),
@@ -317,8 +319,18 @@ def _synthetic_call(op: str, x: Tensor, params: dict[str, Any], training: bool, 
 def _run(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None):
     """One call of ``backend``'s ``op``; returns the output and, when ``grad_out`` is given, the gradients."""
     t = {k: (v.detach().requires_grad_(v.requires_grad) if v is not None else None) for k, v in tensors.items()}
-    y = SPECS[op].call(getattr(backend, op), t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 0.75, kw,
-                       kw["dropout_p"], kw["seed"])
+    y = SPECS[op].call(
+        getattr(backend, op),
+        t["x"],
+        t["weight"],
+        t["bias"],
+        t["lora_A"],
+        t["lora_B"],
+        0.75,
+        kw,
+        kw["dropout_p"],
+        kw["seed"],
+    )
     if grad_out is None:
         return [y]
     leaves = [t[k] for k in ("x", "lora_A", "lora_B") if t[k].requires_grad]
@@ -344,9 +356,14 @@ class AutoSelector:
     without a GPU (a fake clock, a fake device).
     """
 
-    def __init__(self, path: str | None = None, timer: Callable | None = None,
-                 device_info: Callable[[torch.device], dict[str, str]] = _device_info,
-                 versions: dict[str, str] | None = None, rounds: int = 7):
+    def __init__(
+        self,
+        path: str | None = None,
+        timer: Callable | None = None,
+        device_info: Callable[[torch.device], dict[str, str]] = _device_info,
+        versions: dict[str, str] | None = None,
+        rounds: int = 7,
+    ):
         self.path = path
         self.timer = timer
         self.device_info = device_info
@@ -378,8 +395,11 @@ class AutoSelector:
             self.cache_problem = bad
             from ..io import RVCLoRAWarning
 
-            warnings.warn(f"autoselect cache {self.path}: {bad}; ignored (it is rewritten without them at "
-                          "the next measurement)", RVCLoRAWarning, stacklevel=4)
+            warnings.warn(
+                f"autoselect cache {self.path}: {bad}; ignored (it is rewritten without them at the next measurement)",
+                RVCLoRAWarning,
+                stacklevel=4,
+            )
 
     def _save_file(self) -> None:
         if not self.path:
@@ -396,8 +416,7 @@ class AutoSelector:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             atomic_write(self.path, write)  # O_EXCL | O_NOFOLLOW temporary, then an atomic rename
         except OSError as e:
-            warnings.warn(f"cannot write the autoselect cache {self.path}: {e}", RVCLoRAWarning,
-                          stacklevel=3)
+            warnings.warn(f"cannot write the autoselect cache {self.path}: {e}", RVCLoRAWarning, stacklevel=3)
 
     def cached(self, env: str, key: str) -> dict[str, Any] | None:
         with self._lock:
@@ -414,8 +433,16 @@ class AutoSelector:
     def env_key(self, device: torch.device) -> str:
         return environment_key(self.device_info(device), self.versions)
 
-    def choose(self, op: str, x: Tensor, params: dict[str, Any], fused: Sequence, torch_backend,
-               fixed_choice, can_measure: bool = True):
+    def choose(
+        self,
+        op: str,
+        x: Tensor,
+        params: dict[str, Any],
+        fused: Sequence,
+        torch_backend,
+        fixed_choice,
+        can_measure: bool = True,
+    ):
         """The backend module to run ``op``: one of ``fused`` (capable fused backends) or ``torch_backend``.
 
         ``fixed_choice`` is the module the fixed rule picks; it is used when measuring is off or
@@ -430,15 +457,30 @@ class AutoSelector:
             self.chosen[f"fixed rule {op}"] = fixed_choice.NAME
             return fixed_choice
         training = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, params.get("weight"), params.get("lora_A")))
+            t is not None and t.requires_grad for t in (x, params.get("weight"), params.get("lora_A"))
+        )
         by_name = {m.NAME: m for m in (*fused, torch_backend)}
         # per-call fast path: the exact call signature seen before in this process (the shape class,
         # its environment key and the cache lookup cost tens of microseconds, per layer and step)
         weight, lora_A = params["weight"], params["lora_A"]
-        memo = (op, tuple(x.shape), x.dtype, x.device, tuple(weight.shape), weight.dtype, tuple(lora_A.shape),
-                lora_A.dtype, training, torch.get_num_threads(), tuple(by_name),
-                tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in params.items()
-                      if not isinstance(v, Tensor)))
+        memo = (
+            op,
+            tuple(x.shape),
+            x.dtype,
+            x.device,
+            tuple(weight.shape),
+            weight.dtype,
+            tuple(lora_A.shape),
+            lora_A.dtype,
+            training,
+            torch.get_num_threads(),
+            tuple(by_name),
+            tuple(
+                (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                for k, v in params.items()
+                if not isinstance(v, Tensor)
+            ),
+        )
         name = self._memo.get(memo)
         if name is not None:
             return by_name[name]
@@ -462,8 +504,12 @@ class AutoSelector:
         for name, why in hit.get("failed", {}).items():
             if (env, key, name) not in self._warned:
                 self._warned.add((env, key, name))
-                warnings.warn(f"rvclora: the {name} backend's {op} failed validation for {key} and is disabled "
-                              f"for it ({why}); using {hit['choice']}", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"rvclora: the {name} backend's {op} failed validation for {key} and is disabled "
+                    f"for it ({why}); using {hit['choice']}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         self.chosen[key] = hit["choice"]
         self._memo[memo] = hit["choice"]
         return by_name[hit["choice"]]
@@ -474,8 +520,9 @@ class AutoSelector:
             grad_out = None
             if training:
                 shape = _run(torch_backend, op, tensors, kw, None)[0].shape
-                grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device=x.device,
-                                                                                            dtype=x.dtype)
+                grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(
+                    device=x.device, dtype=x.dtype
+                )
             # the torch path's own distance to the oracle widens the tolerance where it must (TF32)
             torch_err = _validate(torch_backend, op, tensors, kw, grad_out)
             tol = max(tolerance(x.dtype), 4 * torch_err) if torch_err == torch_err else tolerance(x.dtype)
@@ -501,8 +548,13 @@ class AutoSelector:
             else:
                 times = {}
         choice = min(times, key=lambda n: (times[n], n != torch_backend.NAME)) if times else torch_backend.NAME
-        return {"choice": choice, "seconds": dict(times), "failed": failed, "tolerance": tol,
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {
+            "choice": choice,
+            "seconds": dict(times),
+            "failed": failed,
+            "tolerance": tol,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
 
 
 def _oracle(op: str, args: Sequence, kw: dict[str, Any], mask: Tensor | None):
@@ -518,8 +570,9 @@ def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     p = kw["dropout_p"]
     mask = backend.dropout_mask(kw["seed"], tuple(x.shape), p, x.device, acc) if p > 0 else None
-    t_acc = {k: (v.detach().to(acc).requires_grad_(v.requires_grad) if v is not None else None)
-             for k, v in tensors.items()}
+    t_acc = {
+        k: (v.detach().to(acc).requires_grad_(v.requires_grad) if v is not None else None) for k, v in tensors.items()
+    }
     oracle = types.SimpleNamespace(**{op: lambda *a: _oracle(op, a[:6], kw, mask)})
     expect = _run(oracle, op, t_acc, kw, None if grad_out is None else grad_out.to(acc))
     if len(got) != len(expect):
@@ -536,8 +589,9 @@ def _valid_entry(hit: Any) -> bool:
     if not isinstance(hit, dict) or not isinstance(hit.get("choice"), str):
         return False
     seconds, failed = hit.get("seconds", {}), hit.get("failed", {})
-    if not isinstance(seconds, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                                and not isinstance(v, bool) for k, v in seconds.items()):
+    if not isinstance(seconds, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in seconds.items()
+    ):
         return False
     if not isinstance(failed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in failed.items()):
         return False
@@ -590,8 +644,10 @@ def measure_note() -> str | None:
     if sel is None or not sel.measured:
         return None
     total = sum(s for _, s in sel.measured)
-    return (f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
-            f"{sel.path or 'memory only'})")
+    return (
+        f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
+        f"{sel.path or 'memory only'})"
+    )
 
 
 def strategy_summary() -> str | None:
@@ -603,10 +659,12 @@ def strategy_summary() -> str | None:
     for name in sel.chosen.values():
         counts[name] = counts.get(name, 0) + 1
     if all(k.startswith("fixed rule") for k in sel.chosen):
-        return "auto (fixed rule) ran " + ", ".join(f"{name} for {k[len('fixed rule '):]}"
-                                                     for k, name in sorted(sel.chosen.items()))
-    return "auto (measured per layer shape) ran " + ", ".join(f"{name} on {n} shape(s)"
-                                                             for name, n in sorted(counts.items()))
+        return "auto (fixed rule) ran " + ", ".join(
+            f"{name} for {k[len('fixed rule ') :]}" for k, name in sorted(sel.chosen.items())
+        )
+    return "auto (measured per layer shape) ran " + ", ".join(
+        f"{name} on {n} shape(s)" for name, n in sorted(counts.items())
+    )
 
 
 def decisions() -> list[tuple[str, str, dict[str, Any]]]:

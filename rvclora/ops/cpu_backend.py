@@ -65,16 +65,20 @@ def unavailable_reason() -> str | None:
     if err is not None:
         return f"{err}; the torch backend runs instead"
     if not _ops_present():
-        return ("the rvclora._C extension has no cpu_* ops (built ahead of time from older sources?); "
-                "rebuild it, or the torch backend runs instead")
+        return (
+            "the rvclora._C extension has no cpu_* ops (built ahead of time from older sources?); "
+            "rebuild it, or the torch backend runs instead"
+        )
     _register_python_parts()
     return None
 
 
 def status_note() -> str:
     passes = torch.ops.rvclora.cpu_info() if hasattr(torch.ops.rvclora, "cpu_info") else "thin LoRA passes: unknown"
-    return (f"compiled C++ LoRA ops on {torch.get_num_threads()} thread(s), float32/float64 "
-            f"(other dtypes run on the torch backend); {passes}")
+    return (
+        f"compiled C++ LoRA ops on {torch.get_num_threads()} thread(s), float32/float64 "
+        f"(other dtypes run on the torch backend); {passes}"
+    )
 
 
 def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
@@ -88,8 +92,10 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     if weight is not None and weight.dtype != x.dtype:
         return f"weight dtype {weight.dtype} differs from x's {x.dtype}"
     if lora_A is not None and lora_A.dtype != x.dtype:
-        return (f"LoRA factors in {lora_A.dtype} with x in {x.dtype} (autocast): the cpu backend computes in one "
-                "dtype; the torch backend keeps the LoRA path in float32")
+        return (
+            f"LoRA factors in {lora_A.dtype} with x in {x.dtype} (autocast): the cpu backend computes in one "
+            "dtype; the torch backend keeps the LoRA path in float32"
+        )
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on: the torch backend handles its dtype policy"
     mode = params.get("padding_mode", "zeros")
@@ -109,17 +115,21 @@ def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]))
 
 
-def _conv1d_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                     dropout_p, seed):
+def _conv1d_fwd_fake(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
     t_out = conv1d_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
     return x.new_empty((x.shape[0], weight.shape[0], t_out)), x.new_empty((x.shape[0], lora_A.shape[0], t_out))
 
 
-def _convt_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups,
-                    dropout_p, seed):
+def _convt_fwd_fake(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
     t_out = conv_transpose1d_out_len(x.shape[-1], weight.shape[-1], stride, padding, output_padding, dilation)
-    return (x.new_empty((x.shape[0], weight.shape[1] * groups, t_out)),
-            x.new_empty((x.shape[0], lora_A.shape[0], x.shape[-1])))
+    return (
+        x.new_empty((x.shape[0], weight.shape[1] * groups, t_out)),
+        x.new_empty((x.shape[0], lora_A.shape[0], x.shape[-1])),
+    )
 
 
 def _bwd_fake_for(bias_len):
@@ -135,8 +145,11 @@ def _bwd_fake_for(bias_len):
             elif like is None:
                 out.append(x.new_empty((bias_len(weight, args),)))
             elif i == 0:  # grad_x: contiguous, like the base layers' (transposed for a transposed 2-D Linear x)
-                out.append(x.new_empty((x.shape[1], x.shape[0])).t() if _transposed_2d(x) and x.dim() == 2
-                           and bias_len is _BIAS_LEN_LINEAR else x.new_empty(x.shape))
+                out.append(
+                    x.new_empty((x.shape[1], x.shape[0])).t()
+                    if _transposed_2d(x) and x.dim() == 2 and bias_len is _BIAS_LEN_LINEAR
+                    else x.new_empty(x.shape)
+                )
             else:
                 out.append(torch.empty_like(like))
         return tuple(out)
@@ -205,8 +218,9 @@ def _register_python_parts() -> None:
             lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
         )
         for name in ("linear", "conv1d", "convt"):
-            _EAGER[name] = _eager_function(name, getattr(ops, f"cpu_{name}_fwd").default,
-                                           getattr(ops, f"cpu_{name}_bwd").default, _NARGS[name])
+            _EAGER[name] = _eager_function(
+                name, getattr(ops, f"cpu_{name}_fwd").default, getattr(ops, f"cpu_{name}_bwd").default, _NARGS[name]
+            )
         _registered.set()
 
 
@@ -232,8 +246,11 @@ def _eager_function(name, fwd_op, bwd_op, nargs):
         with torch._C._AutoDispatchBelowAutograd():
             return backward(ctx, grad_y)
 
-    return type(f"_Cpu_{name}_Function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
+    return type(
+        f"_Cpu_{name}_Function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)},
+    )
 
 
 # --------------------------------------------------------------------------- the ops
@@ -249,22 +266,55 @@ def _run(name: str, args) -> Tensor:
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return _run("linear", (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                           seed if dropout_p > 0 else None))
+    return _run(
+        "linear", (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed if dropout_p > 0 else None)
+    )
 
 
-def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                dropout_p, seed):
-    return _run("conv1d", (x, weight, bias, lora_A, lora_B, float(scaling), int(stride),
-                           [int(padding[0]), int(padding[1])], int(dilation), int(groups), str(padding_mode),
-                           float(dropout_p), seed if dropout_p > 0 else None))
+def lora_conv1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
+    return _run(
+        "conv1d",
+        (
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            float(scaling),
+            int(stride),
+            [int(padding[0]), int(padding[1])],
+            int(dilation),
+            int(groups),
+            str(padding_mode),
+            float(dropout_p),
+            seed if dropout_p > 0 else None,
+        ),
+    )
 
 
-def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
-                          groups, dropout_p, seed):
-    return _run("convt", (x, weight, bias, lora_A, lora_B, float(scaling), int(stride), int(padding),
-                          int(output_padding), int(dilation), int(groups), float(dropout_p),
-                          seed if dropout_p > 0 else None))
+def lora_conv_transpose1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
+    return _run(
+        "convt",
+        (
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            float(scaling),
+            int(stride),
+            int(padding),
+            int(output_padding),
+            int(dilation),
+            int(groups),
+            float(dropout_p),
+            seed if dropout_p > 0 else None,
+        ),
+    )
 
 
 def dropout_mask(seed: Tensor | None, shape: list[int], p: float, device, dtype) -> Tensor:

@@ -236,8 +236,12 @@ def build_lock_timeout() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
-        warnings.warn(f"rvclora: RVCLORA_BUILD_LOCK_TIMEOUT={text!r} is not a number of seconds >= 0; using "
-                      f"{BUILD_LOCK_TIMEOUT:g}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"rvclora: RVCLORA_BUILD_LOCK_TIMEOUT={text!r} is not a number of seconds >= 0; using "
+            f"{BUILD_LOCK_TIMEOUT:g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return BUILD_LOCK_TIMEOUT
     return value
 
@@ -266,9 +270,11 @@ def wait_for_build_lock(build_dir: str, timeout: float | None = None) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(lock):
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"the extension build directory {build_dir} is locked ({lock} has existed for "
-                               f"{timeout:g} s; a build killed half-way leaves it: delete it if no build is running, "
-                               "RVCLORA_BUILD_LOCK_TIMEOUT sets the wait)")
+            raise TimeoutError(
+                f"the extension build directory {build_dir} is locked ({lock} has existed for "
+                f"{timeout:g} s; a build killed half-way leaves it: delete it if no build is running, "
+                "RVCLORA_BUILD_LOCK_TIMEOUT sets the wait)"
+            )
         time.sleep(0.05)
 
 

@@ -73,7 +73,6 @@ _MODULES = {
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
-
 def _alias_checkout_kernels() -> None:
     """Make ``rvclora.kernels`` importable from a plain source checkout.
 
@@ -90,8 +89,9 @@ def _alias_checkout_kernels() -> None:
     if os.path.isdir(here) or not os.path.isfile(init):
         return  # an installed package (rvclora/kernels exists) or no checkout around us
     # A checkout (rvclora/ beside kernels/): its own kernels, even where another copy is installed.
-    spec = importlib.util.spec_from_file_location("rvclora.kernels", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
+    spec = importlib.util.spec_from_file_location(
+        "rvclora.kernels", init, submodule_search_locations=[os.path.dirname(init)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["rvclora.kernels"] = module
     try:

@@ -34,8 +34,9 @@ def _entry_point(op: str):
 
     def run(x, weight, bias, lora_A, lora_B, scaling, *rest):
         *options, dropout_p, seed = rest
-        return spec.run_reference(x, weight, bias, lora_A, lora_B, scaling, dict(zip(spec.option_names, options)),
-                                  _mask(x, dropout_p, seed))
+        return spec.run_reference(
+            x, weight, bias, lora_A, lora_B, scaling, dict(zip(spec.option_names, options)), _mask(x, dropout_p, seed)
+        )
 
     run.__name__ = run.__qualname__ = op
     return run

@@ -117,18 +117,37 @@ class OpSpec:
         """``{name: value}`` of every option, normalised, defaults filled in."""
         return dict(zip(self.option_names, self.option_values(params)))
 
-    def call(self, fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-             lora_B: Tensor, scaling: float, params: dict[str, Any], dropout_p: float = 0.0,
-             seed: Tensor | None = None) -> Tensor:
+    def call(
+        self,
+        fn: Callable[..., Tensor],
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scaling: float,
+        params: dict[str, Any],
+        dropout_p: float = 0.0,
+        seed: Tensor | None = None,
+    ) -> Tensor:
         """``fn`` (a backend's entry point for this op) called in the one calling convention."""
-        return fn(x, weight, bias, lora_A, lora_B, float(scaling), *self.option_values(params), float(dropout_p),
-                  seed)
+        return fn(x, weight, bias, lora_A, lora_B, float(scaling), *self.option_values(params), float(dropout_p), seed)
 
-    def run_reference(self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                      scaling: float, params: dict[str, Any], dropout_mask: Tensor | None = None) -> Tensor:
+    def run_reference(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scaling: float,
+        params: dict[str, Any],
+        dropout_mask: Tensor | None = None,
+    ) -> Tensor:
         """The oracle on these inputs and options."""
-        return self.reference(x, weight, bias, lora_A, lora_B, scaling, dropout_mask=dropout_mask,
-                              **self.full_options(params))
+        return self.reference(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_mask=dropout_mask, **self.full_options(params)
+        )
 
     # ---------------------------------------------------------------- shapes
     def groups_of(self, params: dict[str, Any]) -> int:
@@ -145,8 +164,9 @@ class OpSpec:
             return (r, cin // groups), (r, og * taps)
         return (r, int(weight_shape[1]) * taps), (int(weight_shape[0]), r // groups)
 
-    def delta_weight(self, lora_A: Tensor, lora_B: Tensor, scaling: float, groups: int,
-                     weight_shape: Sequence[int]) -> Tensor:
+    def delta_weight(
+        self, lora_A: Tensor, lora_B: Tensor, scaling: float, groups: int, weight_shape: Sequence[int]
+    ) -> Tensor:
         """``s·ΔW`` in the base weight's layout (differentiable in the factors)."""
         return self.delta(lora_A, lora_B, scaling, groups, tuple(int(k) for k in weight_shape[2:]))
 
@@ -194,58 +214,120 @@ def _register(spec: OpSpec) -> OpSpec:
     return spec
 
 
-_register(OpSpec(
-    name="lora_linear", kind="linear", base="Linear", options=(),
-    reference=ref.lora_linear_ref,
-    delta=lambda A, B, s, g, k: ref.delta_weight_linear(A, B, s),
-    samples=(
-        Sample("selftest", (2, 3, 37), 37, 29, (), 4),
-        Sample("lead5", (5, 7), 7, 6, (), 3),
-        Sample("lead2x3 nobias", (2, 3, 37), 37, 131, (), 4, bias=False),
-        Sample("dropout", (3, 1, 5, 9), 9, 11, (), 8, dropout_p=0.1),
-    ),
-))
-_register(OpSpec(
-    name="lora_conv1d", kind="conv1d", base="Conv1d",
-    options=(Option("stride", 1), Option("padding", (0, 0), _ints(2)), Option("dilation", 1), Option("groups", 1),
-             Option("padding_mode", "zeros", _padding_mode)),
-    reference=ref.lora_conv1d_ref,
-    delta=lambda A, B, s, g, k: ref.delta_weight_conv1d(A, B, s, g, k[0]),
-    samples=(
-        Sample("k3 reflect g2", (2, 12, 41), 12, 10, (3,), 4,
-               dict(stride=2, padding=(2, 1), dilation=2, groups=2, padding_mode="reflect")),
-        Sample("k5 same", (1, 6, 17), 6, 8, (5,), 2, dict(padding=(2, 2))),
-    ),
-))
-_register(OpSpec(
-    name="lora_conv_transpose1d", kind="conv_transpose1d", base="ConvTranspose1d",
-    options=(Option("stride", 1), Option("padding", 0), Option("output_padding", 0), Option("dilation", 1),
-             Option("groups", 1)),
-    reference=ref.lora_conv_transpose1d_ref,
-    delta=lambda A, B, s, g, k: ref.delta_weight_conv_transpose1d(A, B, s, g, k[0]),
-    transposed=True,
-    samples=(
-        Sample("k16 up10", (2, 12, 9), 12, 10, (16,), 4, dict(stride=10, padding=3)),
-        Sample("k4 up2 g2", (1, 8, 7), 8, 6, (4,), 4, dict(stride=2, padding=1, output_padding=1, groups=2)),
-    ),
-))
-_register(OpSpec(
-    name="lora_conv2d", kind="conv2d", base="Conv2d",
-    options=(Option("stride", (1, 1), _ints(2)), Option("padding", (0, 0, 0, 0), _ints(4)),
-             Option("dilation", (1, 1), _ints(2)), Option("groups", 1), Option("padding_mode", "zeros", _padding_mode)),
-    reference=ref.lora_conv2d_ref,
-    delta=lambda A, B, s, g, k: ref.delta_weight_conv2d(A, B, s, g, k),
-    samples=(
-        # RVC's multi-period discriminator: (k, 1) kernels, stride (3, 1), padding ((k - 1)/2, 0)
-        Sample("mpd k5x1 s3", (2, 4, 23, 3), 4, 6, (5, 1), 2, dict(stride=(3, 1), padding=(2, 2, 0, 0))),
-        Sample("k3x2 reflect g2 d2", (1, 6, 11, 9), 6, 4, (3, 2), 4,
-               dict(stride=(2, 1), padding=(1, 2, 1, 0), dilation=(2, 1), groups=2, padding_mode="reflect")),
-        Sample("k3 circular nobias", (2, 3, 7, 8), 3, 5, (3, 3), 3,
-               dict(padding=(1, 1, 2, 0), padding_mode="circular"), bias=False),
-        Sample("k2x3 replicate dropout", (2, 4, 6, 7), 4, 4, (2, 3), 2,
-               dict(stride=(1, 2), padding=(0, 1, 1, 1), padding_mode="replicate"), dropout_p=0.2),
-    ),
-))
+_register(
+    OpSpec(
+        name="lora_linear",
+        kind="linear",
+        base="Linear",
+        options=(),
+        reference=ref.lora_linear_ref,
+        delta=lambda A, B, s, g, k: ref.delta_weight_linear(A, B, s),
+        samples=(
+            Sample("selftest", (2, 3, 37), 37, 29, (), 4),
+            Sample("lead5", (5, 7), 7, 6, (), 3),
+            Sample("lead2x3 nobias", (2, 3, 37), 37, 131, (), 4, bias=False),
+            Sample("dropout", (3, 1, 5, 9), 9, 11, (), 8, dropout_p=0.1),
+        ),
+    )
+)
+_register(
+    OpSpec(
+        name="lora_conv1d",
+        kind="conv1d",
+        base="Conv1d",
+        options=(
+            Option("stride", 1),
+            Option("padding", (0, 0), _ints(2)),
+            Option("dilation", 1),
+            Option("groups", 1),
+            Option("padding_mode", "zeros", _padding_mode),
+        ),
+        reference=ref.lora_conv1d_ref,
+        delta=lambda A, B, s, g, k: ref.delta_weight_conv1d(A, B, s, g, k[0]),
+        samples=(
+            Sample(
+                "k3 reflect g2",
+                (2, 12, 41),
+                12,
+                10,
+                (3,),
+                4,
+                dict(stride=2, padding=(2, 1), dilation=2, groups=2, padding_mode="reflect"),
+            ),
+            Sample("k5 same", (1, 6, 17), 6, 8, (5,), 2, dict(padding=(2, 2))),
+        ),
+    )
+)
+_register(
+    OpSpec(
+        name="lora_conv_transpose1d",
+        kind="conv_transpose1d",
+        base="ConvTranspose1d",
+        options=(
+            Option("stride", 1),
+            Option("padding", 0),
+            Option("output_padding", 0),
+            Option("dilation", 1),
+            Option("groups", 1),
+        ),
+        reference=ref.lora_conv_transpose1d_ref,
+        delta=lambda A, B, s, g, k: ref.delta_weight_conv_transpose1d(A, B, s, g, k[0]),
+        transposed=True,
+        samples=(
+            Sample("k16 up10", (2, 12, 9), 12, 10, (16,), 4, dict(stride=10, padding=3)),
+            Sample("k4 up2 g2", (1, 8, 7), 8, 6, (4,), 4, dict(stride=2, padding=1, output_padding=1, groups=2)),
+        ),
+    )
+)
+_register(
+    OpSpec(
+        name="lora_conv2d",
+        kind="conv2d",
+        base="Conv2d",
+        options=(
+            Option("stride", (1, 1), _ints(2)),
+            Option("padding", (0, 0, 0, 0), _ints(4)),
+            Option("dilation", (1, 1), _ints(2)),
+            Option("groups", 1),
+            Option("padding_mode", "zeros", _padding_mode),
+        ),
+        reference=ref.lora_conv2d_ref,
+        delta=lambda A, B, s, g, k: ref.delta_weight_conv2d(A, B, s, g, k),
+        samples=(
+            # RVC's multi-period discriminator: (k, 1) kernels, stride (3, 1), padding ((k - 1)/2, 0)
+            Sample("mpd k5x1 s3", (2, 4, 23, 3), 4, 6, (5, 1), 2, dict(stride=(3, 1), padding=(2, 2, 0, 0))),
+            Sample(
+                "k3x2 reflect g2 d2",
+                (1, 6, 11, 9),
+                6,
+                4,
+                (3, 2),
+                4,
+                dict(stride=(2, 1), padding=(1, 2, 1, 0), dilation=(2, 1), groups=2, padding_mode="reflect"),
+            ),
+            Sample(
+                "k3 circular nobias",
+                (2, 3, 7, 8),
+                3,
+                5,
+                (3, 3),
+                3,
+                dict(padding=(1, 1, 2, 0), padding_mode="circular"),
+                bias=False,
+            ),
+            Sample(
+                "k2x3 replicate dropout",
+                (2, 4, 6, 7),
+                4,
+                4,
+                (2, 3),
+                2,
+                dict(stride=(1, 2), padding=(0, 1, 1, 1), padding_mode="replicate"),
+                dropout_p=0.2,
+            ),
+        ),
+    )
+)
 
 #: The layer kinds a layer record may name, one per op.
 KINDS = tuple(s.kind for s in SPECS.values())
@@ -267,8 +349,9 @@ def spec_of_kind(kind: str) -> OpSpec:
     raise ValueError(f"layer kind must be one of {KINDS}, got {kind!r}")
 
 
-def sample_tensors(spec: OpSpec, sample: Sample, seed: int = 0, gen: torch.Generator | None = None,
-                   n: int | None = None) -> dict[str, Tensor | None]:
+def sample_tensors(
+    spec: OpSpec, sample: Sample, seed: int = 0, gen: torch.Generator | None = None, n: int | None = None
+) -> dict[str, Tensor | None]:
     """Float64 masters ``x, weight, bias, lora_A, lora_B`` of ``sample`` (fan-in scaled, reproducible), drawn in
     that order from ``gen`` (else a generator seeded with ``seed``); ``n`` replaces the batch size."""
     gen = gen if gen is not None else torch.Generator().manual_seed(seed)
@@ -288,7 +371,7 @@ def sample_tensors(spec: OpSpec, sample: Sample, seed: int = 0, gen: torch.Gener
     shape_a, shape_b = spec.lora_shapes(w_shape, g, sample.r)
     return {
         "x": rnd(*x_shape),
-        "weight": rnd(*w_shape, scale=fan ** -0.5),
+        "weight": rnd(*w_shape, scale=fan**-0.5),
         "bias": rnd(sample.cout) if sample.bias else None,
         "lora_A": rnd(*shape_a, scale=shape_a[1] ** -0.5),
         "lora_B": rnd(*shape_b),

@@ -67,8 +67,17 @@ def _fail(path: str, what: str) -> ValueError:
     return ValueError(f"config {path!r}: {what}")
 
 
-def _get(path: str, section: dict[str, Any], name: str, key: str, kind: type | tuple[type, ...], default: Any = ...,
-         *, positive: bool = False, allow_none: bool = False) -> Any:
+def _get(
+    path: str,
+    section: dict[str, Any],
+    name: str,
+    key: str,
+    kind: type | tuple[type, ...],
+    default: Any = ...,
+    *,
+    positive: bool = False,
+    allow_none: bool = False,
+) -> Any:
     if key not in section:
         if default is ...:
             raise _fail(path, f"{name}.{key} is missing")
@@ -99,8 +108,10 @@ def read_experiment_config(path: str | os.PathLike[str]) -> ExperimentConfig:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config {path!r} does not exist; an RVC/Applio experiment folder holds a "
-                                "config.json written by their preprocessing")
+        raise FileNotFoundError(
+            f"config {path!r} does not exist; an RVC/Applio experiment folder holds a "
+            "config.json written by their preprocessing"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -113,8 +124,9 @@ def read_experiment_config(path: str | os.PathLike[str]) -> ExperimentConfig:
             raise _fail(path, f"has no {section!r} section (an object)")
     t, d, m = raw["train"], raw["data"], raw["model"]
     betas = _get(path, t, "train", "betas", list, [0.8, 0.99])
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                  for b in betas):
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
         raise _fail(path, f"train.betas is {betas!r}; expected two numbers in [0, 1)")
     if "sampling_rate" in d:
         sr = _get(path, d, "data", "sampling_rate", int, positive=True)
@@ -147,19 +159,24 @@ def read_experiment_config(path: str | os.PathLike[str]) -> ExperimentConfig:
     if cfg.lr_decay > 1:
         raise _fail(path, f"train.lr_decay is {cfg.lr_decay!r}; expected a number in (0, 1]")
     if cfg.segment_size % cfg.hop_length:
-        raise _fail(path, f"train.segment_size {cfg.segment_size} is not a multiple of data.hop_length "
-                          f"{cfg.hop_length}")
+        raise _fail(
+            path, f"train.segment_size {cfg.segment_size} is not a multiple of data.hop_length {cfg.hop_length}"
+        )
     if cfg.win_length > cfg.filter_length:
         raise _fail(path, f"data.win_length {cfg.win_length} exceeds data.filter_length {cfg.filter_length}")
     if (cfg.filter_length - cfg.hop_length) % 2:
-        raise _fail(path, f"data.filter_length - data.hop_length = {cfg.filter_length - cfg.hop_length} must be "
-                          "even (RVC pads the wave by half of it on each side)")
+        raise _fail(
+            path,
+            f"data.filter_length - data.hop_length = {cfg.filter_length - cfg.hop_length} must be "
+            "even (RVC pads the wave by half of it on each side)",
+        )
     rates = m.get("upsample_rates")
     if not isinstance(rates, list) or not rates or not all(isinstance(r, int) and r > 0 for r in rates):
         raise _fail(path, f"model.upsample_rates is {rates!r}; expected a list of positive ints")
     if math.prod(rates) != cfg.hop_length:
-        raise _fail(path, f"model.upsample_rates {rates} multiply to {math.prod(rates)}, not data.hop_length "
-                          f"{cfg.hop_length}")
+        raise _fail(
+            path, f"model.upsample_rates {rates} multiply to {math.prod(rates)}, not data.hop_length {cfg.hop_length}"
+        )
     return cfg
 
 
@@ -167,8 +184,16 @@ def read_experiment_config(path: str | os.PathLike[str]) -> ExperimentConfig:
 N_MELS = {32000: 80, 40000: 125, 48000: 128}
 
 
-def config_json(generator: Any, *, segment_frames: int | None = None, batch_size: int = 4, epochs: int = 20000,
-                learning_rate: float = 1e-4, seed: int = 1234, log_interval: int = 200) -> dict[str, Any]:
+def config_json(
+    generator: Any,
+    *,
+    segment_frames: int | None = None,
+    batch_size: int = 4,
+    epochs: int = 20000,
+    learning_rate: float = 1e-4,
+    seed: int = 1234,
+    log_interval: int = 200,
+) -> dict[str, Any]:
     """A ``config.json`` in RVC's layout (``configs/<version>/<sr>.json``) for a decoder config.
 
     ``generator``: a :class:`rvclora.models.rvc.GeneratorConfig`; ``segment_frames`` defaults to
@@ -177,24 +202,47 @@ def config_json(generator: Any, *, segment_frames: int | None = None, batch_size
     frames = generator.segment_frames if segment_frames is None else segment_frames
     return {
         "train": {
-            "log_interval": log_interval, "seed": seed, "epochs": epochs, "learning_rate": learning_rate,
-            "betas": [0.8, 0.99], "eps": 1e-9, "batch_size": batch_size, "fp16_run": False, "lr_decay": 0.999875,
-            "segment_size": frames * generator.hop_length, "init_lr_ratio": 1, "warmup_epochs": 0, "c_mel": 45,
+            "log_interval": log_interval,
+            "seed": seed,
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "betas": [0.8, 0.99],
+            "eps": 1e-9,
+            "batch_size": batch_size,
+            "fp16_run": False,
+            "lr_decay": 0.999875,
+            "segment_size": frames * generator.hop_length,
+            "init_lr_ratio": 1,
+            "warmup_epochs": 0,
+            "c_mel": 45,
             "c_kl": 1.0,
         },
         "data": {
-            "max_wav_value": 32768.0, "sampling_rate": generator.sampling_rate, "filter_length": 2048,
-            "hop_length": generator.hop_length, "win_length": 2048,
-            "n_mel_channels": N_MELS.get(generator.sampling_rate, 128), "mel_fmin": 0.0, "mel_fmax": None,
+            "max_wav_value": 32768.0,
+            "sampling_rate": generator.sampling_rate,
+            "filter_length": 2048,
+            "hop_length": generator.hop_length,
+            "win_length": 2048,
+            "n_mel_channels": N_MELS.get(generator.sampling_rate, 128),
+            "mel_fmin": 0.0,
+            "mel_fmax": None,
         },
         "model": {
-            "inter_channels": generator.inter_channels, "hidden_channels": 192, "filter_channels": 768,
-            "n_heads": 2, "n_layers": 6, "kernel_size": 3, "p_dropout": 0, "resblock": generator.resblock,
+            "inter_channels": generator.inter_channels,
+            "hidden_channels": 192,
+            "filter_channels": 768,
+            "n_heads": 2,
+            "n_layers": 6,
+            "kernel_size": 3,
+            "p_dropout": 0,
+            "resblock": generator.resblock,
             "resblock_kernel_sizes": list(generator.resblock_kernel_sizes),
             "resblock_dilation_sizes": [list(d) for d in generator.resblock_dilation_sizes],
             "upsample_rates": list(generator.upsample_rates),
             "upsample_initial_channel": generator.upsample_initial_channel,
-            "upsample_kernel_sizes": list(generator.upsample_kernel_sizes), "use_spectral_norm": False,
-            "gin_channels": generator.gin_channels, "spk_embed_dim": 109,
+            "upsample_kernel_sizes": list(generator.upsample_kernel_sizes),
+            "use_spectral_norm": False,
+            "gin_channels": generator.gin_channels,
+            "spk_embed_dim": 109,
         },
     }

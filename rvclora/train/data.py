@@ -100,8 +100,11 @@ class _Bad(ValueError):
 def _resolve(exp_dir: str, text: str) -> tuple[str, list[str]]:
     if os.path.isabs(text):
         return text, [text]
-    tried = [os.path.join(exp_dir, text), os.path.join(os.path.dirname(os.path.dirname(exp_dir)), text),
-             os.path.abspath(text)]
+    tried = [
+        os.path.join(exp_dir, text),
+        os.path.join(os.path.dirname(os.path.dirname(exp_dir)), text),
+        os.path.abspath(text),
+    ]
     for cand in tried:
         if os.path.isfile(cand):
             return cand, tried
@@ -116,8 +119,9 @@ def _npy_shape(path: str, what: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(arr.shape), arr.dtype
 
 
-def _check_clip(exp_dir: str, cfg: ExperimentConfig, line_no: int, parts: list[str], f0: bool,
-                feature_dim: int | None) -> tuple[Clip, int]:
+def _check_clip(
+    exp_dir: str, cfg: ExperimentConfig, line_no: int, parts: list[str], f0: bool, feature_dim: int | None
+) -> tuple[Clip, int]:
     import soundfile as sf
 
     names = ["wav", "feature", "f0", "f0nsf"] if f0 else ["wav", "feature"]
@@ -141,57 +145,77 @@ def _check_clip(exp_dir: str, cfg: ExperimentConfig, line_no: int, parts: list[s
     try:
         info = sf.info(paths["wav"])
     except (RuntimeError, sf.LibsndfileError) as e:
-        raise _Bad(f"wav file {paths['wav']!r} is not a readable audio file ({' '.join(str(e).split())[:120]})") \
-            from None
+        raise _Bad(
+            f"wav file {paths['wav']!r} is not a readable audio file ({' '.join(str(e).split())[:120]})"
+        ) from None
     if info.samplerate != cfg.sampling_rate:
-        raise _Bad(f"wav file {paths['wav']!r} is sampled at {info.samplerate} Hz; config.json says "
-                   f"{cfg.sampling_rate} Hz")
+        raise _Bad(
+            f"wav file {paths['wav']!r} is sampled at {info.samplerate} Hz; config.json says {cfg.sampling_rate} Hz"
+        )
     if info.channels != 1:
         raise _Bad(f"wav file {paths['wav']!r} has {info.channels} channels; expected mono")
     spec_frames = info.frames // cfg.hop_length
 
     shape, dtype = _npy_shape(paths["feature"], "feature file")
     if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
-        raise _Bad(f"feature file {paths['feature']!r} holds a {dtype} array of shape {shape}; expected float "
-                   "(frames, 256) for v1 or (frames, 768) for v2")
+        raise _Bad(
+            f"feature file {paths['feature']!r} holds a {dtype} array of shape {shape}; expected float "
+            "(frames, 256) for v1 or (frames, 768) for v2"
+        )
     if shape[1] not in FEATURE_DIMS.values():
         raise _Bad(f"feature file {paths['feature']!r} has width {shape[1]}; expected 256 (v1) or 768 (v2)")
     if feature_dim is not None and shape[1] != feature_dim:
-        raise _Bad(f"feature file {paths['feature']!r} has width {shape[1]}; expected {feature_dim} like the lines "
-                   "before it (or the pretrained model)")
+        raise _Bad(
+            f"feature file {paths['feature']!r} has width {shape[1]}; expected {feature_dim} like the lines "
+            "before it (or the pretrained model)"
+        )
     phone_frames = 2 * shape[0]
     if abs(phone_frames - spec_frames) > LENGTH_TOLERANCE:
-        raise _Bad(f"lengths disagree: feature file {paths['feature']!r} has {shape[0]} frames at 50 Hz "
-                   f"({phone_frames} at the spectrogram rate), wav file {paths['wav']!r} has {info.frames} samples "
-                   f"({spec_frames} frames of {cfg.hop_length}); expected within {LENGTH_TOLERANCE} frames")
+        raise _Bad(
+            f"lengths disagree: feature file {paths['feature']!r} has {shape[0]} frames at 50 Hz "
+            f"({phone_frames} at the spectrogram rate), wav file {paths['wav']!r} has {info.frames} samples "
+            f"({spec_frames} frames of {cfg.hop_length}); expected within {LENGTH_TOLERANCE} frames"
+        )
     frames = min(phone_frames, MAX_FRAMES, spec_frames)
     if f0:
         for name in ("f0", "f0nsf"):
             try:
                 arr = np.load(paths[name], allow_pickle=False)
             except (ValueError, OSError, EOFError) as e:
-                raise _Bad(f"{name} file {paths[name]!r} is not a readable .npy array "
-                           f"({' '.join(str(e).split())[:120]})") from None
+                raise _Bad(
+                    f"{name} file {paths[name]!r} is not a readable .npy array ({' '.join(str(e).split())[:120]})"
+                ) from None
             if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.number)):
-                raise _Bad(f"{name} file {paths[name]!r} holds a {arr.dtype} array of shape {arr.shape}; expected a "
-                           "1-D array of numbers")
+                raise _Bad(
+                    f"{name} file {paths[name]!r} holds a {arr.dtype} array of shape {arr.shape}; expected a "
+                    "1-D array of numbers"
+                )
             if arr.shape[0] < frames or abs(arr.shape[0] - spec_frames) > LENGTH_TOLERANCE:
-                raise _Bad(f"lengths disagree: {name} file {paths[name]!r} has {arr.shape[0]} frames, the wav "
-                           f"{spec_frames} and the features {phone_frames}; expected within {LENGTH_TOLERANCE} "
-                           f"frames and at least {frames}")
+                raise _Bad(
+                    f"lengths disagree: {name} file {paths[name]!r} has {arr.shape[0]} frames, the wav "
+                    f"{spec_frames} and the features {phone_frames}; expected within {LENGTH_TOLERANCE} "
+                    f"frames and at least {frames}"
+                )
             if not np.isfinite(arr).all():
                 raise _Bad(f"{name} file {paths[name]!r} holds NaN or Inf")
             if name == "f0" and (arr.min() < 1 or arr.max() > 255 or not np.array_equal(arr, np.round(arr))):
-                raise _Bad(f"f0 file {paths[name]!r} holds values in {arr.min()}…{arr.max()}; coarse pitch is an "
-                           "integer in 1…255 (is it the f0nsf file?)")
+                raise _Bad(
+                    f"f0 file {paths[name]!r} holds values in {arr.min()}…{arr.max()}; coarse pitch is an "
+                    "integer in 1…255 (is it the f0nsf file?)"
+                )
             if name == "f0nsf" and arr.min() < 0:
                 raise _Bad(f"f0nsf file {paths[name]!r} holds negative pitch ({arr.min()} Hz)")
     clip = Clip(line_no, paths["wav"], paths["feature"], paths.get("f0"), paths.get("f0nsf"), speaker, frames)
     return clip, shape[1]
 
 
-def load_experiment(exp_dir: str | os.PathLike[str], *, f0: bool | None = None, version: str | None = None,
-                    filelist: str | os.PathLike[str] | None = None) -> Experiment:
+def load_experiment(
+    exp_dir: str | os.PathLike[str],
+    *,
+    f0: bool | None = None,
+    version: str | None = None,
+    filelist: str | os.PathLike[str] | None = None,
+) -> Experiment:
     """Check an experiment folder and every line of its ``filelist.txt``; nothing is trained yet.
 
     ``f0``/``version``: what the model expects (from the pretrained G), or ``None`` to take them
@@ -201,15 +225,19 @@ def load_experiment(exp_dir: str | os.PathLike[str], *, f0: bool | None = None, 
     """
     exp_dir = os.path.abspath(os.fspath(exp_dir))
     if not os.path.isdir(exp_dir):
-        raise FileNotFoundError(f"experiment folder {exp_dir!r} does not exist; expected the logs/<experiment> "
-                                "folder RVC's or Applio's preprocessing wrote")
+        raise FileNotFoundError(
+            f"experiment folder {exp_dir!r} does not exist; expected the logs/<experiment> "
+            "folder RVC's or Applio's preprocessing wrote"
+        )
     if version is not None and version not in FEATURE_DIMS:
         raise ValueError(f"version must be one of {sorted(FEATURE_DIMS)}, got {version!r}")
     cfg = read_experiment_config(exp_dir)
     listing = os.fspath(filelist) if filelist is not None else os.path.join(exp_dir, "filelist.txt")
     if not os.path.isfile(listing):
-        raise FileNotFoundError(f"filelist {listing!r} does not exist; run RVC's or Applio's feature extraction "
-                                "first (it writes filelist.txt)")
+        raise FileNotFoundError(
+            f"filelist {listing!r} does not exist; run RVC's or Applio's feature extraction "
+            "first (it writes filelist.txt)"
+        )
     with open(listing, encoding="utf-8") as f:
         lines = f.read().splitlines()
     clips: list[Clip] = []
@@ -221,15 +249,19 @@ def load_experiment(exp_dir: str | os.PathLike[str], *, f0: bool | None = None, 
             continue
         parts = text.split("|")
         if len(parts) not in (3, 5):
-            raise ValueError(f"filelist {listing!r} line {line_no}: {len(parts)} columns; expected 5 "
-                             "(wav|feature|f0|f0nsf|speaker) or 3 (wav|feature|speaker)")
+            raise ValueError(
+                f"filelist {listing!r} line {line_no}: {len(parts)} columns; expected 5 "
+                "(wav|feature|f0|f0nsf|speaker) or 3 (wav|feature|speaker)"
+            )
         line_f0 = len(parts) == 5
         if form is None:
             form = line_f0
         elif line_f0 != form:
             want = "5 columns (an f0 model)" if form else "3 columns (a no-f0 model)"
-            raise ValueError(f"filelist {listing!r} line {line_no}: {len(parts)} columns; expected {want}"
-                             + (" like the lines before it" if f0 is None else ""))
+            raise ValueError(
+                f"filelist {listing!r} line {line_no}: {len(parts)} columns; expected {want}"
+                + (" like the lines before it" if f0 is None else "")
+            )
         try:
             clip, dim = _check_clip(exp_dir, cfg, line_no, parts, line_f0, feature_dim)
         except _Bad as e:
@@ -242,12 +274,17 @@ def load_experiment(exp_dir: str | os.PathLike[str], *, f0: bool | None = None, 
     if form is None:
         raise ValueError(f"filelist {listing!r} lists no clips")
     if not clips:
-        raise ValueError(f"filelist {listing!r}: every clip is shorter than one training segment "
-                         f"({cfg.segment_frames} frames = {cfg.segment_size} samples); first: line {skipped[0][0]}")
+        raise ValueError(
+            f"filelist {listing!r}: every clip is shorter than one training segment "
+            f"({cfg.segment_frames} frames = {cfg.segment_size} samples); first: line {skipped[0][0]}"
+        )
     if skipped:
-        warnings.warn(f"{len(skipped)} of {len(skipped) + len(clips)} clips are shorter than one training segment "
-                      f"and are skipped, as RVC does (first: line {skipped[0][0]}, {skipped[0][1]})", RVCLoRAWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{len(skipped)} of {len(skipped) + len(clips)} clips are shorter than one training segment "
+            f"and are skipped, as RVC does (first: line {skipped[0][0]}, {skipped[0][1]})",
+            RVCLoRAWarning,
+            stacklevel=2,
+        )
     assert feature_dim is not None
     found = next(v for v, d in FEATURE_DIMS.items() if d == feature_dim)
     return Experiment(exp_dir, listing, cfg, tuple(clips), bool(form), found, feature_dim, tuple(skipped))
@@ -290,8 +327,14 @@ class ClipDataset(torch.utils.data.Dataset):
         phone = np.repeat(np.load(clip.feature, allow_pickle=False), 2, axis=0)[:MAX_FRAMES]
         spec = spectrogram(wave[None], cfg.filter_length, cfg.hop_length, cfg.win_length)[0]
         n = clip.frames
-        item = Item(spec[:, :n].contiguous(), wave[None, : n * cfg.hop_length].contiguous(),
-                    torch.from_numpy(np.ascontiguousarray(phone[:n], dtype=np.float32)), None, None, clip.speaker)
+        item = Item(
+            spec[:, :n].contiguous(),
+            wave[None, : n * cfg.hop_length].contiguous(),
+            torch.from_numpy(np.ascontiguousarray(phone[:n], dtype=np.float32)),
+            None,
+            None,
+            clip.speaker,
+        )
         if clip.f0 is not None:
             item.pitch = torch.from_numpy(np.load(clip.f0, allow_pickle=False)[:n].astype(np.int64))
             item.pitchf = torch.from_numpy(np.load(clip.f0nsf, allow_pickle=False)[:n].astype(np.float32))
@@ -315,8 +358,16 @@ class Batch:
         def mv(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(mv(self.phone), mv(self.lengths), mv(self.pitch), mv(self.pitchf), mv(self.spec), mv(self.wave),
-                     mv(self.speaker), self.positions)
+        return Batch(
+            mv(self.phone),
+            mv(self.lengths),
+            mv(self.pitch),
+            mv(self.pitchf),
+            mv(self.spec),
+            mv(self.wave),
+            mv(self.speaker),
+            self.positions,
+        )
 
     def __len__(self) -> int:
         return self.phone.shape[0]
@@ -371,8 +422,10 @@ class EpochSampler:
 
     def __init__(self, n_clips: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
         if global_batch % world:
-            raise ValueError(f"--batch-size {global_batch} is not a multiple of the {world} processes; each process "
-                             "takes an equal share of a step's batch")
+            raise ValueError(
+                f"--batch-size {global_batch} is not a multiple of the {world} processes; each process "
+                "takes an equal share of a step's batch"
+            )
         self.n, self.global_batch, self.seed, self.rank, self.world = n_clips, global_batch, seed, rank, world
         self.local_batch = global_batch // world
 
@@ -392,9 +445,13 @@ class EpochSampler:
             yield list(range(start, start + self.local_batch))
 
 
-def epoch_loader(dataset: ClipDataset, sampler: EpochSampler, epoch: int, workers: int = 0
-                 ) -> torch.utils.data.DataLoader:
+def epoch_loader(
+    dataset: ClipDataset, sampler: EpochSampler, epoch: int, workers: int = 0
+) -> torch.utils.data.DataLoader:
     """A DataLoader over one epoch of this process's batches."""
-    return torch.utils.data.DataLoader(_Positioned(dataset, sampler.order(epoch)),
-                                       batch_sampler=list(sampler.local_batches()), collate_fn=collate,
-                                       num_workers=workers)
+    return torch.utils.data.DataLoader(
+        _Positioned(dataset, sampler.order(epoch)),
+        batch_sampler=list(sampler.local_batches()),
+        collate_fn=collate,
+        num_workers=workers,
+    )

@@ -123,10 +123,13 @@ def _load_state_dict_file(path: str, what: str) -> dict[str, Tensor]:
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
         return data["model"]
     if isinstance(data, dict) and "weight" in data:
-        raise ValueError(f"{what} {path!r} is an exported inference model (no enc_q, no discriminator); training "
-                         "needs RVC's pretrained checkpoint ({'model': state_dict}, e.g. pretrained_v2/f0G40k.pth)")
-    raise ValueError(f"{what} {path!r} holds no 'model' state dict; expected RVC's pretrained checkpoint "
-                     "({'model': state_dict})")
+        raise ValueError(
+            f"{what} {path!r} is an exported inference model (no enc_q, no discriminator); training "
+            "needs RVC's pretrained checkpoint ({'model': state_dict}, e.g. pretrained_v2/f0G40k.pth)"
+        )
+    raise ValueError(
+        f"{what} {path!r} holds no 'model' state dict; expected RVC's pretrained checkpoint ({{'model': state_dict}})"
+    )
 
 
 def _synthesizer_name(version: str, sr: int) -> str:
@@ -155,7 +158,7 @@ class _GForward(nn.Module):
         dec = s.dec
         if batch.pitchf is not None:
             pitchf = slice_segments2(batch.pitchf, ids, seg)
-            source = torch.cat([dec.m_source(pitchf[i: i + 1], dec.upp, gens[i]) for i in range(len(gens))])
+            source = torch.cat([dec.m_source(pitchf[i : i + 1], dec.upp, gens[i]) for i in range(len(gens))])
             o = dec._decode(z_slice, g, source.transpose(1, 2))
         else:
             o = dec(z_slice, g=g)
@@ -232,16 +235,26 @@ class Trainer:
             torch.set_num_threads(s.threads)
         # outputs, before any work
         if s.output is not None:
-            check_output_path(s.output, what="adapter (-o)", overwrite=s.overwrite or s.resume,
-                              suffixes=(".safetensors", ".pth", ".pt"))
+            check_output_path(
+                s.output,
+                what="adapter (-o)",
+                overwrite=s.overwrite or s.resume,
+                suffixes=(".safetensors", ".pth", ".pt"),
+            )
         if s.export is not None:
             if not os.path.isfile(s.export):
-                raise FileNotFoundError(f"--export {s.export!r} does not exist; expected an exported RVC model "
-                                        "of the pretrained base (or no value: export from --pretrained-g)")
+                raise FileNotFoundError(
+                    f"--export {s.export!r} does not exist; expected an exported RVC model "
+                    "of the pretrained base (or no value: export from --pretrained-g)"
+                )
             self.export_output = s.export_output or _default_export_output(s.output)
-            check_output_path(self.export_output, what="merged model", overwrite=s.overwrite or s.resume,
-                              inputs=(("base model (--export)", s.export), ("adapter", s.output)),
-                              suffixes=(".pth",))
+            check_output_path(
+                self.export_output,
+                what="merged model",
+                overwrite=s.overwrite or s.resume,
+                inputs=(("base model (--export)", s.export), ("adapter", s.output)),
+                suffixes=(".pth",),
+            )
         else:
             self.export_output = None
         self.run_dir = os.path.abspath(s.run_dir or os.path.join(s.exp_dir, "rvclora"))
@@ -249,15 +262,19 @@ class Trainer:
         if s.resume and not os.path.isfile(state):
             raise FileNotFoundError(f"--resume: {state!r} does not exist; nothing to resume (start without --resume)")
         if not s.resume and os.path.isfile(state) and not s.overwrite:
-            raise FileExistsError(f"run folder {self.run_dir!r} holds a training state from an earlier run; pass "
-                                  "--resume to continue it, --overwrite to start again, or another --run-dir")
+            raise FileExistsError(
+                f"run folder {self.run_dir!r} holds a training state from an earlier run; pass "
+                "--resume to continue it, --overwrite to start again, or another --run-dir"
+            )
 
     def _precision(self, exp: Experiment) -> str:
         s = self.s
         if self.device.type == "cpu":
             if s.precision in ("fp16", "bf16"):
-                raise ValueError(f"--precision {s.precision}: mixed precision training runs on CUDA only; on CPU "
-                                 "the trainer uses fp32")
+                raise ValueError(
+                    f"--precision {s.precision}: mixed precision training runs on CUDA only; on CPU "
+                    "the trainer uses fp32"
+                )
             if exp.config.fp16_run and s.precision == "auto":
                 self.notes.append("config.json asks for fp16_run; on CPU training runs in fp32")
             return "fp32"
@@ -278,8 +295,10 @@ class Trainer:
         d_state = _load_state_dict_file(s.pretrained_d, "--pretrained-d")
         phone = g_state.get("enc_p.emb_phone.weight")
         if not isinstance(phone, Tensor) or phone.dim() != 2 or phone.shape[1] not in (256, 768):
-            raise ValueError(f"--pretrained-g {s.pretrained_g!r} has no enc_p.emb_phone.weight of width 256 (v1) or "
-                             "768 (v2); expected an RVC synthesizer checkpoint (G)")
+            raise ValueError(
+                f"--pretrained-g {s.pretrained_g!r} has no enc_p.emb_phone.weight of width 256 (v1) or "
+                "768 (v2); expected an RVC synthesizer checkpoint (G)"
+            )
         version = "v1" if phone.shape[1] == 256 else "v2"
         f0 = "enc_p.emb_pitch.weight" in g_state
         exp = load_experiment(s.exp_dir, f0=f0, version=version)  # checked before anything trains
@@ -294,20 +313,26 @@ class Trainer:
         name = _synthesizer_name(version, cfg.sampling_rate)
         synth = build_synthesizer(name, f0=f0, seed=0)
         if synth.hop_length != cfg.hop_length or synth.spec_channels != cfg.spec_channels:
-            raise ValueError(f"config {cfg.path!r}: hop_length {cfg.hop_length} and filter_length "
-                             f"{cfg.filter_length} do not match RVC's {name} model (hop {synth.hop_length}, "
-                             f"{synth.spec_channels} spectrogram channels)")
+            raise ValueError(
+                f"config {cfg.path!r}: hop_length {cfg.hop_length} and filter_length "
+                f"{cfg.filter_length} do not match RVC's {name} model (hop {synth.hop_length}, "
+                f"{synth.spec_channels} spectrogram channels)"
+            )
         try:
             synth.load_state_dict(g_state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"--pretrained-g {s.pretrained_g!r} does not fit RVC's {name} "
-                             f"{'f0' if f0 else 'no-f0'} synthesizer: {_first_line(e)}") from None
+            raise ValueError(
+                f"--pretrained-g {s.pretrained_g!r} does not fit RVC's {name} "
+                f"{'f0' if f0 else 'no-f0'} synthesizer: {_first_line(e)}"
+            ) from None
         disc = build_discriminator(version, seed=0, shrink=_discriminator_shrink(d_state))
         try:
             disc.load_state_dict(d_state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"--pretrained-d {s.pretrained_d!r} does not fit RVC's {version} multi-period "
-                             f"discriminator: {_first_line(e)}") from None
+            raise ValueError(
+                f"--pretrained-d {s.pretrained_d!r} does not fit RVC's {version} multi-period "
+                f"discriminator: {_first_line(e)}"
+            ) from None
         self.version, self.f0, self.synth_name = version, f0, name
         self.total_params = sum(p.numel() for p in synth.parameters())
         torch.manual_seed(self.seed)  # the LoRA factors' init: the same on every process
@@ -344,8 +369,9 @@ class Trainer:
         self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, gamma=cfg.lr_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.dataset = ClipDataset(exp)
-        self.sampler = EpochSampler(len(self.dataset), self.batch_size, seed=self.seed, rank=self.rank,
-                                    world=self.world)
+        self.sampler = EpochSampler(
+            len(self.dataset), self.batch_size, seed=self.seed, rank=self.rank, world=self.world
+        )
         self.step_count, self.epoch_done, self.resumed_from = 0, 0, None
         if s.resume:
             self._load_state()
@@ -383,10 +409,19 @@ class Trainer:
         with self._autocast():
             y_hat, _x_mask, z_mask, (_z, z_p, m_p, logs_p, _m_q, logs_q) = self.g_forward(batch, ids, noise, gens)
         spec_slice = slice_segments(batch.spec, ids_dev, seg)
-        y_mel = spec_to_mel(spec_slice, cfg.sampling_rate, cfg.filter_length, cfg.n_mel_channels, cfg.mel_fmin,
-                            cfg.mel_fmax)
-        y_hat_mel = mel_spectrogram(y_hat.float().squeeze(1), cfg.sampling_rate, cfg.filter_length, cfg.hop_length,
-                                    cfg.win_length, cfg.n_mel_channels, cfg.mel_fmin, cfg.mel_fmax)
+        y_mel = spec_to_mel(
+            spec_slice, cfg.sampling_rate, cfg.filter_length, cfg.n_mel_channels, cfg.mel_fmin, cfg.mel_fmax
+        )
+        y_hat_mel = mel_spectrogram(
+            y_hat.float().squeeze(1),
+            cfg.sampling_rate,
+            cfg.filter_length,
+            cfg.hop_length,
+            cfg.win_length,
+            cfg.n_mel_channels,
+            cfg.mel_fmin,
+            cfg.mel_fmax,
+        )
         wave = slice_segments(batch.wave, ids_dev * cfg.hop_length, cfg.segment_size)
 
         # D step
@@ -419,8 +454,14 @@ class Trainer:
         self.scaler.step(self.opt_g)
         self.scaler.update()
         self.step_count += 1
-        return {"loss_disc": loss_disc.item(), "loss_gen": loss_gen.item(), "loss_fm": loss_fm.item(),
-                "loss_mel": loss_mel.item(), "loss_kl": loss_kl.item(), "loss_gen_all": loss_gen_all.item()}
+        return {
+            "loss_disc": loss_disc.item(),
+            "loss_gen": loss_gen.item(),
+            "loss_fm": loss_fm.item(),
+            "loss_mel": loss_mel.item(),
+            "loss_kl": loss_kl.item(),
+            "loss_gen_all": loss_gen_all.item(),
+        }
 
     def _global_mean(self, losses: dict[str, float]) -> dict[str, float]:
         if not self.distributed:
@@ -454,16 +495,21 @@ class Trainer:
                     sums[k] += losses[k]
                 if not all(math.isfinite(v) for v in losses.values()):
                     bad = next(k for k, v in losses.items() if not math.isfinite(v))
-                    raise RuntimeError(f"training diverged at step {self.step_count} (epoch {epoch}): {bad} = "
-                                       f"{losses[bad]}; the last saved state is in {self.run_dir!r}")
+                    raise RuntimeError(
+                        f"training diverged at step {self.step_count} (epoch {epoch}): {bad} = "
+                        f"{losses[bad]}; the last saved state is in {self.run_dir!r}"
+                    )
                 if first is None:
                     first = losses
                 if self.step_count % self.s.log_every == 0:
                     self._log_losses(epoch, losses)
                 if bar is not None:
-                    bar.set_postfix_str(f"mel {losses['loss_mel']:.2f} kl {losses['loss_kl']:.2f} "
-                                        f"fm {losses['loss_fm']:.2f} gen {losses['loss_gen']:.2f} "
-                                        f"disc {losses['loss_disc']:.2f}", refresh=False)
+                    bar.set_postfix_str(
+                        f"mel {losses['loss_mel']:.2f} kl {losses['loss_kl']:.2f} "
+                        f"fm {losses['loss_fm']:.2f} gen {losses['loss_gen']:.2f} "
+                        f"disc {losses['loss_disc']:.2f}",
+                        refresh=False,
+                    )
                     bar.update(1)
             if bar is not None:
                 bar.close()
@@ -489,17 +535,35 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
-        return TrainResult(self.step_count - (self.resumed_from or 0), self.epoch_done, first or {}, last,
-                           first_epoch or {}, time.perf_counter() - started, adapter, export, self.run_dir,
-                           self.resumed_from, self.trainable_count, self.total_params, list(self.notes))
+        return TrainResult(
+            self.step_count - (self.resumed_from or 0),
+            self.epoch_done,
+            first or {},
+            last,
+            first_epoch or {},
+            time.perf_counter() - started,
+            adapter,
+            export,
+            self.run_dir,
+            self.resumed_from,
+            self.trainable_count,
+            self.total_params,
+            list(self.notes),
+        )
 
     def _bar(self, epoch: int, total: int):
         if self.rank != 0 or not self.s.progress:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=f"epoch {epoch}/{self.epochs}", unit="step", file=sys.stderr,
-                    dynamic_ncols=True, leave=True)
+        return tqdm(
+            total=total,
+            desc=f"epoch {epoch}/{self.epochs}",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -538,26 +602,45 @@ class Trainer:
     def _write_adapter(self) -> None:
         from ..checkpoint import save_lora_checkpoint
 
-        meta = {"trained_by": "rvclora train", "experiment": self.experiment.path, "synthesizer": self.synth_name,
-                "f0": self.f0, "steps": self.step_count, "epochs": self.epoch_done, "batch_size": self.batch_size,
-                "learning_rate": self.learning_rate}
+        meta = {
+            "trained_by": "rvclora train",
+            "experiment": self.experiment.path,
+            "synthesizer": self.synth_name,
+            "f0": self.f0,
+            "steps": self.step_count,
+            "epochs": self.epoch_done,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+        }
         save_lora_checkpoint(self.synth, self.s.output, self.lora_config, epoch=self.epoch_done, metadata=meta)
 
     def _settings_record(self) -> dict[str, Any]:
-        return {"base_fingerprint": self.base_fingerprint, "synthesizer": self.synth_name, "f0": self.f0,
-                "lora": None if self.lora_config is None else self.lora_config.to_dict(),
-                "full_finetune": self.s.full_finetune, "batch_size": self.batch_size, "seed": self.seed,
-                "clips": len(self.dataset)}
+        return {
+            "base_fingerprint": self.base_fingerprint,
+            "synthesizer": self.synth_name,
+            "f0": self.f0,
+            "lora": None if self.lora_config is None else self.lora_config.to_dict(),
+            "full_finetune": self.s.full_finetune,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "clips": len(self.dataset),
+        }
 
     def _save(self, epoch: int) -> None:
         if self.rank == 0:
             trainable = {k: v.detach().cpu().clone() for k, v in self.synth.named_parameters() if v.requires_grad}
             state = {
-                "format": _STATE_FORMAT, "format_version": 1, "step": self.step_count, "epoch": epoch,
-                "settings": self._settings_record(), "trainable": trainable,
+                "format": _STATE_FORMAT,
+                "format_version": 1,
+                "step": self.step_count,
+                "epoch": epoch,
+                "settings": self._settings_record(),
+                "trainable": trainable,
                 "discriminator": {k: v.detach().cpu().clone() for k, v in self.disc.state_dict().items()},
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+                "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict(),
+                "sched_g": self.sched_g.state_dict(),
+                "sched_d": self.sched_d.state_dict(),
                 "scaler": self.scaler.state_dict(),
             }
             atomic_write(os.path.join(self.run_dir, STATE_FILE), lambda tmp: torch.save(state, tmp))
@@ -579,8 +662,10 @@ class Trainer:
         saved, now = state["settings"], self._settings_record()
         for key in now:
             if saved.get(key) != now[key]:
-                raise ValueError(f"--resume: the state in {path!r} was trained with {key} = {saved.get(key)!r}, this "
-                                 f"run has {now[key]!r}; resume with the same settings or start a new --run-dir")
+                raise ValueError(
+                    f"--resume: the state in {path!r} was trained with {key} = {saved.get(key)!r}, this "
+                    f"run has {now[key]!r}; resume with the same settings or start a new --run-dir"
+                )
         params = dict(self.synth.named_parameters())
         for k, v in state["trainable"].items():
             if k not in params or not params[k].requires_grad or params[k].shape != v.shape:
@@ -637,8 +722,11 @@ class Trainer:
 def _discriminator_shrink(state: dict[str, Tensor]) -> int:
     """RVC's discriminator has 32 channels after a period sub-discriminator's first conv; a narrower one
     (``build_discriminator(shrink=…)``, used by the demo and the tests) divides every width alike."""
-    for key in ("discriminators.1.convs.0.weight_v", "discriminators.1.convs.0.parametrizations.weight.original1",
-                "discriminators.1.convs.0.weight"):
+    for key in (
+        "discriminators.1.convs.0.weight_v",
+        "discriminators.1.convs.0.parametrizations.weight.original1",
+        "discriminators.1.convs.0.weight",
+    ):
         t = state.get(key)
         if isinstance(t, Tensor) and t.dim() == 4 and 0 < t.shape[0] <= 32 and 32 % t.shape[0] == 0:
             return 32 // t.shape[0]

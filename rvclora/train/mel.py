@@ -30,11 +30,18 @@ def _filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float | Non
     return torch.from_numpy(mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)).float()
 
 
-def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None,
-                   device: torch.device | str | None = None) -> Tensor:
+def mel_filterbank(
+    sr: int,
+    n_fft: int,
+    n_mels: int,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """The slaney mel filterbank ``(n_mels, n_fft // 2 + 1)``, float32 (librosa, cached)."""
     return _filterbank(int(sr), int(n_fft), int(n_mels), float(fmin), None if fmax is None else float(fmax)).to(
-        device or "cpu")
+        device or "cpu"
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -51,8 +58,17 @@ def spectrogram(wave: Tensor, n_fft: int, hop: int, win: int) -> Tensor:
     pad = (n_fft - hop) // 2
     with torch.autocast(wave.device.type, enabled=False):
         y = F.pad(wave.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-        spec = torch.stft(y, n_fft, hop_length=hop, win_length=win, window=_window(win, str(wave.device)),
-                          center=False, normalized=False, onesided=True, return_complex=True)
+        spec = torch.stft(
+            y,
+            n_fft,
+            hop_length=hop,
+            win_length=win,
+            window=_window(win, str(wave.device)),
+            center=False,
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )
         return torch.sqrt(spec.real.square() + spec.imag.square() + 1e-6)
 
 
@@ -63,7 +79,8 @@ def spec_to_mel(spec: Tensor, sr: int, n_fft: int, n_mels: int, fmin: float = 0.
         return torch.log(torch.clamp(torch.matmul(fb, spec.float()), min=1e-5))
 
 
-def mel_spectrogram(wave: Tensor, sr: int, n_fft: int, hop: int, win: int, n_mels: int, fmin: float = 0.0,
-                    fmax: float | None = None) -> Tensor:
+def mel_spectrogram(
+    wave: Tensor, sr: int, n_fft: int, hop: int, win: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> Tensor:
     """``wave: (B, T)`` or ``(B, 1, T)`` → log mel ``(B, n_mels, frames)``: RVC's ``mel_spectrogram_torch``."""
     return spec_to_mel(spectrogram(wave, n_fft, hop, win), sr, n_fft, n_mels, fmin, fmax)

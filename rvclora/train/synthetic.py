@@ -62,8 +62,9 @@ class SyntheticExperiment:
     seconds: float  # total audio
 
 
-def _clip(rng: np.random.Generator, sr: int, hop: int, frames: int, base_f0: float, tract: float,
-          embed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _clip(
+    rng: np.random.Generator, sr: int, hop: int, frames: int, base_f0: float, tract: float, embed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One clip: wave (frames·hop,), f0 per frame (frames,), features at 50 Hz (frames // 2, D)."""
     n = frames * hop
     t = np.arange(frames) * hop / sr
@@ -72,11 +73,14 @@ def _clip(rng: np.random.Generator, sr: int, hop: int, frames: int, base_f0: flo
     pos = 0
     while pos < frames:
         length = int(rng.integers(15, 31))
-        ids[pos:pos + length] = len(_VOWELS) if rng.random() < 0.15 else rng.integers(len(_VOWELS))
+        ids[pos : pos + length] = len(_VOWELS) if rng.random() < 0.15 else rng.integers(len(_VOWELS))
         pos += length
     voiced = ids < len(_VOWELS)
-    contour = base_f0 * (1 + 0.08 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 2 * np.pi))) \
+    contour = (
+        base_f0
+        * (1 + 0.08 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 2 * np.pi)))
         * (1 + 0.02 * np.sin(2 * np.pi * 5.5 * t))
+    )
     f0 = np.where(voiced, contour, 0.0)
     # per-sample f0 and formants (held per frame, phase continuous)
     f0_s = np.repeat(f0, hop)
@@ -87,8 +91,11 @@ def _clip(rng: np.random.Generator, sr: int, hop: int, frames: int, base_f0: flo
     top = int(sr / 2 / max(base_f0 * 0.8, 1.0))
     for k in range(1, min(top, 60) + 1):
         fk = k * f0_s
-        amp = np.where(fk < sr / 2 - 500, 1.0, 0.0) * (
-            1 / (1 + ((fk - f1_s) / 90) ** 2) + 1 / (1 + ((fk - f2_s) / 120) ** 2)) * np.exp(-fk / 4000)
+        amp = (
+            np.where(fk < sr / 2 - 500, 1.0, 0.0)
+            * (1 / (1 + ((fk - f1_s) / 90) ** 2) + 1 / (1 + ((fk - f2_s) / 120) ** 2))
+            * np.exp(-fk / 4000)
+        )
         wave += amp * np.sin(k * phase)
     noise = rng.standard_normal(n)
     smooth = np.convolve(noise, np.ones(8) / 8, mode="same")  # a soft hiss for the unvoiced frames
@@ -158,8 +165,10 @@ def make_synthetic_experiment(
         wave, f0_hz, feat = _clip(rng, sr, hop, frames, voices[spk][0], voices[spk][1], embed)
         total += len(wave) / sr
         name = f"{spk}_{i}"
-        files = {"wav": os.path.join(path, dirs["wav"], f"{name}.wav"),
-                 "feature": os.path.join(path, dirs["feature"], f"{name}.npy")}
+        files = {
+            "wav": os.path.join(path, dirs["wav"], f"{name}.wav"),
+            "feature": os.path.join(path, dirs["feature"], f"{name}.npy"),
+        }
         sf.write(files["wav"], wave, sr, subtype=wav_subtype)
         np.save(files["feature"], feat)
         if f0:
@@ -173,8 +182,9 @@ def make_synthetic_experiment(
         if layout == "applio":
             cols = [os.path.relpath(c, root).replace(os.sep, "/") for c in cols]
         lines.append("|".join(cols + [str(spk)]))
-    config = config_json(cfg, segment_frames=segment_frames, batch_size=batch_size, epochs=epochs,
-                         learning_rate=learning_rate, seed=seed)
+    config = config_json(
+        cfg, segment_frames=segment_frames, batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, seed=seed
+    )
     if layout == "applio":  # Applio's spellings: sample_rate, no epochs/batch_size/fp16_run, text_enc_hidden_dim
         config["data"]["sample_rate"] = config["data"].pop("sampling_rate")
         for key in ("epochs", "batch_size", "fp16_run", "init_lr_ratio", "warmup_epochs"):

@@ -47,8 +47,7 @@ NAME = "torch"
 
 __all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d", "lora_conv2d"]
 # the custom ops, for tests and opcheck
-_OPS = (_linear_fwd, _linear_bwd, _conv1d_fwd, _conv1d_bwd, _convt_fwd, _convt_bwd, _conv2d_fwd, _conv2d_bwd,
-        _merge_ok)
+_OPS = (_linear_fwd, _linear_bwd, _conv1d_fwd, _conv1d_bwd, _convt_fwd, _convt_bwd, _conv2d_fwd, _conv2d_bwd, _merge_ok)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -50,8 +50,11 @@ def _tf32_enabled(conv: bool) -> bool:
     (``"tf32"``/``"ieee"``; ``"none"`` defers to the enclosing level) and, where none is set, the legacy
     ``allow_tf32`` flags; reading a legacy flag raises once the new settings are in use, so they come first.
     """
-    levels = ((getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends) if conv
-              else (torch.backends.cuda.matmul, torch.backends))
+    levels = (
+        (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+        if conv
+        else (torch.backends.cuda.matmul, torch.backends)
+    )
     for level in levels:
         try:
             precision = getattr(level, "fp32_precision", "none")
@@ -136,8 +139,11 @@ def _eager_function(name, fwd_impl, bwd_impl):
     def backward(ctx, grad_y):
         return _backward(ctx, grad_y, bwd_impl)
 
-    return type(f"_Torch_{name}_Function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return type(
+        f"_Torch_{name}_Function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
 
 def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs, x_transposed=False):
@@ -169,4 +175,3 @@ def _grouped_outer(a: Tensor, b: Tensor, groups: int) -> Tensor:
     ag = a.reshape(n, groups, a.shape[1] // groups, t)
     bg = b.reshape(n, groups, b.shape[1] // groups, t)
     return torch.matmul(ag, bg.transpose(-1, -2)).sum(0).reshape(a.shape[1], bg.shape[2])
-

@@ -42,7 +42,7 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
         return grad_xp
     if padding_mode == "zeros":
         # a gradient is returned contiguous, like its input (only explicit, asymmetric zero padding gets here)
-        return grad_xp[..., left: grad_xp.shape[-1] - right].contiguous()
+        return grad_xp[..., left : grad_xp.shape[-1] - right].contiguous()
     if x.dtype != grad_xp.dtype:
         x = torch.empty_like(x, dtype=grad_xp.dtype)  # the pad backward ops only read its shape
     if padding_mode == "reflect":
@@ -51,11 +51,11 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
         return torch.ops.aten.replication_pad1d_backward(grad_xp, x, [left, right])
     # circular: the pads are copies of the other end
     t = x.shape[-1]
-    gx = grad_xp[..., left: left + t].clone()
+    gx = grad_xp[..., left : left + t].clone()
     if left:
-        gx[..., t - left:] += grad_xp[..., :left]
+        gx[..., t - left :] += grad_xp[..., :left]
     if right:
-        gx[..., :right] += grad_xp[..., left + t:]
+        gx[..., :right] += grad_xp[..., left + t :]
     return gx
 
 
@@ -94,7 +94,7 @@ def _thin_conv1d(xp: Tensor, a3: Tensor, stride: int, conv_pad: int, dilation: i
     p = p.reshape(n, groups, k, rg, t_in)
     u = p.new_zeros(n, groups, rg, t_out)
     for tap, lo, hi, off in _tap_ranges(k, dilation, conv_pad, t_in, t_out):
-        u[..., lo:hi] += p[:, :, tap, :, lo + off: hi + off]
+        u[..., lo:hi] += p[:, :, tap, :, lo + off : hi + off]
     return u.reshape(n, r, t_out)
 
 
@@ -111,7 +111,16 @@ def _thin_conv1d_weight_grad(
     if xdp.device.type != "cpu" or stride != 1:
         a_shape = (r, xdp.shape[1] // groups, k)
         return torch.ops.aten.convolution_backward(
-            g_u, xdp, g_u.new_empty(a_shape), None, [stride], [conv_pad], [dilation], False, [0], groups,
+            g_u,
+            xdp,
+            g_u.new_empty(a_shape),
+            None,
+            [stride],
+            [conv_pad],
+            [dilation],
+            False,
+            [0],
+            groups,
             [False, True, False],
         )[1].reshape(r, -1)
     rg, cin_g, t_in = r // groups, xdp.shape[1] // groups, xdp.shape[-1]
@@ -124,7 +133,7 @@ def _thin_conv1d_weight_grad(
         (k, n, groups, rg, t_out), (rg * t_p + dilation, groups * k * rg * t_p, k * rg * t_p, t_p, 1)
     )
     taps.copy_(g_u.reshape(n, groups, rg, t_out).expand(k, -1, -1, -1, -1))
-    cols = stacked[..., conv_pad: conv_pad + t_in]
+    cols = stacked[..., conv_pad : conv_pad + t_in]
     prod = torch.matmul(cols, xdp.reshape(n, groups, cin_g, t_in).transpose(-1, -2))
     grad = prod[0] if n == 1 else prod.sum(0)  # (g, k·r/g, in/g)
     return grad.reshape(groups, k, rg, cin_g).permute(0, 2, 3, 1).reshape(r, cin_g * k)
@@ -151,12 +160,21 @@ def _add_grouped_1x1_(y: Tensor, w: Tensor, x: Tensor, groups: int, alpha: float
     return y
 
 
-
 @_no_autocast
 def _conv1d_fwd_impl(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
-    dropout_p: float, seed: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    padding: List[int],
+    dilation: int,
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = conv(D(x), A): (N, r, T_out)``."""
     dt, ldt = x.dtype, _lora_dtype(x)
@@ -222,13 +240,23 @@ _conv1d_fwd = torch.library.custom_op("rvclora::torch_lora_conv1d_fwd", mutates_
 @_conv1d_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed):
     t_out = conv1d_out_len(x.shape[-1], weight.shape[-1], stride, padding[0] + padding[1], dilation)
-    return (x.new_empty(x.shape[0], weight.shape[0], t_out),
-            x.new_empty(x.shape[0], lora_A.shape[0], t_out, dtype=_lora_dtype(x)))
+    return (
+        x.new_empty(x.shape[0], weight.shape[0], t_out),
+        x.new_empty(x.shape[0], lora_A.shape[0], t_out, dtype=_lora_dtype(x)),
+    )
 
 
 def _conv1d_bwd_lean(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    pad: int, dilation: int, needs: List[bool],
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    pad: int,
+    dilation: int,
+    needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The general backward below, specialised to RVC's case (batch 1, groups 1, stride 1, symmetric zero
     padding, merged maths on CPU) with as few ops as possible: each op costs microseconds of dispatch,
@@ -253,7 +281,7 @@ def _lean_grad_A(g2: Tensor, x: Tensor, B: Tensor, scaling: float, pad: int, dil
     t_p = t_in + 2 * pad
     stacked = g2.new_zeros(k * r, t_p)
     stacked.as_strided((k, r, t_out), (r * t_p + dilation, t_p, 1)).copy_(torch.mm(B.t(), g2).expand(k, r, t_out))
-    gA = torch.mm(stacked[:, pad: pad + t_in], x[0].t())  # (k·r, in)
+    gA = torch.mm(stacked[:, pad : pad + t_in], x[0].t())  # (k·r, in)
     return gA.view(k, r, cin).permute(1, 2, 0).reshape(r, cin * k).mul_(scaling)
 
 
@@ -264,17 +292,36 @@ def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
 
 @_no_autocast
 def _conv1d_bwd_impl(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: int, padding: List[int], dilation: int, groups: int, padding_mode: str,
-    dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    padding: List[int],
+    dilation: int,
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
     r = lora_A.shape[0]
     merged = _merge_ok(x, dropout_p, conv=True)
-    if (merged and x.shape[0] == 1 and groups == 1 and stride == 1 and x.device.type == "cpu"
-            and padding_mode == "zeros" and padding[0] == padding[1]):
+    if (
+        merged
+        and x.shape[0] == 1
+        and groups == 1
+        and stride == 1
+        and x.device.type == "cpu"
+        and padding_mode == "zeros"
+        and padding[0] == padding[1]
+    ):
         return _conv1d_bwd_lean(grad, x, u, weight, lora_A, lora_B, scaling, padding[0], dilation, needs)
     a3 = _cast(lora_A, ldt).reshape(r, -1, k)
     B = _cast(lora_B, ldt)
@@ -315,8 +362,9 @@ _conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_
 
 
 @_conv1d_bwd.register_fake
-def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p,
-      seed, needs):
+def _(
+    grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed, needs
+):
     return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
 
 
@@ -324,12 +372,24 @@ _register_autograd(_conv1d_fwd, _conv1d_bwd)
 _Conv1dFunction = _eager_function("conv1d", _conv1d_fwd_impl, _conv1d_bwd_impl)
 
 
-def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                dropout_p, seed):
-    args = (x, weight, bias, lora_A, lora_B, scaling, stride, list(padding), dilation, groups, padding_mode,
-            dropout_p, seed)
+def lora_conv1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
+    args = (
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        stride,
+        list(padding),
+        dilation,
+        groups,
+        padding_mode,
+        dropout_p,
+        seed,
+    )
     if torch.compiler.is_compiling():
         return _conv1d_fwd(*args)[0]
     return _Conv1dFunction.apply(*args)
-
-

@@ -40,7 +40,7 @@ def _unpad_grad(x: Tensor, grad_xp: Tensor, padding: Sequence[int], padding_mode
         return grad_xp
     if padding_mode == "zeros":
         h, w = grad_xp.shape[-2:]
-        return grad_xp[..., top: h - bottom, left: w - right].contiguous()
+        return grad_xp[..., top : h - bottom, left : w - right].contiguous()
     if x.dtype != grad_xp.dtype:
         x = torch.empty_like(x, dtype=grad_xp.dtype)  # the pad backward ops only read its shape
     if padding_mode == "reflect":
@@ -77,9 +77,19 @@ def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, 
 
 @_no_autocast
 def _conv2d_fwd_impl(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: List[int], padding: List[int], dilation: List[int], groups: int, padding_mode: str,
-    dropout_p: float, seed: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, H_out, W_out)`` and ``u = conv2d(pad(D(x)), A): (N, r, H_out, W_out)``."""
     ldt = _lora_dtype(x)
@@ -111,9 +121,21 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
 
 @_no_autocast
 def _conv2d_bwd_impl(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: List[int], padding: List[int], dilation: List[int], groups: int, padding_mode: str,
-    dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    padding_mode: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
@@ -163,8 +185,9 @@ _conv2d_bwd = torch.library.custom_op("rvclora::torch_lora_conv2d_bwd", mutates_
 
 
 @_conv2d_bwd.register_fake
-def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p,
-      seed, needs):
+def _(
+    grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed, needs
+):
     gx, *rest = _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
     return (gx.contiguous(memory_format=_out_format(x)) if needs[0] else gx, *rest)
 
@@ -173,10 +196,24 @@ _register_autograd(_conv2d_fwd, _conv2d_bwd)
 _Conv2dFunction = _eager_function("conv2d", _conv2d_fwd_impl, _conv2d_bwd_impl)
 
 
-def lora_conv2d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode,
-                dropout_p, seed):
-    args = (x, weight, bias, lora_A, lora_B, scaling, list(stride), list(padding), list(dilation), groups,
-            padding_mode, dropout_p, seed)
+def lora_conv2d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
+    args = (
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        padding_mode,
+        dropout_p,
+        seed,
+    )
     if torch.compiler.is_compiling():
         return _conv2d_fwd(*args)[0]
     return _Conv2dFunction.apply(*args)

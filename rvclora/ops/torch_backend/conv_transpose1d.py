@@ -39,7 +39,9 @@ def _merged_convt_weight(weight: Tensor, A: Tensor, B: Tensor, scaling: float, g
         return torch.addmm(weight.reshape(cin, -1), A.t(), B, alpha=scaling).view(weight.shape)
     ig, rg = cin // groups, A.shape[0] // groups
     return torch.baddbmm(
-        weight.reshape(groups, ig, -1), A.reshape(groups, rg, ig).transpose(1, 2), B.reshape(groups, rg, -1),
+        weight.reshape(groups, ig, -1),
+        A.reshape(groups, rg, ig).transpose(1, 2),
+        B.reshape(groups, rg, -1),
         alpha=scaling,
     ).view(weight.shape)
 
@@ -58,7 +60,7 @@ def _polyphase(g: Tensor, stride: int, padding: int, dilation: int, k: int, t_in
 
     def tap_view(tap: int) -> Tensor:
         off = tap * dilation
-        return phases[:, off % stride, :, off // stride: off // stride + t_in]
+        return phases[:, off % stride, :, off // stride : off // stride + t_in]
 
     return tap_view
 
@@ -93,9 +95,19 @@ def _convt_lora_grads(
 
 @_no_autocast
 def _convt_fwd_impl(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: int, padding: int, output_padding: int, dilation: int, groups: int,
-    dropout_p: float, seed: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    padding: int,
+    output_padding: int,
+    dilation: int,
+    groups: int,
+    dropout_p: float,
+    seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
     ldt = _lora_dtype(x)
@@ -123,15 +135,29 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding,
     k = weight.shape[-1]
     t_out = conv_transpose1d_out_len(x.shape[-1], k, stride, padding, output_padding, dilation)
     out = weight.shape[1] * groups
-    return (x.new_empty(x.shape[0], out, t_out),
-            x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1], dtype=_lora_dtype(x)))
+    return (
+        x.new_empty(x.shape[0], out, t_out),
+        x.new_empty(x.shape[0], lora_A.shape[0], x.shape[-1], dtype=_lora_dtype(x)),
+    )
 
 
 @_no_autocast
 def _convt_bwd_impl(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-    stride: int, padding: int, output_padding: int, dilation: int, groups: int,
-    dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    stride: int,
+    padding: int,
+    output_padding: int,
+    dilation: int,
+    groups: int,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
@@ -176,8 +202,23 @@ _convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd",
 
 
 @_convt_bwd.register_fake
-def _(grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p,
-      seed, needs):
+def _(
+    grad,
+    x,
+    u,
+    weight,
+    lora_A,
+    lora_B,
+    scaling,
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups,
+    dropout_p,
+    seed,
+    needs,
+):
     return _grad_fakes(x, weight, (weight.shape[1] * groups,), lora_A, lora_B, needs)
 
 
@@ -185,10 +226,24 @@ _register_autograd(_convt_fwd, _convt_bwd)
 _ConvtFunction = _eager_function("convt", _convt_fwd_impl, _convt_bwd_impl)
 
 
-def lora_conv_transpose1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
-                          groups, dropout_p, seed):
-    args = (x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p,
-            seed)
+def lora_conv_transpose1d(
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
+    args = (
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        stride,
+        padding,
+        output_padding,
+        dilation,
+        groups,
+        dropout_p,
+        seed,
+    )
     if torch.compiler.is_compiling():
         return _convt_fwd(*args)[0]
     return _ConvtFunction.apply(*args)

@@ -26,8 +26,14 @@ from ._common import (
 
 @_no_autocast
 def _linear_fwd_impl(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-    scaling: float, dropout_p: float, seed: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y: (..., out)`` in ``F.linear``'s layout and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward).
 
@@ -72,8 +78,16 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @_no_autocast
 def _linear_bwd_impl(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-    scaling: float, dropout_p: float, seed: Optional[Tensor], needs: List[bool],
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` in each input's dtype, in the layout nn.Linear's autograd
     gives (contiguous; ``grad_x`` transposed for a transposed 2-D ``x``); an unneeded gradient is ``None``.
@@ -123,7 +137,6 @@ def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
     return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs, _transposed_2d(x))
 
 
-
 def _transposed_2d(x: Tensor) -> bool:
     """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1."""
     return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
@@ -137,5 +150,3 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if torch.compiler.is_compiling():
         return _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
     return _LinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-
-
