@@ -146,6 +146,21 @@ def _eager_function(name, fwd_impl, bwd_impl):
     )
 
 
+def _op_runner(name, fwd_op, bwd_op, fwd_impl, bwd_impl):
+    """Register the custom ops' autograd and return ``run(*args) -> y``, the one way every op of this backend
+    is called: the custom op under ``torch.compile`` (one opaque node per layer), the eager Function
+    otherwise."""
+    _register_autograd(fwd_op, bwd_op)
+    function = _eager_function(name, fwd_impl, bwd_impl)
+
+    def run(*args):
+        if torch.compiler.is_compiling():
+            return fwd_op(*args)[0]
+        return function.apply(*args)
+
+    return run
+
+
 def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs, x_transposed=False):
     """Contiguous gradients in each input's dtype (empty 1-D tensors for unneeded ones), as the real ops return
     (``grad_x`` transposed for a transposed 2-D Linear input)."""

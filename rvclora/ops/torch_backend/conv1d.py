@@ -12,7 +12,6 @@ from ... import reference as ref
 from ..geometry import conv1d_out_len
 from ._common import (
     _cast,
-    _eager_function,
     _grad_fakes,
     _grouped_1x1,
     _grouped_outer,
@@ -20,7 +19,7 @@ from ._common import (
     _mask,
     _merge_ok,
     _no_autocast,
-    _register_autograd,
+    _op_runner,
     _with_empties,
 )
 
@@ -368,8 +367,7 @@ def _(
     return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
 
 
-_register_autograd(_conv1d_fwd, _conv1d_bwd)
-_Conv1dFunction = _eager_function("conv1d", _conv1d_fwd_impl, _conv1d_bwd_impl)
+_conv1d_run = _op_runner("conv1d", _conv1d_fwd, _conv1d_bwd, _conv1d_fwd_impl, _conv1d_bwd_impl)
 
 
 def lora_conv1d(
@@ -390,6 +388,4 @@ def lora_conv1d(
         dropout_p,
         seed,
     )
-    if torch.compiler.is_compiling():
-        return _conv1d_fwd(*args)[0]
-    return _Conv1dFunction.apply(*args)
+    return _conv1d_run(*args)

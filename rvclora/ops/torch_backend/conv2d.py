@@ -15,12 +15,11 @@ from torch import Tensor
 from ... import reference as ref
 from ._common import (
     _cast,
-    _eager_function,
     _grad_fakes,
     _lora_dtype,
     _mask,
     _no_autocast,
-    _register_autograd,
+    _op_runner,
     _with_empties,
 )
 
@@ -192,8 +191,7 @@ def _(
     return (gx.contiguous(memory_format=_out_format(x)) if needs[0] else gx, *rest)
 
 
-_register_autograd(_conv2d_fwd, _conv2d_bwd)
-_Conv2dFunction = _eager_function("conv2d", _conv2d_fwd_impl, _conv2d_bwd_impl)
+_conv2d_run = _op_runner("conv2d", _conv2d_fwd, _conv2d_bwd, _conv2d_fwd_impl, _conv2d_bwd_impl)
 
 
 def lora_conv2d(
@@ -214,6 +212,4 @@ def lora_conv2d(
         dropout_p,
         seed,
     )
-    if torch.compiler.is_compiling():
-        return _conv2d_fwd(*args)[0]
-    return _Conv2dFunction.apply(*args)
+    return _conv2d_run(*args)

@@ -11,7 +11,6 @@ from torch import Tensor
 from ..geometry import conv_transpose1d_out_len
 from ._common import (
     _cast,
-    _eager_function,
     _grad_fakes,
     _grouped_1x1,
     _grouped_outer,
@@ -19,7 +18,7 @@ from ._common import (
     _mask,
     _merge_ok,
     _no_autocast,
-    _register_autograd,
+    _op_runner,
     _with_empties,
 )
 
@@ -222,8 +221,7 @@ def _(
     return _grad_fakes(x, weight, (weight.shape[1] * groups,), lora_A, lora_B, needs)
 
 
-_register_autograd(_convt_fwd, _convt_bwd)
-_ConvtFunction = _eager_function("convt", _convt_fwd_impl, _convt_bwd_impl)
+_convt_run = _op_runner("convt", _convt_fwd, _convt_bwd, _convt_fwd_impl, _convt_bwd_impl)
 
 
 def lora_conv_transpose1d(
@@ -244,6 +242,4 @@ def lora_conv_transpose1d(
         dropout_p,
         seed,
     )
-    if torch.compiler.is_compiling():
-        return _convt_fwd(*args)[0]
-    return _ConvtFunction.apply(*args)
+    return _convt_run(*args)

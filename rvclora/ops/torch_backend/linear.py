@@ -11,13 +11,12 @@ from torch import Tensor
 
 from ._common import (
     _cast,
-    _eager_function,
     _grad_fakes,
     _lora_dtype,
     _mask,
     _merge_ok,
     _no_autocast,
-    _register_autograd,
+    _op_runner,
     _with_empties,
 )
 
@@ -142,11 +141,8 @@ def _transposed_2d(x: Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
 
 
-_register_autograd(_linear_fwd, _linear_bwd)
-_LinearFunction = _eager_function("linear", _linear_fwd_impl, _linear_bwd_impl)
+_linear_run = _op_runner("linear", _linear_fwd, _linear_bwd, _linear_fwd_impl, _linear_bwd_impl)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    if torch.compiler.is_compiling():
-        return _linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
-    return _LinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _linear_run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
