@@ -4,10 +4,11 @@ Ops (``torch.library.triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph
 into the kernels, with ``register_autograd`` for the backward)::
 
     rvclora::triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
-    rvclora::triton_lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, u, ...) -> grads
+    rvclora::triton_lora_linear_bwd(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs) -> grads
     rvclora::triton_lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right,
                                     dilation, groups, padding_mode, dropout_p, seed) -> (y, u)
-    rvclora::triton_lora_conv1d_bwd(...) -> grads
+    rvclora::triton_lora_conv1d_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed, needs)
+        -> grads
     rvclora::triton_dropout_mask(seed, numel, p, like) -> mask
 
 ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``) is the only intermediate kept for backward besides ``x``
@@ -580,10 +581,10 @@ def triton_lora_linear_fwd(
 def triton_lora_linear_bwd(
     grad_y: Tensor,
     x: Tensor,
+    u: Tensor,
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    u: Tensor,
     scaling: float,
     dropout_p: float,
     seed: Optional[Tensor],
@@ -622,7 +623,7 @@ def _as_grads(ctx, grads) -> Tuple[Optional[Tensor], ...]:
 def _linear_backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     grads = torch.ops.rvclora.triton_lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, _needs(ctx)
+        grad_y, x, u, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, _needs(ctx)
     )
     return _as_grads(ctx, grads) + (None, None, None)
 
@@ -673,10 +674,10 @@ def triton_lora_conv1d_fwd(
 def triton_lora_conv1d_bwd(
     grad_y: Tensor,
     x: Tensor,
+    u: Tensor,
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    u: Tensor,
     scaling: float,
     stride: int,
     pad_left: int,
@@ -731,7 +732,7 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     grads = torch.ops.rvclora.triton_lora_conv1d_bwd(
-        grad_y, x, weight, lora_A, lora_B, u, *ctx.options[:-1], ctx.options[-1], seed, _needs(ctx)
+        grad_y, x, u, weight, lora_A, lora_B, *ctx.options[:-1], ctx.options[-1], seed, _needs(ctx)
     )
     return _as_grads(ctx, grads) + (None,) * 9
 

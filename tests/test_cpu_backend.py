@@ -76,11 +76,13 @@ def _op_args(name, n, dtype, p):
 def test_opcheck(cpu_backend, name, n, p, dtype):
     torch.manual_seed(0)
     args = _op_args(name, n, dtype, p)
-    torch.library.opcheck(getattr(torch.ops.rvclora, f"cpu_{name}_fwd").default, args)
+    op = {"linear": "linear", "conv1d": "conv1d", "convt": "conv_transpose1d"}[name]
+    fwd = getattr(torch.ops.rvclora, f"cpu_lora_{op}_fwd")
+    torch.library.opcheck(fwd.default, args)
     x, w, _b, a, bb = args[:5]
-    y, u = getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)
+    y, u = fwd(*args)
     needs = [True, True, True, True, True]
-    bwd = getattr(torch.ops.rvclora, f"cpu_{name}_bwd").default
+    bwd = getattr(torch.ops.rvclora, f"cpu_lora_{op}_bwd").default
     torch.library.opcheck(
         bwd,
         (torch.randn_like(y), x.detach(), u, w.detach(), a.detach(), bb.detach(), *args[5:], needs),

@@ -265,23 +265,31 @@ def _op_args(dtype=torch.float64, bias=True, p=0.2, requires_grad=True):
 
 @pytest.mark.parametrize("bias, p", [(True, 0.2), (False, 0.0)])
 def test_opcheck_fwd(ext, bias, p):
-    torch.library.opcheck(ext.lora_convt_fwd.default, _op_args(bias=bias, p=p))
+    torch.library.opcheck(ext.cuda_lora_conv_transpose1d_fwd.default, _op_args(bias=bias, p=p))
     torch.library.opcheck(
-        ext.lora_convt_fwd.default, _op_args(dtype=torch.float32, bias=bias, p=p, requires_grad=False)
+        ext.cuda_lora_conv_transpose1d_fwd.default, _op_args(dtype=torch.float32, bias=bias, p=p, requires_grad=False)
     )
 
 
-@pytest.mark.parametrize("needs", [(True, True, True, True), (False, False, True, True), (True, False, False, False)])
+@pytest.mark.parametrize(
+    "needs",
+    [
+        [True, True, True, True, True],
+        [False, False, False, True, True],
+        [True, False, False, False, False],
+        [False, False, True, False, False],
+    ],
+)
 def test_opcheck_bwd(ext, needs):
     args = _op_args(requires_grad=False)
     x, w, _, a, b = args[:5]
-    y, u = ext.lora_convt_fwd(*args)
+    y, u = ext.cuda_lora_conv_transpose1d_fwd(*args)
     g = torch.randn_like(y)
-    torch.library.opcheck(ext.lora_convt_bwd.default, (g, x, w, a, b, u, *args[5:], *needs))
+    torch.library.opcheck(ext.cuda_lora_conv_transpose1d_bwd.default, (g, x, u, w, a, b, *args[5:], needs))
 
 
 def test_opcheck_dropout_mask(ext):
-    torch.library.opcheck(ext.lora_convt_dropout_mask.default, (torch.empty(3, 4, 5), torch.tensor(3), 0.5))
+    torch.library.opcheck(ext.cuda_dropout_mask.default, (torch.empty(3, 4, 5), torch.tensor(3), 0.5))
 
 
 def test_fwd_returns_u_for_backward(ext):
@@ -289,7 +297,7 @@ def test_fwd_returns_u_for_backward(ext):
     args = list(_op_args(requires_grad=False, p=0.3))
     args[7] = 6  # padding 6 > (K-1)·D: the first and last inputs reach no output at all
     x, a, seed = args[0], args[3], args[12]
-    _, u = ext.lora_convt_fwd(*args)
+    _, u = ext.cuda_lora_conv_transpose1d_fwd(*args)
     mask = cuda_backend.dropout_mask(seed, x.shape, 0.3, "cpu", x.dtype)
     u_ref = F.conv1d(x * mask, a.unsqueeze(-1), groups=2)
     torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)

@@ -3,12 +3,12 @@
 Ops (``torch.ops.rvclora``; ``needs`` = which of ``(x, weight, bias, lora_A, lora_B)`` need a
 gradient, an unneeded one comes back as an empty ``(0,)`` tensor)::
 
-    cpu_linear_fwd(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, u)
-    cpu_conv1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding[2], dilation, groups,
-                   padding_mode, dropout_p, seed?) -> (y, u)
-    cpu_convt_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding, dilation,
-                  groups, dropout_p, seed?) -> (y, u)
-    cpu_*_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed?, needs[5])
+    cpu_lora_linear_fwd(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, u)
+    cpu_lora_conv1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding[2], dilation, groups,
+                        padding_mode, dropout_p, seed?) -> (y, u)
+    cpu_lora_conv_transpose1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding,
+                                  dilation, groups, dropout_p, seed?) -> (y, u)
+    cpu_lora_*_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed?, needs[5])
         -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)
     cpu_dropout_mask(like, seed, dropout_p) -> mask
 
@@ -51,7 +51,7 @@ _register_lock = threading.Lock()
 
 
 def _ops_present() -> bool:
-    return hasattr(torch.ops.rvclora, "cpu_conv1d_fwd")
+    return hasattr(torch.ops.rvclora, "cpu_lora_conv1d_fwd")
 
 
 @torch.compiler.assume_constant_result
@@ -174,6 +174,7 @@ _BIAS_LEN = {
 
 
 _NARGS = {"linear": 8, "conv1d": 13, "convt": 13}
+_OP = {"linear": "cpu_lora_linear", "conv1d": "cpu_lora_conv1d", "convt": "cpu_lora_conv_transpose1d"}
 
 
 def _setup_context(ctx, inputs, output):
@@ -205,21 +206,21 @@ def _register_python_parts() -> None:
         if _registered.is_set():
             return
         ops = torch.ops.rvclora
-        torch.library.register_fake("rvclora::cpu_linear_fwd")(_linear_fwd_fake)
-        torch.library.register_fake("rvclora::cpu_conv1d_fwd")(_conv1d_fwd_fake)
-        torch.library.register_fake("rvclora::cpu_convt_fwd")(_convt_fwd_fake)
+        torch.library.register_fake("rvclora::cpu_lora_linear_fwd")(_linear_fwd_fake)
+        torch.library.register_fake("rvclora::cpu_lora_conv1d_fwd")(_conv1d_fwd_fake)
+        torch.library.register_fake("rvclora::cpu_lora_conv_transpose1d_fwd")(_convt_fwd_fake)
         for name in ("linear", "conv1d", "convt"):
-            torch.library.register_fake(f"rvclora::cpu_{name}_bwd")(_bwd_fake_for(_BIAS_LEN[name]))
-            bwd = getattr(ops, f"cpu_{name}_bwd").default
+            torch.library.register_fake(f"rvclora::{_OP[name]}_bwd")(_bwd_fake_for(_BIAS_LEN[name]))
+            bwd = getattr(ops, f"{_OP[name]}_bwd").default
             torch.library.register_autograd(
-                f"rvclora::cpu_{name}_fwd", _make_backward(bwd, _NARGS[name]), setup_context=_setup_context
+                f"rvclora::{_OP[name]}_fwd", _make_backward(bwd, _NARGS[name]), setup_context=_setup_context
             )
         torch.library.register_fake("rvclora::cpu_dropout_mask")(
             lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
         )
         for name in ("linear", "conv1d", "convt"):
             _EAGER[name] = _eager_function(
-                name, getattr(ops, f"cpu_{name}_fwd").default, getattr(ops, f"cpu_{name}_bwd").default, _NARGS[name]
+                name, getattr(ops, f"{_OP[name]}_fwd").default, getattr(ops, f"{_OP[name]}_bwd").default, _NARGS[name]
             )
         _registered.set()
 
@@ -261,7 +262,7 @@ def _run(name: str, args) -> Tensor:
     if why is not None:
         raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)[0]
+        return getattr(torch.ops.rvclora, f"{_OP[name]}_fwd")(*args)[0]
     return _EAGER[name].apply(*args)
 
 

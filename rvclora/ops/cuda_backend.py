@@ -2,11 +2,11 @@
 
 Ops (``torch.ops.rvclora``, defined in csrc/lora_convt_cpu.cpp, kernels for CPU and CUDA)::
 
-    lora_convt_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding,
-                   dilation, groups, dropout_p, seed?) -> (y, u)
-    lora_convt_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, stride, ..., seed?,
-                   need_x, need_weight, need_A, need_B) -> (grad_x, grad_weight, grad_A, grad_B)
-    lora_convt_dropout_mask(like, seed, dropout_p) -> mask
+    cuda_lora_conv_transpose1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding,
+                                   output_padding, dilation, groups, dropout_p, seed?) -> (y, u)
+    cuda_lora_conv_transpose1d_bwd(grad_y, x, u, weight, lora_A, lora_B, scaling, stride, ..., seed?,
+                                   needs[5]) -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)
+    cuda_dropout_mask(like, seed, dropout_p) -> mask
 
 ``y = convT(concat[x, s·A·D(x)], concat[W, B]) + b`` in one kernel; ``u = A·D(x)``
 (``(N, r, T)``, fp32 for half inputs) is what backward needs for ``grad_B``. Entries of an
@@ -57,10 +57,10 @@ def _fwd_fake(
 def _bwd_fake(
     grad_y,
     x,
+    u,
     weight,
     lora_A,
     lora_B,
-    u,
     scaling,
     stride,
     padding,
@@ -69,15 +69,11 @@ def _bwd_fake(
     groups,
     dropout_p,
     seed,
-    need_x,
-    need_weight,
-    need_A,
-    need_B,
+    needs,
 ):
-    def out(need, like):
-        return x.new_empty(like.shape) if need else x.new_empty((0,))
-
-    return out(need_x, x), out(need_weight, weight), out(need_A, lora_A), out(need_B, lora_B)
+    bias_shape = (weight.shape[1] * groups,)
+    likes = (x.shape, weight.shape, bias_shape, lora_A.shape, lora_B.shape)
+    return tuple(x.new_empty(shape) if need else x.new_empty((0,)) for shape, need in zip(likes, needs))
 
 
 def _mask_fake(like, seed, dropout_p):
@@ -97,19 +93,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_u):
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    grads = [None] * 13
-    if need_x or need_w or need_A or need_B:
-        gx, gw, gA, gB = torch.ops.rvclora.lora_convt_bwd(
-            grad_y, x, weight, lora_A, lora_B, u, *ctx.conv, seed, need_x, need_w, need_A, need_B
-        )
-        grads[0] = gx if need_x else None
-        grads[1] = gw if need_w else None
-        grads[3] = gA if need_A else None
-        grads[4] = gB if need_B else None
-    if need_b:
-        grads[2] = grad_y.sum((0, 2))
-    return tuple(grads)
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = torch.ops.rvclora.cuda_lora_conv_transpose1d_bwd(
+        grad_y, x, u, weight, lora_A, lora_B, *ctx.conv, seed, needs
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
 def _register_python_parts() -> None:
@@ -119,10 +107,12 @@ def _register_python_parts() -> None:
     with _register_lock:
         if _registered.is_set():
             return
-        torch.library.register_fake("rvclora::lora_convt_fwd")(_fwd_fake)
-        torch.library.register_fake("rvclora::lora_convt_bwd")(_bwd_fake)
-        torch.library.register_fake("rvclora::lora_convt_dropout_mask")(_mask_fake)
-        torch.library.register_autograd("rvclora::lora_convt_fwd", _backward, setup_context=_setup_context)
+        torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_fwd")(_fwd_fake)
+        torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_bwd")(_bwd_fake)
+        torch.library.register_fake("rvclora::cuda_dropout_mask")(_mask_fake)
+        torch.library.register_autograd(
+            "rvclora::cuda_lora_conv_transpose1d_fwd", _backward, setup_context=_setup_context
+        )
         _registered.set()
 
 
@@ -195,7 +185,7 @@ def lora_conv_transpose1d(
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
-    y, _ = torch.ops.rvclora.lora_convt_fwd(
+    y, _ = torch.ops.rvclora.cuda_lora_conv_transpose1d_fwd(
         x,
         weight,
         bias,
@@ -223,4 +213,4 @@ def dropout_mask(seed: Tensor | None, shape, p: float, device, dtype) -> Tensor:
             raise ValueError(f"dropout_mask: p={p} > 0 needs a seed")
         seed = torch.zeros((), dtype=torch.int64)
     like = torch.empty(tuple(shape), device=device, dtype=dtype)
-    return torch.ops.rvclora.lora_convt_dropout_mask(like, seed, float(p))
+    return torch.ops.rvclora.cuda_dropout_mask(like, seed, float(p))
