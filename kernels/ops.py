@@ -1,11 +1,11 @@
 """Launchers and ``torch.library`` registration of the fused LoRA kernels.
 
 Ops (``torch.library.triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces
-into the kernels, with ``register_autograd`` for the backward)::
+into the kernels; their autograd and the eager fast path: :func:`rvclora.ops.autograd.fused_op`)::
 
     rvclora::triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
     rvclora::triton_lora_linear_bwd(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs) -> grads
-    rvclora::triton_lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right,
+    rvclora::triton_lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, padding[2],
                                     dilation, groups, padding_mode, dropout_p, seed) -> (y, u)
     rvclora::triton_lora_conv1d_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed, needs)
         -> grads
@@ -35,7 +35,9 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from rvclora.ops.autograd import fused_op
 from rvclora.ops.geometry import conv1d_out_len
+from rvclora.ops.spec import SPECS
 
 from .lora_kernels import (
     INTERPRET,
@@ -551,7 +553,8 @@ def _backward(
             j=geo.R_g,
         ).to(lora_B.dtype)
     if need_b:
-        grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
+        # accumulated in float32, returned in the activation dtype (the bias's under autocast)
+        grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32).to(g.dtype)
     return grad_x, grad_w, grad_bias, grad_A, grad_B
 
 
@@ -599,38 +602,6 @@ def triton_lora_linear_bwd(
     return (grad_x,) + tuple(grads[1:])
 
 
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[1])
-
-
-def _needs(ctx) -> List[bool]:
-    n = ctx.needs_input_grad
-    return [bool(n[0]), bool(n[1]), bool(n[2]), bool(n[3]), bool(n[4])]
-
-
-def _as_grads(ctx, grads) -> Tuple[Optional[Tensor], ...]:
-    needs = _needs(ctx)
-    out = [gr if need else None for gr, need in zip(grads, needs)]
-    if out[2] is not None:
-        out[2] = out[2].to(ctx.bias_dtype)
-    return tuple(out)
-
-
-def _linear_backward(ctx, grad_y, grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_linear_bwd(
-        grad_y, x, u, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed, _needs(ctx)
-    )
-    return _as_grads(ctx, grads) + (None, None, None)
-
-
-triton_lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
 # --------------------------------------------------------------------------- Conv1d op
 
 
@@ -643,8 +614,7 @@ def triton_lora_conv1d_fwd(
     lora_B: Tensor,
     scaling: float,
     stride: int,
-    pad_left: int,
-    pad_right: int,
+    padding: List[int],
     dilation: int,
     groups: int,
     padding_mode: str,
@@ -658,8 +628,8 @@ def triton_lora_conv1d_fwd(
         lora_A,
         is_linear=False,
         stride=stride,
-        pad_left=pad_left,
-        pad_right=pad_right,
+        pad_left=padding[0],
+        pad_right=padding[1],
         dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
@@ -680,8 +650,7 @@ def triton_lora_conv1d_bwd(
     lora_B: Tensor,
     scaling: float,
     stride: int,
-    pad_left: int,
-    pad_right: int,
+    padding: List[int],
     dilation: int,
     groups: int,
     padding_mode: str,
@@ -696,8 +665,8 @@ def triton_lora_conv1d_bwd(
         lora_A,
         is_linear=False,
         stride=stride,
-        pad_left=pad_left,
-        pad_right=pad_right,
+        pad_left=padding[0],
+        pad_right=padding[1],
         dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
@@ -706,38 +675,10 @@ def triton_lora_conv1d_bwd(
         return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
 
 
-def _conv_setup(ctx, inputs, output):
-    (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        pad_left,
-        pad_right,
-        dilation,
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    ) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.options = (scaling, stride, pad_left, pad_right, dilation, groups, padding_mode, dropout_p)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[1])
+# --------------------------------------------------------------------------- autograd
 
-
-def _conv_backward(ctx, grad_y, grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_conv1d_bwd(
-        grad_y, x, u, weight, lora_A, lora_B, *ctx.options[:-1], ctx.options[-1], seed, _needs(ctx)
-    )
-    return _as_grads(ctx, grads) + (None,) * 9
-
-
-triton_lora_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+_linear_run = fused_op(SPECS["lora_linear"], "triton", below_autograd=True, bwd_fake=False)
+_conv1d_run = fused_op(SPECS["lora_conv1d"], "triton", below_autograd=True, bwd_fake=False)
 
 
 # --------------------------------------------------------------------------- dropout mask
@@ -775,9 +716,7 @@ def lora_linear(
     seed: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused ``x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ``; ``x: (..., in)``."""
-    return torch.ops.rvclora.triton_lora_linear_fwd(
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed if dropout_p > 0.0 else None
-    )[0]
+    return _linear_run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed if dropout_p > 0.0 else None)
 
 
 def lora_conv1d(
@@ -796,7 +735,7 @@ def lora_conv1d(
     seed: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
-    return torch.ops.rvclora.triton_lora_conv1d_fwd(
+    return _conv1d_run(
         x,
         weight,
         bias,
@@ -804,14 +743,13 @@ def lora_conv1d(
         lora_B,
         scaling,
         stride,
-        padding[0],
-        padding[1],
+        [padding[0], padding[1]],
         dilation,
         groups,
         padding_mode,
         dropout_p,
         seed if dropout_p > 0.0 else None,
-    )[0]
+    )
 
 
 def dropout_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:

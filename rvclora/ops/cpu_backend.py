@@ -34,7 +34,9 @@ import torch
 from torch import Tensor
 
 from . import cuda_ext
+from .autograd import fused_op, op_name
 from .geometry import conv1d_out_len, conv_transpose1d_out_len
+from .spec import SPECS
 
 NAME = "cpu"
 
@@ -107,7 +109,7 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- fakes and autograd
+# --------------------------------------------------------------------------- fakes (autograd: rvclora.ops.autograd)
 
 
 def _linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -132,143 +134,45 @@ def _convt_fwd_fake(
     )
 
 
-def _bwd_fake_for(bias_len):
-    """The backward's fake: gradients shaped (and laid out) like their inputs, empty where not needed."""
-
-    def fake(grad_y, x, u, weight, lora_A, lora_B, *args):
-        needs = args[-1]
-        likes = (x, weight, None, lora_A, lora_B)
-        out = []
-        for i, (need, like) in enumerate(zip(needs, likes)):
-            if not need:
-                out.append(x.new_empty((0,)))
-            elif like is None:
-                out.append(x.new_empty((bias_len(weight, args),)))
-            elif i == 0:  # grad_x: contiguous, like the base layers' (transposed for a transposed 2-D Linear x)
-                out.append(
-                    x.new_empty((x.shape[1], x.shape[0])).t()
-                    if _transposed_2d(x) and x.dim() == 2 and bias_len is _BIAS_LEN_LINEAR
-                    else x.new_empty(x.shape)
-                )
-            else:
-                out.append(torch.empty_like(like))
-        return tuple(out)
-
-    return fake
-
-
-def _transposed_2d(x) -> bool:
-    """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1 (see csrc/lora_cpu.cpp)."""
-    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
-
-
-def _BIAS_LEN_LINEAR(weight, args):
-    return weight.shape[0]
-
-
-_BIAS_LEN = {
-    "linear": _BIAS_LEN_LINEAR,
-    "conv1d": lambda weight, args: weight.shape[0],
-    "convt": lambda weight, args: weight.shape[1] * args[5],  # args[5]: groups
-}
-
-
-_NARGS = {"linear": 8, "conv1d": 13, "convt": 13}
-_OP = {"linear": "cpu_lora_linear", "conv1d": "cpu_lora_conv1d", "convt": "cpu_lora_conv_transpose1d"}
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, _bias, lora_A, lora_B, *args, seed = inputs
-    # x and u are the LoRA's memory cost; the dropout mask is regenerated from the seed.
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.args = tuple(args)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _make_backward(bwd_op, nargs):
-    def backward(ctx, grad_y, _grad_u=None):
-        x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        needs = [bool(n[0]), bool(n[1]), bool(n[2]), bool(n[3]), bool(n[4])]
-        if not any(needs):
-            return (None,) * nargs
-        grads = bwd_op(grad_y, x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (nargs - 5)
-
-    return backward
-
-
 def _register_python_parts() -> None:
-    """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
+    """Fakes and autograd for the C++ ops (once, after the library is loaded)."""
     if _registered.is_set():
         return
     with _register_lock:
         if _registered.is_set():
             return
-        ops = torch.ops.rvclora
-        torch.library.register_fake("rvclora::cpu_lora_linear_fwd")(_linear_fwd_fake)
-        torch.library.register_fake("rvclora::cpu_lora_conv1d_fwd")(_conv1d_fwd_fake)
-        torch.library.register_fake("rvclora::cpu_lora_conv_transpose1d_fwd")(_convt_fwd_fake)
-        for name in ("linear", "conv1d", "convt"):
-            torch.library.register_fake(f"rvclora::{_OP[name]}_bwd")(_bwd_fake_for(_BIAS_LEN[name]))
-            bwd = getattr(ops, f"{_OP[name]}_bwd").default
-            torch.library.register_autograd(
-                f"rvclora::{_OP[name]}_fwd", _make_backward(bwd, _NARGS[name]), setup_context=_setup_context
-            )
+        for op, fake in (
+            ("lora_linear", _linear_fwd_fake),
+            ("lora_conv1d", _conv1d_fwd_fake),
+            ("lora_conv_transpose1d", _convt_fwd_fake),
+        ):
+            spec = SPECS[op]
+            torch.library.register_fake(f"rvclora::{op_name(NAME, spec, 'fwd')}")(fake)
+            _RUN[op] = fused_op(spec, NAME, below_autograd=True)
         torch.library.register_fake("rvclora::cpu_dropout_mask")(
             lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
         )
-        for name in ("linear", "conv1d", "convt"):
-            _EAGER[name] = _eager_function(
-                name, getattr(ops, f"{_OP[name]}_fwd").default, getattr(ops, f"{_OP[name]}_bwd").default, _NARGS[name]
-            )
         _registered.set()
 
 
-_EAGER: dict = {}
-
-
-def _eager_function(name, fwd_op, bwd_op, nargs):
-    """A plain ``autograd.Function`` over the C++ ops, for eager calls.
-
-    The ops' own autograd registration (used under ``torch.compile``, where each layer is one
-    opaque node) costs a Python dispatch layer per call; eager calls go below it straight to
-    the C++ kernel.
-    """
-    backward = _make_backward(bwd_op, nargs)
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            y, u = fwd_op(*args)
-        _setup_context(ctx, args, (y, u))
-        return y
-
-    def eager_backward(ctx, grad_y):
-        with torch._C._AutoDispatchBelowAutograd():
-            return backward(ctx, grad_y)
-
-    return type(
-        f"_Cpu_{name}_Function",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(eager_backward)},
-    )
+#: ``run(*args) -> y`` per op (:func:`rvclora.ops.autograd.fused_op`), once the extension is loaded.
+_RUN: dict = {}
 
 
 # --------------------------------------------------------------------------- the ops
 
 
-def _run(name: str, args) -> Tensor:
+def _run(op: str, args) -> Tensor:
     why = unavailable_reason()
     if why is not None:
         raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.rvclora, f"{_OP[name]}_fwd")(*args)[0]
-    return _EAGER[name].apply(*args)
+    return _RUN[op](*args)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return _run(
-        "linear", (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed if dropout_p > 0 else None)
+        "lora_linear",
+        (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed if dropout_p > 0 else None),
     )
 
 
@@ -276,7 +180,7 @@ def lora_conv1d(
     x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
 ):
     return _run(
-        "conv1d",
+        "lora_conv1d",
         (
             x,
             weight,
@@ -299,7 +203,7 @@ def lora_conv_transpose1d(
     x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
 ):
     return _run(
-        "convt",
+        "lora_conv_transpose1d",
         (
             x,
             weight,

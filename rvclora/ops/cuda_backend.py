@@ -10,8 +10,8 @@ Ops (``torch.ops.rvclora``, defined in csrc/lora_convt_cpu.cpp, kernels for CPU 
 
 ``y = convT(concat[x, s·A·D(x)], concat[W, B]) + b`` in one kernel; ``u = A·D(x)``
 (``(N, r, T)``, fp32 for half inputs) is what backward needs for ``grad_B``. Entries of an
-unrequested gradient are empty ``(0,)`` tensors. The fake (meta) kernels and the autograd
-formula are registered here with ``torch.library``.
+unrequested gradient are empty ``(0,)`` tensors. The forward's fake (meta) kernel is registered
+here; the autograd, the backward's fake and the eager fast path by :func:`rvclora.ops.autograd.fused_op`.
 
 On CPU tensors the same kernel bodies run through the CPU twin (float32 and float64): that is
 how the GPU kernel's indexing is tested on machines without a GPU. Shapes:
@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 from . import cuda_ext
+from .autograd import fused_op
 from .geometry import conv_transpose1d_out_len
+from .spec import SPECS
 
 NAME = "cuda"
 
@@ -54,50 +56,8 @@ def _fwd_fake(
     return y, u
 
 
-def _bwd_fake(
-    grad_y,
-    x,
-    u,
-    weight,
-    lora_A,
-    lora_B,
-    scaling,
-    stride,
-    padding,
-    output_padding,
-    dilation,
-    groups,
-    dropout_p,
-    seed,
-    needs,
-):
-    bias_shape = (weight.shape[1] * groups,)
-    likes = (x.shape, weight.shape, bias_shape, lora_A.shape, lora_B.shape)
-    return tuple(x.new_empty(shape) if need else x.new_empty((0,)) for shape, need in zip(likes, needs))
-
-
 def _mask_fake(like, seed, dropout_p):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, _bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed = (
-        inputs
-    )
-    _, u = output
-    # x and u are the LoRA's memory cost (docs/maths.md, memory); the dropout mask is regenerated from seed.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
-    ctx.conv = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
-    ctx.mark_non_differentiable(u)
-
-
-def _backward(ctx, grad_y, _grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
-    grads = torch.ops.rvclora.cuda_lora_conv_transpose1d_bwd(
-        grad_y, x, u, weight, lora_A, lora_B, *ctx.conv, seed, needs
-    )
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
 def _register_python_parts() -> None:
@@ -108,12 +68,13 @@ def _register_python_parts() -> None:
         if _registered.is_set():
             return
         torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_fwd")(_fwd_fake)
-        torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_bwd")(_bwd_fake)
         torch.library.register_fake("rvclora::cuda_dropout_mask")(_mask_fake)
-        torch.library.register_autograd(
-            "rvclora::cuda_lora_conv_transpose1d_fwd", _backward, setup_context=_setup_context
-        )
+        _RUN["lora_conv_transpose1d"] = fused_op(SPECS["lora_conv_transpose1d"], NAME, below_autograd=True)
         _registered.set()
+
+
+#: ``run(*args) -> y`` per op (:func:`rvclora.ops.autograd.fused_op`), once the extension is loaded.
+_RUN: dict = {}
 
 
 def unavailable_reason() -> str | None:
@@ -185,7 +146,7 @@ def lora_conv_transpose1d(
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
-    y, _ = torch.ops.rvclora.cuda_lora_conv_transpose1d_fwd(
+    return _RUN["lora_conv_transpose1d"](
         x,
         weight,
         bias,
@@ -200,7 +161,6 @@ def lora_conv_transpose1d(
         float(dropout_p),
         seed,
     )
-    return y
 
 
 def dropout_mask(seed: Tensor | None, shape, p: float, device, dtype) -> Tensor:
