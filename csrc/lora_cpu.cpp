@@ -1166,12 +1166,12 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   const Tensor xc = x.contiguous(), gy = grad_y.to(x.scalar_type()).contiguous(), uc = u.contiguous();
   TORCH_CHECK(gy.sizes() == at::IntArrayRef({g.N, g.Cout, g.Tout}), "rvclora cpu: grad_y must be ",
               at::IntArrayRef({g.N, g.Cout, g.Tout}), ", got ", grad_y.sizes());
-  // BLAS path: the unmerged input gradient (a thin pass over grad_x) when the weight is larger
-  // than x and the taps are views; the loops always merge without dropout.
+  // SIMD and BLAS paths: the unmerged input gradient (a thin pass from g_u into grad_x) when the
+  // weight is larger than x (merging costs a pass over the weight) and the taps are views; the
+  // loops always merge without dropout.
   const bool simd = simd_conv1d(x, g, dropout_p);
   const bool blas = blas_for(x, c1_largest(g));
-  // the SIMD path always merges: it computes g_u block by block, never all of it for grad_x
-  const bool merged = dropout_p == 0.0 && (simd || !blas || !conv1d_views(g) || weight.numel() <= x.numel());
+  const bool merged = dropout_p == 0.0 && ((!simd && !blas) || !conv1d_views(g) || weight.numel() <= x.numel());
   Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
   if (need_x || need_w || need_b) {
     auto [xp, cpad] = conv1d_input(xc, g);
@@ -1186,13 +1186,18 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
     if (need_b) gbias = gbias_;
   }
   const bool lora_x = need_x && !merged;
-  if (simd && (need_A || need_B)) {
+  if (simd && (need_A || need_B || lora_x)) {
     if (need_A) gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
     if (need_B) gB_ = at::empty({g.Cout, g.rg}, x.options());
+    Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
     rvclora_cpu_simd::conv1d_bwd(gy.const_data_ptr<float>(), xc.const_data_ptr<float>(), uc.const_data_ptr<float>(),
                                  B.const_data_ptr<float>(), static_cast<float>(scaling),
                                  need_A ? gA_.mutable_data_ptr<float>() : nullptr,
-                                 need_B ? gB_.mutable_data_ptr<float>() : nullptr, simd_dims(g));
+                                 need_B ? gB_.mutable_data_ptr<float>() : nullptr,
+                                 lora_x ? gu.mutable_data_ptr<float>() : nullptr, simd_dims(g));
+    if (lora_x)
+      rvclora_cpu_simd::conv1d_grad_x(gu.const_data_ptr<float>(), A.const_data_ptr<float>(),
+                                      gx.mutable_data_ptr<float>(), simd_dims(g));
   } else if (need_A || need_B || lora_x) {
     Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {

@@ -11,6 +11,12 @@
 //   backward  per (sample, time block): g_u = s·Bᵀg into an L1 scratch (the same microkernel, K = 1),
 //             then grad_A += g_u ⊗ x_tap and grad_B += g ⊗ u as register-tiled reductions over the
 //             block while its g, u, g_u and x are in cache; partial sums per thread, reduced once.
+//             The reduction tile is RRB rows of g_u (or u) × QB columns of x taps (or g rows): 4 × 4 for
+//             AVX-512 and 4 × 3 for AVX2, chosen by measurement on an AMD EPYC (Zen 5). 4 rows keep the
+//             block of g_u in L1 next to the columns; the earlier 8 × 2 ran the pass at 0.6-0.7× the
+//             speed, and 8 × 3, 4 × 6, 3 × 5, 2 × 8 measured slower too (notes in docs/maths.md).
+//   grad_x    where the weight is larger than x, the input gradient keeps W unmerged and adds
+//             conv1dᵀ(g_u, A): the forward's microkernel with g_u as the input and A's taps reversed.
 #include "lora_cpu_simd.h"
 
 #include <ATen/Parallel.h>
@@ -51,9 +57,10 @@ struct V {
   static inline void store_n(float* p, v a, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), a); }
   static inline v set1(float a) { return _mm512_set1_ps(a); }
   static inline v fma(v a, v b, v c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline v add(v a, v b) { return _mm512_add_ps(a, b); }
   static inline float hsum(v a) { return _mm512_reduce_add_ps(a); }
 };
-constexpr int RBM = 8, NV = 3, RRB = 8, QB = 2;
+constexpr int RBM = 8, NV = 3, RRB = 4, QB = 4;
 #include "lora_cpu_simd_body.h"
 }  // namespace k512
 #pragma GCC pop_options
@@ -80,6 +87,7 @@ struct V {
   static inline void store_n(float* p, v a, int n) { _mm256_maskstore_ps(p, lanes(0, n), a); }
   static inline v set1(float a) { return _mm256_set1_ps(a); }
   static inline v fma(v a, v b, v c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline v add(v a, v b) { return _mm256_add_ps(a, b); }
   static inline float hsum(v a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -87,7 +95,7 @@ struct V {
     return _mm_cvtss_f32(s);
   }
 };
-constexpr int RBM = 4, NV = 2, RRB = 4, QB = 2;
+constexpr int RBM = 4, NV = 2, RRB = 4, QB = 3;
 #include "lora_cpu_simd_body.h"
 }  // namespace k256
 #pragma GCC pop_options
@@ -168,7 +176,7 @@ void conv1d_u(const float* x, const float* A, float* u, const Dims& d) {
 }
 
 void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
-                const Dims& d) {
+                float* gu, const Dims& d) {
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
@@ -201,10 +209,10 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.Tout);
       if (level == 2)
-        k512::bwd_block(g, x, u, Bs.data(), d, n, t0, t1, gu_loc.data(), u_loc.data(), ldl, pA, pB, a_off.data(),
+        k512::bwd_block(g, x, u, Bs.data(), d, n, t0, t1, gu_loc.data(), u_loc.data(), ldl, pA, pB, gu, a_off.data(),
                         a_shift.data(), a_out.data(), b_off.data(), b_shift.data(), b_out.data());
       else
-        k256::bwd_block(g, x, u, Bs.data(), d, n, t0, t1, gu_loc.data(), u_loc.data(), ldl, pA, pB, a_off.data(),
+        k256::bwd_block(g, x, u, Bs.data(), d, n, t0, t1, gu_loc.data(), u_loc.data(), ldl, pA, pB, gu, a_off.data(),
                         a_shift.data(), a_out.data(), b_off.data(), b_shift.data(), b_out.data());
     }
   });
@@ -219,7 +227,33 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
     gB[i] = s * acc;
   }
 #else
-  (void)g, (void)x, (void)u, (void)B, (void)s, (void)gA, (void)gB, (void)d;
+  (void)g, (void)x, (void)u, (void)B, (void)s, (void)gA, (void)gB, (void)gu, (void)d;
+  TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
+#endif
+}
+
+void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d) {
+#if RVC_SIMD_BUILT
+  const int level = isa();
+  TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
+  // Ag (Cin, r·K): Ag[c, j·K + k'] = A[j, c·K + K − 1 − k'] (the taps reversed)
+  std::vector<float> Ag(static_cast<size_t>(d.Cin * d.r * d.K));
+  for (int64_t c = 0; c < d.Cin; ++c)
+    for (int64_t j = 0; j < d.r; ++j)
+      for (int64_t k = 0; k < d.K; ++k) Ag[(c * d.r + j) * d.K + k] = A[j * d.Cin * d.K + c * d.K + d.K - 1 - k];
+  const int64_t L = block_len(d.T, d.N, 768);
+  const int64_t nblk = (d.T + L - 1) / L;
+  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
+      if (level == 2)
+        k512::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
+      else
+        k256::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
+    }
+  });
+#else
+  (void)gu, (void)A, (void)gx, (void)d;
   TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
 #endif
 }

@@ -28,8 +28,12 @@ const char* isa_name();
 void conv1d_u(const float* x, const float* A, float* u, const Dims& d);
 
 // The backward's thin passes: gA (r, Cin·K) = Σ_t g_u ⊗ x_tap with g_u = s·Bᵀg, and
-// gB (Cout, r) = s·Σ_t g uᵀ. Either output may be null (not needed). Written, not accumulated.
+// gB (Cout, r) = s·Σ_t g uᵀ. Either output may be null (not needed). Written, not accumulated. When gu is not
+// null, g_u itself (N, r, Tout) is written there too (for conv1d_grad_x).
 void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
-                const Dims& d);
+                float* gu, const Dims& d);
+
+// gx (N, Cin, T) += conv1dᵀ(gu, A): the LoRA term of the input gradient when the weight is not merged.
+void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d);
 
 }  // namespace rvclora_cpu_simd

@@ -6,8 +6,9 @@
 //   RRB, QB rows × columns of the reduction microkernel's register tile
 // Nothing here is meant to be included anywhere else (no include guard on purpose).
 
-// out[rb][0 .. nvalid) = Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0 outside [0, Tx))
-template <int RB, bool IN>
+// out[rb][0 .. nvalid) (+)= Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0 outside
+// [0, Tx)); ACC adds to out instead of overwriting it.
+template <int RB, bool IN, bool ACC>
 inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K,
                                                       int64_t dil, int64_t off, const float* w, int64_t ldw, float* out,
                                                       int64_t ldo, int64_t t, int64_t nvalid) {
@@ -37,26 +38,28 @@ inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ld
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const int64_t n = nvalid - v * V::W;
+      float* o = out + rb * ldo + v * V::W;
       if (n >= V::W)
-        V::store(out + rb * ldo + v * V::W, acc[rb][v]);
+        V::store(o, ACC ? V::add(V::load(o), acc[rb][v]) : acc[rb][v]);
       else if (n > 0)
-        V::store_n(out + rb * ldo + v * V::W, acc[rb][v], static_cast<int>(n));
+        V::store_n(o, ACC ? V::add(V::load_win(o, 0, n), acc[rb][v]) : acc[rb][v], static_cast<int>(n));
     }
 }
 
-template <int RB, bool IN>
+template <int RB, bool IN, bool ACC>
 inline __attribute__((always_inline)) void thin_tail(int64_t rem, const float* x, int64_t ldx, int64_t Tx, int64_t C,
                                                      int64_t K, int64_t dil, int64_t off, const float* w, int64_t ldw,
                                                      float* out, int64_t ldo, int64_t t, int64_t nvalid) {
   if constexpr (RB > 0) {
     if (rem == RB)
-      thin_micro<RB, IN>(x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+      thin_micro<RB, IN, ACC>(x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
     else
-      thin_tail<RB - 1, IN>(rem, x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+      thin_tail<RB - 1, IN, ACC>(rem, x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
   }
 }
 
-// All R rows of out over time [t0, t1): out[row][t - t0] for t in [t0, t1).
+// All R rows of out over time [t0, t1): out[row][t - t0] for t in [t0, t1) (added to it with ACC).
+template <bool ACC = false>
 inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K, int64_t dil, int64_t off,
                       const float* w, int64_t ldw, int64_t R, float* out, int64_t ldo, int64_t t0, int64_t t1) {
   constexpr int64_t step = NV * V::W;
@@ -67,12 +70,12 @@ inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_
     int64_t r0 = 0;
     if (in) {
       for (; r0 + RBM <= R; r0 += RBM)
-        thin_micro<RBM, true>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
-      thin_tail<RBM - 1, true>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+        thin_micro<RBM, true, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      thin_tail<RBM - 1, true, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
     } else {
       for (; r0 + RBM <= R; r0 += RBM)
-        thin_micro<RBM, false>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
-      thin_tail<RBM - 1, false>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+        thin_micro<RBM, false, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      thin_tail<RBM - 1, false, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
     }
   }
 }
@@ -158,6 +161,7 @@ inline void red_pass(const float* P, int64_t ldp, int64_t R, int64_t nvec, const
   red_tail<RRBT - 1, QBT>(R - r0, P + r0 * ldp, ldp, nvec, Q, qoff, qshift, qlim, t0, ncol, out + r0 * o_r, o_r, qout);
 }
 
+
 // ---- per-block entry points (called from the drivers in lora_cpu_simd.cpp)
 
 void u_block(const float* x, const float* A, float* u, const rvclora_cpu_simd::Dims& d, int64_t n, int64_t t0,
@@ -169,17 +173,21 @@ void u_block(const float* x, const float* A, float* u, const rvclora_cpu_simd::D
 // One block of the backward: gu_loc and u_loc are (r, ldl) scratch rows, ldl ≥ the block rounded up to W.
 void bwd_block(const float* g, const float* x, const float* u, const float* Bs, const rvclora_cpu_simd::Dims& d,
                int64_t n, int64_t t0, int64_t t1, float* gu_loc, float* u_loc, int64_t ldl, float* pA, float* pB,
-               const int64_t* a_off, const int64_t* a_shift, const int64_t* a_out, const int64_t* b_off,
+               float* gu_out, const int64_t* a_off, const int64_t* a_shift, const int64_t* a_out, const int64_t* b_off,
                const int64_t* b_shift, const int64_t* b_out) {
   const int64_t len = t1 - t0, nvec = (len + V::W - 1) / V::W, padded = nvec * V::W;
   const float* gn = g + n * d.Cout * d.Tout;
-  if (pA) {
+  if (pA || gu_out) {
     // g_u = s·Bᵀ g on this block (Bs = s·Bᵀ, (r, Cout)), zero past the block's end
     thin_pass(gn, d.Tout, d.Tout, d.Cout, 1, 0, 0, Bs, d.Cout, d.r, gu_loc, ldl, t0, t1);
     for (int64_t j = 0; j < d.r; ++j)
       for (int64_t i = len; i < padded; ++i) gu_loc[j * ldl + i] = 0.f;
-    red_pass<RRB, QB>(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, a_off, a_shift, d.T, t0, d.Cin * d.K, pA, d.Cin * d.K,
-             a_out);
+    if (pA)
+      red_pass<RRB, QB>(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, a_off, a_shift, d.T, t0, d.Cin * d.K, pA,
+                        d.Cin * d.K, a_out);
+    if (gu_out)
+      for (int64_t j = 0; j < d.r; ++j)
+        std::copy(gu_loc + j * ldl, gu_loc + j * ldl + len, gu_out + (n * d.r + j) * d.Tout + t0);
   }
   if (pB) {
     const float* un = u + n * d.r * d.Tout + t0;
@@ -189,4 +197,12 @@ void bwd_block(const float* g, const float* x, const float* u, const float* Bs, 
     }
     red_pass<RRB, QB>(u_loc, ldl, d.r, nvec, gn, b_off, b_shift, d.Tout, t0, d.Cout, pB, 1, b_out);
   }
+}
+
+// grad_x[n, :, t0:t1] += conv1dᵀ(g_u, A): Σ_j Σ_k A[j, c, k] · g_u[j, t + padl − k·dil], the forward's thin pass
+// with g_u as the input (r rows) and Ag (Cin, r·K) = A with its taps reversed as the weight.
+void gx_block(const float* gu, const float* Ag, float* gx, const rvclora_cpu_simd::Dims& d, int64_t n, int64_t t0,
+              int64_t t1) {
+  thin_pass<true>(gu + n * d.r * d.Tout, d.Tout, d.Tout, d.r, d.K, d.dil, d.padl - (d.K - 1) * d.dil, Ag, d.r * d.K,
+                  d.Cin, gx + n * d.Cin * d.T + t0, d.T, t0, t1);
 }

@@ -263,7 +263,9 @@ def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
 
 # The SIMD thin passes (csrc/lora_cpu_simd.cpp) run float32 Conv1d with groups 1, stride 1, zero
 # padding and no dropout: edges of every kind (time shorter than a vector, padding wider than the
-# kernel's reach, valid convolutions, dilation, ranks that are not a multiple of the register tile).
+# kernel's reach, valid convolutions, dilation, ranks that are not a multiple of the register tile),
+# and weights larger than x, where the input gradient keeps W unmerged and adds the LoRA term by a
+# SIMD pass from g_u (RVC's 256-channel stage at 32 frames).
 SIMD_EDGES = [
     # (n, cin, cout, T, k, (padl, padr), dilation, r)
     (1, 3, 5, 1, 1, (0, 0), 1, 1),
@@ -273,6 +275,8 @@ SIMD_EDGES = [
     (2, 6, 9, 100, 5, (0, 0), 2, 16),
     (1, 16, 7, 333, 7, (9, 9), 5, 5),
     (2, 33, 31, 1601, 11, (25, 25), 5, 8),
+    (1, 40, 36, 30, 11, (10, 10), 2, 8),  # unmerged input gradient
+    (2, 24, 20, 45, 7, (9, 3), 3, 5),  # unmerged, asymmetric padding
 ]
 
 
