@@ -1456,7 +1456,7 @@ std::string cpu_info_blas();
 
 // How many threads an at::parallel_for of this extension runs on. at::parallel_for is a header
 // template: built without -fopenmp its `#pragma omp parallel` is ignored and every parallel pass
-// of this file runs on one thread (rvclora/ops/cuda_ext.py, openmp_flags).
+// of this file runs on one thread (rvclora/ops/extension.py, openmp_flags).
 int64_t cpu_parallel_threads() {
   const int64_t n = std::max<int64_t>(1, at::get_num_threads());
   std::vector<char> seen(static_cast<size_t>(n), 0);

@@ -368,11 +368,11 @@ def test_the_parallel_passes_run_on_every_thread(cpu_backend):
     """at::parallel_for is a header template: an extension built without -fopenmp ran every parallel pass of
     the cpu backend on one thread (the backend's whole-generator overhead was +45 % instead of +31 % on
     2 threads). The build passes the flag; the extension reports how many threads one of its regions used."""
-    from rvclora.ops import cuda_ext
+    from rvclora.ops import extension
 
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs one thread here: there is no second thread to use")
-    if not cuda_ext.openmp_flags() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    if not extension.openmp_flags() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         pytest.skip(
             "this platform's build has no -fopenmp (not Linux): the passes run on one thread, as rvclora info says"
         )

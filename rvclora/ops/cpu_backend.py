@@ -33,7 +33,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import cuda_ext
+from . import extension
 from .autograd import fused_op, op_name
 from .geometry import conv1d_out_len, conv_transpose1d_out_len
 from .spec import SPECS
@@ -63,7 +63,7 @@ def unavailable_reason() -> str | None:
     A constant for ``torch.compile``: evaluated once at trace time, never traced (the first call
     may run the compiler).
     """
-    err = cuda_ext.load_error()
+    err = extension.load_error()
     if err is not None:
         return f"{err}; the torch backend runs instead"
     if not _ops_present():

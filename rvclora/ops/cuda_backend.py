@@ -25,7 +25,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import cuda_ext
+from . import extension
 from .autograd import fused_op
 from .geometry import conv_transpose1d_out_len
 from .spec import SPECS
@@ -78,7 +78,7 @@ _RUN: dict = {}
 
 
 def unavailable_reason() -> str | None:
-    err = cuda_ext.load_error()
+    err = extension.load_error()
     if err is None:
         _register_python_parts()
     return err
@@ -88,8 +88,8 @@ def status_note() -> str:
     """What "available" means here, for ``rvclora info``: with a CUDA torch, whether the CUDA part was built."""
     if torch.version.cuda is None:
         return "CPU twin of the CUDA kernel only (this torch has no CUDA; CPU tensors run it only when requested)"
-    note = cuda_ext.cuda_note()
-    if note is not None or not cuda_ext.has_cuda_kernels():
+    note = extension.cuda_note()
+    if note is not None or not extension.has_cuda_kernels():
         return note or "CPU twin only: the loaded extension has no CUDA kernels"
     return "CUDA kernels and their CPU twin"
 
@@ -103,8 +103,8 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     elif x.device.type == "cuda":
         if torch.version.cuda is None:
             return "torch was built without CUDA, so the extension has no CUDA kernels"
-        if not cuda_ext.has_cuda_kernels():
-            return cuda_ext.cuda_note() or "the loaded rvclora._C extension has no CUDA kernels"
+        if not extension.has_cuda_kernels():
+            return extension.cuda_note() or "the loaded rvclora._C extension has no CUDA kernels"
         if x.dtype not in _CUDA_DTYPES:
             return f"the CUDA kernel runs float32, float64, float16 and bfloat16, got {x.dtype}"
     else:
