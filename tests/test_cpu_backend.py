@@ -228,7 +228,7 @@ def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
         [
             sys.executable,
             "-c",
-            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "from rvclora.ops.backends import cpu as c; c.unavailable_reason();"
             "import torch; print(torch.ops.rvclora.cpu_info())",
         ],
         env=env,
@@ -327,7 +327,7 @@ def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
         [
             sys.executable,
             "-c",
-            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "from rvclora.ops.backends import cpu as c; c.unavailable_reason();"
             "import torch; print(torch.ops.rvclora.cpu_info())",
         ],
         env=env,

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from oracle import assert_close_to_oracle
 
 from rvclora import ops
-from rvclora.ops import cuda_backend, dispatch, extension
+from rvclora.ops import dispatch, extension
+from rvclora.ops.backends import cuda as cuda_backend
 from rvclora.reference import lora_conv_transpose1d_ref
 
 SCALING = 0.75
@@ -529,7 +530,8 @@ def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
         "import warnings\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    from rvclora.ops import cuda_backend, extension\n"
+        "    from rvclora.ops import extension\n"
+        "    from rvclora.ops.backends import cuda as cuda_backend\n"
         "    why = cuda_backend.unavailable_reason()\n"
         "assert why is None, why\n"
         "assert not [w for w in caught if 'rvclora' in str(w.message)], [str(w.message) for w in caught]\n"

@@ -14,7 +14,7 @@ from torch.utils import cpp_extension
 
 from rvclora.io import RVCLoRAWarning
 from rvclora.ops import autoselect, dispatch, extension
-from rvclora.ops import torch_backend as tb
+from rvclora.ops.backends import torch as tb
 
 FAKE_GPU = {"name": "Fake GPU 80GB", "capability": "9.0"}
 VERSIONS = {"torch": "2.13.0", "triton": "3.9.0", "rvclora": "0.1.0"}

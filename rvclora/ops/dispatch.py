@@ -35,9 +35,7 @@ capable backend of :data:`_AUTO_ORDER` whose ``prefer`` agrees.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 from types import ModuleType
 
 from .spec import SPECS
@@ -59,11 +57,11 @@ BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 OPS = tuple(SPECS)
 
 _MODULES = {
-    "reference": "rvclora.ops.reference_backend",
-    "torch": "rvclora.ops.torch_backend",
-    "cpu": "rvclora.ops.cpu_backend",
-    "triton": "rvclora.kernels.backend",
-    "cuda": "rvclora.ops.cuda_backend",
+    "reference": "rvclora.ops.backends.reference",
+    "torch": "rvclora.ops.backends.torch",
+    "cpu": "rvclora.ops.backends.cpu",
+    "triton": "rvclora.ops.backends.triton",
+    "cuda": "rvclora.ops.backends.cuda",
 }
 
 # "auto" order per device type: fused backends first, the torch path last. On CPU the compiled ``cpu``
@@ -72,39 +70,6 @@ _MODULES = {
 # "Measured CPU cost"); without a compiler it is unavailable and the torch path runs.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-
-def _alias_checkout_kernels() -> None:
-    """Make ``rvclora.kernels`` importable from a plain source checkout.
-
-    An install maps the top-level ``kernels/`` directory to ``rvclora.kernels`` (package-dir in
-    pyproject.toml). Run from a checkout with ``PYTHONPATH=.`` and nothing installed, that
-    package does not exist; load ``kernels/`` under that name, so the triton backend, the
-    compile check and the selftest work there too.
-    """
-    if "rvclora.kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    init = os.path.join(root, "kernels", "__init__.py")
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    if os.path.isdir(here) or not os.path.isfile(init):
-        return  # an installed package (rvclora/kernels exists) or no checkout around us
-    # A checkout (rvclora/ beside kernels/): its own kernels, even where another copy is installed.
-    spec = importlib.util.spec_from_file_location(
-        "rvclora.kernels", init, submodule_search_locations=[os.path.dirname(init)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rvclora.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules["rvclora.kernels"]
-        raise
-    import rvclora
-
-    rvclora.kernels = module
-
-
-_alias_checkout_kernels()
 
 _override: str | None = None
 _loaded: dict[str, ModuleType | None] = {}

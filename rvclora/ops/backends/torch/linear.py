@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..autograd import _transposed_2d, fused_op
-from ..spec import SPECS
+from ...autograd import _transposed_2d, fused_op
+from ...spec import SPECS
 from ._common import (
     _cast,
     _lora_dtype,

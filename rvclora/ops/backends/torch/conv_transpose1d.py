@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..autograd import fused_op
-from ..geometry import conv_transpose1d_out_len
-from ..spec import SPECS
+from ...autograd import fused_op
+from ...geometry import conv_transpose1d_out_len
+from ...spec import SPECS
 from ._common import (
     _cast,
     _grouped_1x1,

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import reference as ref
-from ..autograd import fused_op
-from ..spec import SPECS
+from rvclora import reference as ref
+
+from ...autograd import fused_op
+from ...spec import SPECS
 from ._common import (
     _cast,
     _lora_dtype,

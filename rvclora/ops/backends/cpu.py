@@ -33,10 +33,10 @@ import threading
 import torch
 from torch import Tensor
 
-from . import extension
-from .autograd import fused_op, op_name
-from .geometry import conv1d_out_len, conv_transpose1d_out_len
-from .spec import SPECS
+from .. import extension
+from ..autograd import fused_op, op_name
+from ..geometry import conv1d_out_len, conv_transpose1d_out_len
+from ..spec import SPECS
 
 NAME = "cpu"
 

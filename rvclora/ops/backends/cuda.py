@@ -25,10 +25,10 @@ import threading
 import torch
 from torch import Tensor
 
-from . import extension
-from .autograd import fused_op
-from .geometry import conv_transpose1d_out_len
-from .spec import SPECS
+from .. import extension
+from ..autograd import fused_op
+from ..geometry import conv_transpose1d_out_len
+from ..spec import SPECS
 
 NAME = "cuda"
 

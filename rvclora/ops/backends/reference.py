@@ -1,6 +1,6 @@
 """The ``reference`` backend: the oracle run through plain autograd (slow, for checking).
 
-Its dropout mask is the torch backend's (:func:`rvclora.ops.torch_backend.dropout_mask`),
+Its dropout mask is the torch backend's (:func:`rvclora.ops.backends.torch.dropout_mask`),
 so ``reference`` and ``torch`` give the same result for the same seed.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .spec import SPECS
-from .torch_backend import dropout_mask
+from ..spec import SPECS
+from .torch import dropout_mask
 
 NAME = "reference"
 

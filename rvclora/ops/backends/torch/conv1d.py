@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import reference as ref
-from ..autograd import fused_op
-from ..geometry import conv1d_out_len
-from ..spec import SPECS
+from rvclora import reference as ref
+
+from ...autograd import fused_op
+from ...geometry import conv1d_out_len
+from ...spec import SPECS
 from ._common import (
     _cast,
     _grouped_1x1,
