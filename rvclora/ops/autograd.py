@@ -180,7 +180,7 @@ def fused_op(
 
         backward = eager_backward
 
-    function = type(
+    function: Any = type(
         f"_{fwd_name}_Function",
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},

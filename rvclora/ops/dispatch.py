@@ -112,6 +112,14 @@ def load_backend(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def _module(name: str) -> ModuleType:
+    """Backend ``name``'s module, once known to import (the torch backend always does)."""
+    mod = load_backend(name)
+    if mod is None:
+        raise BackendUnavailableError(f"cannot import {_MODULES[name]} ({_import_errors[name]})")
+    return mod
+
+
 def _unavailable(name: str) -> str | None:
     mod = load_backend(name)
     if mod is None:
@@ -125,7 +133,7 @@ def unsupported(name: str, op: str, x, **params) -> str | None:
     why = _unavailable(name)
     if why is not None:
         return why
-    mod = load_backend(name)
+    mod = _module(name)
     if getattr(mod, op, None) is None:
         return f"the {name} backend has no {op}"
     return mod.unsupported_reason(op, x, **params)
@@ -138,11 +146,11 @@ def select_backend(op: str, x, **params) -> ModuleType:
         why = unsupported(requested, op, x, **params)
         if why is not None:
             raise BackendUnavailableError(f"RVCLORA_BACKEND={requested} cannot run {op}: {why}")
-        return load_backend(requested)
+        return _module(requested)
     capable = []
     for name in _AUTO_ORDER.get(x.device.type, ("torch",)):
         if unsupported(name, op, x, **params) is None:
-            capable.append(load_backend(name))
+            capable.append(_module(name))
     fixed = _fixed_choice(op, x, params, capable)
     if not _measured(x) or _tracing():
         # Inside a torch.compile trace the fixed rule decides: the selector's cache and timers are
@@ -150,7 +158,7 @@ def select_backend(op: str, x, **params) -> ModuleType:
         return fixed
     from . import autoselect
 
-    torch_mod = load_backend("torch")
+    torch_mod = _module("torch")
     fused = [m for m in capable if m is not torch_mod]
     return autoselect.get_selector().choose(op, x, params, fused, torch_mod, fixed, _can_measure())
 
@@ -165,7 +173,7 @@ def _fixed_choice(op: str, x, params, capable: list[ModuleType]) -> ModuleType:
         if prefer is not None and not prefer(op, x, **params):
             continue
         return mod
-    return load_backend("torch")
+    return _module("torch")
 
 
 _FIXED_TORCH_OPS = frozenset({"lora_conv_transpose1d"})

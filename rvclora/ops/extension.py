@@ -166,7 +166,8 @@ def build_plan() -> BuildPlan:
     """Decide what to build from this torch and this machine (never from whether a GPU is visible alone)."""
     home, why = cuda_toolkit()
     if home is None:
-        return BuildPlan(cuda=False, note=None if torch.version.cuda is None else _cpu_only_note(why))
+        note = None if torch.version.cuda is None else _cpu_only_note(why or "no CUDA toolkit")
+        return BuildPlan(cuda=False, note=note)
     flags, archs = arch_flags()
     return BuildPlan(cuda=True, arch_flags=tuple(flags), archs=archs)
 

@@ -25,6 +25,7 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
 def _mask(x: Tensor, dropout_p: float, seed: Tensor | None):
     if dropout_p == 0.0:
         return None
+    assert seed is not None, "dropout_p > 0 needs a seed"
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
 
 

@@ -30,6 +30,7 @@ def dropout_mask(seed: Tensor, shape: Sequence[int], p: float, device, dtype) ->
 def _mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
     if dropout_p == 0.0:
         return None
+    assert seed is not None, "dropout_p > 0 needs a seed"
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
 
 

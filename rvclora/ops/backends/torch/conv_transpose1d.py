@@ -83,10 +83,10 @@ def _convt_lora_grads(
     for tap in range(k):
         gs = view(tap).reshape(n, groups, og, t_in)
         g_u += torch.matmul(bg[..., tap], gs)
-        if need_b:
+        if gB is not None:
             prod = torch.matmul(ug, gs.transpose(-1, -2))  # (n, g, r/g, out/g)
             gB[..., tap] = prod[0] if n == 1 else prod.sum(0)
-    return g_u.reshape(n, r, t_in), (gB.reshape(r, og, k) if need_b else None)
+    return g_u.reshape(n, r, t_in), (gB.reshape(r, og, k) if gB is not None else None)
 
 
 # --------------------------------------------------------------------------- ConvTranspose1d
@@ -184,6 +184,7 @@ def _convt_bwd_impl(
             )
         g_u = g_u * scaling
         if need_B:
+            assert gb3 is not None
             gB = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
         if need_A:
             xl = _cast(x, ldt)

@@ -107,6 +107,7 @@ def _linear_bwd_impl(
         # nn.Linear's grad_x of a transposed 2-D input is transposed too (autograd's mm backward)
         gx = torch.mm(w_x.t(), g.t()).t() if _transposed_2d(x) else torch.mm(g, w_x)
         if not merged:
+            assert g_u is not None
             if mask is None and gx.dtype == ldt:
                 gx.addmm_(g_u, A)
             else:
@@ -118,6 +119,7 @@ def _linear_bwd_impl(
     if need_b:
         gbias = g.sum(0)
     if need_A:
+        assert g_u is not None
         xl = _cast(x2, ldt)
         gA = torch.mm(g_u.t(), xl if mask is None else xl * mask).to(lora_A.dtype)
     if need_B:
