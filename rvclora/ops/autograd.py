@@ -25,6 +25,8 @@ Autograd keeps ``x``, ``u``, the parameters and the seed, nothing activation-siz
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from .spec import OpSpec
 
-__all__ = ["op_name", "forward_args", "backward_args", "grad_fakes", "fused_op"]
+__all__ = ["op_name", "forward_args", "backward_args", "grad_fakes", "fused_op", "run_once"]
 
 #: The differentiable inputs of every op, in call order (what ``needs`` and the gradients refer to).
 TENSOR_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B")
@@ -194,3 +196,21 @@ def fused_op(
         return apply(*args)
 
     return run
+
+
+def run_once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run at most once per process, however many threads call it (a compiled backend registers its
+    Python parts, fakes and :func:`fused_op`, once its library has loaded)."""
+    done = threading.Event()
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def once() -> None:
+        if done.is_set():
+            return
+        with lock:
+            if not done.is_set():
+                fn()
+                done.set()
+
+    return once

@@ -28,13 +28,11 @@ falls back to the torch backend; ``rvclora info`` shows the reason.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from .. import extension
-from ..autograd import fused_op, op_name
+from ..autograd import fused_op, op_name, run_once
 from ..geometry import conv1d_out_len, conv_transpose1d_out_len
 from ..spec import SPECS
 
@@ -44,9 +42,6 @@ __all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"
 
 _DTYPES = (torch.float32, torch.float64)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-_registered = threading.Event()
-_register_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------- availability
@@ -134,25 +129,20 @@ def _convt_fwd_fake(
     )
 
 
+@run_once
 def _register_python_parts() -> None:
     """Fakes and autograd for the C++ ops (once, after the library is loaded)."""
-    if _registered.is_set():
-        return
-    with _register_lock:
-        if _registered.is_set():
-            return
-        for op, fake in (
-            ("lora_linear", _linear_fwd_fake),
-            ("lora_conv1d", _conv1d_fwd_fake),
-            ("lora_conv_transpose1d", _convt_fwd_fake),
-        ):
-            spec = SPECS[op]
-            torch.library.register_fake(f"rvclora::{op_name(NAME, spec, 'fwd')}")(fake)
-            _RUN[op] = fused_op(spec, NAME, below_autograd=True)
-        torch.library.register_fake("rvclora::cpu_dropout_mask")(
-            lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
-        )
-        _registered.set()
+    for op, fake in (
+        ("lora_linear", _linear_fwd_fake),
+        ("lora_conv1d", _conv1d_fwd_fake),
+        ("lora_conv_transpose1d", _convt_fwd_fake),
+    ):
+        spec = SPECS[op]
+        torch.library.register_fake(f"rvclora::{op_name(NAME, spec, 'fwd')}")(fake)
+        _RUN[op] = fused_op(spec, NAME, below_autograd=True)
+    torch.library.register_fake("rvclora::cpu_dropout_mask")(
+        lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
+    )
 
 
 #: ``run(*args) -> y`` per op (:func:`rvclora.ops.autograd.fused_op`), once the extension is loaded.
@@ -162,64 +152,24 @@ _RUN: dict = {}
 # --------------------------------------------------------------------------- the ops
 
 
-def _run(op: str, args) -> Tensor:
-    why = unavailable_reason()
-    if why is not None:
-        raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
-    return _RUN[op](*args)
+def _entry_point(op: str):
+    """``op``'s entry point in the one calling convention (options already normalised by the op spec)."""
+
+    def entry(*args):
+        why = unavailable_reason()
+        if why is not None:
+            raise RuntimeError(f"rvclora cpu backend unavailable: {why}")
+        if args[-1] is not None and not args[-2] > 0:
+            args = (*args[:-1], None)  # no seed without dropout
+        return _RUN[op](*args)
+
+    entry.__name__ = entry.__qualname__ = op
+    return entry
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return _run(
-        "lora_linear",
-        (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed if dropout_p > 0 else None),
-    )
-
-
-def lora_conv1d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
-):
-    return _run(
-        "lora_conv1d",
-        (
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            float(scaling),
-            int(stride),
-            [int(padding[0]), int(padding[1])],
-            int(dilation),
-            int(groups),
-            str(padding_mode),
-            float(dropout_p),
-            seed if dropout_p > 0 else None,
-        ),
-    )
-
-
-def lora_conv_transpose1d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
-):
-    return _run(
-        "lora_conv_transpose1d",
-        (
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            float(scaling),
-            int(stride),
-            int(padding),
-            int(output_padding),
-            int(dilation),
-            int(groups),
-            float(dropout_p),
-            seed if dropout_p > 0 else None,
-        ),
-    )
+lora_linear = _entry_point("lora_linear")
+lora_conv1d = _entry_point("lora_conv1d")
+lora_conv_transpose1d = _entry_point("lora_conv_transpose1d")
 
 
 def dropout_mask(seed: Tensor | None, shape: list[int], p: float, device, dtype) -> Tensor:

@@ -20,13 +20,11 @@ how the GPU kernel's indexing is tested on machines without a GPU. Shapes:
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from .. import extension
-from ..autograd import fused_op
+from ..autograd import fused_op, run_once
 from ..geometry import conv_transpose1d_out_len
 from ..spec import SPECS
 
@@ -37,9 +35,6 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 # Per-block shared memory the launcher may use without an opt-in (lora_convt_cuda.h).
 _MAX_SMEM = 48 * 1024
 _FWD_TQ, _BWD_TT = 64, 64  # tile lengths of lora_convt_kernel.cuh
-
-_registered = threading.Event()
-_register_lock = threading.Lock()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,17 +55,12 @@ def _mask_fake(like, seed, dropout_p):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
+@run_once
 def _register_python_parts() -> None:
     """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
-    if _registered.is_set():
-        return
-    with _register_lock:
-        if _registered.is_set():
-            return
-        torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_fwd")(_fwd_fake)
-        torch.library.register_fake("rvclora::cuda_dropout_mask")(_mask_fake)
-        _RUN["lora_conv_transpose1d"] = fused_op(SPECS["lora_conv_transpose1d"], NAME, below_autograd=True)
-        _registered.set()
+    torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_fwd")(_fwd_fake)
+    torch.library.register_fake("rvclora::cuda_dropout_mask")(_mask_fake)
+    _RUN["lora_conv_transpose1d"] = fused_op(SPECS["lora_conv_transpose1d"], NAME, below_autograd=True)
 
 
 #: ``run(*args) -> y`` per op (:func:`rvclora.ops.autograd.fused_op`), once the extension is loaded.
@@ -147,19 +137,7 @@ def lora_conv_transpose1d(
     if bias is not None:
         bias = bias.to(x.dtype)
     return _RUN["lora_conv_transpose1d"](
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        float(scaling),
-        int(stride),
-        int(padding),
-        int(output_padding),
-        int(dilation),
-        int(groups),
-        float(dropout_p),
-        seed,
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
     )
 
 

@@ -127,9 +127,8 @@ def lora_conv1d(
 ):
     """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
     seed = seed if dropout_p > 0.0 else None
-    pad = [padding[0], padding[1]]
     return _conv1d_run(
-        x, weight, bias, lora_A, lora_B, scaling, stride, pad, dilation, groups, padding_mode, dropout_p, seed
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
     )
 
 

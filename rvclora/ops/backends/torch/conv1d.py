@@ -366,22 +366,5 @@ _conv1d_run = fused_op(
 )
 
 
-def lora_conv1d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
-):
-    args = (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        list(padding),
-        dilation,
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    )
-    return _conv1d_run(*args)
+def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, *rest):
+    return _conv1d_run(x, weight, bias, lora_A, lora_B, scaling, stride, list(padding), *rest)

@@ -189,22 +189,5 @@ _conv2d_run = fused_op(
 )
 
 
-def lora_conv2d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
-):
-    args = (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    )
-    return _conv2d_run(*args)
+def lora_conv2d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, *rest):
+    return _conv2d_run(x, weight, bias, lora_A, lora_B, scaling, list(stride), list(padding), list(dilation), *rest)
