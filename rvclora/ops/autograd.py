@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +35,16 @@ from torch import Tensor
 
 from .spec import OpSpec
 
-__all__ = ["op_name", "forward_args", "backward_args", "grad_fakes", "fused_op", "run_once"]
+__all__ = [
+    "op_name",
+    "forward_args",
+    "backward_args",
+    "schema",
+    "custom_op",
+    "grad_fakes",
+    "fused_op",
+    "run_once",
+]
 
 #: The differentiable inputs of every op, in call order (what ``needs`` and the gradients refer to).
 TENSOR_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B")
@@ -57,12 +66,34 @@ def backward_args(spec: OpSpec) -> tuple[str, ...]:
     return ("grad_y", "x", "u", "weight", "lora_A", "lora_B", *fwd[5:], "needs")
 
 
-def _check_schema(qualname: str, expected: Sequence[str]) -> None:
+def schema(spec: OpSpec, direction: str) -> str:
+    """The op's schema (``torch.library`` syntax, without the name) generated from the spec; ``direction``:
+    ``"fwd"`` or ``"bwd"``. The Python ops are declared with it, the C++ and Triton ones checked against it."""
+    options = ", ".join(f"{o.schema} {o.name}" for o in spec.options)
+    scalars = f"float scaling, {options + ', ' if options else ''}float dropout_p, Tensor? seed"
+    if direction == "fwd":
+        return f"(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, {scalars}) -> (Tensor, Tensor)"
+    return (
+        f"(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, {scalars}, bool[5] needs)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    )
+
+
+def custom_op(spec: OpSpec, backend: str, direction: str, fn: Callable[..., Any]) -> Any:
+    """``fn`` as the custom op ``rvclora::<backend>_lora_<op>_<direction>``, with the schema :func:`schema` generates
+    (so a Python body needs no annotations to declare it)."""
+    name = f"rvclora::{op_name(backend, spec, direction)}"
+    return torch.library.custom_op(name, fn, mutates_args=(), schema=schema(spec, direction))
+
+
+def _check_schema(qualname: str, expected: str) -> None:
+    """The registered op takes the arguments (names, order and types) of the schema generated from the spec."""
     ns, name = qualname.split("::")
-    schema = getattr(getattr(torch.ops, ns), name).default._schema
-    got = tuple(a.name for a in schema.arguments)
-    if got != tuple(expected):
-        raise RuntimeError(f"{qualname} takes {got}; the op spec asks for {tuple(expected)}")
+    registered = getattr(getattr(torch.ops, ns), name).default._schema
+    got = tuple((a.name, str(a.type)) for a in registered.arguments)
+    want = tuple((a.name, str(a.type)) for a in torch._C.parse_schema(f"{name}{expected}").arguments)
+    if got != want:
+        raise RuntimeError(f"{qualname} takes {got}; the op spec asks for {want}")
 
 
 def _transposed_2d(x: Tensor) -> bool:
@@ -118,8 +149,8 @@ def fused_op(
     (``triton_op`` derives its own).
     """
     fwd_name, bwd_name = op_name(backend, spec, "fwd"), op_name(backend, spec, "bwd")
-    _check_schema(f"rvclora::{fwd_name}", forward_args(spec))
-    _check_schema(f"rvclora::{bwd_name}", backward_args(spec))
+    _check_schema(f"rvclora::{fwd_name}", schema(spec, "fwd"))
+    _check_schema(f"rvclora::{bwd_name}", schema(spec, "bwd"))
     fwd_op = getattr(torch.ops.rvclora, fwd_name).default
     bwd_op = getattr(torch.ops.rvclora, bwd_name).default
     if bwd_fake:

@@ -66,6 +66,7 @@ class Option:
     name: str
     default: Any
     convert: Callable[[Any], Any] = _int
+    schema: str = "int"  # its type in the custom-op schemas (rvclora.ops.autograd.schema)
 
 
 @dataclass(frozen=True)
@@ -237,10 +238,10 @@ _register(
         base="Conv1d",
         options=(
             Option("stride", 1),
-            Option("padding", (0, 0), _ints(2)),
+            Option("padding", (0, 0), _ints(2), "int[2]"),
             Option("dilation", 1),
             Option("groups", 1),
-            Option("padding_mode", "zeros", _padding_mode),
+            Option("padding_mode", "zeros", _padding_mode, "str"),
         ),
         reference=ref.lora_conv1d_ref,
         delta=lambda A, B, s, g, k: ref.delta_weight_conv1d(A, B, s, g, k[0]),
@@ -285,11 +286,11 @@ _register(
         kind="conv2d",
         base="Conv2d",
         options=(
-            Option("stride", (1, 1), _ints(2)),
-            Option("padding", (0, 0, 0, 0), _ints(4)),
-            Option("dilation", (1, 1), _ints(2)),
+            Option("stride", (1, 1), _ints(2), "int[2]"),
+            Option("padding", (0, 0, 0, 0), _ints(4), "int[4]"),
+            Option("dilation", (1, 1), _ints(2), "int[2]"),
             Option("groups", 1),
-            Option("padding_mode", "zeros", _padding_mode),
+            Option("padding_mode", "zeros", _padding_mode, "str"),
         ),
         reference=ref.lora_conv2d_ref,
         delta=lambda A, B, s, g, k: ref.delta_weight_conv2d(A, B, s, g, k),

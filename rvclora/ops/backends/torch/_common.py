@@ -4,10 +4,7 @@ helpers (their autograd: :mod:`rvclora.ops.autograd`, shared by every backend)."
 from __future__ import annotations
 
 import functools
-
-# List and Tuple: the op modules' implementations are wrapped here (_no_autocast, _with_empties), and
-# torch.library evaluates their string annotations in the wrapper's globals, i.e. this module's.
-from typing import List, Optional, Sequence, Tuple  # noqa: F401
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rvclora import reference as ref
 
-from ...autograd import fused_op
+from ...autograd import custom_op, fused_op
 from ...geometry import conv1d_out_len
 from ...spec import SPECS
 from ._common import (
@@ -162,20 +162,8 @@ def _add_grouped_1x1_(y: Tensor, w: Tensor, x: Tensor, groups: int, alpha: float
 
 @_no_autocast
 def _conv1d_fwd_impl(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: int,
-    padding: List[int],
-    dilation: int,
-    groups: int,
-    padding_mode: str,
-    dropout_p: float,
-    seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
     """Returns ``y: (N, out, T_out)`` and ``u = conv(D(x), A): (N, r, T_out)``."""
     dt, ldt = x.dtype, _lora_dtype(x)
     k = weight.shape[-1]
@@ -234,7 +222,7 @@ def _conv1d_fwd_impl(
     return y, u
 
 
-_conv1d_fwd = torch.library.custom_op("rvclora::torch_lora_conv1d_fwd", mutates_args=())(_conv1d_fwd_impl)
+_conv1d_fwd = custom_op(SPECS["lora_conv1d"], "torch", "fwd", _conv1d_fwd_impl)
 
 
 @_conv1d_fwd.register_fake
@@ -257,7 +245,7 @@ def _conv1d_bwd_lean(
     pad: int,
     dilation: int,
     needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Optional[Tensor], ...]:
     """The general backward below, specialised to RVC's case (batch 1, groups 1, stride 1, symmetric zero
     padding, merged maths on CPU) with as few ops as possible: each op costs microseconds of dispatch,
     times every adapted layer of a model (tests/test_ops.py checks it against the oracle like the rest)."""
@@ -292,22 +280,22 @@ def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
 
 @_no_autocast
 def _conv1d_bwd_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    u: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: int,
-    padding: List[int],
-    dilation: int,
-    groups: int,
-    padding_mode: str,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_y,
+    x,
+    u,
+    weight,
+    lora_A,
+    lora_B,
+    scaling,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+    dropout_p,
+    seed,
+    needs,
+):
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
@@ -356,9 +344,7 @@ def _conv1d_bwd_impl(
     return gx, gw, gbias, gA, gB
 
 
-_conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_args=())(
-    _with_empties(_conv1d_bwd_impl)
-)
+_conv1d_bwd = custom_op(SPECS["lora_conv1d"], "torch", "bwd", _with_empties(_conv1d_bwd_impl))
 
 
 _conv1d_run = fused_op(

@@ -6,7 +6,7 @@ library's own forward and backward. ``padding`` is the explicit ``(top, bottom, 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rvclora import reference as ref
 
-from ...autograd import fused_op
+from ...autograd import custom_op, fused_op
 from ...spec import SPECS
 from ._common import (
     _cast,
@@ -77,20 +77,8 @@ def _out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, 
 
 @_no_autocast
 def _conv2d_fwd_impl(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    padding_mode: str,
-    dropout_p: float,
-    seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
+):
     """Returns ``y: (N, out, H_out, W_out)`` and ``u = conv2d(pad(D(x)), A): (N, r, H_out, W_out)``."""
     ldt = _lora_dtype(x)
     r = lora_A.shape[0]
@@ -109,7 +97,7 @@ def _conv2d_fwd_impl(
     return y, u
 
 
-_conv2d_fwd = torch.library.custom_op("rvclora::torch_lora_conv2d_fwd", mutates_args=())(_conv2d_fwd_impl)
+_conv2d_fwd = custom_op(SPECS["lora_conv2d"], "torch", "fwd", _conv2d_fwd_impl)
 
 
 @_conv2d_fwd.register_fake
@@ -121,22 +109,22 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
 
 @_no_autocast
 def _conv2d_bwd_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    u: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-    padding_mode: str,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_y,
+    x,
+    u,
+    weight,
+    lora_A,
+    lora_B,
+    scaling,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+    dropout_p,
+    seed,
+    needs,
+):
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     r = lora_A.shape[0]
@@ -179,9 +167,7 @@ def _conv2d_bwd_impl(
     return gx, gw, gbias, gA, gB
 
 
-_conv2d_bwd = torch.library.custom_op("rvclora::torch_lora_conv2d_bwd", mutates_args=())(
-    _with_empties(_conv2d_bwd_impl)
-)
+_conv2d_bwd = custom_op(SPECS["lora_conv2d"], "torch", "bwd", _with_empties(_conv2d_bwd_impl))
 
 
 _conv2d_run = fused_op(

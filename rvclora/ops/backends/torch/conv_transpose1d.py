@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...autograd import fused_op
+from ...autograd import custom_op, fused_op
 from ...geometry import conv_transpose1d_out_len
 from ...spec import SPECS
 from ._common import (
@@ -94,20 +94,8 @@ def _convt_lora_grads(
 
 @_no_autocast
 def _convt_fwd_impl(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: int,
-    padding: int,
-    output_padding: int,
-    dilation: int,
-    groups: int,
-    dropout_p: float,
-    seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
+):
     """Returns ``y: (N, out, T_out)`` and ``u = A·D(x): (N, r, T)``."""
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
@@ -126,7 +114,7 @@ def _convt_fwd_impl(
     return y, u
 
 
-_convt_fwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_fwd", mutates_args=())(_convt_fwd_impl)
+_convt_fwd = custom_op(SPECS["lora_conv_transpose1d"], "torch", "fwd", _convt_fwd_impl)
 
 
 @_convt_fwd.register_fake
@@ -142,22 +130,22 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding,
 
 @_no_autocast
 def _convt_bwd_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    u: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: int,
-    padding: int,
-    output_padding: int,
-    dilation: int,
-    groups: int,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_y,
+    x,
+    u,
+    weight,
+    lora_A,
+    lora_B,
+    scaling,
+    stride,
+    padding,
+    output_padding,
+    dilation,
+    groups,
+    dropout_p,
+    seed,
+    needs,
+):
     need_x, need_w, need_b, need_A, need_B = needs
     ldt = _lora_dtype(x)
     k = weight.shape[-1]
@@ -196,9 +184,7 @@ def _convt_bwd_impl(
     return gx, gw, gbias, gA, gB
 
 
-_convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd", mutates_args=())(
-    _with_empties(_convt_bwd_impl)
-)
+_convt_bwd = custom_op(SPECS["lora_conv_transpose1d"], "torch", "bwd", _with_empties(_convt_bwd_impl))
 
 
 _convt_run = fused_op(

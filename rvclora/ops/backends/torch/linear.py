@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...autograd import _transposed_2d, fused_op
+from ...autograd import _transposed_2d, custom_op, fused_op
 from ...spec import SPECS
 from ._common import (
     _cast,
@@ -24,16 +23,7 @@ from ._common import (
 
 
 @_no_autocast
-def _linear_fwd_impl(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
+def _linear_fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Returns ``y: (..., out)`` in ``F.linear``'s layout and ``u = D(x)·Aᵀ: (M, r)`` (saved for backward).
 
     ``y`` is the output of the base-sized ``F.linear`` itself (updated in place), so it has exactly
@@ -66,7 +56,7 @@ def _add_lora_mm_(y: Tensor, u: Tensor, bt: Tensor, scaling: float) -> Tensor:
     return y.add_(torch.mm(u, bt), alpha=scaling)
 
 
-_linear_fwd = torch.library.custom_op("rvclora::torch_lora_linear_fwd", mutates_args=())(_linear_fwd_impl)
+_linear_fwd = custom_op(SPECS["lora_linear"], "torch", "fwd", _linear_fwd_impl)
 
 
 @_linear_fwd.register_fake
@@ -76,18 +66,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 @_no_autocast
-def _linear_bwd_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    u: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: Optional[Tensor],
-    needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_bwd_impl(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
     """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` in each input's dtype, in the layout nn.Linear's autograd
     gives (contiguous; ``grad_x`` transposed for a transposed 2-D ``x``); an unneeded gradient is ``None``.
     The base-sized GEMMs run in the activation dtype."""
@@ -128,9 +107,7 @@ def _linear_bwd_impl(
     return gx, gw, gbias, gA, gB
 
 
-_linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_args=())(
-    _with_empties(_linear_bwd_impl)
-)
+_linear_bwd = custom_op(SPECS["lora_linear"], "torch", "bwd", _with_empties(_linear_bwd_impl))
 
 
 _linear_run = fused_op(
