@@ -4,7 +4,7 @@ A plain ``pip install .`` never needs a compiler: the ``cuda`` backend's extensi
 shipped as package data ``rvclora/csrc``) is then built on first use, or the backend reports
 itself unavailable. ``RVCLORA_BUILD_EXT=1 pip install --no-build-isolation .`` builds
 ``rvclora._C`` now instead (the build needs the installed torch, hence no isolation), with the
-same decisions as the build on first use (rvclora/ops/cuda_ext.py, loaded from its file: the
+same decisions as the build on first use (rvclora/ops/extension.py, loaded from its file: the
 package is not importable yet): the CPU sources always; the CUDA sources when that torch was
 built with CUDA and a CUDA toolkit is present, for ``$TORCH_CUDA_ARCH_LIST``, the visible GPUs
 or, with none visible, the architectures the kernels target.
@@ -19,9 +19,9 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cuda_ext():
-    path = os.path.join(HERE, "rvclora", "ops", "cuda_ext.py")
-    spec = importlib.util.spec_from_file_location("_rvclora_cuda_ext_for_setup", path)
+def _extension_builder():
+    path = os.path.join(HERE, "rvclora", "ops", "extension.py")
+    spec = importlib.util.spec_from_file_location("_rvclora_extension_for_setup", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
     spec.loader.exec_module(mod)
@@ -33,17 +33,17 @@ def extension_build():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cuda_ext = _cuda_ext()
-    plan = cuda_ext.build_plan()
+    builder = _extension_builder()
+    plan = builder.build_plan()
     if plan.note:
         print(f"rvclora: {plan.note}", file=sys.stderr)
     make = CUDAExtension if plan.cuda else CppExtension
     ext = make(
         "rvclora._C",
-        [os.path.join("csrc", f) for f in cuda_ext.sources(plan.cuda)],
+        [os.path.join("csrc", f) for f in builder.sources(plan.cuda)],
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", *cuda_ext.openmp_flags()], "nvcc": ["-O3", *plan.arch_flags]},
-        extra_link_args=cuda_ext.openmp_flags(),
+        extra_compile_args={"cxx": ["-O3", *builder.openmp_flags()], "nvcc": ["-O3", *plan.arch_flags]},
+        extra_link_args=builder.openmp_flags(),
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _gpu_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU: the fused kernel's timings need one")
-    from rvclora.ops import cuda_backend
+    from rvclora.ops.backends import cuda as cuda_backend
 
     why = cuda_backend.unavailable_reason()
     if why is not None:

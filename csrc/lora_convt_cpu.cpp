@@ -109,20 +109,20 @@ struct CpuRunner {
 // FRAGMENT, not TORCH_LIBRARY: the Python side (Triton ops) may add its own rvclora:: ops.
 TORCH_LIBRARY_FRAGMENT(rvclora, m) {
   m.def(
-      "lora_convt_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-      "int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, Tensor? seed) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "lora_convt_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+      "cuda_lora_conv_transpose1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
       "float scaling, int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, "
-      "Tensor? seed, bool need_x, bool need_weight, bool need_A, bool need_B) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("lora_convt_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
+      "Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_lora_conv_transpose1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, "
+      "Tensor lora_B, float scaling, int stride, int padding, int output_padding, int dilation, int groups, "
+      "float dropout_p, Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
-  m.impl("lora_convt_fwd", &lora_convt_fwd<CpuRunner>);
-  m.impl("lora_convt_bwd", &lora_convt_bwd<CpuRunner>);
-  m.impl("lora_convt_dropout_mask", &lora_convt_dropout_mask<CpuRunner>);
+  m.impl("cuda_lora_conv_transpose1d_fwd", &lora_convt_fwd<CpuRunner>);
+  m.impl("cuda_lora_conv_transpose1d_bwd", &lora_convt_bwd<CpuRunner>);
+  m.impl("cuda_dropout_mask", &lora_convt_dropout_mask<CpuRunner>);
 }
 
 }  // namespace rvclora

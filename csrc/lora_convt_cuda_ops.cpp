@@ -26,26 +26,29 @@ struct CudaRunner {
   };
 
   static void fwd(DType dt, const FwdDesc& d) {
-    check_launch(lora_convt_fwd_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()), "lora_convt_fwd");
+    check_launch(lora_convt_fwd_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()),
+                 "cuda_lora_conv_transpose1d_fwd");
   }
   static void bwd_input(DType dt, const BwdInputDesc& d) {
-    check_launch(lora_convt_bwd_input_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()), "lora_convt_bwd (input)");
+    check_launch(lora_convt_bwd_input_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()),
+                 "cuda_lora_conv_transpose1d_bwd (input)");
   }
   static void wgrad(DType dt, const WgradDesc& d) {
-    check_launch(lora_convt_wgrad_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()), "lora_convt_bwd (weights)");
+    check_launch(lora_convt_wgrad_cuda(dt, d, c10::cuda::getCurrentCUDAStream().stream()),
+                 "cuda_lora_conv_transpose1d_bwd (weights)");
   }
   static void mask(DType dt, void* out, int64_t numel, double p, int64_t seed) {
     check_launch(lora_convt_mask_cuda(dt, out, numel, p, seed, c10::cuda::getCurrentCUDAStream().stream()),
-                 "lora_convt_dropout_mask");
+                 "cuda_dropout_mask");
   }
 };
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rvclora, CUDA, m) {
-  m.impl("lora_convt_fwd", &lora_convt_fwd<CudaRunner>);
-  m.impl("lora_convt_bwd", &lora_convt_bwd<CudaRunner>);
-  m.impl("lora_convt_dropout_mask", &lora_convt_dropout_mask<CudaRunner>);
+  m.impl("cuda_lora_conv_transpose1d_fwd", &lora_convt_fwd<CudaRunner>);
+  m.impl("cuda_lora_conv_transpose1d_bwd", &lora_convt_bwd<CudaRunner>);
+  m.impl("cuda_dropout_mask", &lora_convt_dropout_mask<CudaRunner>);
 }
 
 }  // namespace rvclora

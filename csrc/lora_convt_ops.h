@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -128,12 +129,13 @@ Tensor run_wgrad(const at::TensorOptions& acc_options, DType dt, WgradDesc d) {
   return ws.sum(0);  // fixed-order sum of the split partials: deterministic
 }
 
+// Gradients of (x, weight, bias, lora_A, lora_B); `needs` says which (the order of every backend's backward op).
 template <class Runner>
-std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
-    const Tensor& u, double scaling, int64_t stride, int64_t padding, int64_t output_padding, int64_t dilation,
-    int64_t groups, double dropout_p, const std::optional<Tensor>& seed, bool need_x, bool need_weight, bool need_A,
-    bool need_B) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
+    const Tensor& grad_y, const Tensor& x, const Tensor& u, const Tensor& weight, const Tensor& lora_A,
+    const Tensor& lora_B, double scaling, int64_t stride, int64_t padding, int64_t output_padding, int64_t dilation,
+    int64_t groups, double dropout_p, const std::optional<Tensor>& seed, std::array<bool, 5> needs) {
+  const bool need_x = needs[0], need_weight = needs[1], need_bias = needs[2], need_A = needs[3], need_B = needs[4];
   const ConvTShape s =
       checked_shape(x, weight, std::nullopt, lora_A, lora_B, stride, padding, output_padding, dilation, groups);
   const int64_t seed_v = seed_value(seed, dropout_p);
@@ -144,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
   const at::ScalarType acc = acc_type_of(x);
   TORCH_CHECK(!need_B || (u.dim() == 3 && u.size(0) == s.N && u.size(1) == s.r && u.size(2) == s.T &&
                           u.scalar_type() == acc && u.device() == x.device()),
-              "rvclora: u must be the (", s.N, ", ", s.r, ", ", s.T, ") ", acc, " tensor saved by lora_convt_fwd");
+              "rvclora: u must be the (", s.N, ", ", s.r, ", ", s.T, ") ", acc, " tensor saved by cuda_lora_conv_transpose1d_fwd");
   typename Runner::Guard guard(x);
   const DType dt = dtype_of(x);
   const Tensor g = grad_y.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
@@ -152,6 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
   // Unrequested gradients are distinct (0,) tensors: outputs of an op must not alias each other.
   Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, x.options());
   Tensor ga = at::empty({0}, x.options()), gb = at::empty({0}, x.options());
+  Tensor gbias = need_bias ? grad_y.sum(at::IntArrayRef{0, 2}) : at::empty({0}, x.options());
 
   Tensor gu;
   if (need_x || need_A) {
@@ -196,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lora_convt_bwd(
     const Tensor total = run_wgrad<Runner>(x.options().dtype(acc), dt, d);  // (groups, rg, Cig, 1)
     ga = total.reshape({s.r, s.Cig}).to(x.scalar_type(), false, true);
   }
-  return {gx, gw, ga, gb};
+  return {gx, gw, gbias, ga, gb};
 }
 
 // The dropout mask D applies to an x shaped like `like` (0 or 1/(1-p)), for tests.

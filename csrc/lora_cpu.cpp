@@ -1519,7 +1519,7 @@ std::string cpu_info_blas();
 
 // How many threads an at::parallel_for of this extension runs on. at::parallel_for is a header
 // template: built without -fopenmp its `#pragma omp parallel` is ignored and every parallel pass
-// of this file runs on one thread (rvclora/ops/cuda_ext.py, openmp_flags).
+// of this file runs on one thread (rvclora/ops/extension.py, openmp_flags).
 int64_t cpu_parallel_threads() {
   const int64_t n = std::max<int64_t>(1, at::get_num_threads());
   std::vector<char> seen(static_cast<size_t>(n), 0);
@@ -1570,25 +1570,25 @@ Tensor dropout_mask(const Tensor& like, const Tensor& seed, double p) {
 // FRAGMENT: the same `rvclora` namespace holds the ConvTranspose1d kernels of lora_convt_cpu.cpp.
 TORCH_LIBRARY_FRAGMENT(rvclora, m) {
   m.def(
-      "cpu_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "cpu_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def(
-      "cpu_linear_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "cpu_lora_linear_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, float dropout_p, Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpu_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "cpu_lora_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "int stride, int[2] padding, int dilation, int groups, str padding_mode, float dropout_p, Tensor? seed) "
       "-> (Tensor, Tensor)");
   m.def(
-      "cpu_conv1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "cpu_lora_conv1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, int stride, int[2] padding, int dilation, int groups, str padding_mode, float dropout_p, "
       "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpu_convt_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "cpu_lora_conv_transpose1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
       "int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, Tensor? seed) "
       "-> (Tensor, Tensor)");
   m.def(
-      "cpu_convt_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "cpu_lora_conv_transpose1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, "
       "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
@@ -1597,12 +1597,12 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
 }
 
 TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
-  m.impl("cpu_linear_fwd", &linear_fwd);
-  m.impl("cpu_linear_bwd", &linear_bwd);
-  m.impl("cpu_conv1d_fwd", &conv1d_fwd);
-  m.impl("cpu_conv1d_bwd", &conv1d_bwd);
-  m.impl("cpu_convt_fwd", &convt_fwd);
-  m.impl("cpu_convt_bwd", &convt_bwd);
+  m.impl("cpu_lora_linear_fwd", &linear_fwd);
+  m.impl("cpu_lora_linear_bwd", &linear_bwd);
+  m.impl("cpu_lora_conv1d_fwd", &conv1d_fwd);
+  m.impl("cpu_lora_conv1d_bwd", &conv1d_bwd);
+  m.impl("cpu_lora_conv_transpose1d_fwd", &convt_fwd);
+  m.impl("cpu_lora_conv_transpose1d_bwd", &convt_bwd);
   m.impl("cpu_dropout_mask", &dropout_mask);
 }
 

@@ -1,20 +1,20 @@
-"""Launchers and ``torch.library`` registration of the fused LoRA kernels.
+"""Launchers of the fused LoRA kernels (:mod:`.lora_kernels`): the op bodies of the ``triton`` backend.
 
-Ops (``torch.library.triton_op`` + ``wrap_triton``, so ``torch.compile(fullgraph=True)`` traces
-into the kernels, with ``register_autograd`` for the backward)::
+:mod:`rvclora.ops.backends.triton` registers each body as a ``torch.library.triton_op`` (``wrap_triton`` inside,
+so ``torch.compile(fullgraph=True)`` traces into the kernels) named ``rvclora::triton_lora_<op>_{fwd,bwd}``,
+with :func:`rvclora.ops.autograd.fused_op`'s autograd and eager fast path::
 
-    rvclora::triton_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
-    rvclora::triton_lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, u, ...) -> grads
-    rvclora::triton_lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, pad_left, pad_right,
-                                    dilation, groups, padding_mode, dropout_p, seed) -> (y, u)
-    rvclora::triton_lora_conv1d_bwd(...) -> grads
-    rvclora::triton_dropout_mask(seed, numel, p, like) -> mask
+    lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, u)
+    lora_linear_bwd(grad_y, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs) -> grads
+    lora_conv1d_fwd(x, weight, bias, lora_A, lora_B, scaling, stride, padding[2], dilation, groups,
+                    padding_mode, dropout_p, seed) -> (y, u)
+    lora_conv1d_bwd(grad_y, x, u, weight, lora_A, lora_B, <the forward's scalars>, seed, needs) -> grads
+    dropout_mask_fill(seed, like, dropout_p) -> mask      (rvclora::triton_dropout_mask)
 
 ``u = D(x)·Aᵀ`` (fp32, ``(rows, r)``) is the only intermediate kept for backward besides ``x``
 and the weights; the dropout mask is regenerated from ``seed`` (a 0-dim int64 CPU tensor, handed to
-the kernels as a scalar argument). Every op enters its tensors' CUDA device before launching.
-Gradients that autograd does not ask for come back from the backward op as empty tensors and
-are not computed.
+the kernels as a scalar argument). Every body enters its tensors' CUDA device before launching.
+Gradients not in ``needs`` come back as empty tensors and are not computed.
 """
 
 # torch.library evaluates the op signatures below at runtime to infer their schemas; they keep the
@@ -32,7 +32,7 @@ import torch
 import triton
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from rvclora.ops.geometry import conv1d_out_len
 
@@ -46,7 +46,14 @@ from .lora_kernels import (
     lora_weight_grad_kernel,
 )
 
-__all__ = ["MAX_RANK_PER_GROUP", "dropout_mask", "lora_conv1d", "lora_linear"]
+__all__ = [
+    "MAX_RANK_PER_GROUP",
+    "dropout_mask_fill",
+    "lora_conv1d_bwd",
+    "lora_conv1d_fwd",
+    "lora_linear_bwd",
+    "lora_linear_fwd",
+]
 
 #: Largest rank per group the kernels take: the LoRA accumulator ``(BLOCK_M, BLOCK_R)`` lives in
 #: registers beside the base tile; 32 keeps every config spill-free (rvclora/checks/triton_compile.py).
@@ -550,15 +557,16 @@ def _backward(
             j=geo.R_g,
         ).to(lora_B.dtype)
     if need_b:
-        grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32)
+        # accumulated in float32, returned in the activation dtype (the bias's under autocast)
+        grad_bias = g.sum(0 if geo.is_linear else (0, 2), dtype=torch.float32).to(g.dtype)
     return grad_x, grad_w, grad_bias, grad_A, grad_B
 
 
-# --------------------------------------------------------------------------- Linear op
+# --------------------------------------------------------------------------- op bodies
+# (registered as triton ops by rvclora.ops.backends.triton; their annotations give the schemas)
 
 
-@triton_op("rvclora::triton_lora_linear_fwd", mutates_args={})
-def triton_lora_linear_fwd(
+def lora_linear_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -576,14 +584,13 @@ def triton_lora_linear_fwd(
     return y.reshape(*x.shape[:-1], geo.O), u
 
 
-@triton_op("rvclora::triton_lora_linear_bwd", mutates_args={})
-def triton_lora_linear_bwd(
+def lora_linear_bwd(
     grad_y: Tensor,
     x: Tensor,
+    u: Tensor,
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    u: Tensor,
     scaling: float,
     dropout_p: float,
     seed: Optional[Tensor],
@@ -598,43 +605,7 @@ def triton_lora_linear_bwd(
     return (grad_x,) + tuple(grads[1:])
 
 
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[1])
-
-
-def _needs(ctx) -> List[bool]:
-    n = ctx.needs_input_grad
-    return [bool(n[0]), bool(n[1]), bool(n[2]), bool(n[3]), bool(n[4])]
-
-
-def _as_grads(ctx, grads) -> Tuple[Optional[Tensor], ...]:
-    needs = _needs(ctx)
-    out = [gr if need else None for gr, need in zip(grads, needs)]
-    if out[2] is not None:
-        out[2] = out[2].to(ctx.bias_dtype)
-    return tuple(out)
-
-
-def _linear_backward(ctx, grad_y, grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_linear_bwd(
-        grad_y, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, _needs(ctx)
-    )
-    return _as_grads(ctx, grads) + (None, None, None)
-
-
-triton_lora_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-# --------------------------------------------------------------------------- Conv1d op
-
-
-@triton_op("rvclora::triton_lora_conv1d_fwd", mutates_args={})
-def triton_lora_conv1d_fwd(
+def lora_conv1d_fwd(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -642,8 +613,7 @@ def triton_lora_conv1d_fwd(
     lora_B: Tensor,
     scaling: float,
     stride: int,
-    pad_left: int,
-    pad_right: int,
+    padding: List[int],
     dilation: int,
     groups: int,
     padding_mode: str,
@@ -657,8 +627,8 @@ def triton_lora_conv1d_fwd(
         lora_A,
         is_linear=False,
         stride=stride,
-        pad_left=pad_left,
-        pad_right=pad_right,
+        pad_left=padding[0],
+        pad_right=padding[1],
         dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
@@ -669,18 +639,16 @@ def triton_lora_conv1d_fwd(
     return y, u
 
 
-@triton_op("rvclora::triton_lora_conv1d_bwd", mutates_args={})
-def triton_lora_conv1d_bwd(
+def lora_conv1d_bwd(
     grad_y: Tensor,
     x: Tensor,
+    u: Tensor,
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    u: Tensor,
     scaling: float,
     stride: int,
-    pad_left: int,
-    pad_right: int,
+    padding: List[int],
     dilation: int,
     groups: int,
     padding_mode: str,
@@ -695,8 +663,8 @@ def triton_lora_conv1d_bwd(
         lora_A,
         is_linear=False,
         stride=stride,
-        pad_left=pad_left,
-        pad_right=pad_right,
+        pad_left=padding[0],
+        pad_right=padding[1],
         dilation=dilation,
         groups=groups,
         padding_mode=padding_mode,
@@ -705,45 +673,10 @@ def triton_lora_conv1d_bwd(
         return _backward(geo, grad_y, weight, lora_A, lora_B, u, scaling, dropout_p, seed, padding_mode, needs)
 
 
-def _conv_setup(ctx, inputs, output):
-    (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        pad_left,
-        pad_right,
-        dilation,
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    ) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.options = (scaling, stride, pad_left, pad_right, dilation, groups, padding_mode, dropout_p)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[1])
-
-
-def _conv_backward(ctx, grad_y, grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    grads = torch.ops.rvclora.triton_lora_conv1d_bwd(
-        grad_y, x, weight, lora_A, lora_B, u, *ctx.options[:-1], ctx.options[-1], seed, _needs(ctx)
-    )
-    return _as_grads(ctx, grads) + (None,) * 9
-
-
-triton_lora_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
-
-
 # --------------------------------------------------------------------------- dropout mask
 
 
-@triton_op("rvclora::triton_dropout_mask", mutates_args={})
-def triton_dropout_mask(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
+def dropout_mask_fill(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
     """The scaled mask (``0`` or ``1/(1−p)``) the kernels apply to an ``x`` shaped like ``like``."""
     out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     numel = out.numel()
@@ -758,64 +691,3 @@ def triton_dropout_mask(seed: Tensor, like: Tensor, dropout_p: float) -> Tensor:
     with _device_guard(out):
         wrap_triton(dropout_mask_kernel)[grid](out, seed_v, numel, dropout_p, BLOCK=block, SEED_IS_PTR=seed_is_ptr)
     return out
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> Tensor:
-    """Fused ``x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ``; ``x: (..., in)``."""
-    return torch.ops.rvclora.triton_lora_linear_fwd(
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed if dropout_p > 0.0 else None
-    )[0]
-
-
-def lora_conv1d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride: int,
-    padding: Tuple[int, int],
-    dilation: int,
-    groups: int,
-    padding_mode: str,
-    dropout_p: float = 0.0,
-    seed: Optional[Tensor] = None,
-) -> Tensor:
-    """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
-    return torch.ops.rvclora.triton_lora_conv1d_fwd(
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        padding[0],
-        padding[1],
-        dilation,
-        groups,
-        padding_mode,
-        dropout_p,
-        seed if dropout_p > 0.0 else None,
-    )[0]
-
-
-def dropout_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:
-    """The exact mask the kernels apply for ``seed`` to an ``x`` of ``shape`` (``0`` or ``1/(1−p)``)."""
-    like = torch.empty(shape, device=device, dtype=dtype)
-    if p == 0.0:
-        return torch.ones_like(like)
-    return torch.ops.rvclora.triton_dropout_mask(seed, like, float(p))

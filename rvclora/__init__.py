@@ -3,6 +3,8 @@
 The public API; see README.md and docs/.
 """
 
+# first: in a source checkout, rvclora.kernels is the top-level kernels/ (see _checkout.py)
+from . import _checkout  # noqa: F401
 from .blend import blend_adapters
 from .checkpoint import (
     extract_lora_weights,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rvclora.ops import autoselect, dispatch
-from rvclora.ops import torch_backend as tb
+from rvclora.ops.backends import torch as tb
 
 FAKE_GPU = {"name": "Fake GPU 80GB", "capability": "9.0"}
 VERSIONS = {"torch": "2.13.0", "triton": "3.9.0", "rvclora": "0.1.0"}

@@ -107,7 +107,7 @@ def test_low_precision_is_held_to_the_oracle_tolerance(dt):
 
 def test_dropout_mask_is_the_seeds_and_regenerated_in_backward():
     from rvclora import reference as ref
-    from rvclora.ops import torch_backend as tb
+    from rvclora.ops.backends import torch as tb
 
     lora = _pair(nn.Conv2d(3, 4, (3, 1), padding=(1, 0)).double(), lora_dropout=0.4).train()
     x = torch.randn(2, 3, 6, 2, dtype=torch.float64, requires_grad=True)

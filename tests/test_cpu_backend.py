@@ -76,11 +76,13 @@ def _op_args(name, n, dtype, p):
 def test_opcheck(cpu_backend, name, n, p, dtype):
     torch.manual_seed(0)
     args = _op_args(name, n, dtype, p)
-    torch.library.opcheck(getattr(torch.ops.rvclora, f"cpu_{name}_fwd").default, args)
+    op = {"linear": "linear", "conv1d": "conv1d", "convt": "conv_transpose1d"}[name]
+    fwd = getattr(torch.ops.rvclora, f"cpu_lora_{op}_fwd")
+    torch.library.opcheck(fwd.default, args)
     x, w, _b, a, bb = args[:5]
-    y, u = getattr(torch.ops.rvclora, f"cpu_{name}_fwd")(*args)
+    y, u = fwd(*args)
     needs = [True, True, True, True, True]
-    bwd = getattr(torch.ops.rvclora, f"cpu_{name}_bwd").default
+    bwd = getattr(torch.ops.rvclora, f"cpu_lora_{op}_bwd").default
     torch.library.opcheck(
         bwd,
         (torch.randn_like(y), x.detach(), u, w.detach(), a.detach(), bb.detach(), *args[5:], needs),
@@ -226,7 +228,7 @@ def test_hand_written_loops_match_the_oracle_without_blas(cpu_backend):
         [
             sys.executable,
             "-c",
-            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "from rvclora.ops.backends import cpu as c; c.unavailable_reason();"
             "import torch; print(torch.ops.rvclora.cpu_info())",
         ],
         env=env,
@@ -377,7 +379,7 @@ def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
         [
             sys.executable,
             "-c",
-            "from rvclora.ops import cpu_backend as c; c.unavailable_reason();"
+            "from rvclora.ops.backends import cpu as c; c.unavailable_reason();"
             "import torch; print(torch.ops.rvclora.cpu_info())",
         ],
         env=env,
@@ -418,11 +420,11 @@ def test_the_parallel_passes_run_on_every_thread(cpu_backend):
     """at::parallel_for is a header template: an extension built without -fopenmp ran every parallel pass of
     the cpu backend on one thread (the backend's whole-generator overhead was +45 % instead of +31 % on
     2 threads). The build passes the flag; the extension reports how many threads one of its regions used."""
-    from rvclora.ops import cuda_ext
+    from rvclora.ops import extension
 
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs one thread here: there is no second thread to use")
-    if not cuda_ext.openmp_flags() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    if not extension.openmp_flags() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         pytest.skip(
             "this platform's build has no -fopenmp (not Linux): the passes run on one thread, as rvclora info says"
         )

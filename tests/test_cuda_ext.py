@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from oracle import assert_close_to_oracle
 
 from rvclora import ops
-from rvclora.ops import cuda_backend, cuda_ext, dispatch
+from rvclora.ops import dispatch, extension
+from rvclora.ops.backends import cuda as cuda_backend
 from rvclora.reference import lora_conv_transpose1d_ref
 
 SCALING = 0.75
@@ -265,23 +266,31 @@ def _op_args(dtype=torch.float64, bias=True, p=0.2, requires_grad=True):
 
 @pytest.mark.parametrize("bias, p", [(True, 0.2), (False, 0.0)])
 def test_opcheck_fwd(ext, bias, p):
-    torch.library.opcheck(ext.lora_convt_fwd.default, _op_args(bias=bias, p=p))
+    torch.library.opcheck(ext.cuda_lora_conv_transpose1d_fwd.default, _op_args(bias=bias, p=p))
     torch.library.opcheck(
-        ext.lora_convt_fwd.default, _op_args(dtype=torch.float32, bias=bias, p=p, requires_grad=False)
+        ext.cuda_lora_conv_transpose1d_fwd.default, _op_args(dtype=torch.float32, bias=bias, p=p, requires_grad=False)
     )
 
 
-@pytest.mark.parametrize("needs", [(True, True, True, True), (False, False, True, True), (True, False, False, False)])
+@pytest.mark.parametrize(
+    "needs",
+    [
+        [True, True, True, True, True],
+        [False, False, False, True, True],
+        [True, False, False, False, False],
+        [False, False, True, False, False],
+    ],
+)
 def test_opcheck_bwd(ext, needs):
     args = _op_args(requires_grad=False)
     x, w, _, a, b = args[:5]
-    y, u = ext.lora_convt_fwd(*args)
+    y, u = ext.cuda_lora_conv_transpose1d_fwd(*args)
     g = torch.randn_like(y)
-    torch.library.opcheck(ext.lora_convt_bwd.default, (g, x, w, a, b, u, *args[5:], *needs))
+    torch.library.opcheck(ext.cuda_lora_conv_transpose1d_bwd.default, (g, x, u, w, a, b, *args[5:], needs))
 
 
 def test_opcheck_dropout_mask(ext):
-    torch.library.opcheck(ext.lora_convt_dropout_mask.default, (torch.empty(3, 4, 5), torch.tensor(3), 0.5))
+    torch.library.opcheck(ext.cuda_dropout_mask.default, (torch.empty(3, 4, 5), torch.tensor(3), 0.5))
 
 
 def test_fwd_returns_u_for_backward(ext):
@@ -289,7 +298,7 @@ def test_fwd_returns_u_for_backward(ext):
     args = list(_op_args(requires_grad=False, p=0.3))
     args[7] = 6  # padding 6 > (K-1)·D: the first and last inputs reach no output at all
     x, a, seed = args[0], args[3], args[12]
-    _, u = ext.lora_convt_fwd(*args)
+    _, u = ext.cuda_lora_conv_transpose1d_fwd(*args)
     mask = cuda_backend.dropout_mask(seed, x.shape, 0.3, "cpu", x.dtype)
     u_ref = F.conv1d(x * mask, a.unsqueeze(-1), groups=2)
     torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)
@@ -327,12 +336,12 @@ def test_refusals_name_the_reason(cuda_selected):
 
 def test_failed_build_warns_and_makes_backend_unavailable(ext, monkeypatch, tmp_path):
     """A broken compiler: one warning, a reason, auto is unaffected, an explicit request raises with the reason."""
-    monkeypatch.setattr(cuda_ext, "_state", {})
-    monkeypatch.setattr(cuda_ext, "build_plan", lambda: cuda_ext.BuildPlan(cuda=False))  # the C++ compiler's failure
-    monkeypatch.setattr(cuda_ext, "extension_name", lambda cuda=None: "rvclora_C_broken_compiler_test")
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(extension, "build_plan", lambda: extension.BuildPlan(cuda=False))  # the C++ compiler's failure
+    monkeypatch.setattr(extension, "extension_name", lambda cuda=None: "rvclora_C_broken_compiler_test")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cuda_ext, "_ops_registered", lambda: False)  # the real ops are loaded in this process
+    monkeypatch.setattr(extension, "_ops_registered", lambda: False)  # the real ops are loaded in this process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         why = cuda_backend.unavailable_reason()
@@ -386,9 +395,9 @@ def _fake_toolkit(root, nvcc=True, headers=True):
 
 def test_cpu_torch_builds_the_cpu_sources_without_a_note(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
-    plan = cuda_ext.build_plan()
+    plan = extension.build_plan()
     assert not plan.cuda and plan.note is None and plan.arch_flags == ()
-    assert cuda_ext.sources(plan.cuda) == cuda_ext.CPU_SOURCES
+    assert extension.sources(plan.cuda) == extension.CPU_SOURCES
 
 
 @pytest.mark.parametrize(
@@ -405,7 +414,7 @@ def test_cuda_torch_without_a_toolkit_plans_the_cpu_sources(cuda_torch, monkeypa
 
     home = None if toolkit is None else _fake_toolkit(tmp_path / "cuda", **toolkit)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", home)
-    plan = cuda_ext.build_plan()
+    plan = extension.build_plan()
     assert not plan.cuda and plan.arch_flags == ()
     assert plan.note is not None and why in plan.note, plan.note
     assert plan.note.endswith("built the CPU twin only; ConvTranspose1d uses the torch path on GPU"), plan.note
@@ -420,7 +429,7 @@ def test_no_visible_device_gets_the_kernels_target_archs(cuda_torch, monkeypatch
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_toolkit(tmp_path / "cuda"))
     if env is not None:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", env)
-    plan = cuda_ext.build_plan()
+    plan = extension.build_plan()
     assert plan.cuda and plan.note is None
     assert plan.arch_flags == (
         "-gencode=arch=compute_80,code=sm_80",
@@ -428,7 +437,7 @@ def test_no_visible_device_gets_the_kernels_target_archs(cuda_torch, monkeypatch
         "-gencode=arch=compute_90,code=compute_90",
     )
     assert "sm_80, sm_90" in plan.archs and "no CUDA device visible" in plan.archs
-    assert cuda_ext.sources(plan.cuda) == cuda_ext.CPU_SOURCES + cuda_ext.CUDA_SOURCES
+    assert extension.sources(plan.cuda) == extension.CPU_SOURCES + extension.CUDA_SOURCES
 
 
 def test_torch_cuda_arch_list_is_honoured(cuda_torch, monkeypatch, tmp_path):
@@ -436,31 +445,31 @@ def test_torch_cuda_arch_list_is_honoured(cuda_torch, monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_toolkit(tmp_path / "cuda"))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
-    plan = cuda_ext.build_plan()
+    plan = extension.build_plan()
     assert plan.cuda and plan.archs == "TORCH_CUDA_ARCH_LIST=8.6"
     assert plan.arch_flags == ("-gencode=arch=compute_86,code=sm_86",), plan.arch_flags
 
 
 def test_source_sets_and_torch_builds_have_distinct_cache_names(monkeypatch):
-    cpu, cuda = cuda_ext.extension_name(False), cuda_ext.extension_name(True)
+    cpu, cuda = extension.extension_name(False), extension.extension_name(True)
     assert cpu != cuda and cpu.isidentifier() and cuda.isidentifier()
     monkeypatch.setattr(torch, "__version__", "9.9.9+cu999")
-    assert cuda_ext.extension_name(False) not in (cpu, cuda)
+    assert extension.extension_name(False) not in (cpu, cuda)
 
 
 def test_a_changed_source_tree_is_another_cache_entry(tmp_path):
     """Two trees sharing torch's extension cache (an upgrade, two checkouts) never load each other's build."""
-    src = cuda_ext.source_dir()
+    src = extension.source_dir()
     tree = tmp_path / "csrc"
     tree.mkdir()
     for f in src.iterdir():
         if f.is_file():
             (tree / f.name).write_bytes(f.read_bytes())
-    same = cuda_ext.source_digest(tree)
-    assert same == cuda_ext.source_digest(src)
+    same = extension.source_digest(tree)
+    assert same == extension.source_digest(src)
     header = next(f for f in sorted(tree.iterdir()) if f.suffix == ".h")
     header.write_bytes(header.read_bytes() + b"\n// changed\n")
-    assert cuda_ext.source_digest(tree) != same
+    assert extension.source_digest(tree) != same
 
 
 def test_failed_cuda_build_falls_back_to_the_cpu_sources(ext, monkeypatch):
@@ -472,17 +481,17 @@ def test_failed_cuda_build_falls_back_to_the_cpu_sources(ext, monkeypatch):
         if cuda:
             raise RuntimeError("nvcc fatal : Unsupported gpu architecture 'compute_80'")
 
-    plan = cuda_ext.BuildPlan(cuda=True, arch_flags=("-gencode=arch=compute_80,code=sm_80",), archs="sm_80")
-    monkeypatch.setattr(cuda_ext, "_state", {})
-    monkeypatch.setattr(cuda_ext, "build_plan", lambda: plan)
-    monkeypatch.setattr(cuda_ext, "_jit_load", fake_load)
-    monkeypatch.setattr(cuda_ext, "has_cuda_kernels", lambda: False)
+    plan = extension.BuildPlan(cuda=True, arch_flags=("-gencode=arch=compute_80,code=sm_80",), archs="sm_80")
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(extension, "build_plan", lambda: plan)
+    monkeypatch.setattr(extension, "_jit_load", fake_load)
+    monkeypatch.setattr(extension, "has_cuda_kernels", lambda: False)
     monkeypatch.setattr(importlib, "import_module", _no_ahead_of_time_build(importlib.import_module))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cuda_ext.load_error() is None
+        assert extension.load_error() is None
     assert built == [True, False]
-    note = cuda_ext.cuda_note()
+    note = extension.cuda_note()
     assert note.startswith("building the CUDA sources for sm_80 failed (RuntimeError: nvcc fatal"), note
     assert note.endswith("ConvTranspose1d uses the torch path on GPU"), note
     assert [w for w in caught if "building the CUDA sources" in str(w.message)]
@@ -499,17 +508,17 @@ def _no_ahead_of_time_build(real):
 
 def test_loaded_extension_matches_the_plan(ext):
     """What this machine built: the CUDA kernels exactly when the plan said so; otherwise a one-line note."""
-    plan = cuda_ext.build_plan()
+    plan = extension.build_plan()
     note = cuda_backend.status_note()
     gpu_tensor = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     if torch.version.cuda is None:
-        assert not cuda_ext.has_cuda_kernels() and "this torch has no CUDA" in note
-    elif plan.cuda and cuda_ext.cuda_note() is None:
-        assert cuda_ext.has_cuda_kernels() and note == "CUDA kernels and their CPU twin"
+        assert not extension.has_cuda_kernels() and "this torch has no CUDA" in note
+    elif plan.cuda and extension.cuda_note() is None:
+        assert extension.has_cuda_kernels() and note == "CUDA kernels and their CPU twin"
         assert cuda_backend.unsupported_reason("lora_conv_transpose1d", gpu_tensor) is None
     else:
-        assert not cuda_ext.has_cuda_kernels()
-        assert note == cuda_ext.cuda_note() and "ConvTranspose1d uses the torch path on GPU" in note, note
+        assert not extension.has_cuda_kernels()
+        assert note == extension.cuda_note() and "ConvTranspose1d uses the torch path on GPU" in note, note
         assert cuda_backend.unsupported_reason("lora_conv_transpose1d", gpu_tensor) == note
 
 
@@ -521,11 +530,12 @@ def test_cuda_torch_without_toolkit_builds_the_cpu_twin(tmp_path):
         "import warnings\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    from rvclora.ops import cuda_backend, cuda_ext\n"
+        "    from rvclora.ops import extension\n"
+        "    from rvclora.ops.backends import cuda as cuda_backend\n"
         "    why = cuda_backend.unavailable_reason()\n"
         "assert why is None, why\n"
         "assert not [w for w in caught if 'rvclora' in str(w.message)], [str(w.message) for w in caught]\n"
-        "assert not cuda_ext.has_cuda_kernels()\n"
+        "assert not extension.has_cuda_kernels()\n"
         "print(cuda_backend.status_note())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "PYTORCH_NVCC")}

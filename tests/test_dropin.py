@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rvclora import LoRAConfig, LoRAConv1d, LoRAConvTranspose1d, LoRALinear, inject_lora, merged_state_dict
 from rvclora import reference as ref
 from rvclora.ops import dispatch, set_backend
-from rvclora.ops import torch_backend as tb
+from rvclora.ops.backends import torch as tb
 
 # the CPU backends whose outputs must be drop-ins (the compiled ``cpu`` backend joins when it is available)
 CPU_BACKENDS = [
@@ -513,7 +513,7 @@ def test_tf32_settings_read_from_the_real_flags_in_a_fresh_process():
         "import types, torch\n"
         "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
         "torch.backends.cudnn.conv.fp32_precision = 'ieee'\n"
-        "from rvclora.ops.torch_backend import _merge_ok\n"
+        "from rvclora.ops.backends.torch import _merge_ok\n"
         "x = types.SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32)\n"
         "print(_merge_ok(x, 0.0, conv=False), _merge_ok(x, 0.0, conv=True))\n"
     )

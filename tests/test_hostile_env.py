@@ -13,8 +13,8 @@ import torch
 from torch.utils import cpp_extension
 
 from rvclora.io import RVCLoRAWarning
-from rvclora.ops import autoselect, cuda_ext, dispatch
-from rvclora.ops import torch_backend as tb
+from rvclora.ops import autoselect, dispatch, extension
+from rvclora.ops.backends import torch as tb
 
 FAKE_GPU = {"name": "Fake GPU 80GB", "capability": "9.0"}
 VERSIONS = {"torch": "2.13.0", "triton": "3.9.0", "rvclora": "0.1.0"}
@@ -153,7 +153,7 @@ def test_a_cache_file_that_is_not_one_is_reported_not_shown_as_zero_decisions(
     assert "rvclora: warning: autoselect cache" in captured.err and "Traceback" not in captured.err
 
 
-_BATON_TORCH = cuda_ext.lock_file_is_a_baton(cpp_extension)
+_BATON_TORCH = extension.lock_file_is_a_baton(cpp_extension)
 
 
 @pytest.mark.skipif(
@@ -164,10 +164,10 @@ _BATON_TORCH = cuda_ext.lock_file_is_a_baton(cpp_extension)
 )
 def test_a_stale_build_lock_times_out_naming_the_directory(tmp_path, monkeypatch) -> None:
     """A lock left by a killed build made the first LoRA forward and rvclora info wait forever."""
-    monkeypatch.setattr(cuda_ext, "_state", {})
-    monkeypatch.setattr(cuda_ext, "build_plan", lambda: cuda_ext.BuildPlan(cuda=False))
-    monkeypatch.setattr(cuda_ext, "extension_name", lambda cuda=None: "rvclora_C_stale_lock_test")
-    monkeypatch.setattr(cuda_ext, "_ops_registered", lambda: False)  # the real ops may be loaded in this process
+    monkeypatch.setattr(extension, "_state", {})
+    monkeypatch.setattr(extension, "build_plan", lambda: extension.BuildPlan(cuda=False))
+    monkeypatch.setattr(extension, "extension_name", lambda cuda=None: "rvclora_C_stale_lock_test")
+    monkeypatch.setattr(extension, "_ops_registered", lambda: False)  # the real ops may be loaded in this process
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("RVCLORA_BUILD_LOCK_TIMEOUT", "0.3")
     from torch.utils.cpp_extension import _get_build_directory
@@ -177,7 +177,7 @@ def test_a_stale_build_lock_times_out_naming_the_directory(tmp_path, monkeypatch
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        err = cuda_ext.load_error()
+        err = extension.load_error()
     assert time.perf_counter() - t0 < 10
     assert err is not None and build_dir in err and "is locked" in err and "RVCLORA_BUILD_LOCK_TIMEOUT" in err, err
     assert [w for w in caught if "'cuda' backend is unavailable" in str(w.message)]
@@ -190,9 +190,9 @@ class _Namespace:
 
 def test_which_torch_treats_the_lock_file_as_held() -> None:
     """torch <= 2.13: FileBaton (existence = held); torch >= 2.14: FileLock (an advisory lock on a file that stays)."""
-    assert cuda_ext.lock_file_is_a_baton(_Namespace(FileBaton=object))
-    assert not cuda_ext.lock_file_is_a_baton(_Namespace(FileLock=object))
-    assert not cuda_ext.lock_file_is_a_baton(_Namespace(FileBaton=object, FileLock=object))
+    assert extension.lock_file_is_a_baton(_Namespace(FileBaton=object))
+    assert not extension.lock_file_is_a_baton(_Namespace(FileLock=object))
+    assert not extension.lock_file_is_a_baton(_Namespace(FileBaton=object, FileLock=object))
 
 
 def test_a_finished_builds_advisory_lock_file_is_not_waited_on(tmp_path, monkeypatch) -> None:
@@ -200,17 +200,17 @@ def test_a_finished_builds_advisory_lock_file_is_not_waited_on(tmp_path, monkeyp
     lock = tmp_path / "lock"
     lock.write_text("")
     waited = []
-    monkeypatch.setattr(cuda_ext, "wait_for_build_lock", lambda *a, **k: waited.append(a))
+    monkeypatch.setattr(extension, "wait_for_build_lock", lambda *a, **k: waited.append(a))
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path), raising=False)
     loaded = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: loaded.append(kw["name"]))
     monkeypatch.setitem(vars(cpp_extension), "FileLock", object)
     monkeypatch.delitem(vars(cpp_extension), "FileBaton", raising=False)
-    cuda_ext._jit_load(tmp_path, False, cuda_ext.BuildPlan(cuda=False))
+    extension._jit_load(tmp_path, False, extension.BuildPlan(cuda=False))
     assert loaded and not waited and lock.exists()
     monkeypatch.delitem(vars(cpp_extension), "FileLock")
     monkeypatch.setitem(vars(cpp_extension), "FileBaton", object)
-    cuda_ext._jit_load(tmp_path, False, cuda_ext.BuildPlan(cuda=False))
+    extension._jit_load(tmp_path, False, extension.BuildPlan(cuda=False))
     assert waited == [(str(tmp_path),)]
 
 
@@ -219,7 +219,7 @@ def test_the_build_waits_for_a_lock_that_goes_away(tmp_path) -> None:
     lock.write_text("")
     threading.Timer(0.2, lock.unlink).start()
     t0 = time.perf_counter()
-    cuda_ext.wait_for_build_lock(str(tmp_path), timeout=10)
+    extension.wait_for_build_lock(str(tmp_path), timeout=10)
     assert 0.15 < time.perf_counter() - t0 < 5
 
 
@@ -231,4 +231,4 @@ def test_the_build_lock_timeout_comes_from_the_environment(monkeypatch, value, w
     monkeypatch.setenv("RVCLORA_BUILD_LOCK_TIMEOUT", value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert cuda_ext.build_lock_timeout() == want
+        assert extension.build_lock_timeout() == want

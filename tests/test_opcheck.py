@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from rvclora.ops import torch_backend as tb
+from rvclora.ops.backends import torch as tb
 
 # backend -> op kind -> (forward custom op, backward custom op)
 OPS = {

@@ -253,7 +253,7 @@ def test_torch_backend_gradcheck_float64():
 
 
 def test_dropout_mask_is_seeded_and_scaled():
-    from rvclora.ops.torch_backend import dropout_mask
+    from rvclora.ops.backends.torch import dropout_mask
 
     s = torch.tensor(42)
     m1 = dropout_mask(s, (64, 64), 0.25, "cpu", torch.float32)
@@ -303,7 +303,7 @@ def test_backward_saves_only_x_u_and_parameters():
 
 @pytest.mark.parametrize("name", ["linear", "conv1d", "conv_transpose1d"])
 def test_opcheck_torch_custom_ops(name):
-    from rvclora.ops import torch_backend as tb
+    from rvclora.ops.backends import torch as tb
 
     d = dict(dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(11)
@@ -391,7 +391,7 @@ def test_auto_on_cpu_runs_the_compiled_backend_where_it_can():
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("conv", [False, True])
 def test_merged_path_used_only_for_fp32_without_dropout(dtype, p, conv):
-    from rvclora.ops.torch_backend import _merge_ok
+    from rvclora.ops.backends.torch import _merge_ok
 
     x = torch.randn(2, 2, dtype=dtype)
     assert _merge_ok(x, p, conv=conv) == (p == 0.0 and dtype in (torch.float32, torch.float64))

@@ -69,7 +69,7 @@ def test_selftest_runs_from_a_plain_checkout_without_a_gpu(tmp_path):
 
 
 def test_a_wrong_backend_fails_its_check(monkeypatch):
-    from rvclora.ops import torch_backend
+    from rvclora.ops.backends import torch as torch_backend
 
     real = torch_backend.lora_linear
     monkeypatch.setattr(torch_backend, "lora_linear", lambda *a: real(*a) * (1 + 1e-3))

@@ -37,7 +37,7 @@ if not INTERPRET and not torch.cuda.is_available():
         allow_module_level=True,
     )
 
-backend = pytest.importorskip("rvclora.kernels.backend")
+backend = pytest.importorskip("rvclora.ops.backends.triton")
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 

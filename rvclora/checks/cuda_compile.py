@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rvclora.ops.cuda_ext import source_dir
+from rvclora.ops.extension import source_dir
 
 ARCHS = (80, 90)
 MAX_REGISTERS = 255

@@ -188,9 +188,6 @@ def _compile_one(job) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rvclora.ops.dispatch import _alias_checkout_kernels
-
-    _alias_checkout_kernels()  # kernels/ as rvclora.kernels, in a plain checkout too
     from rvclora.kernels import lora_kernels
 
     fn = getattr(lora_kernels, kernel_name).fn
@@ -260,9 +257,6 @@ def _compile_one(job) -> Result:
 
 
 def _jobs(archs):
-    from rvclora.ops.dispatch import _alias_checkout_kernels
-
-    _alias_checkout_kernels()  # kernels/ as rvclora.kernels, in a plain checkout too
     from rvclora.kernels import lora_kernels
 
     jobs = []

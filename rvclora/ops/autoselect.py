@@ -246,7 +246,7 @@ class CudaEventTimer:
     """Median seconds per call from CUDA events, candidates interleaved round by round."""
 
     def __call__(self, fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-        events = {name: [] for name in fns}
+        events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -540,7 +540,9 @@ class AutoSelector:
                 good.append(be)
             cpu = x.device.type == "cpu"
             timer = self.timer or (ClockTimer() if cpu else CudaEventTimer())
-            fns = {be.NAME: (lambda be=be: _run(be, op, tensors, kw, grad_out)) for be in good}
+            fns: dict[str, Callable[[], None]] = {
+                be.NAME: functools.partial(_run, be, op, tensors, kw, grad_out) for be in good
+            }
             if len(fns) > 1:
                 for fn in fns.values():
                     fn()  # warm-up: Triton's autotuner and compilation, cuDNN's algorithm search
@@ -559,7 +561,8 @@ class AutoSelector:
 
 def _oracle(op: str, args: Sequence, kw: dict[str, Any], mask: Tensor | None):
     """The oracle (rvclora.reference) on ``args = (x, weight, bias, lora_A, lora_B, scaling)``."""
-    return SPECS[op].run_reference(*args, kw, dropout_mask=mask)
+    x, weight, bias, lora_A, lora_B, scaling = args
+    return SPECS[op].run_reference(x, weight, bias, lora_A, lora_B, scaling, kw, dropout_mask=mask)
 
 
 def _validate(backend, op: str, tensors: dict[str, Tensor], kw: dict[str, Any], grad_out: Tensor | None) -> float:

@@ -35,9 +35,7 @@ capable backend of :data:`_AUTO_ORDER` whose ``prefer`` agrees.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 from types import ModuleType
 
 from .spec import SPECS
@@ -59,11 +57,11 @@ BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 OPS = tuple(SPECS)
 
 _MODULES = {
-    "reference": "rvclora.ops.reference_backend",
-    "torch": "rvclora.ops.torch_backend",
-    "cpu": "rvclora.ops.cpu_backend",
-    "triton": "rvclora.kernels.backend",
-    "cuda": "rvclora.ops.cuda_backend",
+    "reference": "rvclora.ops.backends.reference",
+    "torch": "rvclora.ops.backends.torch",
+    "cpu": "rvclora.ops.backends.cpu",
+    "triton": "rvclora.ops.backends.triton",
+    "cuda": "rvclora.ops.backends.cuda",
 }
 
 # "auto" order per device type: fused backends first, the torch path last. On CPU the compiled ``cpu``
@@ -72,39 +70,6 @@ _MODULES = {
 # "Measured CPU cost"); without a compiler it is unavailable and the torch path runs.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-
-def _alias_checkout_kernels() -> None:
-    """Make ``rvclora.kernels`` importable from a plain source checkout.
-
-    An install maps the top-level ``kernels/`` directory to ``rvclora.kernels`` (package-dir in
-    pyproject.toml). Run from a checkout with ``PYTHONPATH=.`` and nothing installed, that
-    package does not exist; load ``kernels/`` under that name, so the triton backend, the
-    compile check and the selftest work there too.
-    """
-    if "rvclora.kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    init = os.path.join(root, "kernels", "__init__.py")
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    if os.path.isdir(here) or not os.path.isfile(init):
-        return  # an installed package (rvclora/kernels exists) or no checkout around us
-    # A checkout (rvclora/ beside kernels/): its own kernels, even where another copy is installed.
-    spec = importlib.util.spec_from_file_location(
-        "rvclora.kernels", init, submodule_search_locations=[os.path.dirname(init)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rvclora.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules["rvclora.kernels"]
-        raise
-    import rvclora
-
-    rvclora.kernels = module
-
-
-_alias_checkout_kernels()
 
 _override: str | None = None
 _loaded: dict[str, ModuleType | None] = {}
@@ -147,6 +112,14 @@ def load_backend(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def _module(name: str) -> ModuleType:
+    """Backend ``name``'s module, once known to import (the torch backend always does)."""
+    mod = load_backend(name)
+    if mod is None:
+        raise BackendUnavailableError(f"cannot import {_MODULES[name]} ({_import_errors[name]})")
+    return mod
+
+
 def _unavailable(name: str) -> str | None:
     mod = load_backend(name)
     if mod is None:
@@ -160,7 +133,7 @@ def unsupported(name: str, op: str, x, **params) -> str | None:
     why = _unavailable(name)
     if why is not None:
         return why
-    mod = load_backend(name)
+    mod = _module(name)
     if getattr(mod, op, None) is None:
         return f"the {name} backend has no {op}"
     return mod.unsupported_reason(op, x, **params)
@@ -173,11 +146,11 @@ def select_backend(op: str, x, **params) -> ModuleType:
         why = unsupported(requested, op, x, **params)
         if why is not None:
             raise BackendUnavailableError(f"RVCLORA_BACKEND={requested} cannot run {op}: {why}")
-        return load_backend(requested)
+        return _module(requested)
     capable = []
     for name in _AUTO_ORDER.get(x.device.type, ("torch",)):
         if unsupported(name, op, x, **params) is None:
-            capable.append(load_backend(name))
+            capable.append(_module(name))
     fixed = _fixed_choice(op, x, params, capable)
     if not _measured(x) or _tracing():
         # Inside a torch.compile trace the fixed rule decides: the selector's cache and timers are
@@ -185,7 +158,7 @@ def select_backend(op: str, x, **params) -> ModuleType:
         return fixed
     from . import autoselect
 
-    torch_mod = load_backend("torch")
+    torch_mod = _module("torch")
     fused = [m for m in capable if m is not torch_mod]
     return autoselect.get_selector().choose(op, x, params, fused, torch_mod, fixed, _can_measure())
 
@@ -200,7 +173,7 @@ def _fixed_choice(op: str, x, params, capable: list[ModuleType]) -> ModuleType:
         if prefer is not None and not prefer(op, x, **params):
             continue
         return mod
-    return load_backend("torch")
+    return _module("torch")
 
 
 _FIXED_TORCH_OPS = frozenset({"lora_conv_transpose1d"})

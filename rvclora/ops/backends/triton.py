@@ -1,4 +1,5 @@
-"""The ``triton`` backend of :mod:`rvclora.ops` (interface: :mod:`rvclora.ops.dispatch`).
+"""The ``triton`` backend of :mod:`rvclora.ops` (interface: :mod:`rvclora.ops.dispatch`): the Triton kernels of
+the top-level ``kernels/`` (``rvclora.kernels``) and their launchers, registered as ``rvclora::triton_*`` ops.
 
 Covers ``lora_linear`` and ``lora_conv1d`` (every stride, padding incl. asymmetric, dilation,
 groups, padding mode, bias, dropout) on CUDA tensors in fp32, fp16 and bf16, and on CPU tensors
@@ -20,11 +21,14 @@ import os
 
 import torch
 from torch import Tensor
+from torch.library import triton_op
 
-from rvclora.ops.geometry import conv1d_out_len
+from rvclora.kernels import ops as _ops
+from rvclora.kernels.lora_kernels import PAD_MODES
 
-from . import ops as _ops
-from .lora_kernels import PAD_MODES
+from ..autograd import fused_op
+from ..geometry import conv1d_out_len
+from ..spec import SPECS
 
 NAME = "triton"
 
@@ -101,14 +105,29 @@ def prefer(op: str, x: Tensor, **params) -> bool:
     return _rows(op, x, **params) >= MIN_ROWS_FOR_AUTO
 
 
+# --------------------------------------------------------------------------- the ops
+# The launchers of kernels/ops.py as triton ops (inductor traces into their kernels), with the shared autograd.
+
+triton_op("rvclora::triton_lora_linear_fwd", mutates_args={})(_ops.lora_linear_fwd)
+triton_op("rvclora::triton_lora_linear_bwd", mutates_args={})(_ops.lora_linear_bwd)
+triton_op("rvclora::triton_lora_conv1d_fwd", mutates_args={})(_ops.lora_conv1d_fwd)
+triton_op("rvclora::triton_lora_conv1d_bwd", mutates_args={})(_ops.lora_conv1d_bwd)
+triton_op("rvclora::triton_dropout_mask", mutates_args={})(_ops.dropout_mask_fill)
+_linear_run = fused_op(SPECS["lora_linear"], NAME, below_autograd=True, bwd_fake=False)
+_conv1d_run = fused_op(SPECS["lora_conv1d"], NAME, below_autograd=True, bwd_fake=False)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return _ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """Fused ``x·Wᵀ + b + s·(D(x)·Aᵀ)·Bᵀ``; ``x: (..., in)``."""
+    return _linear_run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed if dropout_p > 0.0 else None)
 
 
 def lora_conv1d(
     x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
 ):
-    return _ops.lora_conv1d(
+    """Fused Conv1d + LoRA; ``x: (N, C, T)``, explicit ``padding = (left, right)``."""
+    seed = seed if dropout_p > 0.0 else None
+    return _conv1d_run(
         x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
     )
 
@@ -121,4 +140,7 @@ def lora_conv_transpose1d(
 
 def dropout_mask(seed: Tensor, shape, p: float, device, dtype) -> Tensor:
     """The exact mask (values ``0`` or ``1/(1−p)``, shaped ``shape``) the kernels apply for ``seed``."""
-    return _ops.dropout_mask(seed, shape, p, device, dtype)
+    like = torch.empty(shape, device=device, dtype=dtype)
+    if p == 0.0:
+        return torch.ones_like(like)
+    return torch.ops.rvclora.triton_dropout_mask(seed, like, float(p))

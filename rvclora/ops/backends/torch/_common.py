@@ -1,5 +1,5 @@
-"""What the torch backend's three ops share: masks, dtype/autocast plumbing, the merged-weight rule,
-the autograd factories, grouped 1×1 helpers and the gradient fakes."""
+"""What the torch backend's ops share: masks, dtype/autocast plumbing, the merged-weight rule and grouped 1×1
+helpers (their autograd: :mod:`rvclora.ops.autograd`, shared by every backend)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def dropout_mask(seed: Tensor, shape: Sequence[int], p: float, device, dtype) ->
 def _mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
     if dropout_p == 0.0:
         return None
+    assert seed is not None, "dropout_p > 0 needs a seed"
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
 
 
@@ -100,76 +101,6 @@ def _with_empties(bwd_impl):
 def _lora_dtype(x: Tensor) -> torch.dtype:
     """The LoRA path of half/bfloat16 inputs runs in float32 (one rounding at the end)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _setup(ctx, inputs, output):
-    """Every op's inputs are ``(x, weight, bias, lora_A, lora_B, *non-tensor args, seed)``: autograd keeps
-    ``x``, ``u`` and the parameters (no activation-sized intermediate, no dropped copy of ``x``)."""
-    x, weight, _bias, lora_A, lora_B, *args, seed = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
-    ctx.args = tuple(args)
-
-
-def _backward(ctx, grad_y, bwd):
-    x, u, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[3], n[4]]
-    grads = bwd(grad_y.contiguous(), x, u, weight, lora_A, lora_B, *ctx.args, seed, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (len(n) - 5)
-
-
-def _register_autograd(fwd_op, bwd_op) -> None:
-    """The custom-op path (used under ``torch.compile``): backward through the backward custom op."""
-    fwd_op.register_autograd(lambda ctx, grad_y, grad_u: _backward(ctx, grad_y, bwd_op), setup_context=_setup)
-
-
-def _eager_function(name, fwd_impl, bwd_impl):
-    """A plain ``autograd.Function`` over the same bodies as the custom ops.
-
-    Eager calls skip the custom-op machinery (hundreds of microseconds per call on CPU, times
-    every adapted layer of a model); under ``torch.compile`` the custom ops are used instead,
-    so the graph holds one opaque node per layer.
-    """
-
-    def forward(ctx, *args):
-        out = fwd_impl(*args)
-        _setup(ctx, args, out)
-        return out[0]
-
-    def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, bwd_impl)
-
-    return type(
-        f"_Torch_{name}_Function",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
-    )
-
-
-def _op_runner(name, fwd_op, bwd_op, fwd_impl, bwd_impl):
-    """Register the custom ops' autograd and return ``run(*args) -> y``, the one way every op of this backend
-    is called: the custom op under ``torch.compile`` (one opaque node per layer), the eager Function
-    otherwise."""
-    _register_autograd(fwd_op, bwd_op)
-    function = _eager_function(name, fwd_impl, bwd_impl)
-
-    def run(*args):
-        if torch.compiler.is_compiling():
-            return fwd_op(*args)[0]
-        return function.apply(*args)
-
-    return run
-
-
-def _grad_fakes(x, weight, bias_shape, lora_A, lora_B, needs, x_transposed=False):
-    """Contiguous gradients in each input's dtype (empty 1-D tensors for unneeded ones), as the real ops return
-    (``grad_x`` transposed for a transposed 2-D Linear input)."""
-    shapes = (x.shape, weight.shape, bias_shape, lora_A.shape, lora_B.shape)
-    dts = (x.dtype, x.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
-    out = [x.new_empty(s, dtype=d) if n else x.new_empty(0) for s, d, n in zip(shapes, dts, needs)]
-    if x_transposed and needs[0]:
-        out[0] = x.new_empty(x.shape[1], x.shape[0]).t()
-    return tuple(out)
 
 
 def _grouped_1x1(w: Tensor, x: Tensor, groups: int) -> Tensor:

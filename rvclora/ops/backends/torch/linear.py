@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...autograd import _transposed_2d, fused_op
+from ...spec import SPECS
 from ._common import (
     _cast,
-    _grad_fakes,
     _lora_dtype,
     _mask,
     _merge_ok,
     _no_autocast,
-    _op_runner,
     _with_empties,
 )
 
@@ -77,7 +77,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @_no_autocast
 def _linear_bwd_impl(
-    grad: Tensor,
+    grad_y: Tensor,
     x: Tensor,
     u: Tensor,
     weight: Tensor,
@@ -95,7 +95,7 @@ def _linear_bwd_impl(
     ldt = _lora_dtype(x)
     A, B = _cast(lora_A, ldt), _cast(lora_B, ldt)
     x2 = x.reshape(-1, x.shape[-1])
-    g = grad.reshape(-1, grad.shape[-1])
+    g = grad_y.reshape(-1, grad_y.shape[-1])
     gl = _cast(g, ldt)
     mask = _mask(x2, dropout_p, seed)
     mask = _cast(mask, ldt) if mask is not None else None
@@ -107,6 +107,7 @@ def _linear_bwd_impl(
         # nn.Linear's grad_x of a transposed 2-D input is transposed too (autograd's mm backward)
         gx = torch.mm(w_x.t(), g.t()).t() if _transposed_2d(x) else torch.mm(g, w_x)
         if not merged:
+            assert g_u is not None
             if mask is None and gx.dtype == ldt:
                 gx.addmm_(g_u, A)
             else:
@@ -118,6 +119,7 @@ def _linear_bwd_impl(
     if need_b:
         gbias = g.sum(0)
     if need_A:
+        assert g_u is not None
         xl = _cast(x2, ldt)
         gA = torch.mm(g_u.t(), xl if mask is None else xl * mask).to(lora_A.dtype)
     if need_B:
@@ -131,17 +133,9 @@ _linear_bwd = torch.library.custom_op("rvclora::torch_lora_linear_bwd", mutates_
 )
 
 
-@_linear_bwd.register_fake
-def _(grad, x, u, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
-    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs, _transposed_2d(x))
-
-
-def _transposed_2d(x: Tensor) -> bool:
-    """A transposed matrix (``x.t()`` of a contiguous one), both dims > 1."""
-    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.stride(1) == x.shape[0]
-
-
-_linear_run = _op_runner("linear", _linear_fwd, _linear_bwd, _linear_fwd_impl, _linear_bwd_impl)
+_linear_run = fused_op(
+    SPECS["lora_linear"], "torch", eager_fwd=_linear_fwd_impl, eager_bwd=_linear_bwd_impl, contiguous_grad=True
+)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

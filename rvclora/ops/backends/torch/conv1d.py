@@ -8,18 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import reference as ref
-from ..geometry import conv1d_out_len
+from rvclora import reference as ref
+
+from ...autograd import fused_op
+from ...geometry import conv1d_out_len
+from ...spec import SPECS
 from ._common import (
     _cast,
-    _grad_fakes,
     _grouped_1x1,
     _grouped_outer,
     _lora_dtype,
     _mask,
     _merge_ok,
     _no_autocast,
-    _op_runner,
     _with_empties,
 )
 
@@ -134,8 +135,8 @@ def _thin_conv1d_weight_grad(
     taps.copy_(g_u.reshape(n, groups, rg, t_out).expand(k, -1, -1, -1, -1))
     cols = stacked[..., conv_pad : conv_pad + t_in]
     prod = torch.matmul(cols, xdp.reshape(n, groups, cin_g, t_in).transpose(-1, -2))
-    grad = prod[0] if n == 1 else prod.sum(0)  # (g, k·r/g, in/g)
-    return grad.reshape(groups, k, rg, cin_g).permute(0, 2, 3, 1).reshape(r, cin_g * k)
+    grad_y = prod[0] if n == 1 else prod.sum(0)  # (g, k·r/g, in/g)
+    return grad_y.reshape(groups, k, rg, cin_g).permute(0, 2, 3, 1).reshape(r, cin_g * k)
 
 
 def _merged_conv1d_weight(weight: Tensor, a2: Tensor, B: Tensor, scaling: float, groups: int) -> Tensor:
@@ -246,7 +247,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
 
 
 def _conv1d_bwd_lean(
-    grad: Tensor,
+    grad_y: Tensor,
     x: Tensor,
     u: Tensor,
     weight: Tensor,
@@ -263,10 +264,10 @@ def _conv1d_bwd_lean(
     need_x, need_w, need_b, need_A, need_B = needs
     out, cin, k = weight.shape
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    g2 = grad[0]
+    g2 = grad_y[0]
     w_eff = torch.addmm(weight.reshape(out, cin * k), B, A, alpha=scaling).view(out, cin, k)
     gx, gw, gbias = torch.ops.aten.convolution_backward(
-        grad, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
+        grad_y, x, w_eff, [out] if need_b else None, [1], [pad], [dilation], False, [0], 1, [need_x, need_w, need_b]
     )
     gA = _lean_grad_A(g2, x, B, scaling, pad, dilation, k).to(lora_A.dtype) if need_A else None
     gB = _lean_grad_B(g2, u, scaling).to(lora_B.dtype) if need_B else None
@@ -291,7 +292,7 @@ def _lean_grad_B(g2: Tensor, u: Tensor, scaling: float) -> Tensor:
 
 @_no_autocast
 def _conv1d_bwd_impl(
-    grad: Tensor,
+    grad_y: Tensor,
     x: Tensor,
     u: Tensor,
     weight: Tensor,
@@ -321,18 +322,18 @@ def _conv1d_bwd_impl(
         and padding_mode == "zeros"
         and padding[0] == padding[1]
     ):
-        return _conv1d_bwd_lean(grad, x, u, weight, lora_A, lora_B, scaling, padding[0], dilation, needs)
+        return _conv1d_bwd_lean(grad_y, x, u, weight, lora_A, lora_B, scaling, padding[0], dilation, needs)
     a3 = _cast(lora_A, ldt).reshape(r, -1, k)
     B = _cast(lora_B, ldt)
     xp, cpad = _conv1d_prepare(x, padding, padding_mode)
     mask = _mask(x, dropout_p, seed)
     xdp = _lora_input(x, xp, mask, padding, padding_mode, ldt)
-    gl = _cast(grad, ldt)
+    gl = _cast(grad_y, ldt)
     g_u = _grouped_1x1(B.reshape(groups, -1, B.shape[1]).transpose(1, 2).reshape(r, -1) * scaling, gl, groups)
     w_base = _merged_conv1d_weight(weight, a3.reshape(r, -1), B, scaling, groups) if merged else weight
     bias_sizes = [weight.shape[0]] if need_b else None
     gxp, gw, gbias = torch.ops.aten.convolution_backward(
-        grad, xp, w_base, bias_sizes, [stride], [cpad], [dilation], False, [0], groups, [need_x, need_w, need_b]
+        grad_y, xp, w_base, bias_sizes, [stride], [cpad], [dilation], False, [0], groups, [need_x, need_w, need_b]
     )
     gx = gA = gB = None
     need_thin_x = need_x and not merged
@@ -360,32 +361,10 @@ _conv1d_bwd = torch.library.custom_op("rvclora::torch_lora_conv1d_bwd", mutates_
 )
 
 
-@_conv1d_bwd.register_fake
-def _(
-    grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed, needs
-):
-    return _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
+_conv1d_run = fused_op(
+    SPECS["lora_conv1d"], "torch", eager_fwd=_conv1d_fwd_impl, eager_bwd=_conv1d_bwd_impl, contiguous_grad=True
+)
 
 
-_conv1d_run = _op_runner("conv1d", _conv1d_fwd, _conv1d_bwd, _conv1d_fwd_impl, _conv1d_bwd_impl)
-
-
-def lora_conv1d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
-):
-    args = (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        list(padding),
-        dilation,
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    )
-    return _conv1d_run(*args)
+def lora_conv1d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, *rest):
+    return _conv1d_run(x, weight, bias, lora_A, lora_B, scaling, stride, list(padding), *rest)

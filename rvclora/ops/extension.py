@@ -73,7 +73,10 @@ HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h", "lo
 # What the kernels' tiles are sized for and what rvclora.checks.cuda_compile verifies.
 CUDA_ARCHS = ("8.0", "9.0")
 # One op the CPU sources define: its registration tells whether the library is loaded.
-_PROBE_OP = "rvclora::lora_convt_fwd"
+_PROBE_OP = "rvclora::cuda_lora_conv_transpose1d_fwd"
+_NOT_REGISTERED = (
+    "the rvclora._C extension loaded but did not register torch.ops.rvclora.cuda_lora_conv_transpose1d_fwd"
+)
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -163,7 +166,8 @@ def build_plan() -> BuildPlan:
     """Decide what to build from this torch and this machine (never from whether a GPU is visible alone)."""
     home, why = cuda_toolkit()
     if home is None:
-        return BuildPlan(cuda=False, note=None if torch.version.cuda is None else _cpu_only_note(why))
+        note = None if torch.version.cuda is None else _cpu_only_note(why or "no CUDA toolkit")
+        return BuildPlan(cuda=False, note=note)
     flags, archs = arch_flags()
     return BuildPlan(cuda=True, arch_flags=tuple(flags), archs=archs)
 
@@ -201,7 +205,7 @@ def extension_name(cuda: bool | None = None) -> str:
 
 
 def _ops_registered() -> bool:
-    return hasattr(torch.ops.rvclora, "lora_convt_fwd")
+    return hasattr(torch.ops.rvclora, _PROBE_OP.split("::")[1])
 
 
 def has_cuda_kernels() -> bool:
@@ -335,14 +339,14 @@ def _build() -> tuple[str | None, str | None]:
             warnings.warn(f"rvclora: {note}", RuntimeWarning, stacklevel=4)
         else:
             if not _ops_registered():
-                return "the rvclora._C extension loaded but did not register torch.ops.rvclora.lora_convt_fwd", None
+                return _NOT_REGISTERED, None
             return None, None
     try:
         _jit_load(src, False, plan)
     except Exception as e:  # noqa: BLE001 - any build failure (no compiler, no ninja, compile error) disables us
         return f"building the rvclora._C extension from {src} failed ({_describe(e)})", note
     if not _ops_registered():
-        return "the rvclora._C extension loaded but did not register torch.ops.rvclora.lora_convt_fwd", note
+        return _NOT_REGISTERED, note
     return None, note
 
 

@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import reference as ref
+from rvclora import reference as ref
+
+from ...autograd import fused_op
+from ...spec import SPECS
 from ._common import (
     _cast,
-    _grad_fakes,
     _lora_dtype,
     _mask,
     _no_autocast,
-    _op_runner,
     _with_empties,
 )
 
@@ -120,7 +121,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, group
 
 @_no_autocast
 def _conv2d_bwd_impl(
-    grad: Tensor,
+    grad_y: Tensor,
     x: Tensor,
     u: Tensor,
     weight: Tensor,
@@ -145,11 +146,11 @@ def _conv2d_bwd_impl(
     mask = _mask(x, dropout_p, seed)
     bias_sizes = [weight.shape[0]] if need_b else None
     gxp, gw, gbias = torch.ops.aten.convolution_backward(
-        grad, xp, weight, bias_sizes, stride, cpad, dilation, False, [0, 0], groups, [need_x, need_w, need_b]
+        grad_y, xp, weight, bias_sizes, stride, cpad, dilation, False, [0, 0], groups, [need_x, need_w, need_b]
     )
     gx = gA = gB = None
     if need_x or need_A or need_B:
-        gl = _cast(grad, ldt)
+        gl = _cast(grad_y, ldt)
         g_u, gb4, _ = torch.ops.aten.convolution_backward(
             gl, u, b4, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [need_x or need_A, need_B, False]
         )
@@ -183,33 +184,10 @@ _conv2d_bwd = torch.library.custom_op("rvclora::torch_lora_conv2d_bwd", mutates_
 )
 
 
-@_conv2d_bwd.register_fake
-def _(
-    grad, x, u, weight, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed, needs
-):
-    gx, *rest = _grad_fakes(x, weight, (weight.shape[0],), lora_A, lora_B, needs)
-    return (gx.contiguous(memory_format=_out_format(x)) if needs[0] else gx, *rest)
+_conv2d_run = fused_op(
+    SPECS["lora_conv2d"], "torch", eager_fwd=_conv2d_fwd_impl, eager_bwd=_conv2d_bwd_impl, contiguous_grad=True
+)
 
 
-_conv2d_run = _op_runner("conv2d", _conv2d_fwd, _conv2d_bwd, _conv2d_fwd_impl, _conv2d_bwd_impl)
-
-
-def lora_conv2d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, groups, padding_mode, dropout_p, seed
-):
-    args = (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        padding_mode,
-        dropout_p,
-        seed,
-    )
-    return _conv2d_run(*args)
+def lora_conv2d(x, weight, bias, lora_A, lora_B, scaling, stride, padding, dilation, *rest):
+    return _conv2d_run(x, weight, bias, lora_A, lora_B, scaling, list(stride), list(padding), list(dilation), *rest)

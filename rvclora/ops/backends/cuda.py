@@ -2,16 +2,16 @@
 
 Ops (``torch.ops.rvclora``, defined in csrc/lora_convt_cpu.cpp, kernels for CPU and CUDA)::
 
-    lora_convt_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding, output_padding,
-                   dilation, groups, dropout_p, seed?) -> (y, u)
-    lora_convt_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, stride, ..., seed?,
-                   need_x, need_weight, need_A, need_B) -> (grad_x, grad_weight, grad_A, grad_B)
-    lora_convt_dropout_mask(like, seed, dropout_p) -> mask
+    cuda_lora_conv_transpose1d_fwd(x, weight, bias?, lora_A, lora_B, scaling, stride, padding,
+                                   output_padding, dilation, groups, dropout_p, seed?) -> (y, u)
+    cuda_lora_conv_transpose1d_bwd(grad_y, x, u, weight, lora_A, lora_B, scaling, stride, ..., seed?,
+                                   needs[5]) -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)
+    cuda_dropout_mask(like, seed, dropout_p) -> mask
 
 ``y = convT(concat[x, s·A·D(x)], concat[W, B]) + b`` in one kernel; ``u = A·D(x)``
 (``(N, r, T)``, fp32 for half inputs) is what backward needs for ``grad_B``. Entries of an
-unrequested gradient are empty ``(0,)`` tensors. The fake (meta) kernels and the autograd
-formula are registered here with ``torch.library``.
+unrequested gradient are empty ``(0,)`` tensors. The forward's fake (meta) kernel is registered
+here; the autograd, the backward's fake and the eager fast path by :func:`rvclora.ops.autograd.fused_op`.
 
 On CPU tensors the same kernel bodies run through the CPU twin (float32 and float64): that is
 how the GPU kernel's indexing is tested on machines without a GPU. Shapes:
@@ -20,13 +20,13 @@ how the GPU kernel's indexing is tested on machines without a GPU. Shapes:
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
-from . import cuda_ext
-from .geometry import conv_transpose1d_out_len
+from .. import extension
+from ..autograd import fused_op, run_once
+from ..geometry import conv_transpose1d_out_len
+from ..spec import SPECS
 
 NAME = "cuda"
 
@@ -35,9 +35,6 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 # Per-block shared memory the launcher may use without an opt-in (lora_convt_cuda.h).
 _MAX_SMEM = 48 * 1024
 _FWD_TQ, _BWD_TT = 64, 64  # tile lengths of lora_convt_kernel.cuh
-
-_registered = threading.Event()
-_register_lock = threading.Lock()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,80 +51,24 @@ def _fwd_fake(
     return y, u
 
 
-def _bwd_fake(
-    grad_y,
-    x,
-    weight,
-    lora_A,
-    lora_B,
-    u,
-    scaling,
-    stride,
-    padding,
-    output_padding,
-    dilation,
-    groups,
-    dropout_p,
-    seed,
-    need_x,
-    need_weight,
-    need_A,
-    need_B,
-):
-    def out(need, like):
-        return x.new_empty(like.shape) if need else x.new_empty((0,))
-
-    return out(need_x, x), out(need_weight, weight), out(need_A, lora_A), out(need_B, lora_B)
-
-
 def _mask_fake(like, seed, dropout_p):
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed = (
-        inputs
-    )
-    _, u = output
-    # x and u are the LoRA's memory cost (docs/maths.md, memory); the dropout mask is regenerated from seed.
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
-    ctx.conv = (scaling, stride, padding, output_padding, dilation, groups, dropout_p)
-    ctx.mark_non_differentiable(u)
-
-
-def _backward(ctx, grad_y, _grad_u):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    grads = [None] * 13
-    if need_x or need_w or need_A or need_B:
-        gx, gw, gA, gB = torch.ops.rvclora.lora_convt_bwd(
-            grad_y, x, weight, lora_A, lora_B, u, *ctx.conv, seed, need_x, need_w, need_A, need_B
-        )
-        grads[0] = gx if need_x else None
-        grads[1] = gw if need_w else None
-        grads[3] = gA if need_A else None
-        grads[4] = gB if need_B else None
-    if need_b:
-        grads[2] = grad_y.sum((0, 2))
-    return tuple(grads)
-
-
+@run_once
 def _register_python_parts() -> None:
     """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
-    if _registered.is_set():
-        return
-    with _register_lock:
-        if _registered.is_set():
-            return
-        torch.library.register_fake("rvclora::lora_convt_fwd")(_fwd_fake)
-        torch.library.register_fake("rvclora::lora_convt_bwd")(_bwd_fake)
-        torch.library.register_fake("rvclora::lora_convt_dropout_mask")(_mask_fake)
-        torch.library.register_autograd("rvclora::lora_convt_fwd", _backward, setup_context=_setup_context)
-        _registered.set()
+    torch.library.register_fake("rvclora::cuda_lora_conv_transpose1d_fwd")(_fwd_fake)
+    torch.library.register_fake("rvclora::cuda_dropout_mask")(_mask_fake)
+    _RUN["lora_conv_transpose1d"] = fused_op(SPECS["lora_conv_transpose1d"], NAME, below_autograd=True)
+
+
+#: ``run(*args) -> y`` per op (:func:`rvclora.ops.autograd.fused_op`), once the extension is loaded.
+_RUN: dict = {}
 
 
 def unavailable_reason() -> str | None:
-    err = cuda_ext.load_error()
+    err = extension.load_error()
     if err is None:
         _register_python_parts()
     return err
@@ -137,8 +78,8 @@ def status_note() -> str:
     """What "available" means here, for ``rvclora info``: with a CUDA torch, whether the CUDA part was built."""
     if torch.version.cuda is None:
         return "CPU twin of the CUDA kernel only (this torch has no CUDA; CPU tensors run it only when requested)"
-    note = cuda_ext.cuda_note()
-    if note is not None or not cuda_ext.has_cuda_kernels():
+    note = extension.cuda_note()
+    if note is not None or not extension.has_cuda_kernels():
         return note or "CPU twin only: the loaded extension has no CUDA kernels"
     return "CUDA kernels and their CPU twin"
 
@@ -152,8 +93,8 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
     elif x.device.type == "cuda":
         if torch.version.cuda is None:
             return "torch was built without CUDA, so the extension has no CUDA kernels"
-        if not cuda_ext.has_cuda_kernels():
-            return cuda_ext.cuda_note() or "the loaded rvclora._C extension has no CUDA kernels"
+        if not extension.has_cuda_kernels():
+            return extension.cuda_note() or "the loaded rvclora._C extension has no CUDA kernels"
         if x.dtype not in _CUDA_DTYPES:
             return f"the CUDA kernel runs float32, float64, float16 and bfloat16, got {x.dtype}"
     else:
@@ -195,22 +136,9 @@ def lora_conv_transpose1d(
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
-    y, _ = torch.ops.rvclora.lora_convt_fwd(
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        float(scaling),
-        int(stride),
-        int(padding),
-        int(output_padding),
-        int(dilation),
-        int(groups),
-        float(dropout_p),
-        seed,
+    return _RUN["lora_conv_transpose1d"](
+        x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
     )
-    return y
 
 
 def dropout_mask(seed: Tensor | None, shape, p: float, device, dtype) -> Tensor:
@@ -223,4 +151,4 @@ def dropout_mask(seed: Tensor | None, shape, p: float, device, dtype) -> Tensor:
             raise ValueError(f"dropout_mask: p={p} > 0 needs a seed")
         seed = torch.zeros((), dtype=torch.int64)
     like = torch.empty(tuple(shape), device=device, dtype=dtype)
-    return torch.ops.rvclora.lora_convt_dropout_mask(like, seed, float(p))
+    return torch.ops.rvclora.cuda_dropout_mask(like, seed, float(p))

@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..geometry import conv_transpose1d_out_len
+from ...autograd import fused_op
+from ...geometry import conv_transpose1d_out_len
+from ...spec import SPECS
 from ._common import (
     _cast,
-    _grad_fakes,
     _grouped_1x1,
     _grouped_outer,
     _lora_dtype,
     _mask,
     _merge_ok,
     _no_autocast,
-    _op_runner,
     _with_empties,
 )
 
@@ -65,7 +65,7 @@ def _polyphase(g: Tensor, stride: int, padding: int, dilation: int, k: int, t_in
 
 
 def _convt_lora_grads(
-    grad: Tensor, u: Tensor, b3: Tensor, stride: int, padding: int, dilation: int, groups: int, need_b: bool
+    grad_y: Tensor, u: Tensor, b3: Tensor, stride: int, padding: int, dilation: int, groups: int, need_b: bool
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(convT_B^T(g), grad_B3)`` for ``u: (N, r, T)``, ``b3: (r, out/g, k)`` — unscaled.
 
@@ -75,7 +75,7 @@ def _convt_lora_grads(
     n, r, t_in = u.shape
     _, og, k = b3.shape
     rg = r // groups
-    view = _polyphase(grad, stride, padding, dilation, k, t_in)
+    view = _polyphase(grad_y, stride, padding, dilation, k, t_in)
     bg = b3.reshape(groups, rg, og, k)
     ug = u.reshape(n, groups, rg, t_in)
     g_u = u.new_zeros(n, groups, rg, t_in)
@@ -83,10 +83,10 @@ def _convt_lora_grads(
     for tap in range(k):
         gs = view(tap).reshape(n, groups, og, t_in)
         g_u += torch.matmul(bg[..., tap], gs)
-        if need_b:
+        if gB is not None:
             prod = torch.matmul(ug, gs.transpose(-1, -2))  # (n, g, r/g, out/g)
             gB[..., tap] = prod[0] if n == 1 else prod.sum(0)
-    return g_u.reshape(n, r, t_in), (gB.reshape(r, og, k) if need_b else None)
+    return g_u.reshape(n, r, t_in), (gB.reshape(r, og, k) if gB is not None else None)
 
 
 # --------------------------------------------------------------------------- ConvTranspose1d
@@ -142,7 +142,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding,
 
 @_no_autocast
 def _convt_bwd_impl(
-    grad: Tensor,
+    grad_y: Tensor,
     x: Tensor,
     u: Tensor,
     weight: Tensor,
@@ -171,19 +171,20 @@ def _convt_bwd_impl(
     bias_sizes = [weight.shape[1] * groups] if need_b else None
     conv_args = ([stride], [padding], [dilation], True, [output_padding], groups)
     gx, gw, gbias = torch.ops.aten.convolution_backward(
-        grad, x, w_base, bias_sizes, *conv_args, [need_x, need_w, need_b]
+        grad_y, x, w_base, bias_sizes, *conv_args, [need_x, need_w, need_b]
     )
     gA = gB = None
     if need_A or need_B or (need_x and not merged):
         # g_u = s·convT_B^T(g): the strided correlation of g with B, r output channels.
-        if grad.device.type == "cpu" and u.shape[0] * u.shape[-1] >= 256:
-            g_u, gb3 = _convt_lora_grads(_cast(grad, ldt), u, b3, stride, padding, dilation, groups, need_B)
+        if grad_y.device.type == "cpu" and u.shape[0] * u.shape[-1] >= 256:
+            g_u, gb3 = _convt_lora_grads(_cast(grad_y, ldt), u, b3, stride, padding, dilation, groups, need_B)
         else:
             g_u, gb3, _ = torch.ops.aten.convolution_backward(
-                _cast(grad, ldt), u, b3, None, *conv_args, [True, need_B, False]
+                _cast(grad_y, ldt), u, b3, None, *conv_args, [True, need_B, False]
             )
         g_u = g_u * scaling
         if need_B:
+            assert gb3 is not None
             gB = (gb3 * scaling).reshape(r, -1).to(lora_B.dtype)
         if need_A:
             xl = _cast(x, ldt)
@@ -200,46 +201,10 @@ _convt_bwd = torch.library.custom_op("rvclora::torch_lora_conv_transpose1d_bwd",
 )
 
 
-@_convt_bwd.register_fake
-def _(
-    grad,
-    x,
-    u,
-    weight,
-    lora_A,
-    lora_B,
-    scaling,
-    stride,
-    padding,
-    output_padding,
-    dilation,
-    groups,
-    dropout_p,
-    seed,
-    needs,
-):
-    return _grad_fakes(x, weight, (weight.shape[1] * groups,), lora_A, lora_B, needs)
+_convt_run = fused_op(
+    SPECS["lora_conv_transpose1d"], "torch", eager_fwd=_convt_fwd_impl, eager_bwd=_convt_bwd_impl, contiguous_grad=True
+)
 
 
-_convt_run = _op_runner("convt", _convt_fwd, _convt_bwd, _convt_fwd_impl, _convt_bwd_impl)
-
-
-def lora_conv_transpose1d(
-    x, weight, bias, lora_A, lora_B, scaling, stride, padding, output_padding, dilation, groups, dropout_p, seed
-):
-    args = (
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        scaling,
-        stride,
-        padding,
-        output_padding,
-        dilation,
-        groups,
-        dropout_p,
-        seed,
-    )
-    return _convt_run(*args)
+#: the entry point: the runner itself (every argument passes through as it is)
+lora_conv_transpose1d = _convt_run

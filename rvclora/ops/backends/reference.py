@@ -1,6 +1,6 @@
 """The ``reference`` backend: the oracle run through plain autograd (slow, for checking).
 
-Its dropout mask is the torch backend's (:func:`rvclora.ops.torch_backend.dropout_mask`),
+Its dropout mask is the torch backend's (:func:`rvclora.ops.backends.torch.dropout_mask`),
 so ``reference`` and ``torch`` give the same result for the same seed.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .spec import SPECS
-from .torch_backend import dropout_mask
+from ..spec import SPECS
+from .torch import dropout_mask
 
 NAME = "reference"
 
@@ -25,6 +25,7 @@ def unsupported_reason(op: str, x: Tensor, **params) -> str | None:
 def _mask(x: Tensor, dropout_p: float, seed: Tensor | None):
     if dropout_p == 0.0:
         return None
+    assert seed is not None, "dropout_p > 0 needs a seed"
     return dropout_mask(seed, x.shape, dropout_p, x.device, x.dtype)
 
 

@@ -22,11 +22,12 @@ Fast, not naive (the performance model: docs/maths.md):
 Each op is a ``torch.library`` custom op (``rvclora::torch_*``) with a fake implementation
 and an autograd formula, so ``torch.compile(fullgraph=True)`` traces it as one node.
 
-The package, one module per op (each read top to bottom: forward, its fake, backward, its fake,
-the autograd registration, the entry point), over one shared module:
+The package, one module per op (each read top to bottom: forward, its fake, backward, the
+:func:`~rvclora.ops.autograd.fused_op` registration, the entry point), over one shared module:
 
-* ``_common.py``  — masks, dtype and autocast plumbing, the merged-weight rule, the custom-op
-  autograd and eager ``autograd.Function`` factories, grouped 1×1 helpers, the gradient fakes;
+* ``_common.py``  — masks, dtype and autocast plumbing, the merged-weight rule, grouped 1×1 helpers
+  (the custom-op autograd, the eager ``autograd.Function`` and the gradient fakes are
+  :func:`rvclora.ops.autograd.fused_op`'s, shared by every backend);
 * ``linear.py``, ``conv1d.py``, ``conv_transpose1d.py``, ``conv2d.py`` — the ops (Conv2d: plain and exact,
   the LoRA term always separate).
 """
