@@ -34,6 +34,7 @@
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/reflection_pad1d.h>
 #include <ATen/ops/reflection_pad1d_backward.h>
@@ -1260,9 +1261,49 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 
 // --------------------------------------------------------------------------- ConvTranspose1d ops
 
+// The hand-vectorised passes (csrc/lora_cpu_simd.cpp) run float32 calls with groups 1 and no dropout, on a
+// CPU with AVX2+FMA or AVX-512: u = A·x is the Conv1d u pass with one tap, the backward's g_u, grad_A
+// and grad_B run on g split by phase (t mod stride), and the unmerged input gradient's term Aᵀ·g_u is the
+// Conv1d one with one tap.
+bool simd_convt(const Tensor& x, const CTGeom& g, double dropout_p) {
+  return x.scalar_type() == at::kFloat && dropout_p == 0.0 && g.G == 1 && rvclora_cpu_simd::isa() > 0 &&
+         g.N * g.T > 0;
+}
+
+rvclora_cpu_simd::TDims simd_tdims(const CTGeom& g) {
+  return {g.N, g.Cin, g.T, g.Cout, g.K, g.r, g.stride, g.pad, g.dil, g.L};
+}
+
+// u = A·x (and grad_x += Aᵀ·g_u) as a Conv1d with one tap over the input's time.
+rvclora_cpu_simd::Dims simd_pointwise(const CTGeom& g) { return {g.N, g.Cin, g.T, g.r, 1, g.r, 0, 1, g.T}; }
+
 // Merging costs a pass over the weight (in·out/g·k) per call; when the weight dwarfs the input
 // (RVC's first upsampler: 32 frames, a 512×256×16 weight) the separate LoRA term is cheaper.
 bool convt_merge_pays(const Tensor& x, const Tensor& weight) { return weight.numel() <= x.numel() * weight.size(2); }
+
+// y (N, Cout, L) += s·Σ_{j,k} B[j, o·K + k]·u[j, t] at l = t·stride + k·dil − pad (groups 1).
+void y_add_convt_lora(Tensor& y, const Tensor& u, const Tensor& B, const CTGeom& g, double s) {
+  const Tensor cols = at::matmul(B.t(), u).contiguous();  // (N, Cout·K, T)
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rvclora_cpu_convt_col2im", [&] {
+    const scalar_t* c = cols.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const scalar_t sc = static_cast<scalar_t>(s);
+    at::parallel_for(0, g.N * g.Cout, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        scalar_t* yr = yp + row * g.L;
+        const int64_t n = row / g.Cout, o = row % g.Cout;
+        for (int64_t k = 0; k < g.K; ++k) {
+          const scalar_t* cr = c + ((n * g.Cout + o) * g.K + k) * g.T;
+          const int64_t off = k * g.dil - g.pad;
+          // t with 0 ≤ t·stride + off < L
+          const int64_t lo = off >= 0 ? 0 : (-off + g.stride - 1) / g.stride;
+          const int64_t hi = g.L - 1 - off < 0 ? 0 : std::min(g.T, (g.L - 1 - off) / g.stride + 1);
+          for (int64_t t = lo; t < hi; ++t) yr[t * g.stride + off] += sc * cr[t];
+        }
+      }
+    });
+  });
+}
 
 std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                      const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,
@@ -1274,7 +1315,13 @@ std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, cons
   const Tensor xc = x.contiguous();
   Tensor u = at::empty({g.N, g.r, g.T}, x.options());
   const bool blas = blas_for(x, ct_largest(g));
+  const bool simd = simd_convt(x, g, dropout_p);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_fwd", [&] {
+    if (simd) {
+      rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(), u.mutable_data_ptr<float>(),
+                                 simd_pointwise(g));
+      return;
+    }
     if (blas) {
       CTFwdB<scalar_t> p{xc.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), g,
                          make_dropout<scalar_t>(seed, dropout_p), 0, 0};
@@ -1292,7 +1339,11 @@ std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, cons
   const bool merged = dropout_p == 0.0 && convt_merge_pays(x, weight);
   const Tensor w = merged ? merged_convt_weight(weight, A, B, scaling, groups) : weight;
   Tensor y = at::convolution(xc, w, bias, {stride}, {padding}, {dilation}, true, {output_padding}, groups).contiguous();
-  if (!merged) {
+  if (!merged && groups == 1) {
+    // y += s·col2im(Bᵀ·u): one GEMM per sample (K·C_out × r × T), then every column is added at its output
+    // position; the library's transposed convolution with r input channels ran this at a fraction of the speed
+    y_add_convt_lora(y, u, B, g, scaling);
+  } else if (!merged) {
     const Tensor lora = at::convolution(u, B.view({g.r, g.cout_g, g.K}), std::nullopt, {stride}, {padding},
                                         {dilation}, true, {output_padding}, groups);
     y.add_(lora, scaling);
@@ -1325,7 +1376,19 @@ Grads5 convt_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const T
     if (need_b) gbias = gbias_;
   }
   const bool lora_x = need_x && !merged;
-  if (need_A || need_B || lora_x) {
+  if (simd_convt(x, g, dropout_p) && (need_A || need_B || lora_x)) {
+    if (need_A) gA_ = at::empty({g.r, g.cin_g}, x.options());
+    if (need_B) gB_ = at::empty({g.r, g.cout_g * g.K}, x.options());
+    Tensor gu = lora_x ? at::empty({g.N, g.r, g.T}, x.options()) : Tensor();
+    rvclora_cpu_simd::convt_bwd(gy.const_data_ptr<float>(), xc.const_data_ptr<float>(), uc.const_data_ptr<float>(),
+                                B.const_data_ptr<float>(), static_cast<float>(scaling),
+                                need_A ? gA_.mutable_data_ptr<float>() : nullptr,
+                                need_B ? gB_.mutable_data_ptr<float>() : nullptr,
+                                lora_x ? gu.mutable_data_ptr<float>() : nullptr, simd_tdims(g));
+    if (lora_x)
+      rvclora_cpu_simd::conv1d_grad_x(gu.const_data_ptr<float>(), A.const_data_ptr<float>(),
+                                      gx.mutable_data_ptr<float>(), simd_pointwise(g));
+  } else if (need_A || need_B || lora_x) {
     const bool blas = blas_for(x, ct_largest(g));
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_convt_bwd", [&] {
       if (blas) {
@@ -1469,7 +1532,7 @@ int64_t cpu_parallel_threads() {
 
 std::string cpu_info() {
   const std::string simd = rvclora_cpu_simd::isa() > 0
-                               ? std::string("Conv1d float32 thin passes: ") + rvclora_cpu_simd::isa_name() +
+                               ? std::string("Conv1d and ConvTranspose1d float32 thin passes: ") + rvclora_cpu_simd::isa_name() +
                                      " kernels; other "
                                : std::string("");
   const int64_t threads = cpu_parallel_threads();

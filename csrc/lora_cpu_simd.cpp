@@ -258,4 +258,84 @@ void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d) {
 #endif
 }
 
+void convt_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
+               float* gu, const TDims& d) {
+#if RVC_SIMD_BUILT
+  const int level = isa();
+  TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
+  const int64_t S = d.stride, Tp = (d.L + S - 1) / S, ncol = d.Cout * d.K;
+  // g split by phase: gp[n][o][p][t'] = g[n][o][t'·S + p] (0 past L); with stride 1 it is g itself
+  std::vector<float> gp_buf(S > 1 ? static_cast<size_t>(d.N * d.Cout * S * Tp) : 0);
+  if (S > 1) {
+    at::parallel_for(0, d.N * d.Cout, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const float* src = g + row * d.L;
+        float* dst = gp_buf.data() + row * S * Tp;
+        for (int64_t p = 0; p < S; ++p)
+          for (int64_t t = 0; t < Tp; ++t) {
+            const int64_t l = t * S + p;
+            dst[p * Tp + t] = l < d.L ? src[l] : 0.f;
+          }
+      }
+    });
+  }
+  const float* gp = S > 1 ? gp_buf.data() : g;
+  const int64_t per_n = d.Cout * S * Tp;
+  // column (o, k): g[o, t·S + v] with v = k·dil − pad = p + S·sh, 0 ≤ p < S  →  row (o, p), shift sh
+  std::vector<int64_t> coff(ncol), cshift(ncol);
+  int64_t lo = 0, hi = 0;
+  for (int64_t o = 0; o < d.Cout; ++o)
+    for (int64_t k = 0; k < d.K; ++k) {
+      const int64_t v = k * d.dil - d.pad;
+      const int64_t sh = v >= 0 ? v / S : -((-v + S - 1) / S), p = v - sh * S;
+      coff[o * d.K + k] = (o * S + p) * Tp, cshift[o * d.K + k] = sh;
+      if (o == 0 && k == 0) lo = hi = sh;
+      lo = std::min(lo, sh), hi = std::max(hi, sh);
+    }
+  std::vector<int64_t> x_off(d.Cin), zero_shift(std::max(d.Cin, ncol), 0), a_out(d.Cin), b_out(ncol);
+  for (int64_t c = 0; c < d.Cin; ++c) x_off[c] = c * d.T, a_out[c] = c;
+  for (int64_t q = 0; q < ncol; ++q) b_out[q] = q;
+  std::vector<float> Bs(static_cast<size_t>(d.r * ncol));
+  for (int64_t i = 0; i < d.r * ncol; ++i) Bs[i] = s * B[i];
+  const int64_t L = block_len(d.T, d.N, 1536, 1);
+  const int64_t nblk = (d.T + L - 1) / L;
+  const int64_t ldl = (L + kLanes - 1) / kLanes * kLanes;
+  const int64_t sizeA = gA ? d.r * d.Cin : 0, sizeB = gB ? d.r * ncol : 0;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<float> partA(static_cast<size_t>(sizeA * threads), 0.f), partB(static_cast<size_t>(sizeB * threads), 0.f);
+  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "rvclora cpu: thread id ", tid, " outside the pool of ", threads);
+    float* pA = gA ? partA.data() + tid * sizeA : nullptr;
+    float* pB = gB ? partB.data() + tid * sizeB : nullptr;
+    std::vector<float> gu_loc(static_cast<size_t>(d.r * ldl)), u_loc(static_cast<size_t>(gB ? d.r * ldl : 0));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
+      const float* gpn = gp + n * per_n;
+      if (level == 2)
+        k512::convt_bwd_block(gpn, Tp, coff.data(), cshift.data(), lo, hi, x, u, Bs.data(), d, n, t0, t1,
+                              gu_loc.data(), u_loc.data(), ldl, pA, pB, gu, x_off.data(), zero_shift.data(),
+                              a_out.data(), b_out.data());
+      else
+        k256::convt_bwd_block(gpn, Tp, coff.data(), cshift.data(), lo, hi, x, u, Bs.data(), d, n, t0, t1,
+                              gu_loc.data(), u_loc.data(), ldl, pA, pB, gu, x_off.data(), zero_shift.data(),
+                              a_out.data(), b_out.data());
+    }
+  });
+  for (int64_t i = 0; i < sizeA; ++i) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < threads; ++t) acc += partA[t * sizeA + i];
+    gA[i] = acc;
+  }
+  for (int64_t i = 0; i < sizeB; ++i) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < threads; ++t) acc += partB[t * sizeB + i];
+    gB[i] = s * acc;
+  }
+#else
+  (void)g, (void)x, (void)u, (void)B, (void)s, (void)gA, (void)gB, (void)gu, (void)d;
+  TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
+#endif
+}
+
 }  // namespace rvclora_cpu_simd

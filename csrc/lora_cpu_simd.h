@@ -36,4 +36,16 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
 // gx (N, Cin, T) += conv1dᵀ(gu, A): the LoRA term of the input gradient when the weight is not merged.
 void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d);
 
+// ConvTranspose1d (groups 1, no dropout): x (N, Cin, T), g (N, Cout, L), u and g_u (N, r, T), A (r, Cin),
+// B (r, Cout·K) with (channel, tap) row-major. u = A·x is conv1d_u with one tap.
+struct TDims {
+  int64_t N, Cin, T, Cout, K, r, stride, pad, dil, L;
+};
+
+// gA (r, Cin) = Σ_t g_u ⊗ x with g_u[j, t] = s·Σ_{o,k} B[j, o·K + k]·g[o, t·stride + k·dil − pad], and
+// gB (r, Cout·K) = s·Σ_t u[j, t]·g[o, t·stride + k·dil − pad]. Either may be null; gu (optional) gets g_u.
+// g is split by phase (t mod stride) first, so every (channel, tap) is a shifted row, as in Conv1d.
+void convt_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
+               float* gu, const TDims& d);
+
 }  // namespace rvclora_cpu_simd

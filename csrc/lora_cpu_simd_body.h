@@ -80,6 +80,75 @@ inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_
   }
 }
 
+// out[rb][0 .. nvalid) = Σ_q w[rb·ldw + q] · X[coff[q] + t + cshift[q]]   (each row reads 0 outside [0, Tx)):
+// the thin pass over columns given by a table (ConvTranspose1d's phase-split g).
+template <int RB, bool IN>
+inline __attribute__((always_inline)) void tab_micro(const float* X, const int64_t* coff, const int64_t* cshift,
+                                                     int64_t Tx, int64_t ncol, const float* w, int64_t ldw, float* out,
+                                                     int64_t ldo, int64_t t, int64_t nvalid) {
+  typename V::v acc[RB][NV];
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[rb][v] = V::zero();
+  for (int64_t q = 0; q < ncol; ++q) {
+    const float* xr = X + coff[q];
+    const int64_t pos = t + cshift[q];
+    typename V::v xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = IN ? V::load(xr + pos + v * V::W) : V::load_win(xr, pos + v * V::W, Tx);
+#pragma GCC unroll 8
+    for (int rb = 0; rb < RB; ++rb) {
+      const typename V::v b = V::set1(w[rb * ldw + q]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[rb][v] = V::fma(b, xv[v], acc[rb][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = nvalid - v * V::W;
+      if (n >= V::W)
+        V::store(out + rb * ldo + v * V::W, acc[rb][v]);
+      else if (n > 0)
+        V::store_n(out + rb * ldo + v * V::W, acc[rb][v], static_cast<int>(n));
+    }
+}
+
+template <int RB, bool IN>
+inline __attribute__((always_inline)) void tab_tail(int64_t rem, const float* X, const int64_t* coff,
+                                                    const int64_t* cshift, int64_t Tx, int64_t ncol, const float* w,
+                                                    int64_t ldw, float* out, int64_t ldo, int64_t t, int64_t nvalid) {
+  if constexpr (RB > 0) {
+    if (rem == RB)
+      tab_micro<RB, IN>(X, coff, cshift, Tx, ncol, w, ldw, out, ldo, t, nvalid);
+    else
+      tab_tail<RB - 1, IN>(rem, X, coff, cshift, Tx, ncol, w, ldw, out, ldo, t, nvalid);
+  }
+}
+
+// All R rows over time [t0, t1); lo/hi: the smallest and largest shift in cshift.
+inline void tab_pass(const float* X, const int64_t* coff, const int64_t* cshift, int64_t lo, int64_t hi, int64_t Tx,
+                     int64_t ncol, const float* w, int64_t ldw, int64_t R, float* out, int64_t ldo, int64_t t0,
+                     int64_t t1) {
+  constexpr int64_t step = NV * V::W;
+  for (int64_t t = t0; t < t1; t += step) {
+    const int64_t nvalid = std::min<int64_t>(step, t1 - t);
+    float* o = out + (t - t0);
+    int64_t r0 = 0;
+    if (t + lo >= 0 && t + hi + step <= Tx) {
+      for (; r0 + RBM <= R; r0 += RBM)
+        tab_micro<RBM, true>(X, coff, cshift, Tx, ncol, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      tab_tail<RBM - 1, true>(R - r0, X, coff, cshift, Tx, ncol, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+    } else {
+      for (; r0 + RBM <= R; r0 += RBM)
+        tab_micro<RBM, false>(X, coff, cshift, Tx, ncol, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+      tab_tail<RBM - 1, false>(R - r0, X, coff, cshift, Tx, ncol, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+    }
+  }
+}
+
 // out[rb·o_r + qout[q]] += Σ_{i < nvec·W} P[rb·ldp + i] · Q[qoff[q] + t0 + qshift[q] + i]
 // (Q reads 0 outside [0, qlim) of its row; P is zero past the tile's valid length).
 template <int RB, int QBN, bool IN>
@@ -205,4 +274,34 @@ void gx_block(const float* gu, const float* Ag, float* gx, const rvclora_cpu_sim
               int64_t t1) {
   thin_pass<true>(gu + n * d.r * d.Tout, d.Tout, d.Tout, d.r, d.K, d.dil, d.padl - (d.K - 1) * d.dil, Ag, d.r * d.K,
                   d.Cin, gx + n * d.Cin * d.T + t0, d.T, t0, t1);
+}
+
+// One block [t0, t1) of sample n of the ConvTranspose1d backward. gp: the phase-split g of sample n (rows
+// of length Tp); coff/cshift: each (channel, tap) column's row offset and shift in it; Bs = s·B (r, Cout·K).
+void convt_bwd_block(const float* gp, int64_t Tp, const int64_t* coff, const int64_t* cshift, int64_t lo, int64_t hi,
+                     const float* x, const float* u, const float* Bs, const rvclora_cpu_simd::TDims& d, int64_t n,
+                     int64_t t0, int64_t t1, float* gu_loc, float* u_loc, int64_t ldl, float* pA, float* pB,
+                     float* gu_out, const int64_t* x_off, const int64_t* zero_shift, const int64_t* a_out,
+                     const int64_t* b_out) {
+  const int64_t len = t1 - t0, nvec = (len + V::W - 1) / V::W, padded = nvec * V::W;
+  const int64_t ncol = d.Cout * d.K;
+  if (pA || gu_out) {
+    tab_pass(gp, coff, cshift, lo, hi, Tp, ncol, Bs, ncol, d.r, gu_loc, ldl, t0, t1);
+    for (int64_t j = 0; j < d.r; ++j)
+      for (int64_t i = len; i < padded; ++i) gu_loc[j * ldl + i] = 0.f;
+    if (pA)
+      red_pass<RRB, QB>(gu_loc, ldl, d.r, nvec, x + n * d.Cin * d.T, x_off, zero_shift, d.T, t0, d.Cin, pA, d.Cin,
+                        a_out);
+    if (gu_out)
+      for (int64_t j = 0; j < d.r; ++j)
+        std::copy(gu_loc + j * ldl, gu_loc + j * ldl + len, gu_out + (n * d.r + j) * d.T + t0);
+  }
+  if (pB) {
+    const float* un = u + n * d.r * d.T + t0;
+    for (int64_t j = 0; j < d.r; ++j) {
+      std::copy(un + j * d.T, un + j * d.T + len, u_loc + j * ldl);
+      std::fill(u_loc + j * ldl + len, u_loc + j * ldl + padded, 0.f);
+    }
+    red_pass<RRB, QB>(u_loc, ldl, d.r, nvec, gp, coff, cshift, Tp, t0, ncol, pB, ncol, b_out);
+  }
 }

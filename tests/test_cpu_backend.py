@@ -311,6 +311,58 @@ def test_simd_thin_passes_edges(cpu_backend, case):
         )
 
 
+# The SIMD passes of ConvTranspose1d (float32, groups 1, no dropout): g split by phase (t mod stride),
+# strides below, equal to and above the kernel size, dilation, output padding, ranks off the register tile,
+# and weights larger than x·k, where the LoRA term stays unmerged (col2im forward, Aᵀ·g_u input gradient).
+SIMD_CONVT_EDGES = [
+    # (n, cin, cout, T, k, stride, padding, output_padding, dilation, r)
+    (1, 3, 5, 1, 1, 1, 0, 0, 1, 1),
+    (2, 6, 4, 11, 5, 3, 2, 1, 2, 5),
+    (1, 9, 3, 40, 7, 4, 6, 2, 1, 12),
+    (2, 16, 8, 70, 4, 2, 1, 0, 1, 8),
+    (1, 7, 6, 33, 3, 5, 0, 4, 1, 3),
+    (1, 40, 24, 6, 16, 10, 3, 0, 1, 8),  # unmerged: RVC's first upsampler, smaller
+    (2, 6, 5, 2, 5, 2, 1, 1, 2, 3),  # unmerged, two samples
+]
+
+
+@pytest.mark.parametrize("case", SIMD_CONVT_EDGES, ids=str)
+def test_simd_convt_passes_edges(cpu_backend, case):
+    from oracle import compare_with_oracle
+
+    from rvclora import reference as ref
+
+    n, cin, cout, T, k, stride, pad, opad, dil, r = case
+    gen = torch.Generator().manual_seed(sum(case))
+    t = {
+        "x": torch.randn(n, cin, T, generator=gen, dtype=torch.float64),
+        "weight": torch.randn(cin, cout, k, generator=gen, dtype=torch.float64) / (cin * k) ** 0.5,
+        "bias": torch.randn(cout, generator=gen, dtype=torch.float64),
+        "lora_A": torch.randn(r, cin, generator=gen, dtype=torch.float64) / cin**0.5,
+        "lora_B": torch.randn(r, cout * k, generator=gen, dtype=torch.float64),
+        "mask": None,
+    }
+    for names in (
+        ["x", "lora_A", "lora_B"],
+        ["lora_A"],
+        ["lora_B"],
+        ["x"],
+        ["x", "weight", "bias", "lora_A", "lora_B"],
+    ):
+        compare_with_oracle(
+            lambda x, weight, bias, lora_A, lora_B, mask: ops.lora_conv_transpose1d(
+                x, weight, bias, lora_A, lora_B, 0.7, stride, pad, opad, dil, 1, 0.0, None
+            ),
+            lambda x, weight, bias, lora_A, lora_B, mask: ref.lora_conv_transpose1d_ref(
+                x, weight, bias, lora_A, lora_B, 0.7, stride, pad, opad, dil, 1, mask
+            ),
+            t,
+            torch.float32,
+            names,
+            f"simd conv_transpose1d {case} grads {names}",
+        )
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize("variant", ["avx2", "0"])
 def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
@@ -352,7 +404,7 @@ def test_every_simd_variant_matches_the_oracle(cpu_backend, variant):
             "no:cacheprovider",
             "tests/test_cpu_backend.py",
             "-k",
-            "simd_thin_passes_edges or long_sequences",
+            "simd_thin_passes_edges or simd_convt_passes_edges or long_sequences",
         ],
         env=env,
         cwd=root,
