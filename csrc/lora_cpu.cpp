@@ -24,6 +24,7 @@
 // from Python (rvclora/ops/cpu_backend.py).
 
 #include <ATen/Dispatch.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_pad_circular.h>
@@ -1568,6 +1569,154 @@ Tensor dropout_mask(const Tensor& like, const Tensor& seed, double p) {
 }  // namespace
 
 // FRAGMENT: the same `rvclora` namespace holds the ConvTranspose1d kernels of lora_convt_cpu.cpp.
+
+// --------------------------------------------------------------------------- eager autograd in C++
+// rvclora::cpu_lora_<op>(<the forward's arguments>) -> y: one op call per layer and step, whose Autograd
+// kernel is a C++ autograd Function over the bodies above. It saves what the Python glue saved
+// (x, u, weight, lora_A, lora_B, seed) and its backward is the _bwd op's body, so an eager training step
+// runs no Python per layer beyond the call itself. Under torch.compile the _fwd/_bwd ops run instead
+// (rvclora/ops/autograd.py), each an opaque node of the graph.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// needs for (x, weight, bias, lora_A, lora_B) from the node's input edges (an absent bias has none).
+std::array<bool, 5> needs_of(AutogradContext* ctx, bool has_bias) {
+  const size_t b = has_bias ? 1 : 0;
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2),
+          ctx->needs_input_grad(2 + b), ctx->needs_input_grad(3 + b)};
+}
+
+void save_common(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& weight, const Tensor& A,
+                 const Tensor& B, const std::optional<Tensor>& bias, const std::optional<Tensor>& seed, double s,
+                 double p) {
+  ctx->save_for_backward({x, u, weight, A, B, seed.has_value() ? *seed : Tensor()});
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  ctx->saved_data["scaling"] = s;
+  ctx->saved_data["dropout_p"] = p;
+}
+
+std::optional<Tensor> saved_seed(const variable_list& saved) {
+  return saved[5].defined() ? std::optional<Tensor>(saved[5]) : std::nullopt;
+}
+
+// The gradients in forward-argument order: the five tensors' (undefined where not needed), then none.
+variable_list grads_out(const Grads5& g, const std::array<bool, 5>& needs, size_t nargs) {
+  variable_list out(nargs);
+  const Tensor* all[5] = {&std::get<0>(g), &std::get<1>(g), &std::get<2>(g), &std::get<3>(g), &std::get<4>(g)};
+  for (size_t i = 0; i < 5; ++i)
+    if (needs[i]) out[i] = *all[i];
+  return out;
+}
+
+bool any_of5(const std::array<bool, 5>& n) { return n[0] || n[1] || n[2] || n[3] || n[4]; }
+
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, double s, double p, const std::optional<Tensor>& seed) {
+    auto [y, u] = linear_fwd(x, weight, bias, A, B, s, p, seed);
+    save_common(ctx, x, u, weight, A, B, bias, seed, s, p);
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto needs = needs_of(ctx, ctx->saved_data["has_bias"].toBool());
+    if (!any_of5(needs)) return variable_list(8);
+    const auto sv = ctx->get_saved_variables();
+    return grads_out(linear_bwd(grads[0], sv[0], sv[1], sv[2], sv[3], sv[4], ctx->saved_data["scaling"].toDouble(),
+                                ctx->saved_data["dropout_p"].toDouble(), saved_seed(sv), needs),
+                     needs, 8);
+  }
+};
+
+struct Conv1dFn : public torch::autograd::Function<Conv1dFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, double s, int64_t stride, at::IntArrayRef padding,
+                        int64_t dilation, int64_t groups, c10::string_view mode, double p,
+                        const std::optional<Tensor>& seed) {
+    auto [y, u] = conv1d_fwd(x, weight, bias, A, B, s, stride, padding, dilation, groups, mode, p, seed);
+    save_common(ctx, x, u, weight, A, B, bias, seed, s, p);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["mode"] = std::string(mode);
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto needs = needs_of(ctx, ctx->saved_data["has_bias"].toBool());
+    if (!any_of5(needs)) return variable_list(13);
+    const auto sv = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    const std::vector<int64_t> padding = d["padding"].toIntVector();
+    return grads_out(conv1d_bwd(grads[0], sv[0], sv[1], sv[2], sv[3], sv[4], d["scaling"].toDouble(),
+                                d["stride"].toInt(), padding, d["dilation"].toInt(), d["groups"].toInt(),
+                                d["mode"].toStringRef(), d["dropout_p"].toDouble(), saved_seed(sv), needs),
+                     needs, 13);
+  }
+};
+
+struct ConvTFn : public torch::autograd::Function<ConvTFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        const Tensor& A, const Tensor& B, double s, int64_t stride, int64_t padding,
+                        int64_t output_padding, int64_t dilation, int64_t groups, double p,
+                        const std::optional<Tensor>& seed) {
+    auto [y, u] = convt_fwd(x, weight, bias, A, B, s, stride, padding, output_padding, dilation, groups, p, seed);
+    save_common(ctx, x, u, weight, A, B, bias, seed, s, p);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["output_padding"] = output_padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto needs = needs_of(ctx, ctx->saved_data["has_bias"].toBool());
+    if (!any_of5(needs)) return variable_list(13);
+    const auto sv = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    return grads_out(convt_bwd(grads[0], sv[0], sv[1], sv[2], sv[3], sv[4], d["scaling"].toDouble(),
+                               d["stride"].toInt(), d["padding"].toInt(), d["output_padding"].toInt(),
+                               d["dilation"].toInt(), d["groups"].toInt(), d["dropout_p"].toDouble(), saved_seed(sv),
+                               needs),
+                     needs, 13);
+  }
+};
+
+Tensor linear_eager(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                    const Tensor& B, double s, double p, const std::optional<Tensor>& seed) {
+  return LinearFn::apply(x, weight, bias, A, B, s, p, seed);
+}
+
+Tensor conv1d_eager(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                    const Tensor& B, double s, int64_t stride, at::IntArrayRef padding, int64_t dilation, int64_t groups,
+                    c10::string_view mode, double p, const std::optional<Tensor>& seed) {
+  return Conv1dFn::apply(x, weight, bias, A, B, s, stride, padding, dilation, groups, mode, p, seed);
+}
+
+Tensor convt_eager(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                   const Tensor& B, double s, int64_t stride, int64_t padding, int64_t output_padding, int64_t dilation,
+                   int64_t groups, double p, const std::optional<Tensor>& seed) {
+  return ConvTFn::apply(x, weight, bias, A, B, s, stride, padding, output_padding, dilation, groups, p, seed);
+}
+
+// Below autograd (inference mode, or a caller that already is): the forward alone.
+Tensor linear_y(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                const Tensor& B, double s, double p, const std::optional<Tensor>& seed) {
+  return std::get<0>(linear_fwd(x, weight, bias, A, B, s, p, seed));
+}
+
+Tensor conv1d_y(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+                const Tensor& B, double s, int64_t stride, at::IntArrayRef padding, int64_t dilation, int64_t groups,
+                c10::string_view mode, double p, const std::optional<Tensor>& seed) {
+  return std::get<0>(conv1d_fwd(x, weight, bias, A, B, s, stride, padding, dilation, groups, mode, p, seed));
+}
+
+Tensor convt_y(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& A,
+               const Tensor& B, double s, int64_t stride, int64_t padding, int64_t output_padding, int64_t dilation,
+               int64_t groups, double p, const std::optional<Tensor>& seed) {
+  return std::get<0>(convt_fwd(x, weight, bias, A, B, s, stride, padding, output_padding, dilation, groups, p, seed));
+}
+
 TORCH_LIBRARY_FRAGMENT(rvclora, m) {
   m.def(
       "cpu_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
@@ -1591,6 +1740,18 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
       "cpu_lora_conv_transpose1d_bwd(Tensor grad_y, Tensor x, Tensor u, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scaling, int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, "
       "Tensor? seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the eager ops: the forwards' arguments, y out, autograd in C++ (see above)
+  m.def(
+      "cpu_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor? seed) -> Tensor");
+  m.def(
+      "cpu_lora_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "int stride, int[2] padding, int dilation, int groups, str padding_mode, float dropout_p, Tensor? seed) "
+      "-> Tensor");
+  m.def(
+      "cpu_lora_conv_transpose1d(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "int stride, int padding, int output_padding, int dilation, int groups, float dropout_p, Tensor? seed) "
+      "-> Tensor");
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
   m.def("cpu_info() -> str");
   m.def("cpu_parallel_threads() -> int");
@@ -1604,6 +1765,15 @@ TORCH_LIBRARY_IMPL(rvclora, CPU, m) {
   m.impl("cpu_lora_conv_transpose1d_fwd", &convt_fwd);
   m.impl("cpu_lora_conv_transpose1d_bwd", &convt_bwd);
   m.impl("cpu_dropout_mask", &dropout_mask);
+  m.impl("cpu_lora_linear", &linear_y);
+  m.impl("cpu_lora_conv1d", &conv1d_y);
+  m.impl("cpu_lora_conv_transpose1d", &convt_y);
+}
+
+TORCH_LIBRARY_IMPL(rvclora, Autograd, m) {
+  m.impl("cpu_lora_linear", &linear_eager);
+  m.impl("cpu_lora_conv1d", &conv1d_eager);
+  m.impl("cpu_lora_conv_transpose1d", &convt_eager);
 }
 
 // No tensor arguments: registered for every backend (CompositeExplicitAutograd would need one).

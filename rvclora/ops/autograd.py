@@ -139,6 +139,7 @@ def fused_op(
     below_autograd: bool = False,
     contiguous_grad: bool = False,
     bwd_fake: bool = True,
+    eager_native: Callable[..., Tensor] | None = None,
 ) -> Callable[..., Tensor]:
     """Register the autograd of ``rvclora::<backend>_lora_<op>_fwd`` and return ``run(*args) -> y``.
 
@@ -146,7 +147,8 @@ def fused_op(
     ``eager_bwd`` may return ``None`` for an unneeded gradient. ``below_autograd``: call the ops below the
     autograd key eagerly (compiled ops: skips their Python autograd layer). ``contiguous_grad``: the backward
     bodies need a contiguous ``grad_y``. ``bwd_fake``: register :func:`grad_fakes` as the backward's fake
-    (``triton_op`` derives its own).
+    (``triton_op`` derives its own). ``eager_native``: an op with its own (C++) autograd over the same bodies,
+    taking the forward's arguments and returning ``y``, called eagerly instead of the Python Function.
     """
     fwd_name, bwd_name = op_name(backend, spec, "fwd"), op_name(backend, spec, "bwd")
     _check_schema(f"rvclora::{fwd_name}", schema(spec, "fwd"))
@@ -218,7 +220,7 @@ def fused_op(
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
-    apply = function.apply
+    apply = eager_native if eager_native is not None else function.apply
     is_compiling = torch.compiler.is_compiling
 
     def run(*args: Any) -> Tensor:

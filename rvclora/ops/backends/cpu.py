@@ -17,6 +17,9 @@ convolution/GEMM library (with the merged weight ``W + s·ΔW`` where merging is
 pass over the activation); the thin LoRA passes (``u``; ``g_u = s·Bᵀg`` with ``grad_B``; ``grad_A``)
 are BLAS calls on time blocks, a dilated tap being a view of ``x`` (see csrc/lora_cpu.cpp).
 ``auto`` runs this backend on CPU for what it supports.
+Eager calls go to ``cpu_lora_<op>(<the forward's arguments>) -> y``, whose autograd is a C++ Function over
+the same bodies (no Python per layer call but the call); under ``torch.compile`` the ``_fwd``/``_bwd``
+pair runs, with its autograd registered by :func:`rvclora.ops.autograd.fused_op`.
 Autograd keeps ``x``, ``u``, the parameters and the seed; the dropout mask is a hash of
 (seed, element index of ``x``), regenerated in backward.
 
@@ -139,7 +142,10 @@ def _register_python_parts() -> None:
     ):
         spec = SPECS[op]
         torch.library.register_fake(f"rvclora::{op_name(NAME, spec, 'fwd')}")(fake)
-        _RUN[op] = fused_op(spec, NAME, below_autograd=True)
+        # eagerly, rvclora::cpu_<op>: the same bodies with their autograd in C++ (csrc/lora_cpu.cpp), no
+        # Python per layer call beyond the call itself; under torch.compile the _fwd/_bwd custom ops
+        native = getattr(torch.ops.rvclora, f"{NAME}_{op}", None)
+        _RUN[op] = fused_op(spec, NAME, below_autograd=True, eager_native=None if native is None else native.default)
     torch.library.register_fake("rvclora::cpu_dropout_mask")(
         lambda like, seed, dropout_p: torch.empty_like(like, memory_format=torch.contiguous_format)
     )
