@@ -67,9 +67,24 @@ __all__ = [
     "sources",
 ]
 
-CPU_SOURCES = ["lora_convt_cpu.cpp", "lora_cpu.cpp", "lora_cpu_simd.cpp"]
+CPU_SOURCES = [
+    "lora_convt_cpu.cpp",
+    "lora_cpu.cpp",
+    "lora_cpu_linear.cpp",
+    "lora_cpu_conv1d.cpp",
+    "lora_cpu_convt.cpp",
+    "lora_cpu_simd.cpp",
+]
 CUDA_SOURCES = ["lora_convt_cuda_ops.cpp", "lora_convt_cuda.cu"]
-HEADERS = ["lora_convt_kernel.cuh", "lora_convt_ops.h", "lora_convt_cuda.h", "lora_cpu_simd.h", "lora_cpu_simd_body.h"]
+HEADERS = [
+    "lora_convt_kernel.cuh",
+    "lora_convt_ops.h",
+    "lora_convt_cuda.h",
+    "lora_cpu_common.h",
+    "lora_cpu_ops.h",
+    "lora_cpu_simd.h",
+    "lora_cpu_simd_body.h",
+]
 # What the kernels' tiles are sized for and what rvclora.checks.cuda_compile verifies.
 CUDA_ARCHS = ("8.0", "9.0")
 # One op the CPU sources define: its registration tells whether the library is loaded.

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the three LoRA ops as compiled CPU code (csrc/lora_cpu.cpp, in ``rvclora._C``).
+"""The ``cpu`` backend: the three LoRA ops as compiled CPU code (csrc/lora_cpu*.cpp, in ``rvclora._C``).
 
 Ops (``torch.ops.rvclora``; ``needs`` = which of ``(x, weight, bias, lora_A, lora_B)`` need a
 gradient, an unneeded one comes back as an empty ``(0,)`` tensor)::
@@ -15,8 +15,11 @@ gradient, an unneeded one comes back as an empty ``(0,)`` tensor)::
 One op call per layer and direction. The base-sized forward and input gradient run in the
 convolution/GEMM library (with the merged weight ``W + s·ΔW`` where merging is cheaper than a thin
 pass over the activation); the thin LoRA passes (``u``; ``g_u = s·Bᵀg`` with ``grad_B``; ``grad_A``)
-are BLAS calls on time blocks, a dilated tap being a view of ``x`` (see csrc/lora_cpu.cpp).
-``auto`` runs this backend on CPU for what it supports.
+are BLAS calls on time blocks, a dilated tap being a view of ``x`` (see csrc/lora_cpu.cpp and the per-op
+files csrc/lora_cpu_{linear,conv1d,convt}.cpp).
+``auto`` runs this backend on CPU for what it supports. Without a usable BLAS (this torch exports no
+``sgemm_``/``dgemm_``, they fail a calling-convention check, or ``RVCLORA_CPU_BLAS=0``) the backend is
+unavailable, and ``auto`` runs the torch backend.
 Eager calls go to ``cpu_lora_<op>(<the forward's arguments>) -> y``, whose autograd is a C++ Function over
 the same bodies (no Python per layer call but the call); under ``torch.compile`` the ``_fwd``/``_bwd``
 pair runs, with its autograd registered by :func:`rvclora.ops.autograd.fused_op`.
@@ -69,6 +72,11 @@ def unavailable_reason() -> str | None:
             "the rvclora._C extension has no cpu_* ops (built ahead of time from older sources?); "
             "rebuild it, or the torch backend runs instead"
         )
+    if not hasattr(torch.ops.rvclora, "cpu_blas_ok"):
+        return "the rvclora._C extension has no cpu_blas_ok op (built from older sources?); rebuild it"
+    if not torch.ops.rvclora.cpu_blas_ok():
+        # the thin LoRA passes are BLAS calls: without torch's sgemm_/dgemm_ there is no cpu backend
+        return f"{torch.ops.rvclora.cpu_info()}; the torch backend runs instead"
     _register_python_parts()
     return None
 
