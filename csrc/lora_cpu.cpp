@@ -152,8 +152,6 @@ Tensor dropout_mask(const Tensor& like, const Tensor& seed, double p) {
 
 }  // namespace
 
-// FRAGMENT: the same `rvclora` namespace holds the ConvTranspose1d kernels of lora_convt_cpu.cpp.
-
 // --------------------------------------------------------------------------- eager autograd in C++
 // rvclora::cpu_lora_<op>(<the forward's arguments>) -> y: one op call per layer and step, whose Autograd
 // kernel is a C++ autograd Function over the bodies above. It saves what the Python glue saved

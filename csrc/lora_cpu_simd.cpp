@@ -4,7 +4,7 @@
 // for AVX-512 (zmm, masked loads) and for AVX2+FMA (ymm). The extension itself is built without
 // -march flags, so it loads on any x86-64; isa() picks the widest variant this CPU runs, once.
 // RVCLORA_CPU_SIMD=avx2 or =0 narrows the choice (tests run every variant on an AVX-512 machine);
-// with 0, or on other compilers and CPUs, the ops keep the library/BLAS passes of lora_cpu.cpp.
+// with 0, or on other compilers and CPUs, the ops keep the library/BLAS passes of lora_cpu_{conv1d,convt}.cpp.
 //
 //   forward   u: per (sample, time block), a register tile of RBM ranks × NV vectors of time,
 //             accumulated over (channel, tap) with each tap a shifted (masked at the edges) load of x

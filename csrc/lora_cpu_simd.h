@@ -1,6 +1,6 @@
-// Hand-vectorised thin LoRA passes of the `cpu` backend's Conv1d (float32), shared by
-// csrc/lora_cpu.cpp (the ops) and csrc/lora_cpu_simd.cpp (the kernels, compiled for AVX-512 and
-// for AVX2+FMA and picked at run time; see that file).
+// Hand-vectorised thin LoRA passes of the `cpu` backend's Conv1d and ConvTranspose1d (float32), shared by
+// csrc/lora_cpu_conv1d.cpp and lora_cpu_convt.cpp (the ops) and csrc/lora_cpu_simd.cpp (the kernels,
+// compiled for AVX-512 and for AVX2+FMA and picked at run time; see that file).
 //
 // Why: at rank 8 the library calls (oneDNN's 8-channel convolution, MKL's 8-row GEMMs) run these
 // passes at 35-70 GFLOP/s, far below the base convolution's rate, and each is a separate sweep
