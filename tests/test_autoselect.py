@@ -293,3 +293,17 @@ def test_auto_measures_on_cpu_and_caches_per_cpu_model_isa_and_threads(tmp_path,
     assert len(autoselect.get_selector().measured) == 1
     monkeypatch.setenv("RVCLORA_AUTOSELECT", "fixed")
     assert dispatch.select_backend("lora_conv1d", x, **params).NAME == "cpu"
+
+
+def test_a_rebuilt_extension_is_another_environment(tmp_path):
+    """Decisions timed against one build of the kernels are not reused by another (same versions,
+    changed csrc/): the digest of the compiled sources is part of the environment key."""
+    from rvclora.ops import extension
+
+    versions = autoselect._versions()
+    assert versions["kernels"] == extension.source_digest()
+    (tmp_path / "a.cpp").write_text("int a;\n")
+    other = dict(versions, kernels=extension.source_digest(tmp_path))
+    assert other["kernels"] != versions["kernels"]
+    info = {"name": "cpu", "capability": "AVX2", "threads": "2"}
+    assert autoselect.environment_key(info, versions) != autoselect.environment_key(info, other)

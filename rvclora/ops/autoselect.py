@@ -13,9 +13,10 @@ of two, dropout on/off, training or inference) on a CUDA device or the CPU, :cla
 3. times the correct candidates in interleaved rounds (CUDA events) and keeps the fastest.
 
 Decisions are kept in memory and in a small JSON file (:func:`cache_path`), keyed by the GPU's
-name and compute capability (on CPU: the CPU model, its vector ISA and the thread count) and the
-torch, triton and rvclora versions, so a process pays for a measurement once per shape class and
-machine. ``rvclora info`` lists them.
+name and compute capability (on CPU: the CPU model, its vector ISA and the thread count), the
+torch, triton and rvclora versions and the digest of the compiled kernels' sources, so a process
+pays for a measurement once per shape class and machine, and a rebuilt extension measures again.
+``rvclora info`` lists them.
 
 On CPU the candidates are the compiled ``cpu`` backend and the torch path (each runs in CI through
 the backend matrix, whatever is picked here). To keep the first training step cheap, a CPU class is
@@ -110,6 +111,14 @@ def _versions() -> dict[str, str]:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = "none"
+    # the compiled kernels' sources: a rebuilt extension (same version, new kernels) measures again
+    # instead of trusting decisions timed against the old ones
+    from .extension import source_digest
+
+    try:
+        out["kernels"] = source_digest()
+    except OSError:
+        out["kernels"] = "unknown"
     return out
 
 
@@ -187,7 +196,8 @@ def environment_key(info: dict[str, str], versions: dict[str, str]) -> str:
         where = f"{info['name']} {info['capability']} threads={info['threads']}"
     else:
         where = f"{info['name']} sm{info['capability']}"
-    return f"{where} torch {versions['torch']} triton {versions['triton']} rvclora {versions['rvclora']}"
+    key = f"{where} torch {versions['torch']} triton {versions['triton']} rvclora {versions['rvclora']}"
+    return key + (f" kernels {versions['kernels']}" if "kernels" in versions else "")
 
 
 def _pow2(n: int) -> int:
