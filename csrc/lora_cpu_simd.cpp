@@ -152,6 +152,15 @@ int64_t block_len(int64_t Tout, int64_t N, int64_t target, int64_t per_thread = 
   return std::max<int64_t>(48, len);
 }
 
+// out[i] = scale · Σ over the threads' partial sums (part holds `threads` runs of `size`).
+void reduce_threads(const std::vector<float>& part, int64_t size, int64_t threads, float* out, float scale) {
+  for (int64_t i = 0; i < size; ++i) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < threads; ++t) acc += part[static_cast<size_t>(t * size + i)];
+    out[i] = scale * acc;
+  }
+}
+
 }  // namespace
 
 void conv1d_u(const float* x, const float* A, float* u, const Dims& d) {
@@ -216,16 +225,8 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
                         a_shift.data(), a_out.data(), b_off.data(), b_shift.data(), b_out.data());
     }
   });
-  for (int64_t i = 0; i < sizeA; ++i) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < threads; ++t) acc += partA[t * sizeA + i];
-    gA[i] = acc;
-  }
-  for (int64_t i = 0; i < sizeB; ++i) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < threads; ++t) acc += partB[t * sizeB + i];
-    gB[i] = s * acc;
-  }
+  reduce_threads(partA, sizeA, threads, gA, 1.f);
+  reduce_threads(partB, sizeB, threads, gB, s);
 #else
   (void)g, (void)x, (void)u, (void)B, (void)s, (void)gA, (void)gB, (void)gu, (void)d;
   TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
@@ -322,16 +323,8 @@ void convt_bwd(const float* g, const float* x, const float* u, const float* B, f
                               a_out.data(), b_out.data());
     }
   });
-  for (int64_t i = 0; i < sizeA; ++i) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < threads; ++t) acc += partA[t * sizeA + i];
-    gA[i] = acc;
-  }
-  for (int64_t i = 0; i < sizeB; ++i) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < threads; ++t) acc += partB[t * sizeB + i];
-    gB[i] = s * acc;
-  }
+  reduce_threads(partA, sizeA, threads, gA, 1.f);
+  reduce_threads(partB, sizeB, threads, gB, s);
 #else
   (void)g, (void)x, (void)u, (void)B, (void)s, (void)gA, (void)gB, (void)gu, (void)d;
   TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");

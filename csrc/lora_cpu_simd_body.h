@@ -6,6 +6,23 @@
 //   RRB, QB rows × columns of the reduction microkernel's register tile
 // Nothing here is meant to be included anywhere else (no include guard on purpose).
 
+// The first nvalid samples of an RB × NV register tile to out (rows ldo apart), added to it with ACC.
+template <int RB, bool ACC>
+inline __attribute__((always_inline)) void store_tile(const typename V::v (&acc)[RB][NV], float* out, int64_t ldo,
+                                                      int64_t nvalid) {
+#pragma GCC unroll 8
+  for (int rb = 0; rb < RB; ++rb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = nvalid - v * V::W;
+      float* o = out + rb * ldo + v * V::W;
+      if (n >= V::W)
+        V::store(o, ACC ? V::add(V::load(o), acc[rb][v]) : acc[rb][v]);
+      else if (n > 0)
+        V::store_n(o, ACC ? V::add(V::load_win(o, 0, n), acc[rb][v]) : acc[rb][v], static_cast<int>(n));
+    }
+}
+
 // out[rb][0 .. nvalid) (+)= Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0 outside
 // [0, Tx)); ACC adds to out instead of overwriting it.
 template <int RB, bool IN, bool ACC>
@@ -33,17 +50,7 @@ inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ld
       }
     }
   }
-#pragma GCC unroll 8
-  for (int rb = 0; rb < RB; ++rb)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const int64_t n = nvalid - v * V::W;
-      float* o = out + rb * ldo + v * V::W;
-      if (n >= V::W)
-        V::store(o, ACC ? V::add(V::load(o), acc[rb][v]) : acc[rb][v]);
-      else if (n > 0)
-        V::store_n(o, ACC ? V::add(V::load_win(o, 0, n), acc[rb][v]) : acc[rb][v], static_cast<int>(n));
-    }
+  store_tile<RB, ACC>(acc, out, ldo, nvalid);
 }
 
 template <int RB, bool IN, bool ACC>
@@ -104,16 +111,7 @@ inline __attribute__((always_inline)) void tab_micro(const float* X, const int64
       for (int v = 0; v < NV; ++v) acc[rb][v] = V::fma(b, xv[v], acc[rb][v]);
     }
   }
-#pragma GCC unroll 8
-  for (int rb = 0; rb < RB; ++rb)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const int64_t n = nvalid - v * V::W;
-      if (n >= V::W)
-        V::store(out + rb * ldo + v * V::W, acc[rb][v]);
-      else if (n > 0)
-        V::store_n(out + rb * ldo + v * V::W, acc[rb][v], static_cast<int>(n));
-    }
+  store_tile<RB, false>(acc, out, ldo, nvalid);
 }
 
 template <int RB, bool IN>
