@@ -27,8 +27,14 @@ from rvclora import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:LoRA adapter added to ConvNd layer with groups > 1")
 
-peft = pytest.importorskip("peft", reason="peft is in the test extra: pip install -e .[test]")
-loralib = pytest.importorskip("loralib", reason="loralib is in the test extra: pip install -e .[test]")
+# Skip only where the package is absent. A package that is installed but fails to import (peft broke that way
+# when a checkout shadowed a dependency of transformers) is an error, not a skip.
+peft = pytest.importorskip(
+    "peft", reason="peft is in the test extra: pip install -e .[test]", exc_type=ModuleNotFoundError
+)
+loralib = pytest.importorskip(
+    "loralib", reason="loralib is in the test extra: pip install -e .[test]", exc_type=ModuleNotFoundError
+)
 
 
 class Net(nn.Module):
