@@ -3,6 +3,14 @@
 #include "lora_cpu_ops.h"
 #include "lora_cpu_simd.h"
 
+#if defined(__has_include)
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size (u_first_bytes)
+#endif
+#endif
+
+#include <algorithm>
+
 namespace rvclora_cpu {
 namespace {
 
@@ -325,6 +333,24 @@ bool simd_conv1d(const Tensor& x, const C1Geom& g, double dropout_p) {
          rvclora_cpu_simd::isa() > 0 && g.N * g.Tout > 0;
 }
 
+// Inputs larger than this many bytes get u before y in the SIMD forward: twice the L2 of the threads that
+// run it (sysconf's level-2 size per core, 1 MiB where it reports none). Measured on an AMD EPYC (Zen 5,
+// 1 MiB L2 per core, 2 threads), alternating whole-step runs of bench/compare_backends.py against the
+// previous build: at batch 4 (x 6.5 MB per layer) u first ran 3-11 points faster in 4 of 4 pairs; at batch 1
+// (x 1.6 MB) it showed no gain (1.5-7 points slower in 4 pairs, inside the host's run-to-run spread), so the
+// convolution keeps going first there. Intel has not been measured.
+int64_t u_first_bytes() {
+  static const int64_t l2 = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long v = 0;
+#endif
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+  return 2 * l2 * std::max<int64_t>(1, at::get_num_threads());
+}
+
 rvclora_cpu_simd::Dims simd_dims(const C1Geom& g) {
   return {g.N, g.Cin, g.T, g.Cout, g.K, g.r, g.padl, g.dil, g.Tout};
 }
@@ -342,14 +368,23 @@ std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, con
   const Tensor xc = x.contiguous();
   auto [xp, cpad] = conv1d_input(xc, g);
   if (simd_conv1d(x, g, dropout_p)) {
-    // y by the convolution library (merged weight where the weight is no larger than y), u by the
-    // SIMD kernel in one sweep over x.
+    // y by the convolution library (merged weight where the weight is no larger than y), u by the SIMD kernel
+    // in one sweep over x. Whichever runs first reads x while the op before this layer has left it in cache.
+    // Where x fits the threads' L2 the convolution goes first; where it is larger, u does: the convolution's
+    // output would push x out before the thin pass reads it, and the thin pass suffers more from that than the
+    // convolution (see u_first_bytes).
     const bool merged = weight.numel() <= g.N * g.Cout * g.Tout;
+    const bool u_first = x.numel() * static_cast<int64_t>(sizeof(float)) > u_first_bytes();
+    Tensor u;
+    const auto thin_u = [&] {
+      u = at::empty({g.N, g.r, g.Tout}, x.options());
+      rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(), u.mutable_data_ptr<float>(),
+                                 simd_dims(g));
+    };
+    if (u_first) thin_u();
     const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
     Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
-    Tensor u = at::empty({g.N, g.r, g.Tout}, x.options());
-    rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(), u.mutable_data_ptr<float>(),
-                               simd_dims(g));
+    if (!u_first) thin_u();
     if (!merged) y.baddbmm_(B.unsqueeze(0).expand({g.N, g.Cout, g.r}), u, 1.0, scaling);
     return {y, u};
   }
