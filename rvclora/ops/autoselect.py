@@ -7,9 +7,10 @@ of two, dropout on/off, training or inference) on a CUDA device or the CPU, :cla
 
 1. builds random inputs of that class on the device (never the caller's tensors);
 2. runs every capable fused backend and the torch path on them, forward and, when training,
-   backward, and compares outputs and gradients with the torch path within the dtype's
-   tolerance (:func:`tolerance`). A fused backend that disagrees (or raises) is disabled for
-   that class, with one warning naming the op and shape;
+   backward, and compares outputs and gradients with the oracle (computed once per class when
+   there is no dropout) within the dtype's tolerance (:func:`tolerance`). A fused backend that
+   disagrees (or raises) is disabled for that class, with one warning naming the op and shape.
+   That first call is also each candidate's warm-up (compilation, autotuning, algorithm search);
 3. times the correct candidates in interleaved rounds (CUDA events) and keeps the fastest.
 
 Decisions are kept in memory and in a small JSON file (:func:`cache_path`), keyed by the GPU's
