@@ -336,6 +336,7 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
       "-> Tensor");
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
   m.def("cpu_info() -> str");
+  m.def("cpu_conv1d_plans() -> str");
   m.def("cpu_parallel_threads() -> int");
   m.def("cpu_blas_ok() -> bool");
 }
@@ -362,6 +363,7 @@ TORCH_LIBRARY_IMPL(rvclora, Autograd, m) {
 // No tensor arguments: registered for every backend (CompositeExplicitAutograd would need one).
 TORCH_LIBRARY_IMPL(rvclora, CatchAll, m) {
   m.impl("cpu_info", &cpu_info);
+  m.impl("cpu_conv1d_plans", &conv1d_plans);
   m.impl("cpu_parallel_threads", &cpu_parallel_threads);
   m.impl("cpu_blas_ok", &cpu_blas_ok);
 }

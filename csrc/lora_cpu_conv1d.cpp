@@ -10,6 +10,15 @@
 #endif
 
 #include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
 
 namespace rvclora_cpu {
 namespace {
@@ -339,7 +348,7 @@ bool simd_conv1d(const Tensor& x, const C1Geom& g, double dropout_p) {
 // previous build: at batch 4 (x 6.5 MB per layer) u first ran 3-11 points faster in 4 of 4 pairs; at batch 1
 // (x 1.6 MB) it showed no gain (1.5-7 points slower in 4 pairs, inside the host's run-to-run spread), so the
 // convolution keeps going first there. Intel has not been measured.
-int64_t u_first_bytes() {
+int64_t l2_bytes() {
   static const int64_t l2 = [] {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -348,11 +357,110 @@ int64_t u_first_bytes() {
 #endif
     return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
   }();
-  return 2 * l2 * std::max<int64_t>(1, at::get_num_threads());
+  return l2;
 }
+
+int64_t u_first_bytes() { return 2 * l2_bytes() * std::max<int64_t>(1, at::get_num_threads()); }
 
 rvclora_cpu_simd::Dims simd_dims(const C1Geom& g) {
   return {g.N, g.Cin, g.T, g.Cout, g.K, g.r, g.padl, g.dil, g.Tout};
+}
+
+// --------------------------------------------------------------------------- the plan: library or direct
+// Two ways to run a SIMD-eligible float32 Conv1d (groups 1, stride 1, zero padding, no dropout):
+//   library  the convolution (forward, input gradient) by oneDNN through at::convolution, the LoRA terms by the
+//            thin passes (u after or before it; g_u, grad_A, grad_B in one sweep over g);
+//   direct   the convolution by the thin passes' own microkernel with the merged weight W + s·B·A: y and u in one
+//            sweep over x (Cout + r rows per time tile), grad_x = conv1dᵀ(g, W + s·B·A) by the same microkernel,
+//            grad_A and grad_B as in the library plan. No convolution library call at all.
+// Measured on an AMD EPYC (Zen 4, 2 threads): oneDNN runs RVC's 32- and 64-channel stages (T = 6400-12800) at
+// 30-50 GFLOP/s for k = 3, where the direct kernel runs y and u together in less time than oneDNN's y alone; at
+// 256 channels and k = 11 (a weight larger than L2) oneDNN is faster. Neither wins everywhere, so the plan is
+// chosen per layer geometry by timing both on the first call (see choose_plan), unless RVCLORA_AUTOSELECT=fixed
+// (the library plan, deterministic) or RVCLORA_CPU_CONV1D=library|direct forces one.
+enum class Plan { kLibrary, kDirect };
+
+// A direct plan re-reads the whole (merged) weight for every time tile: only weights that fit L2 are candidates.
+bool direct_candidate(const C1Geom& g) {
+  return g.Cout * g.cin_g * g.K * static_cast<int64_t>(sizeof(float)) <= l2_bytes();
+}
+
+// RVCLORA_CPU_CONV1D: "" (choose), "library" or "direct" (forced; the tests run each plan this way).
+std::optional<Plan> forced_plan() {
+  const char* e = std::getenv("RVCLORA_CPU_CONV1D");
+  if (e == nullptr || *e == '\0') return std::nullopt;
+  const std::string v(e);
+  if (v == "library") return Plan::kLibrary;
+  if (v == "direct") return Plan::kDirect;
+  TORCH_CHECK(false, "RVCLORA_CPU_CONV1D must be 'library' or 'direct' (or unset: measured per layer), got '", v,
+              "'");
+}
+
+bool fixed_mode() {
+  const char* e = std::getenv("RVCLORA_AUTOSELECT");
+  if (e == nullptr) return false;
+  std::string v(e);
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  v.erase(0, v.find_first_not_of(" \t"));
+  v.erase(v.find_last_not_of(" \t") + 1);
+  return v == "fixed";
+}
+
+struct PlanEntry {
+  Plan plan;
+  double library_ms, direct_ms;
+};
+
+struct PlanTable {
+  std::mutex mu;
+  std::map<std::string, PlanEntry> entries;
+  double seconds = 0;  // spent measuring
+};
+
+PlanTable& plan_table() {
+  static PlanTable t;
+  return t;
+}
+
+std::string plan_key(const char* dir, const C1Geom& g, int64_t extra) {
+  std::ostringstream k;
+  k << dir << " Cin=" << g.Cin << " Cout=" << g.Cout << " k=" << g.K << " dil=" << g.dil << " pad=" << g.padl << ","
+    << g.padr << " T=" << g.T << " N=" << g.N << " r=" << g.r << " threads=" << at::get_num_threads() << " #" << extra;
+  return k.str();
+}
+
+// The plan for `key`: forced, fixed (library), cached, or measured now by running both on the call's own inputs:
+// one warm-up run each (oneDNN's primitive creation, page faults), then library, direct, direct, library, and the
+// faster of each plan's two timed runs. `run(plan)` computes the op's result by that plan; the chosen plan's last
+// result is handed back in `out`, so the measuring call costs five extra runs.
+template <class R>
+Plan choose_plan(const std::string& key, const std::function<R(Plan)>& run, std::optional<R>& out) {
+  if (auto f = forced_plan()) return *f;
+  if (fixed_mode()) return Plan::kLibrary;
+  PlanTable& t = plan_table();
+  {
+    std::lock_guard<std::mutex> lock(t.mu);
+    auto it = t.entries.find(key);
+    if (it != t.entries.end()) return it->second.plan;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  run(Plan::kLibrary);
+  run(Plan::kDirect);
+  std::optional<R> lib_out, dir_out;
+  const auto time_it = [&](Plan p) {
+    const auto a = std::chrono::steady_clock::now();
+    (p == Plan::kDirect ? dir_out : lib_out) = run(p);
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count();
+  };
+  // library, direct, direct, library: a drift in the machine's speed over the four runs favours neither
+  const double l1 = time_it(Plan::kLibrary), d1 = time_it(Plan::kDirect), d2 = time_it(Plan::kDirect);
+  const double lib_ms = std::min(l1, time_it(Plan::kLibrary)), dir_ms = std::min(d1, d2);
+  const Plan chosen = dir_ms < lib_ms ? Plan::kDirect : Plan::kLibrary;
+  out = chosen == Plan::kDirect ? std::move(dir_out) : std::move(lib_out);
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.entries.emplace(key, PlanEntry{chosen, lib_ms, dir_ms});
+  t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return chosen;
 }
 
 }  // namespace
@@ -368,25 +476,42 @@ std::tuple<Tensor, Tensor> conv1d_fwd(const Tensor& x, const Tensor& weight, con
   const Tensor xc = x.contiguous();
   auto [xp, cpad] = conv1d_input(xc, g);
   if (simd_conv1d(x, g, dropout_p)) {
-    // y by the convolution library (merged weight where the weight is no larger than y), u by the SIMD kernel
-    // in one sweep over x. Whichever runs first reads x while the op before this layer has left it in cache.
-    // Where x fits the threads' L2 the convolution goes first; where it is larger, u does: the convolution's
-    // output would push x out before the thin pass reads it, and the thin pass suffers more from that than the
-    // convolution (see u_first_bytes).
-    const bool merged = weight.numel() <= g.N * g.Cout * g.Tout;
-    const bool u_first = x.numel() * static_cast<int64_t>(sizeof(float)) > u_first_bytes();
-    Tensor u;
-    const auto thin_u = [&] {
-      u = at::empty({g.N, g.r, g.Tout}, x.options());
-      rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(), u.mutable_data_ptr<float>(),
-                                 simd_dims(g));
+    const auto run = [&](Plan plan) -> std::tuple<Tensor, Tensor> {
+      if (plan == Plan::kDirect) {
+        const Tensor wm = merged_conv1d_weight(weight, A, B, scaling, 1).contiguous();
+        Tensor y = at::empty({g.N, g.Cout, g.Tout}, x.options()), u = at::empty({g.N, g.r, g.Tout}, x.options());
+        const Tensor bc = bias.has_value() && bias->defined() ? bias->to(x.scalar_type()).contiguous() : Tensor();
+        rvclora_cpu_simd::conv1d_direct_fwd(xc.const_data_ptr<float>(), wm.const_data_ptr<float>(),
+                                            bc.defined() ? bc.const_data_ptr<float>() : nullptr,
+                                            A.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+                                            u.mutable_data_ptr<float>(), simd_dims(g));
+        return {y, u};
+      }
+      // y by the convolution library (merged weight where the weight is no larger than y), u by the SIMD kernel
+      // in one sweep over x. Whichever runs first reads x while the op before this layer has left it in cache.
+      // Where x fits the threads' L2 the convolution goes first; where it is larger, u does: the convolution's
+      // output would push x out before the thin pass reads it, and the thin pass suffers more from that than the
+      // convolution (see u_first_bytes).
+      const bool merged = weight.numel() <= g.N * g.Cout * g.Tout;
+      const bool u_first = x.numel() * static_cast<int64_t>(sizeof(float)) > u_first_bytes();
+      Tensor u;
+      const auto thin_u = [&] {
+        u = at::empty({g.N, g.r, g.Tout}, x.options());
+        rvclora_cpu_simd::conv1d_u(xc.const_data_ptr<float>(), A.const_data_ptr<float>(),
+                                   u.mutable_data_ptr<float>(), simd_dims(g));
+      };
+      if (u_first) thin_u();
+      const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
+      Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
+      if (!u_first) thin_u();
+      if (!merged) y.baddbmm_(B.unsqueeze(0).expand({g.N, g.Cout, g.r}), u, 1.0, scaling);
+      return {y, u};
     };
-    if (u_first) thin_u();
-    const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
-    Tensor y = at::convolution(xp, w, bias, {stride}, {cpad}, {dilation}, false, {0}, groups).contiguous();
-    if (!u_first) thin_u();
-    if (!merged) y.baddbmm_(B.unsqueeze(0).expand({g.N, g.Cout, g.r}), u, 1.0, scaling);
-    return {y, u};
+    if (!direct_candidate(g) && !forced_plan()) return run(Plan::kLibrary);
+    std::optional<std::tuple<Tensor, Tensor>> out;
+    const Plan plan = choose_plan<std::tuple<Tensor, Tensor>>(
+        plan_key("forward", g, bias.has_value() && bias->defined()), run, out);
+    return out ? *std::move(out) : run(plan);
   }
   // BLAS path: merge only when the weight is no larger than y (merging costs a pass over the
   // weight, the separate LoRA term a pass over y).
@@ -422,69 +547,100 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
   // SIMD and BLAS paths: the unmerged input gradient (a thin pass from g_u into grad_x) when the
   // weight is larger than x (merging costs a pass over the weight) and the taps are views.
   const bool simd = simd_conv1d(x, g, dropout_p);
-  const bool merged = dropout_p == 0.0 && (!conv1d_views(g) || weight.numel() <= x.numel());
-  Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
-  if (need_x || need_w || need_b) {
-    auto [xp, cpad] = conv1d_input(xc, g);
-    const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
-    std::optional<at::IntArrayRef> bias_sizes;
-    const std::vector<int64_t> bsz{g.Cout};
-    if (need_b) bias_sizes = at::IntArrayRef(bsz);
-    auto [gxp, gw_, gbias_] = at::convolution_backward(gy, xp, w, bias_sizes, {stride}, {cpad}, {dilation}, false, {0},
-                                                    groups, {need_x, need_w, need_b});
-    if (need_x) gx = conv1d_unpad(gxp, xc, g, cpad).contiguous();
-    if (need_w) gw = like_input(gw_, weight);
-    if (need_b) gbias = gbias_;
-  }
-  const bool lora_x = need_x && !merged;
-  if (simd && (need_A || need_B || lora_x)) {
-    if (need_A) gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
-    if (need_B) gB_ = at::empty({g.Cout, g.rg}, x.options());
-    Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
-    rvclora_cpu_simd::conv1d_bwd(gy.const_data_ptr<float>(), xc.const_data_ptr<float>(), uc.const_data_ptr<float>(),
-                                 B.const_data_ptr<float>(), static_cast<float>(scaling),
-                                 need_A ? gA_.mutable_data_ptr<float>() : nullptr,
-                                 need_B ? gB_.mutable_data_ptr<float>() : nullptr,
-                                 lora_x ? gu.mutable_data_ptr<float>() : nullptr, simd_dims(g));
-    if (lora_x)
-      rvclora_cpu_simd::conv1d_grad_x(gu.const_data_ptr<float>(), A.const_data_ptr<float>(),
-                                      gx.mutable_data_ptr<float>(), simd_dims(g));
-  } else if (need_A || need_B || lora_x) {
-    check_blas(x, c1_largest(g));
-    Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {
-      const Tensor At = A.view({g.r, g.cin_g, g.K}).permute({2, 0, 1}).contiguous();
-      Partials<scalar_t> pA(g.K * g.r * g.cin_g, need_A), pB(g.Cout * g.rg, need_B);
-      const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, dropout_p);
-      C1BwdB<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
-                         At.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
-                         lora_x ? gu.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
-                         static_cast<scalar_t>(scaling), g, d, conv1d_views(g) && !d.on, 0, 0};
-      p.tb = blas_block_len(g.Tout, g.N * g.G, std::max(g.cin_g, g.cout_g));
-      p.nblk = (g.Tout + p.tb - 1) / p.tb;
-      conv1d_bwd_blas<scalar_t>(p);
-      if (need_A) {
-        gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
-        reduce_tap_major(pA, gA_.mutable_data_ptr<scalar_t>(), g);
-      }
-      if (need_B) {
-        gB_ = at::empty({g.Cout, g.rg}, x.options());
-        pB.reduce_into(gB_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
-      }
-      if (lora_x) {
-        if (conv1d_views(g))
-          conv1d_grad_x_blas<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
-                                       At.const_data_ptr<scalar_t>(), g, d);
-        else
-          add_conv1d_lora_grad_x<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
-                                           A.const_data_ptr<scalar_t>(), g, d);
-      }
-    });
-  }
-  if (need_x) gx = grad_input_layout(gx, x, false);
-  if (need_A) gA_ = like_input(gA_, lora_A);
-  if (need_B) gB_ = like_input(gB_, lora_B);
-  return {gx, gw, gbias, gA_, gB_};
+  const auto run = [&](Plan plan) -> Grads5 {
+    const bool direct = simd && plan == Plan::kDirect && !need_w && !need_b;
+    const bool merged = dropout_p == 0.0 && (direct || !conv1d_views(g) || weight.numel() <= x.numel());
+    Tensor gx = empty0(x), gw = empty0(x), gbias = empty0(x), gA_ = empty0(x), gB_ = empty0(x);
+    if (direct && need_x) {
+      const Tensor wm = merged_conv1d_weight(weight, A, B, scaling, 1).contiguous();
+      gx = at::empty({g.N, g.Cin, g.T}, x.options());
+      rvclora_cpu_simd::conv1d_direct_gx(gy.const_data_ptr<float>(), wm.const_data_ptr<float>(),
+                                         gx.mutable_data_ptr<float>(), simd_dims(g));
+    } else if (need_x || need_w || need_b) {
+      auto [xp, cpad] = conv1d_input(xc, g);
+      const Tensor w = merged ? merged_conv1d_weight(weight, A, B, scaling, groups) : weight;
+      std::optional<at::IntArrayRef> bias_sizes;
+      const std::vector<int64_t> bsz{g.Cout};
+      if (need_b) bias_sizes = at::IntArrayRef(bsz);
+      auto [gxp, gw_, gbias_] = at::convolution_backward(gy, xp, w, bias_sizes, {stride}, {cpad}, {dilation}, false, {0},
+                                                      groups, {need_x, need_w, need_b});
+      if (need_x) gx = conv1d_unpad(gxp, xc, g, cpad).contiguous();
+      if (need_w) gw = like_input(gw_, weight);
+      if (need_b) gbias = gbias_;
+    }
+    const bool lora_x = need_x && !merged;
+    if (simd && (need_A || need_B || lora_x)) {
+      if (need_A) gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
+      if (need_B) gB_ = at::empty({g.Cout, g.rg}, x.options());
+      Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
+      rvclora_cpu_simd::conv1d_bwd(gy.const_data_ptr<float>(), xc.const_data_ptr<float>(), uc.const_data_ptr<float>(),
+                                   B.const_data_ptr<float>(), static_cast<float>(scaling),
+                                   need_A ? gA_.mutable_data_ptr<float>() : nullptr,
+                                   need_B ? gB_.mutable_data_ptr<float>() : nullptr,
+                                   lora_x ? gu.mutable_data_ptr<float>() : nullptr, simd_dims(g));
+      if (lora_x)
+        rvclora_cpu_simd::conv1d_grad_x(gu.const_data_ptr<float>(), A.const_data_ptr<float>(),
+                                        gx.mutable_data_ptr<float>(), simd_dims(g));
+    } else if (need_A || need_B || lora_x) {
+      check_blas(x, c1_largest(g));
+      Tensor gu = lora_x ? at::empty({g.N, g.r, g.Tout}, x.options()) : Tensor();
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rvclora_cpu_conv1d_bwd", [&] {
+        const Tensor At = A.view({g.r, g.cin_g, g.K}).permute({2, 0, 1}).contiguous();
+        Partials<scalar_t> pA(g.K * g.r * g.cin_g, need_A), pB(g.Cout * g.rg, need_B);
+        const Dropout<scalar_t> d = make_dropout<scalar_t>(seed, dropout_p);
+        C1BwdB<scalar_t> p{gy.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                           At.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                           lora_x ? gu.mutable_data_ptr<scalar_t>() : nullptr, &pA, &pB,
+                           static_cast<scalar_t>(scaling), g, d, conv1d_views(g) && !d.on, 0, 0};
+        p.tb = blas_block_len(g.Tout, g.N * g.G, std::max(g.cin_g, g.cout_g));
+        p.nblk = (g.Tout + p.tb - 1) / p.tb;
+        conv1d_bwd_blas<scalar_t>(p);
+        if (need_A) {
+          gA_ = at::empty({g.r, g.cin_g * g.K}, x.options());
+          reduce_tap_major(pA, gA_.mutable_data_ptr<scalar_t>(), g);
+        }
+        if (need_B) {
+          gB_ = at::empty({g.Cout, g.rg}, x.options());
+          pB.reduce_into(gB_.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scaling));
+        }
+        if (lora_x) {
+          if (conv1d_views(g))
+            conv1d_grad_x_blas<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
+                                         At.const_data_ptr<scalar_t>(), g, d);
+          else
+            add_conv1d_lora_grad_x<scalar_t>(gx.mutable_data_ptr<scalar_t>(), gu.const_data_ptr<scalar_t>(),
+                                             A.const_data_ptr<scalar_t>(), g, d);
+        }
+      });
+    }
+    if (need_x) gx = grad_input_layout(gx, x, false);
+    if (need_A) gA_ = like_input(gA_, lora_A);
+    if (need_B) gB_ = like_input(gB_, lora_B);
+    return {gx, gw, gbias, gA_, gB_};
+  };
+  // the direct plan changes only the input gradient's convolution: nothing to choose without it
+  if (!simd || !need_x || need_w || need_b || (!direct_candidate(g) && !forced_plan())) return run(Plan::kLibrary);
+  std::optional<Grads5> out;
+  const Plan plan =
+      choose_plan<Grads5>(plan_key("backward", g, (need_A ? 1 : 0) + (need_B ? 2 : 0)), run, out);
+  return out ? *std::move(out) : run(plan);
+}
+
+}  // namespace rvclora_cpu
+
+namespace rvclora_cpu {
+
+// The plans chosen by measurement in this process, one per line: "<key>\t<plan>\t<library ms>\t<direct ms>",
+// after a first line "seconds\t<time spent measuring>".
+std::string conv1d_plans() {
+  PlanTable& t = plan_table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  std::ostringstream out;
+  out << "seconds\t" << t.seconds << "\n";
+  for (const auto& [key, e] : t.entries)
+    out << key << "\t" << (e.plan == Plan::kDirect ? "direct" : "library") << "\t" << e.library_ms << "\t"
+        << e.direct_ms << "\n";
+  return out.str();
 }
 
 }  // namespace rvclora_cpu

@@ -25,6 +25,9 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
                   int64_t groups, c10::string_view padding_mode, double dropout_p, const std::optional<Tensor>& seed,
                   std::array<bool, 5> needs);
 
+// The Conv1d plans (library or direct) chosen by measurement in this process (lora_cpu_conv1d.cpp).
+std::string conv1d_plans();
+
 std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                      const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,
                                      int64_t padding, int64_t output_padding, int64_t dilation, int64_t groups,

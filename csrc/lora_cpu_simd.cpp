@@ -259,6 +259,54 @@ void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d) {
 #endif
 }
 
+void conv1d_direct_fwd(const float* x, const float* Wm, const float* bias, const float* A, float* y, float* u,
+                       const Dims& d) {
+#if RVC_SIMD_BUILT
+  const int level = isa();
+  TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
+  const int64_t L = block_len(d.Tout, d.N, 768);
+  const int64_t nblk = (d.Tout + L - 1) / L;
+  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.Tout);
+      if (level == 2)
+        k512::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
+      else
+        k256::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
+    }
+  });
+#else
+  (void)x, (void)Wm, (void)bias, (void)A, (void)y, (void)u, (void)d;
+  TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
+#endif
+}
+
+void conv1d_direct_gx(const float* g, const float* Wm, float* gx, const Dims& d) {
+#if RVC_SIMD_BUILT
+  const int level = isa();
+  TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
+  // Wt (Cin, Cout·K): Wt[c, o·K + k'] = Wm[o, c·K + K − 1 − k'] (transposed, the taps reversed)
+  std::vector<float> Wt(static_cast<size_t>(d.Cin * d.Cout * d.K));
+  for (int64_t c = 0; c < d.Cin; ++c)
+    for (int64_t o = 0; o < d.Cout; ++o)
+      for (int64_t k = 0; k < d.K; ++k) Wt[(c * d.Cout + o) * d.K + k] = Wm[(o * d.Cin + c) * d.K + d.K - 1 - k];
+  const int64_t L = block_len(d.T, d.N, 768);
+  const int64_t nblk = (d.T + L - 1) / L;
+  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
+      if (level == 2)
+        k512::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
+      else
+        k256::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
+    }
+  });
+#else
+  (void)g, (void)Wm, (void)gx, (void)d;
+  TORCH_CHECK(false, "rvclora cpu: the SIMD kernels were not compiled in");
+#endif
+}
+
 void convt_bwd(const float* g, const float* x, const float* u, const float* B, float s, float* gA, float* gB,
                float* gu, const TDims& d) {
 #if RVC_SIMD_BUILT

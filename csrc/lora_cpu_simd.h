@@ -36,6 +36,13 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
 // gx (N, Cin, T) += conv1dᵀ(gu, A): the LoRA term of the input gradient when the weight is not merged.
 void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d);
 
+// The direct plan of the Conv1d op (the convolution itself by these kernels, no convolution library):
+// y = conv1d(x, Wm) + bias and u = conv1d(x, A) in one sweep over x (Wm (Cout, Cin·K), bias (Cout) or null);
+// and gx = conv1dᵀ(g, Wm), all of gx (written, not accumulated).
+void conv1d_direct_fwd(const float* x, const float* Wm, const float* bias, const float* A, float* y, float* u,
+                       const Dims& d);
+void conv1d_direct_gx(const float* g, const float* Wm, float* gx, const Dims& d);
+
 // ConvTranspose1d (groups 1, no dropout): x (N, Cin, T), g (N, Cout, L), u and g_u (N, r, T), A (r, Cin),
 // B (r, Cout·K) with (channel, tap) row-major. u = A·x is conv1d_u with one tap.
 struct TDims {

@@ -23,17 +23,17 @@ inline __attribute__((always_inline)) void store_tile(const typename V::v (&acc)
     }
 }
 
-// out[rb][0 .. nvalid) (+)= Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0 outside
-// [0, Tx)); ACC adds to out instead of overwriting it.
+// out[rb][0 .. nvalid) (+)= bias[rb] + Σ_c Σ_k w[rb·ldw + c·K + k] · x[c·ldx + t + k·dil + off]   (x reads 0
+// outside [0, Tx); no bias term where bias is null); ACC adds to out instead of overwriting it.
 template <int RB, bool IN, bool ACC>
 inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K,
                                                       int64_t dil, int64_t off, const float* w, int64_t ldw, float* out,
-                                                      int64_t ldo, int64_t t, int64_t nvalid) {
+                                                      int64_t ldo, int64_t t, int64_t nvalid, const float* bias) {
   typename V::v acc[RB][NV];
 #pragma GCC unroll 8
   for (int rb = 0; rb < RB; ++rb)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[rb][v] = V::zero();
+    for (int v = 0; v < NV; ++v) acc[rb][v] = bias ? V::set1(bias[rb]) : V::zero();
   for (int64_t c = 0; c < C; ++c) {
     const float* xr = x + c * ldx;
     const float* wc = w + c * K;
@@ -56,33 +56,41 @@ inline __attribute__((always_inline)) void thin_micro(const float* x, int64_t ld
 template <int RB, bool IN, bool ACC>
 inline __attribute__((always_inline)) void thin_tail(int64_t rem, const float* x, int64_t ldx, int64_t Tx, int64_t C,
                                                      int64_t K, int64_t dil, int64_t off, const float* w, int64_t ldw,
-                                                     float* out, int64_t ldo, int64_t t, int64_t nvalid) {
+                                                     float* out, int64_t ldo, int64_t t, int64_t nvalid,
+                                                     const float* bias) {
   if constexpr (RB > 0) {
     if (rem == RB)
-      thin_micro<RB, IN, ACC>(x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+      thin_micro<RB, IN, ACC>(x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid, bias);
     else
-      thin_tail<RB - 1, IN, ACC>(rem, x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid);
+      thin_tail<RB - 1, IN, ACC>(rem, x, ldx, Tx, C, K, dil, off, w, ldw, out, ldo, t, nvalid, bias);
   }
 }
 
-// All R rows of out over time [t0, t1): out[row][t - t0] for t in [t0, t1) (added to it with ACC).
+// All R rows of out over time [t0, t1): out[row][t - t0] for t in [t0, t1) (added to it with ACC), plus
+// bias[row] where bias is not null.
 template <bool ACC = false>
 inline void thin_pass(const float* x, int64_t ldx, int64_t Tx, int64_t C, int64_t K, int64_t dil, int64_t off,
-                      const float* w, int64_t ldw, int64_t R, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+                      const float* w, int64_t ldw, int64_t R, float* out, int64_t ldo, int64_t t0, int64_t t1,
+                      const float* bias = nullptr) {
   constexpr int64_t step = NV * V::W;
   for (int64_t t = t0; t < t1; t += step) {
     const int64_t nvalid = std::min<int64_t>(step, t1 - t);
     float* o = out + (t - t0);
     const bool in = t + off >= 0 && t + (K - 1) * dil + off + step <= Tx;
     int64_t r0 = 0;
+    const auto bias_at = [&](int64_t row) { return bias ? bias + row : nullptr; };
     if (in) {
       for (; r0 + RBM <= R; r0 += RBM)
-        thin_micro<RBM, true, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
-      thin_tail<RBM - 1, true, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+        thin_micro<RBM, true, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid,
+                                   bias_at(r0));
+      thin_tail<RBM - 1, true, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid,
+                                    bias_at(r0));
     } else {
       for (; r0 + RBM <= R; r0 += RBM)
-        thin_micro<RBM, false, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
-      thin_tail<RBM - 1, false, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid);
+        thin_micro<RBM, false, ACC>(x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t, nvalid,
+                                    bias_at(r0));
+      thin_tail<RBM - 1, false, ACC>(R - r0, x, ldx, Tx, C, K, dil, off, w + r0 * ldw, ldw, o + r0 * ldo, ldo, t,
+                                     nvalid, bias_at(r0));
     }
   }
 }
@@ -272,6 +280,30 @@ void gx_block(const float* gu, const float* Ag, float* gx, const rvclora_cpu_sim
               int64_t t1) {
   thin_pass<true>(gu + n * d.r * d.Tout, d.Tout, d.Tout, d.r, d.K, d.dil, d.padl - (d.K - 1) * d.dil, Ag, d.r * d.K,
                   d.Cin, gx + n * d.Cin * d.T + t0, d.T, t0, t1);
+}
+
+// The direct convolution (the `direct` plan of the Conv1d op): y[n, :, t0:t1] = Wm ⋆ x + bias and
+// u[n, :, t0:t1] = A ⋆ x, tile by tile, so each tile of x is read from memory once for both (Wm, A:
+// (rows, Cin·K) with (channel, tap) row-major; bias may be null).
+void direct_fwd_block(const float* x, const float* Wm, const float* bias, const float* A, float* y, float* u,
+                      const rvclora_cpu_simd::Dims& d, int64_t n, int64_t t0, int64_t t1) {
+  constexpr int64_t step = NV * V::W;
+  const float* xn = x + n * d.Cin * d.T;
+  float* yn = y + n * d.Cout * d.Tout;
+  float* un = u + n * d.r * d.Tout;
+  for (int64_t t = t0; t < t1; t += step) {
+    const int64_t te = std::min(t + step, t1);
+    thin_pass(xn, d.T, d.T, d.Cin, d.K, d.dil, -d.padl, Wm, d.Cin * d.K, d.Cout, yn + t, d.Tout, t, te, bias);
+    thin_pass(xn, d.T, d.T, d.Cin, d.K, d.dil, -d.padl, A, d.Cin * d.K, d.r, un + t, d.Tout, t, te);
+  }
+}
+
+// The direct plan's input gradient: gx[n, :, t0:t1] = conv1dᵀ(g, Wm), the forward's microkernel over g with
+// Wt (Cin, Cout·K) = Wm transposed with its taps reversed (as gx_block does for g_u and A).
+void direct_gx_block(const float* g, const float* Wt, float* gx, const rvclora_cpu_simd::Dims& d, int64_t n,
+                     int64_t t0, int64_t t1) {
+  thin_pass(g + n * d.Cout * d.Tout, d.Tout, d.Tout, d.Cout, d.K, d.dil, d.padl - (d.K - 1) * d.dil, Wt, d.Cout * d.K,
+            d.Cin, gx + n * d.Cin * d.T + t0, d.T, t0, t1);
 }
 
 // One block [t0, t1) of sample n of the ConvTranspose1d backward. gp: the phase-split g of sample n (rows

@@ -367,6 +367,17 @@ def _info_autoselect() -> None:
     )
     if selector.cache_problem:
         print(f"  cache file: {selector.cache_problem}; ignored, rewritten at the next measurement")
+    forced = os.environ.get("RVCLORA_CPU_CONV1D", "").strip()
+    print(
+        "cpu backend Conv1d plan (library: oneDNN + thin LoRA passes; direct: one microkernel for y and u): "
+        + (
+            f"{forced} (RVCLORA_CPU_CONV1D)"
+            if forced
+            else "library (fixed rule)"
+            if autoselect.mode() == autoselect.FIXED
+            else "timed per layer and direction on its first call in each process"
+        )
+    )
     for env, key, hit in rows:
         secs = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sorted(hit.get("seconds", {}).items()) if t == t)
         failed = "; ".join(f"{n} disabled: {why}" for n, why in sorted(hit.get("failed", {}).items()))

@@ -282,12 +282,17 @@ SIMD_EDGES = [
 ]
 
 
+# Each Conv1d plan of the SIMD path (csrc/lora_cpu_conv1d.cpp): ``library`` (oneDNN for the convolution, thin
+# passes for the LoRA terms) and ``direct`` (the microkernel for y and u and for the input gradient, with the
+# merged weight). The suite runs with RVCLORA_AUTOSELECT=fixed (library); this forces each.
+@pytest.mark.parametrize("plan", ["library", "direct"])
 @pytest.mark.parametrize("case", SIMD_EDGES, ids=str)
-def test_simd_thin_passes_edges(cpu_backend, case):
+def test_simd_thin_passes_edges(cpu_backend, case, plan, monkeypatch):
     from oracle import compare_with_oracle
 
     from rvclora import reference as ref
 
+    monkeypatch.setenv("RVCLORA_CPU_CONV1D", plan)
     n, cin, cout, T, k, pad, dil, r = case
     gen = torch.Generator().manual_seed(sum(case[:5]))
     t = {
@@ -311,6 +316,65 @@ def test_simd_thin_passes_edges(cpu_backend, case):
             names,
             f"simd conv1d {case} grads {names}",
         )
+
+
+def _need_simd():
+    if "kernels" not in torch.ops.rvclora.cpu_info():
+        pytest.skip("this CPU runs no SIMD kernels (no AVX2+FMA): the Conv1d plans are choices of the SIMD path")
+
+
+def _conv1d_call(n=1, cin=6, cout=5, T=40, k=3, r=4, bias=True):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, cin, T, generator=gen)
+    w = torch.randn(cout, cin, k, generator=gen)
+    b = torch.randn(cout, generator=gen) if bias else None
+    A, B = torch.randn(r, cin * k, generator=gen), torch.randn(cout, r, generator=gen)
+    return x, w, b, A, B
+
+
+def test_conv1d_plan_measured_and_listed(cpu_backend, monkeypatch):
+    """Measure mode times both plans on a layer's first call and keeps the faster one per geometry and direction;
+    the result matches the forced plans' (both are exact), and the choice is listed with both times."""
+    from rvclora.ops.backends import cpu
+
+    _need_simd()
+    x, w, b, A, B = _conv1d_call(T=1237)  # a geometry no other test runs, so this call measures
+    pad = [1, 1]
+    results = {}
+    for plan in ("library", "direct", ""):
+        monkeypatch.setenv("RVCLORA_CPU_CONV1D", plan)
+        monkeypatch.setenv("RVCLORA_AUTOSELECT", "measure")
+        y, u = torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, pad, 1, 1, "zeros", 0.0, None)
+        g = torch.ops.rvclora.cpu_lora_conv1d_bwd(
+            y, x, u, w, A, B, 0.5, 1, pad, 1, 1, "zeros", 0.0, None, [True, False, False, True, True]
+        )
+        results[plan] = (y, u, g[0], g[3], g[4])
+    for got, lib, direct in zip(results[""], results["library"], results["direct"]):
+        torch.testing.assert_close(lib, direct, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got, lib) or torch.equal(got, direct)
+    seconds, plans = cpu.conv1d_plans()
+    mine = [p for p in plans if f"T={x.shape[-1]} " in p["key"]]
+    assert sorted(p["key"].split()[0] for p in mine) == ["backward", "forward"], plans
+    for p in mine:
+        assert p["plan"] == ("direct" if p["direct_ms"] < p["library_ms"] else "library"), p
+        assert p["library_ms"] > 0 and p["direct_ms"] > 0
+    assert seconds > 0
+
+
+def test_conv1d_plan_fixed_mode_and_bad_value(cpu_backend, monkeypatch):
+    """RVCLORA_AUTOSELECT=fixed runs the library plan without timing anything; a bad RVCLORA_CPU_CONV1D is a
+    one-line error naming the variable and the value."""
+    from rvclora.ops.backends import cpu
+
+    _need_simd()
+    x, w, b, A, B = _conv1d_call(T=2351)
+    monkeypatch.delenv("RVCLORA_CPU_CONV1D", raising=False)
+    monkeypatch.setenv("RVCLORA_AUTOSELECT", "fixed")
+    torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
+    assert not [p for p in cpu.conv1d_plans()[1] if f"T={x.shape[-1]} " in p["key"]]
+    monkeypatch.setenv("RVCLORA_CPU_CONV1D", "fastest")
+    with pytest.raises(RuntimeError, match="RVCLORA_CPU_CONV1D must be 'library' or 'direct'.*got 'fastest'"):
+        torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
 
 
 # The SIMD passes of ConvTranspose1d (float32, groups 1, no dropout): g split by phase (t mod stride),

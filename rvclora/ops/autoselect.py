@@ -680,16 +680,29 @@ def get_selector() -> AutoSelector:
         return _selector
 
 
+def _cpu_conv1d_plans() -> tuple[float, list[dict]]:
+    """The cpu backend's measured Conv1d plans in this process (nothing when its extension is not loaded)."""
+    if not hasattr(torch.ops.rvclora, "cpu_conv1d_plans"):
+        return 0.0, []
+    from .backends import cpu
+
+    return cpu.conv1d_plans()
+
+
 def measure_note() -> str | None:
     """One line on what ``auto`` measured in this process (``None`` when it measured nothing)."""
     sel = _selector
-    if sel is None or not sel.measured:
-        return None
-    total = sum(s for _, s in sel.measured)
-    return (
-        f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
-        f"{sel.path or 'memory only'})"
-    )
+    plan_s, plans = _cpu_conv1d_plans()
+    parts = []
+    if sel is not None and sel.measured:
+        total = sum(s for _, s in sel.measured)
+        parts.append(
+            f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
+            f"{sel.path or 'memory only'})"
+        )
+    if plans:
+        parts.append(f"the cpu backend timed {len(plans)} Conv1d plan(s) in {plan_s:.2f} s (once per process)")
+    return "; ".join(parts) or None
 
 
 def strategy_summary() -> str | None:
@@ -704,9 +717,17 @@ def strategy_summary() -> str | None:
         return "auto (fixed rule) ran " + ", ".join(
             f"{name} for {k[len('fixed rule ') :]}" for k, name in sorted(sel.chosen.items())
         )
-    return "auto (measured per layer shape) ran " + ", ".join(
+    line = "auto (measured per layer shape) ran " + ", ".join(
         f"{name} on {n} shape(s)" for name, n in sorted(counts.items())
     )
+    _, plans = _cpu_conv1d_plans()
+    if plans:
+        direct = sum(p["plan"] == "direct" for p in plans)
+        line += (
+            f"; cpu Conv1d passes: direct kernel on {direct}, oneDNN + thin passes on {len(plans) - direct} "
+            "(measured per layer and direction)"
+        )
+    return line
 
 
 def decisions() -> list[tuple[str, str, dict[str, Any]]]:

@@ -44,7 +44,7 @@ from ..spec import SPECS
 
 NAME = "cpu"
 
-__all__ = ["dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"]
+__all__ = ["conv1d_plans", "dropout_mask", "lora_linear", "lora_conv1d", "lora_conv_transpose1d"]
 
 _DTYPES = (torch.float32, torch.float64)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -184,6 +184,23 @@ def _entry_point(op: str):
 lora_linear = _entry_point("lora_linear")
 lora_conv1d = _entry_point("lora_conv1d")
 lora_conv_transpose1d = _entry_point("lora_conv_transpose1d")
+
+
+def conv1d_plans() -> tuple[float, list[dict]]:
+    """The Conv1d plans the compiled op chose by measurement in this process: (seconds spent measuring, one
+    ``{"key", "plan", "library_ms", "direct_ms"}`` per layer geometry and direction). ``library`` runs the
+    convolution in oneDNN and the LoRA terms in the thin passes; ``direct`` runs y and u (and the input gradient)
+    in the thin passes' own microkernel with the merged weight (csrc/lora_cpu_conv1d.cpp). Empty before the
+    extension is loaded."""
+    if not hasattr(torch.ops.rvclora, "cpu_conv1d_plans"):
+        return 0.0, []
+    lines = torch.ops.rvclora.cpu_conv1d_plans().splitlines()
+    seconds = float(lines[0].split("\t")[1])
+    plans = []
+    for line in lines[1:]:
+        key, plan, lib_ms, dir_ms = line.split("\t")
+        plans.append({"key": key, "plan": plan, "library_ms": float(lib_ms), "direct_ms": float(dir_ms)})
+    return seconds, plans
 
 
 def dropout_mask(seed: Tensor | None, shape: list[int], p: float, device, dtype) -> Tensor:
