@@ -422,10 +422,16 @@ PlanTable& plan_table() {
   return t;
 }
 
+// The key of a plan: the layer's geometry, the batch, the rank, the thread count and the output length rounded up to
+// a power of two (sequence lengths vary from batch to batch in the synthesizer's text encoder and flow: a plan is
+// timed once per length class, not once per length).
 std::string plan_key(const char* dir, const C1Geom& g, int64_t extra) {
+  int64_t tcls = 1;
+  while (tcls < g.Tout) tcls *= 2;
   std::ostringstream k;
   k << dir << " Cin=" << g.Cin << " Cout=" << g.Cout << " k=" << g.K << " dil=" << g.dil << " pad=" << g.padl << ","
-    << g.padr << " T=" << g.T << " N=" << g.N << " r=" << g.r << " threads=" << at::get_num_threads() << " #" << extra;
+    << g.padr << " T<=" << tcls << " N=" << g.N << " r=" << g.r << " threads=" << at::get_num_threads() << " #"
+    << extra;
   return k.str();
 }
 

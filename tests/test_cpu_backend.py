@@ -338,7 +338,7 @@ def test_conv1d_plan_measured_and_listed(cpu_backend, monkeypatch):
     from rvclora.ops.backends import cpu
 
     _need_simd()
-    x, w, b, A, B = _conv1d_call(T=1237)  # a geometry no other test runs, so this call measures
+    x, w, b, A, B = _conv1d_call(cin=7, T=1237)  # a geometry no other test runs, so this call measures
     pad = [1, 1]
     results = {}
     for plan in ("library", "direct", ""):
@@ -353,7 +353,7 @@ def test_conv1d_plan_measured_and_listed(cpu_backend, monkeypatch):
         torch.testing.assert_close(lib, direct, rtol=1e-4, atol=1e-4)
         assert torch.equal(got, lib) or torch.equal(got, direct)
     seconds, plans = cpu.conv1d_plans()
-    mine = [p for p in plans if f"T={x.shape[-1]} " in p["key"]]
+    mine = [p for p in plans if "Cin=7 Cout=5 k=3 dil=1 pad=1,1 T<=2048 " in p["key"]]
     assert sorted(p["key"].split()[0] for p in mine) == ["backward", "forward"], plans
     for p in mine:
         assert p["plan"] == ("direct" if p["direct_ms"] < p["library_ms"] else "library"), p
@@ -367,11 +367,11 @@ def test_conv1d_plan_fixed_mode_and_bad_value(cpu_backend, monkeypatch):
     from rvclora.ops.backends import cpu
 
     _need_simd()
-    x, w, b, A, B = _conv1d_call(T=2351)
+    x, w, b, A, B = _conv1d_call(cin=9, T=2351)
     monkeypatch.delenv("RVCLORA_CPU_CONV1D", raising=False)
     monkeypatch.setenv("RVCLORA_AUTOSELECT", "fixed")
     torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
-    assert not [p for p in cpu.conv1d_plans()[1] if f"T={x.shape[-1]} " in p["key"]]
+    assert not [p for p in cpu.conv1d_plans()[1] if "Cin=9 Cout=5 k=3 dil=1 pad=1,1 " in p["key"]]
     monkeypatch.setenv("RVCLORA_CPU_CONV1D", "fastest")
     with pytest.raises(RuntimeError, match="RVCLORA_CPU_CONV1D must be 'library' or 'direct'.*got 'fastest'"):
         torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
