@@ -114,6 +114,18 @@ def test_layer_compiles_with_inductor_like_eager(kind, batch):
     _assert_same(_run(layer, layer, (x,), 0), got)
 
 
+def test_conv1d_direct_plan_compiles_with_inductor_like_eager(monkeypatch):
+    """The cpu backend's direct Conv1d plan (its own kernel for the convolution) under inductor: the compiled
+    _fwd/_bwd ops run it as the eager op does (the suite's fixed mode otherwise runs the library plan)."""
+    monkeypatch.setenv("RVCLORA_CPU_CONV1D", "direct")
+    layer, x = _layer("conv1d", 0.0, 2)
+    compiled = torch.compile(layer, fullgraph=True)
+    got = _run(compiled, layer, (x,), 0)
+    _assert_same(_run(layer, layer, (x,), 0), got)
+    monkeypatch.setenv("RVCLORA_CPU_CONV1D", "library")
+    _assert_same(_run(layer, layer, (x,), 0), got)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv_transpose1d", "conv2d"])
 def test_dropout_layer_compiles_fullgraph_like_eager(kind):
     layer, x = _layer(kind, 0.3)
