@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -152,6 +153,20 @@ int64_t block_len(int64_t Tout, int64_t N, int64_t target, int64_t per_thread = 
   return std::max<int64_t>(48, len);
 }
 
+// A float buffer left uninitialised. std::vector<float>(n) first writes n zeros: a serial memset, up to megabytes
+// for the phase-split g of an upsampler, in front of every parallel pass while the other threads wait. Each user
+// below writes every element it reads.
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : p_(n ? new float[n] : nullptr) {}
+  float* data() { return p_.get(); }
+  const float* data() const { return p_.get(); }
+  float& operator[](size_t i) { return p_[i]; }
+
+ private:
+  std::unique_ptr<float[]> p_;
+};
+
 // out[i] = scale · Σ over the threads' partial sums (part holds `threads` runs of `size`).
 void reduce_threads(const std::vector<float>& part, int64_t size, int64_t threads, float* out, float scale) {
   for (int64_t i = 0; i < size; ++i) {
@@ -198,7 +213,7 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<float> partA(static_cast<size_t>(sizeA * threads), 0.f), partB(static_cast<size_t>(sizeB * threads), 0.f);
   // s·Bᵀ (r, Cout) for g_u; the columns of the two reductions: (channel, tap) of x, and the rows of g
-  std::vector<float> Bs(static_cast<size_t>(d.r * d.Cout));
+  Scratch Bs(static_cast<size_t>(d.r * d.Cout));
   for (int64_t o = 0; o < d.Cout; ++o)
     for (int64_t j = 0; j < d.r; ++j) Bs[j * d.Cout + o] = s * B[o * d.r + j];
   std::vector<int64_t> a_off(d.Cin * d.K), a_shift(d.Cin * d.K), a_out(d.Cin * d.K);
@@ -214,7 +229,7 @@ void conv1d_bwd(const float* g, const float* x, const float* u, const float* B, 
     TORCH_CHECK(tid >= 0 && tid < threads, "rvclora cpu: thread id ", tid, " outside the pool of ", threads);
     float* pA = gA ? partA.data() + tid * sizeA : nullptr;
     float* pB = gB ? partB.data() + tid * sizeB : nullptr;
-    std::vector<float> gu_loc(static_cast<size_t>(d.r * ldl)), u_loc(static_cast<size_t>(gB ? d.r * ldl : 0));
+    Scratch gu_loc(static_cast<size_t>(d.r * ldl)), u_loc(static_cast<size_t>(gB ? d.r * ldl : 0));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.Tout);
       if (level == 2)
@@ -238,7 +253,7 @@ void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d) {
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
   // Ag (Cin, r·K): Ag[c, j·K + k'] = A[j, c·K + K − 1 − k'] (the taps reversed)
-  std::vector<float> Ag(static_cast<size_t>(d.Cin * d.r * d.K));
+  Scratch Ag(static_cast<size_t>(d.Cin * d.r * d.K));
   for (int64_t c = 0; c < d.Cin; ++c)
     for (int64_t j = 0; j < d.r; ++j)
       for (int64_t k = 0; k < d.K; ++k) Ag[(c * d.r + j) * d.K + k] = A[j * d.Cin * d.K + c * d.K + d.K - 1 - k];
@@ -286,7 +301,7 @@ void conv1d_direct_gx(const float* g, const float* Wm, float* gx, const Dims& d)
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
   // Wt (Cin, Cout·K): Wt[c, o·K + k'] = Wm[o, c·K + K − 1 − k'] (transposed, the taps reversed)
-  std::vector<float> Wt(static_cast<size_t>(d.Cin * d.Cout * d.K));
+  Scratch Wt(static_cast<size_t>(d.Cin * d.Cout * d.K));
   for (int64_t c = 0; c < d.Cin; ++c)
     for (int64_t o = 0; o < d.Cout; ++o)
       for (int64_t k = 0; k < d.K; ++k) Wt[(c * d.Cout + o) * d.K + k] = Wm[(o * d.Cin + c) * d.K + d.K - 1 - k];
@@ -314,7 +329,7 @@ void convt_bwd(const float* g, const float* x, const float* u, const float* B, f
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
   const int64_t S = d.stride, Tp = (d.L + S - 1) / S, ncol = d.Cout * d.K;
   // g split by phase: gp[n][o][p][t'] = g[n][o][t'·S + p] (0 past L); with stride 1 it is g itself
-  std::vector<float> gp_buf(S > 1 ? static_cast<size_t>(d.N * d.Cout * S * Tp) : 0);
+  Scratch gp_buf(S > 1 ? static_cast<size_t>(d.N * d.Cout * S * Tp) : 0);
   if (S > 1) {
     at::parallel_for(0, d.N * d.Cout, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t row = r0; row < r1; ++row) {
@@ -344,7 +359,7 @@ void convt_bwd(const float* g, const float* x, const float* u, const float* B, f
   std::vector<int64_t> x_off(d.Cin), zero_shift(std::max(d.Cin, ncol), 0), a_out(d.Cin), b_out(ncol);
   for (int64_t c = 0; c < d.Cin; ++c) x_off[c] = c * d.T, a_out[c] = c;
   for (int64_t q = 0; q < ncol; ++q) b_out[q] = q;
-  std::vector<float> Bs(static_cast<size_t>(d.r * ncol));
+  Scratch Bs(static_cast<size_t>(d.r * ncol));
   for (int64_t i = 0; i < d.r * ncol; ++i) Bs[i] = s * B[i];
   const int64_t L = block_len(d.T, d.N, 1536, 1);
   const int64_t nblk = (d.T + L - 1) / L;
@@ -357,7 +372,7 @@ void convt_bwd(const float* g, const float* x, const float* u, const float* B, f
     TORCH_CHECK(tid >= 0 && tid < threads, "rvclora cpu: thread id ", tid, " outside the pool of ", threads);
     float* pA = gA ? partA.data() + tid * sizeA : nullptr;
     float* pB = gB ? partB.data() + tid * sizeB : nullptr;
-    std::vector<float> gu_loc(static_cast<size_t>(d.r * ldl)), u_loc(static_cast<size_t>(gB ? d.r * ldl : 0));
+    Scratch gu_loc(static_cast<size_t>(d.r * ldl)), u_loc(static_cast<size_t>(gB ? d.r * ldl : 0));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
       const float* gpn = gp + n * per_n;
