@@ -57,13 +57,20 @@ def _ops_present() -> bool:
     return hasattr(torch.ops.rvclora, "cpu_lora_conv1d_fwd")
 
 
+_available = False  # once the checks below passed: they cannot fail later in the process
+
+
 @torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
     """``None`` once the extension is built and its ops registered (builds it on the first call).
 
     A constant for ``torch.compile``: evaluated once at trace time, never traced (the first call
-    may run the compiler).
+    may run the compiler). Eagerly it runs twice per layer call (backend choice, entry point), so a
+    success is remembered: the loaded library, its ops and its BLAS check do not change afterwards.
     """
+    global _available
+    if _available:
+        return None
     err = extension.load_error()
     if err is not None:
         return f"{err}; the torch backend runs instead"
@@ -78,6 +85,7 @@ def unavailable_reason() -> str | None:
         # the thin LoRA passes are BLAS calls: without torch's sgemm_/dgemm_ there is no cpu backend
         return f"{torch.ops.rvclora.cpu_info()}; the torch backend runs instead"
     _register_python_parts()
+    _available = True
     return None
 
 
