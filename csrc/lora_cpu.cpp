@@ -337,6 +337,8 @@ TORCH_LIBRARY_FRAGMENT(rvclora, m) {
   m.def("cpu_dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
   m.def("cpu_info() -> str");
   m.def("cpu_conv1d_plans() -> str");
+  m.def("cpu_conv1d_plan_hold(bool on) -> ()");
+  m.def("cpu_conv1d_plan_set(str key, str plan, float library_ms, float direct_ms) -> ()");
   m.def("cpu_parallel_threads() -> int");
   m.def("cpu_blas_ok() -> bool");
 }
@@ -364,6 +366,8 @@ TORCH_LIBRARY_IMPL(rvclora, Autograd, m) {
 TORCH_LIBRARY_IMPL(rvclora, CatchAll, m) {
   m.impl("cpu_info", &cpu_info);
   m.impl("cpu_conv1d_plans", &conv1d_plans);
+  m.impl("cpu_conv1d_plan_hold", &conv1d_plan_hold);
+  m.impl("cpu_conv1d_plan_set", &conv1d_plan_set);
   m.impl("cpu_parallel_threads", &cpu_parallel_threads);
   m.impl("cpu_blas_ok", &cpu_blas_ok);
 }

@@ -10,6 +10,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
@@ -409,6 +410,7 @@ bool fixed_mode() {
 struct PlanEntry {
   Plan plan;
   double library_ms, direct_ms;
+  bool measured;  // here, in this process (else set from rvclora's per-machine cache)
 };
 
 struct PlanTable {
@@ -420,6 +422,14 @@ struct PlanTable {
 PlanTable& plan_table() {
   static PlanTable t;
   return t;
+}
+
+// While positive (rvclora's auto is timing the cpu backend against the torch path on a shortened synthetic input),
+// a geometry without a plan runs the library plan and records nothing: timing both plans there would be spent on
+// a length the model never runs.
+std::atomic<int>& plan_hold() {
+  static std::atomic<int> n{0};
+  return n;
 }
 
 // The key of a plan: the layer's geometry, the batch, the rank, the thread count and the output length rounded up to
@@ -449,6 +459,7 @@ Plan choose_plan(const std::string& key, const std::function<R(Plan)>& run, std:
     auto it = t.entries.find(key);
     if (it != t.entries.end()) return it->second.plan;
   }
+  if (plan_hold().load() > 0) return Plan::kLibrary;
   const auto t0 = std::chrono::steady_clock::now();
   run(Plan::kLibrary);
   run(Plan::kDirect);
@@ -464,7 +475,7 @@ Plan choose_plan(const std::string& key, const std::function<R(Plan)>& run, std:
   const Plan chosen = dir_ms < lib_ms ? Plan::kDirect : Plan::kLibrary;
   out = chosen == Plan::kDirect ? std::move(dir_out) : std::move(lib_out);
   std::lock_guard<std::mutex> lock(t.mu);
-  t.entries.emplace(key, PlanEntry{chosen, lib_ms, dir_ms});
+  t.entries.emplace(key, PlanEntry{chosen, lib_ms, dir_ms, true});
   t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return chosen;
 }
@@ -636,8 +647,26 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 
 namespace rvclora_cpu {
 
-// The plans chosen by measurement in this process, one per line: "<key>\t<plan>\t<library ms>\t<direct ms>",
-// after a first line "seconds\t<time spent measuring>".
+void conv1d_plan_hold(bool on) {
+  if (on)
+    ++plan_hold();
+  else
+    --plan_hold();
+}
+
+// A plan timed by an earlier process on this machine (rvclora's autoselect cache): used as if timed here.
+void conv1d_plan_set(c10::string_view key, c10::string_view plan, double library_ms, double direct_ms) {
+  TORCH_CHECK(plan == "library" || plan == "direct", "rvclora cpu: a Conv1d plan must be 'library' or 'direct', got '",
+              std::string(plan), "'");
+  TORCH_CHECK(!key.empty(), "rvclora cpu: a Conv1d plan needs a key");
+  PlanTable& t = plan_table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.entries.emplace(std::string(key),
+                    PlanEntry{plan == "direct" ? Plan::kDirect : Plan::kLibrary, library_ms, direct_ms, false});
+}
+
+// The plans this process runs, one per line: "<key>\t<plan>\t<library ms>\t<direct ms>\t<measured|cached>",
+// after a first line "seconds\t<time spent measuring here>".
 std::string conv1d_plans() {
   PlanTable& t = plan_table();
   std::lock_guard<std::mutex> lock(t.mu);
@@ -645,7 +674,7 @@ std::string conv1d_plans() {
   out << "seconds\t" << t.seconds << "\n";
   for (const auto& [key, e] : t.entries)
     out << key << "\t" << (e.plan == Plan::kDirect ? "direct" : "library") << "\t" << e.library_ms << "\t"
-        << e.direct_ms << "\n";
+        << e.direct_ms << "\t" << (e.measured ? "measured" : "cached") << "\n";
   return out.str();
 }
 

@@ -27,6 +27,10 @@ Grads5 conv1d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& u, const 
 
 // The Conv1d plans (library or direct) chosen by measurement in this process (lora_cpu_conv1d.cpp).
 std::string conv1d_plans();
+// Hold (on) or release (off) the timing of Conv1d plans: while held, unplanned geometries run the library plan.
+void conv1d_plan_hold(bool on);
+// A plan from rvclora's per-machine cache (kept unless this process already has one for the key).
+void conv1d_plan_set(c10::string_view key, c10::string_view plan, double library_ms, double direct_ms);
 
 std::tuple<Tensor, Tensor> convt_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                      const Tensor& lora_A, const Tensor& lora_B, double scaling, int64_t stride,

@@ -377,6 +377,42 @@ def test_conv1d_plan_fixed_mode_and_bad_value(cpu_backend, monkeypatch):
         torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
 
 
+def test_conv1d_plans_cached_per_machine_and_held_while_auto_measures(cpu_backend, monkeypatch, tmp_path):
+    """A plan timed in one process is saved with auto's decisions (same environment key) and handed to the op by
+    the next; while auto times the backend on its shortened input, nothing is timed or recorded."""
+    from rvclora.ops import autoselect
+    from rvclora.ops.backends import cpu
+
+    _need_simd()
+    monkeypatch.delenv("RVCLORA_CPU_CONV1D", raising=False)
+    monkeypatch.setenv("RVCLORA_AUTOSELECT", "measure")
+    mine = "Cin=13 Cout=5 k=3 dil=1 pad=1,1 "
+    x, w, b, A, B = _conv1d_call(cin=13, T=3001)
+    with cpu.measuring():
+        torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
+    assert not [p for p in cpu.conv1d_plans()[1] if mine in p["key"]]  # held: library, nothing recorded
+    torch.ops.rvclora.cpu_lora_conv1d_fwd(x, w, b, A, B, 0.5, 1, [1, 1], 1, 1, "zeros", 0.0, None)
+    (timed,) = [p for p in cpu.conv1d_plans()[1] if mine in p["key"]]
+    assert timed["measured"]
+
+    sel = autoselect.AutoSelector(str(tmp_path / "as.json"))
+    env = sel.env_key(torch.device("cpu"))
+    cpu._save_plans(sel, env)
+    saved = autoselect.AutoSelector(str(tmp_path / "as.json")).entries()[env]
+    hit = saved[cpu.PLAN_KEY_PREFIX + timed["key"]]
+    assert hit["choice"] == timed["plan"] and hit["seconds"]["direct"] * 1e3 == pytest.approx(timed["direct_ms"])
+
+    # the next process: a plan in the file (here one for a geometry this process never ran) reaches the op
+    other = "forward Cin=17 Cout=3 k=5 dil=2 pad=4,4 T<=64 N=1 r=2 threads=1 #0"
+    sel.record(env, {cpu.PLAN_KEY_PREFIX + other: dict(hit, choice="direct")})
+    monkeypatch.setattr(autoselect, "_selector", autoselect.AutoSelector(str(tmp_path / "as.json")))
+    cpu._load_plans()
+    (loaded,) = [p for p in cpu.conv1d_plans()[1] if p["key"] == other]
+    assert loaded["plan"] == "direct" and not loaded["measured"]
+    with pytest.raises(RuntimeError, match="a Conv1d plan must be 'library' or 'direct', got 'fast'"):
+        torch.ops.rvclora.cpu_conv1d_plan_set("k", "fast", 1.0, 1.0)
+
+
 # The SIMD passes of ConvTranspose1d (float32, groups 1, no dropout): g split by phase (t mod stride),
 # strides below, equal to and above the kernel size, dilation, output padding, ranks off the register tile,
 # and weights larger than x·k, where the LoRA term stays unmerged (col2im forward, Aᵀ·g_u input gradient).

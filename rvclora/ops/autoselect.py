@@ -36,6 +36,7 @@ JSON file (empty: no file, memory only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -447,6 +448,13 @@ class AutoSelector:
             self._load_file()
             return {env: dict(table) for env, table in self._memory.items()}
 
+    def record(self, env: str, entries: dict[str, dict[str, Any]]) -> None:
+        """Add decisions measured elsewhere (the cpu backend's Conv1d plans) to memory and the file."""
+        with self._lock:
+            self._load_file()
+            self._memory.setdefault(env, {}).update(entries)
+            self._save_file()
+
     # -- choice ---------------------------------------------------------------
 
     def env_key(self, device: torch.device) -> str:
@@ -546,7 +554,14 @@ class AutoSelector:
                 grads.append(torch.randn(y.shape, generator=gen).to(device=x.device, dtype=x.dtype))
             return grads[0]
 
-        with torch.autocast(x.device.type, enabled=False), torch.enable_grad() if training else torch.no_grad():
+        with (
+            contextlib.ExitStack() as hooks,
+            torch.autocast(x.device.type, enabled=False),
+            torch.enable_grad() if training else torch.no_grad(),
+        ):
+            for be in fused:  # a backend's own measuring hook (the cpu backend holds its Conv1d plan timing)
+                if callable(getattr(be, "measuring", None)):
+                    hooks.enter_context(be.measuring())
             # Each candidate's first call is both its check against the oracle and its warm-up (Triton's
             # autotuner and compilation, cuDNN's algorithm search, oneDNN's primitive cache); without dropout
             # the oracle runs once for all of them. The torch path's own distance to the oracle widens the
@@ -700,8 +715,11 @@ def measure_note() -> str | None:
             f"auto measured {len(sel.measured)} new layer shape(s) in {total:.2f} s (once per machine; cached in "
             f"{sel.path or 'memory only'})"
         )
-    if plans:
-        parts.append(f"the cpu backend timed {len(plans)} Conv1d plan(s) in {plan_s:.2f} s (once per process)")
+    timed = sum(p["measured"] for p in plans)
+    if timed:
+        parts.append(
+            f"the cpu backend timed {timed} Conv1d plan(s) in {plan_s:.2f} s (cached with auto's decisions at exit)"
+        )
     return "; ".join(parts) or None
 
 

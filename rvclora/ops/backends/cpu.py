@@ -34,6 +34,12 @@ falls back to the torch backend; ``rvclora info`` shows the reason.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -86,6 +92,7 @@ def unavailable_reason() -> str | None:
         return f"{torch.ops.rvclora.cpu_info()}; the torch backend runs instead"
     _register_python_parts()
     _available = True
+    _load_plans()
     return None
 
 
@@ -195,20 +202,99 @@ lora_conv_transpose1d = _entry_point("lora_conv_transpose1d")
 
 
 def conv1d_plans() -> tuple[float, list[dict]]:
-    """The Conv1d plans the compiled op chose by measurement in this process: (seconds spent measuring, one
-    ``{"key", "plan", "library_ms", "direct_ms"}`` per layer geometry and direction). ``library`` runs the
-    convolution in oneDNN and the LoRA terms in the thin passes; ``direct`` runs y and u (and the input gradient)
-    in the thin passes' own microkernel with the merged weight (csrc/lora_cpu_conv1d.cpp). Empty before the
-    extension is loaded."""
+    """The Conv1d plans of this process: (seconds spent timing them here, one ``{"key", "plan", "library_ms",
+    "direct_ms", "measured"}`` per layer geometry and direction). ``library`` runs the convolution in oneDNN and
+    the LoRA terms in the thin passes; ``direct`` runs y and u (and the input gradient) in the thin passes' own
+    microkernel with the merged weight (csrc/lora_cpu_conv1d.cpp). ``measured`` is False for a plan read from
+    the per-machine cache (:func:`_load_plans`). Empty before the extension is loaded."""
     if not hasattr(torch.ops.rvclora, "cpu_conv1d_plans"):
         return 0.0, []
     lines = torch.ops.rvclora.cpu_conv1d_plans().splitlines()
     seconds = float(lines[0].split("\t")[1])
     plans = []
     for line in lines[1:]:
-        key, plan, lib_ms, dir_ms = line.split("\t")
-        plans.append({"key": key, "plan": plan, "library_ms": float(lib_ms), "direct_ms": float(dir_ms)})
+        key, plan, lib_ms, dir_ms, how = line.split("\t")
+        plans.append(
+            {
+                "key": key,
+                "plan": plan,
+                "library_ms": float(lib_ms),
+                "direct_ms": float(dir_ms),
+                "measured": how == "measured",
+            }
+        )
     return seconds, plans
+
+
+#: The prefix of a Conv1d plan's key in auto's per-machine cache (rvclora.ops.autoselect), beside its decisions.
+PLAN_KEY_PREFIX = "cpu conv1d plan: "
+
+
+def _load_plans() -> None:
+    """Hand the plans earlier processes timed on this machine (auto's cache file, same environment key) to the
+    op, and save the ones this process times when it exits. Only when auto measures (not with
+    ``RVCLORA_AUTOSELECT=fixed``, where the op runs the library plan anyway)."""
+    from .. import autoselect
+
+    if autoselect.mode() != autoselect.MEASURE or not hasattr(torch.ops.rvclora, "cpu_conv1d_plan_set"):
+        return
+    sel = autoselect.get_selector()
+    env = sel.env_key(torch.device("cpu"))
+    for key, hit in sel.entries().get(env, {}).items():
+        choice, secs = hit.get("choice"), hit.get("seconds", {})
+        if key.startswith(PLAN_KEY_PREFIX) and choice in ("library", "direct"):
+            torch.ops.rvclora.cpu_conv1d_plan_set(
+                key[len(PLAN_KEY_PREFIX) :],
+                choice,
+                float(secs.get("library", 0.0)) * 1e3,
+                float(secs.get("direct", 0.0)) * 1e3,
+            )
+    atexit.register(_save_plans, sel, env)
+
+
+def _save_plans(sel, env: str) -> None:
+    """At exit: the plans timed in this process into auto's cache file (one atomic write). A process killed
+    before it exits loses only these timings; the next one times them again."""
+    from .. import autoselect
+
+    try:
+        if autoselect.mode() != autoselect.MEASURE:
+            return
+        new = [p for p in conv1d_plans()[1] if p["measured"]]
+        if not new:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        sel.record(
+            env,
+            {
+                PLAN_KEY_PREFIX + p["key"]: {
+                    "choice": p["plan"],
+                    "seconds": {"library": p["library_ms"] / 1e3, "direct": p["direct_ms"] / 1e3},
+                    "failed": {},
+                    "tolerance": 0.0,
+                    "measured_at": stamp,
+                }
+                for p in new
+            },
+        )
+    except Exception as e:  # noqa: BLE001 - at exit: a failure to cache must not turn into a traceback
+        warnings.warn(f"rvclora: could not cache the cpu backend's Conv1d plans: {e}", RuntimeWarning, stacklevel=1)
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """While ``auto`` times this backend on a shortened synthetic input (rvclora.ops.autoselect), Conv1d
+    geometries without a plan run the library plan and time nothing: the plans are timed on the model's own
+    first call, at its real length."""
+    hold = getattr(torch.ops.rvclora, "cpu_conv1d_plan_hold", None) if _available else None
+    if hold is None:
+        yield
+        return
+    hold(True)
+    try:
+        yield
+    finally:
+        hold(False)
 
 
 def dropout_mask(seed: Tensor | None, shape: list[int], p: float, device, dtype) -> Tensor:
