@@ -742,8 +742,8 @@ def strategy_summary() -> str | None:
     if plans:
         direct = sum(p["plan"] == "direct" for p in plans)
         line += (
-            f"; cpu Conv1d passes: direct kernel on {direct}, oneDNN + thin passes on {len(plans) - direct} "
-            "(measured per layer and direction)"
+            f"; cpu Conv1d plans known to this process (timed here or read from the per-machine cache, per layer "
+            f"and direction): direct kernel {direct}, oneDNN + thin passes {len(plans) - direct}"
         )
     return line
 
