@@ -167,6 +167,30 @@ class Scratch {
   std::unique_ptr<float[]> p_;
 };
 
+// fn(n, t0, t1) for every (sample, time block) of a T-long sequence, blocks of about 768 samples, parallel
+// over the blocks: the drivers of the forward-style passes (u, the direct plan, the input gradients).
+template <class F>
+void each_time_block(int64_t T, int64_t N, const F& fn) {
+  const int64_t L = block_len(T, N, 768);
+  const int64_t nblk = (T + L - 1) / L;
+  at::parallel_for(0, N * nblk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = (b % nblk) * L;
+      fn(b / nblk, t0, std::min(t0 + L, T));
+    }
+  });
+}
+
+// src (rows, cols·K) transposed with its taps reversed: dst (cols, rows·K), dst[c, j·K + k'] = src[j, c·K + K − 1 − k']
+// (the weight of an input gradient run as a forward pass: A for g_u, the merged weight for g).
+Scratch transposed_reversed_taps(const float* src, int64_t rows, int64_t cols, int64_t K) {
+  Scratch dst(static_cast<size_t>(rows * cols * K));
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t k = 0; k < K; ++k) dst[(c * rows + j) * K + k] = src[(j * cols + c) * K + K - 1 - k];
+  return dst;
+}
+
 // out[i] = scale · Σ over the threads' partial sums (part holds `threads` runs of `size`).
 void reduce_threads(const std::vector<float>& part, int64_t size, int64_t threads, float* out, float scale) {
   for (int64_t i = 0; i < size; ++i) {
@@ -182,16 +206,11 @@ void conv1d_u(const float* x, const float* A, float* u, const Dims& d) {
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
-  const int64_t L = block_len(d.Tout, d.N, 768);
-  const int64_t nblk = (d.Tout + L - 1) / L;
-  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.Tout);
-      if (level == 2)
-        k512::u_block(x, A, u, d, n, t0, t1);
-      else
-        k256::u_block(x, A, u, d, n, t0, t1);
-    }
+  each_time_block(d.Tout, d.N, [&](int64_t n, int64_t t0, int64_t t1) {
+    if (level == 2)
+      k512::u_block(x, A, u, d, n, t0, t1);
+    else
+      k256::u_block(x, A, u, d, n, t0, t1);
   });
 #else
   (void)x, (void)A, (void)u, (void)d;
@@ -252,21 +271,12 @@ void conv1d_grad_x(const float* gu, const float* A, float* gx, const Dims& d) {
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
-  // Ag (Cin, r·K): Ag[c, j·K + k'] = A[j, c·K + K − 1 − k'] (the taps reversed)
-  Scratch Ag(static_cast<size_t>(d.Cin * d.r * d.K));
-  for (int64_t c = 0; c < d.Cin; ++c)
-    for (int64_t j = 0; j < d.r; ++j)
-      for (int64_t k = 0; k < d.K; ++k) Ag[(c * d.r + j) * d.K + k] = A[j * d.Cin * d.K + c * d.K + d.K - 1 - k];
-  const int64_t L = block_len(d.T, d.N, 768);
-  const int64_t nblk = (d.T + L - 1) / L;
-  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
-      if (level == 2)
-        k512::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
-      else
-        k256::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
-    }
+  const Scratch Ag = transposed_reversed_taps(A, d.r, d.Cin, d.K);  // (Cin, r·K)
+  each_time_block(d.T, d.N, [&](int64_t n, int64_t t0, int64_t t1) {
+    if (level == 2)
+      k512::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
+    else
+      k256::gx_block(gu, Ag.data(), gx, d, n, t0, t1);
   });
 #else
   (void)gu, (void)A, (void)gx, (void)d;
@@ -279,16 +289,11 @@ void conv1d_direct_fwd(const float* x, const float* Wm, const float* bias, const
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
-  const int64_t L = block_len(d.Tout, d.N, 768);
-  const int64_t nblk = (d.Tout + L - 1) / L;
-  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.Tout);
-      if (level == 2)
-        k512::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
-      else
-        k256::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
-    }
+  each_time_block(d.Tout, d.N, [&](int64_t n, int64_t t0, int64_t t1) {
+    if (level == 2)
+      k512::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
+    else
+      k256::direct_fwd_block(x, Wm, bias, A, y, u, d, n, t0, t1);
   });
 #else
   (void)x, (void)Wm, (void)bias, (void)A, (void)y, (void)u, (void)d;
@@ -300,21 +305,12 @@ void conv1d_direct_gx(const float* g, const float* Wm, float* gx, const Dims& d)
 #if RVC_SIMD_BUILT
   const int level = isa();
   TORCH_CHECK(level > 0, "rvclora cpu: the SIMD kernels are not available on this CPU");
-  // Wt (Cin, Cout·K): Wt[c, o·K + k'] = Wm[o, c·K + K − 1 − k'] (transposed, the taps reversed)
-  Scratch Wt(static_cast<size_t>(d.Cin * d.Cout * d.K));
-  for (int64_t c = 0; c < d.Cin; ++c)
-    for (int64_t o = 0; o < d.Cout; ++o)
-      for (int64_t k = 0; k < d.K; ++k) Wt[(c * d.Cout + o) * d.K + k] = Wm[(o * d.Cin + c) * d.K + d.K - 1 - k];
-  const int64_t L = block_len(d.T, d.N, 768);
-  const int64_t nblk = (d.T + L - 1) / L;
-  at::parallel_for(0, d.N * nblk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / nblk, t0 = (b % nblk) * L, t1 = std::min(t0 + L, d.T);
-      if (level == 2)
-        k512::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
-      else
-        k256::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
-    }
+  const Scratch Wt = transposed_reversed_taps(Wm, d.Cout, d.Cin, d.K);  // (Cin, Cout·K)
+  each_time_block(d.T, d.N, [&](int64_t n, int64_t t0, int64_t t1) {
+    if (level == 2)
+      k512::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
+    else
+      k256::direct_gx_block(g, Wt.data(), gx, d, n, t0, t1);
   });
 #else
   (void)g, (void)Wm, (void)gx, (void)d;
