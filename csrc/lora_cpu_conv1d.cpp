@@ -446,9 +446,13 @@ std::string plan_key(const char* dir, const C1Geom& g, int64_t extra) {
 }
 
 // The plan for `key`: forced, fixed (library), cached, or measured now by running both on the call's own inputs:
-// one warm-up run each (oneDNN's primitive creation, page faults), then library, direct, direct, library, and the
-// faster of each plan's two timed runs. `run(plan)` computes the op's result by that plan; the chosen plan's last
-// result is handed back in `out`, so the measuring call costs five extra runs.
+// one warm-up run each (oneDNN's primitive creation, page faults), then library, direct. Where one is faster by more
+// than kClearMargin, that decides it; otherwise direct, library again and the faster of each plan's two runs (the
+// order library, direct, direct, library lets a drift in the machine's speed favour neither). `run(plan)` computes
+// the op's result by that plan; the chosen plan's last result is handed back in `out`, so the measuring call costs
+// three extra runs (five for a close call).
+constexpr double kClearMargin = 1.15;
+
 template <class R>
 Plan choose_plan(const std::string& key, const std::function<R(Plan)>& run, std::optional<R>& out) {
   if (auto f = forced_plan()) return *f;
@@ -469,9 +473,11 @@ Plan choose_plan(const std::string& key, const std::function<R(Plan)>& run, std:
     (p == Plan::kDirect ? dir_out : lib_out) = run(p);
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count();
   };
-  // library, direct, direct, library: a drift in the machine's speed over the four runs favours neither
-  const double l1 = time_it(Plan::kLibrary), d1 = time_it(Plan::kDirect), d2 = time_it(Plan::kDirect);
-  const double lib_ms = std::min(l1, time_it(Plan::kLibrary)), dir_ms = std::min(d1, d2);
+  double lib_ms = time_it(Plan::kLibrary), dir_ms = time_it(Plan::kDirect);
+  if (std::max(lib_ms, dir_ms) <= kClearMargin * std::min(lib_ms, dir_ms)) {
+    dir_ms = std::min(dir_ms, time_it(Plan::kDirect));
+    lib_ms = std::min(lib_ms, time_it(Plan::kLibrary));
+  }
   const Plan chosen = dir_ms < lib_ms ? Plan::kDirect : Plan::kLibrary;
   out = chosen == Plan::kDirect ? std::move(dir_out) : std::move(lib_out);
   std::lock_guard<std::mutex> lock(t.mu);

@@ -234,7 +234,8 @@ def shape_class(op: str, x: Tensor, params: dict[str, Any], training: bool) -> s
 
 
 class ClockTimer:
-    """Times callables with a clock (``time.perf_counter``, or a fake one in tests), interleaved.
+    """Times callables with a clock (``time.perf_counter``, or a fake one in tests), interleaved; each callable's
+    fastest round (on a shared CPU, noise only ever adds time: another process, an interrupt, a page fault).
 
     ``sync`` waits for queued device work before each clock read (``torch.cuda.synchronize``).
     """
@@ -251,7 +252,7 @@ class ClockTimer:
                 fn()
                 self.sync()
                 times[name].append(self.clock() - t0)
-        return {name: statistics.median(ts) for name, ts in times.items()}
+        return {name: min(ts) for name, ts in times.items()}
 
 
 class CudaEventTimer:
@@ -279,9 +280,9 @@ def _lora_B_shape(op: str, weight: Tensor, lora_A: Tensor, groups: int) -> tuple
 
 #: On CPU a class is measured on at most this many samples of time (Conv1d, ConvTranspose1d) or rows
 #: (Linear): per-sample costs scale with the length, the per-call costs do not, and the first step stays cheap.
-CPU_MEASURE_LEN = 2048
-#: Interleaved timing rounds per class on CPU (after one warm-up call of each candidate).
-CPU_ROUNDS = 3
+CPU_MEASURE_LEN = 1024
+#: Interleaved timing rounds per class on CPU (after one warm-up call of each candidate); the fastest round counts.
+CPU_ROUNDS = 2
 
 
 def _measure_shape(op: str, x: Tensor, params: dict[str, Any]) -> tuple[int, ...]:
